@@ -1,0 +1,50 @@
+"""Group-relative advantages, shared by every algorithm (reference doc §5).
+
+DanceGRPO (``--use_group``): for each group of G samples of one prompt and each reward k,
+
+    A_k,i = clip( (r_k,i - mean_g(r_k)) / (std_g(r_k) + 1e-8), -c, c )
+
+with the unbiased std (torch's default) and c = adv_clip_max = 5. Each reward gets its own
+normalised advantage so no reward's scale dominates; the loss weights them (§5.3). A group whose
+rewards are all equal gets A = 0 (the numerator is 0), so it contributes no gradient (§5.5).
+
+Best-of-N (§5.4): rank a group by the combined advantage sum_k w_k A_k, keep the top n/2 and the
+bottom n/2, shuffle them, and train on those only; advantages are *not* renormalised afterwards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def group_advantages(rewards: np.ndarray, adv_clip_max: float, eps: float = 1e-8) -> np.ndarray:
+    """Per-reward group-normalised, clipped advantages.
+
+    Args:
+        rewards: ``[K, G]`` raw scores, one row per reward, one column per group member.
+        adv_clip_max: advantages are clamped to ``[-adv_clip_max, adv_clip_max]``.
+        eps: added to the std, DanceGRPO's 1e-8.
+
+    Returns:
+        ``[K, G]`` float32 advantages.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)  # [K, G]
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be [K, G] with G >= 2, got shape {rewards.shape}")
+    mean = rewards.mean(axis=1, keepdims=True)  # [K, 1]
+    std = rewards.std(axis=1, ddof=1, keepdims=True)  # [K, 1], unbiased like torch.std
+    advantages = (rewards - mean) / (std + eps)  # [K, G]
+    # The mean of equal floats can miss them by an ulp; an all-equal group must give exactly 0.
+    advantages[np.ptp(rewards, axis=1) == 0] = 0.0
+    return np.clip(advantages, -adv_clip_max, adv_clip_max).astype(np.float32)
+
+
+def best_of_n_members(advantages: np.ndarray, weights: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of the top n/2 and bottom n/2 members by ``sum_k w_k A_k``, shuffled. Shape ``[n]``."""
+    group_size = advantages.shape[1]
+    if n % 2 or not 2 <= n <= group_size:
+        raise ValueError(f"best-of-N needs an even n in [2, G={group_size}], got {n}")
+    combined = (np.asarray(weights, dtype=np.float64)[:, None] * advantages).sum(axis=0)  # [G]
+    order = np.argsort(combined, kind="stable")  # ascending
+    chosen = np.concatenate([order[-(n // 2) :], order[: n // 2]])  # [n]: top then bottom
+    return rng.permutation(chosen).astype(np.int64)

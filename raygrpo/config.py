@@ -1,0 +1,241 @@
+"""The run configuration: one pydantic model tree, loaded from YAML with dotted command-line overrides.
+
+    python -m raygrpo.run cluster/tiny.yaml train.steps=3 rollout.num_workers=2
+
+Every section forbids unknown keys, so a typo fails before Ray starts with the dotted name of the
+field. Override values are parsed as YAML scalars (``3`` is an int, ``1e-4`` a float, ``null`` None,
+``[a, b]`` a list).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending field(s)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    output_root: str = "outputs"
+    """Each run writes to ``<output_root>/<name>-<timestamp>``. Use an absolute, shared path on a cluster."""
+    seed: int = 0
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    """None: join the cluster in RAY_ADDRESS if set, else start a local one. "auto": join the running one."""
+    num_cpus: int | None = None
+    """CPUs of a local instance (ignored when joining a cluster). None: all of this machine's."""
+
+
+class ModelConfig(_Section):
+    family: Literal["flux"] = "flux"
+    pretrained: str = "tiny-random"
+    """A hub id, a local folder holding a diffusers pipeline, or "tiny-random" (a tiny random instance)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    height: int = Field(64, gt=0, multiple_of=16)
+    width: int = Field(64, gt=0, multiple_of=16)
+    guidance_scale: float = Field(3.5, ge=0)
+    """FLUX.1-dev's embedded (distilled) guidance; the same value in rollout and training."""
+    max_sequence_length: int = Field(512, gt=0)
+
+
+class RolloutConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    num_gpus: float = Field(0, ge=0)
+    """GPUs per rollout worker."""
+    num_cpus: float = Field(1, ge=0)
+    num_steps: int = Field(16, ge=2)
+    shift: float = Field(3.0, gt=0)
+    micro_batch_size: int = Field(1, ge=1)
+    """Samples per forward. DanceGRPO uses 1: larger batches change the numerics, so the learner's
+    recomputed log-probs (micro-batch 1) no longer match exactly and the first ratio drifts from 1."""
+
+
+class RewardConfig(_Section):
+    name: str
+    """Unique name; it keys the metrics (reward/<name>/mean)."""
+    kind: str
+    """Which reward: a built-in kind (see raygrpo.reward.BUILTIN_REWARDS)."""
+    weight: float = 1.0
+    """Weight of this reward's advantage in the loss (DanceGRPO: HPS 0.7, CLIP 1.4)."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    num_cpus: float = Field(0.25, ge=0)
+    num_gpus: float = Field(0, ge=0)
+
+
+class AlgorithmConfig(_Section):
+    name: Literal["dancegrpo"] = "dancegrpo"
+    group_size: int = Field(12, ge=2)
+    groups_per_step: int = Field(1, ge=1)
+    """Prompt groups sampled (and trained on) per training step."""
+    sampler: Literal["dance_sde", "flow_sde"] = "dance_sde"
+    noise_level: float = Field(0.3, ge=0)
+    """eta of the Dance-SDE (FLUX 0.3, HunyuanVideo 0.25) or a of the Flow-SDE."""
+    shared_noise: bool = True
+    """One initial noise for every member of a group (DanceGRPO's --init_same_noise)."""
+    timestep_fraction: float = Field(0.6, gt=0, le=1)
+    clip_range: float = Field(1e-4, gt=0)
+    adv_clip_max: float = Field(5.0, gt=0)
+    best_of_n: int | None = Field(None, ge=2)
+    """Train only on the top n/2 and bottom n/2 of each group by weighted advantage (DanceGRPO video)."""
+    grad_accum_samples: int = Field(4, ge=1)
+    """Optimizer step every this many trained samples (each with all its selected timesteps)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> AlgorithmConfig:
+        if self.best_of_n is not None:
+            if self.best_of_n % 2:
+                raise ValueError(f"best_of_n must be even (top n/2 + bottom n/2), got {self.best_of_n}")
+            if self.best_of_n > self.group_size:
+                raise ValueError(f"best_of_n ({self.best_of_n}) cannot exceed group_size ({self.group_size})")
+        return self
+
+
+class OptimizerConfig(_Section):
+    lr: float = Field(1e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class LearnerConfig(_Section):
+    num_gpus: float = Field(0, ge=0)
+    num_cpus: float = Field(1, ge=0)
+
+
+class DataConfig(_Section):
+    prompts: list[str] | None = None
+    """Prompts given inline."""
+    prompt_file: str | None = None
+    """A .txt file (one prompt per line) or a .parquet file with a ``prompt`` column."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.prompts is None) == (self.prompt_file is None):
+            raise ValueError("give exactly one of data.prompts or data.prompt_file")
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("data.prompts is empty")
+        return self
+
+
+class TrainConfig(_Section):
+    steps: int = Field(100, ge=1)
+    sample_grid_groups: int = Field(4, ge=1)
+    """How many groups of the first and last step go into samples.png."""
+
+
+class Config(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    rewards: list[RewardConfig]
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if not self.rewards:
+            raise ValueError("rewards is empty: configure at least one reward")
+        names = [r.name for r in self.rewards]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"reward names must be unique, repeated: {duplicates}")
+        if all(r.weight == 0 for r in self.rewards):
+            raise ValueError("every reward has weight 0: nothing to learn from")
+        trained = math.floor((self.rollout.num_steps - 1) * self.algorithm.timestep_fraction)
+        if trained < 1:
+            raise ValueError(
+                f"algorithm.timestep_fraction={self.algorithm.timestep_fraction} of the "
+                f"{self.rollout.num_steps - 1} trainable steps (rollout.num_steps - 1) trains no step; raise either"
+            )
+        return self
+
+    @property
+    def trained_timesteps(self) -> int:
+        """floor((N - 1) * fraction): DanceGRPO drops the last transition, then keeps a random fraction."""
+        return math.floor((self.rollout.num_steps - 1) * self.algorithm.timestep_fraction)
+
+
+def apply_override(tree: dict[str, Any], dotted: str) -> None:
+    """Apply one ``a.b.c=value`` to a nested dict in place; list items are addressed by index (``rewards.0.weight``)."""
+    if "=" not in dotted:
+        raise ConfigError(f"override {dotted!r} is not of the form key.path=value")
+    path, raw = dotted.split("=", 1)
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {dotted!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    node: Any = tree
+    for depth, key in enumerate(keys[:-1]):
+        node = _child(node, key, ".".join(keys[: depth + 1]), create=True)
+    last = keys[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, path)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, key: str, where: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise ConfigError(f"override {where!r}: {key!r} is not an index of a list of {len(node)}")
+    return int(key)
+
+
+def _child(node: Any, key: str, where: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, key, where)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {where!r}: the parent is a {type(node).__name__}, not a section")
+    if key not in node or node[key] is None:
+        node[key] = {}
+    return node[key]
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see raygrpo/config.py for the fields)"
+        shown = item.get("input")
+        detail = f" (got {shown!r})" if item["type"] != "missing" and not isinstance(shown, dict) else ""
+        lines.append(f"  {field}: {message}{detail}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file, apply ``key.path=value`` overrides, validate. Raises :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist (try cluster/tiny.yaml)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not a {type(tree).__name__}")
+    for override in overrides:
+        apply_override(tree, override)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        source = str(path) + (f" with overrides {list(overrides)}" if overrides else "")
+        raise ConfigError(_format_errors(exc, source)) from None

@@ -1,0 +1,25 @@
+"""Model adapters: one class per image-generator family, plus tiny random builds for tests."""
+
+from raygrpo.models.flux import FluxModel, ModelNotFoundError, quantize_timestep, resolve_pretrained
+from raygrpo.models.tiny import build_tiny_flux, tiny_model_folder
+
+MODEL_FAMILIES = {"flux": FluxModel}
+
+
+def load_model(family: str, name_or_path: str, **kwargs):
+    """``MODEL_FAMILIES[family].from_pretrained(name_or_path, **kwargs)``, with a clear error for unknown families."""
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known families: {sorted(MODEL_FAMILIES)}")
+    return MODEL_FAMILIES[family].from_pretrained(name_or_path, **kwargs)
+
+
+__all__ = [
+    "MODEL_FAMILIES",
+    "FluxModel",
+    "ModelNotFoundError",
+    "build_tiny_flux",
+    "load_model",
+    "quantize_timestep",
+    "resolve_pretrained",
+    "tiny_model_folder",
+]

@@ -1,0 +1,92 @@
+"""Resource plan and actor pools: one placement group per role, checked against the cluster first."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from raygrpo.config import Config
+
+logger = logging.getLogger(__name__)
+
+
+class PlanError(RuntimeError):
+    """The resource plan cannot be met; the message has a need-vs-have table."""
+
+
+@dataclass(frozen=True)
+class RoleResources:
+    role: str  # "rollout", "learner", "reward:<name>"
+    count: int
+    num_cpus: float  # per actor
+    num_gpus: float  # per actor
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        return {k: v for k, v in (("CPU", self.num_cpus), ("GPU", self.num_gpus)) if v > 0} or {"CPU": 0.01}
+
+
+def resource_plan(config: Config) -> list[RoleResources]:
+    plan = [RoleResources("rollout", config.rollout.num_workers, config.rollout.num_cpus, config.rollout.num_gpus)]
+    plan += [RoleResources(f"reward:{r.name}", 1, r.num_cpus, r.num_gpus) for r in config.rewards]
+    plan.append(RoleResources("learner", 1, config.learner.num_cpus, config.learner.num_gpus))
+    return plan
+
+
+def plan_totals(plan: list[RoleResources]) -> dict[str, float]:
+    return {res: sum(r.count * getattr(r, f"num_{res.lower()}s") for r in plan) for res in ("CPU", "GPU")}
+
+
+def plan_table(plan: list[RoleResources], have: dict[str, float]) -> str:
+    rows = [f"  {'role':<24}{'actors':>7}{'CPU each':>10}{'GPU each':>10}"]
+    rows += [f"  {r.role:<24}{r.count:>7}{r.num_cpus:>10g}{r.num_gpus:>10g}" for r in plan]
+    need = plan_totals(plan)
+    rows.append(f"  {'need':<31}{need['CPU']:>10g}{need['GPU']:>10g}")
+    rows.append(f"  {'have':<31}{have.get('CPU', 0):>10g}{have.get('GPU', 0):>10g}")
+    return "\n".join(rows)
+
+
+def check_plan_fits(plan: list[RoleResources], have: dict[str, float]) -> None:
+    need = plan_totals(plan)
+    short = [res for res in ("CPU", "GPU") if need[res] > have.get(res, 0) + 1e-9]
+    if short:
+        raise PlanError(
+            f"the run needs more {' and '.join(short)} than the cluster has:\n{plan_table(plan, have)}\n"
+            "Lower rollout.num_workers / the per-actor num_cpus and num_gpus, or add nodes."
+        )
+
+
+class ActorPool:
+    """``count`` actors of one class in their own placement group (packed onto as few nodes as possible)."""
+
+    def __init__(self, resources: RoleResources, actor_cls: type, *args, ready_timeout_s: float = 600, **kwargs):
+        self.resources = resources
+        self.placement_group = placement_group([resources.bundle] * resources.count, strategy="PACK", name=f"raygrpo-{resources.role}")
+        try:
+            ray.get(self.placement_group.ready(), timeout=60)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.placement_group)
+            raise PlanError(
+                f"placement group for {resources.role} ({resources.count} x {resources.bundle}) was not placed within 60 s: "
+                "the cluster's free resources are fragmented or held by other jobs"
+            ) from None
+        remote_cls = ray.remote(actor_cls)
+        self.actors = [
+            remote_cls.options(
+                num_cpus=resources.num_cpus,
+                num_gpus=resources.num_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
+            ).remote(*args, **kwargs)
+            for i in range(resources.count)
+        ]
+        ray.get([actor.__ray_ready__.remote() for actor in self.actors], timeout=ready_timeout_s)
+        logger.info("%s: %d actor(s) ready", resources.role, resources.count)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self.placement_group)

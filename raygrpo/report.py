@@ -1,0 +1,160 @@
+"""PNG outputs of a run: the reward curve and grids of sampled images.
+
+Both are written without a display. Matplotlib is used through ``Figure`` and the Agg canvas
+directly rather than ``pyplot``, so that importing this module neither switches the process-wide
+backend nor keeps figures alive in pyplot's global registry (a long run plots many times).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
+
+MIN_TILE = 128  # pixels; generated images are often 64x64, too small to judge by eye
+PAD = 8  # between tiles and around the grid
+TITLE_H = 18  # height of a row's title line
+CAPTION_H = 16  # height of the caption line under each tile
+
+_PREFIX, _SUFFIX, _STD = "reward/", "/mean", "/std"
+_Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
+
+
+def plot_reward_curve(metrics_jsonl: Path, out_png: Path) -> Path:
+    """Plot every ``reward/<name>/mean`` of a metrics file against ``step``, with a ±std band.
+
+    Lines without a step, values that are not numbers and lines that are not JSON (such as a
+    half-written last line of a running job) are skipped, so the curve can be drawn mid-run.
+    """
+    series = _read_reward_series(Path(metrics_jsonl))
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, points in sorted(series.items(), key=lambda kv: (kv[0] == "total", kv[0])):
+        steps, means, stds = (np.array(col, dtype=np.float64) for col in zip(*sorted(points)))
+        style = {"color": "black", "linewidth": 2.0} if name == "total" else {}
+        (line,) = ax.plot(steps, means, label=name, **style)
+        if np.isfinite(stds).any():
+            ax.fill_between(steps, means - stds, means + stds, color=line.get_color(), alpha=0.2, linewidth=0)
+    if series:
+        ax.legend(loc="best")
+    else:
+        ax.text(0.5, 0.5, "no reward data yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlabel="step", ylabel="reward (group mean)", title=f"Reward vs step ({Path(metrics_jsonl).parent.name or 'run'})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save_figure(fig, Path(out_png))
+
+
+def _read_reward_series(path: Path) -> dict[str, list[tuple[float, float, float]]]:
+    """``{reward name: [(step, mean, std or NaN), ...]}`` from a metrics JSON-lines file."""
+    series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        step = _number(record.get("step")) if isinstance(record, dict) else math.nan
+        if math.isnan(step):
+            continue
+        for key, value in record.items():
+            if key.startswith(_PREFIX) and key.endswith(_SUFFIX) and not math.isnan(_number(value)):
+                name = key[len(_PREFIX) : -len(_SUFFIX)]
+                std = _number(record.get(f"{_PREFIX}{name}{_STD}"))
+                series[name].append((step, _number(value), std))
+    return dict(series)
+
+
+def _number(value: object) -> float:
+    """A finite float, or NaN for anything else (missing, null, text, bool, inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value) if math.isfinite(value) else math.nan
+
+
+def _save_figure(fig: Figure, out_png: Path) -> Path:
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, format="png")
+    return out_png
+
+
+@dataclass
+class GridRow:
+    """One titled row of a sample grid, e.g. the group of one prompt at one step."""
+
+    title: str
+    images: np.ndarray  # [N, H, W, 3] uint8
+    captions: list[str] = field(default_factory=list)  # [N], or empty for none
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
+            raise ValueError(f"GridRow {self.title!r}: images must be uint8 [N, H, W, 3], got {self.images.dtype} {self.images.shape}")
+        if self.captions and len(self.captions) != len(self.images):
+            raise ValueError(f"GridRow {self.title!r}: {len(self.captions)} captions for {len(self.images)} images")
+
+
+def sample_grid(rows: list[GridRow], out_png: Path, max_cols: int = 8) -> Path:
+    """Draw rows of images, each under its title and above its captions, on a white PNG.
+
+    Images are upscaled by an integer factor (nearest neighbour, so pixels stay sharp) until their
+    shorter side is at least ``MIN_TILE``. A row longer than ``max_cols`` wraps onto more lines
+    under the same title rather than losing images. With ``c`` columns, tile size ``t`` and ``L``
+    lines of tiles over all rows, the PNG is ``PAD + c * (t + PAD)`` wide and
+    ``PAD + len(rows) * (TITLE_H + PAD) + L * (t + CAPTION_H + PAD)`` tall.
+    """
+    if not rows or max_cols < 1:
+        raise ValueError("sample_grid needs at least one row and max_cols >= 1")
+    tiles = [[_upscale(image) for image in row.images] for row in rows]
+    tile_w = max((t.width for row in tiles for t in row), default=MIN_TILE)
+    tile_h = max((t.height for row in tiles for t in row), default=MIN_TILE)
+    cols = max(1, min(max_cols, max(len(row) for row in tiles)))
+    lines = sum(math.ceil(len(row) / cols) for row in tiles)
+    width = PAD + cols * (tile_w + PAD)
+    height = PAD + len(rows) * (TITLE_H + PAD) + lines * (tile_h + CAPTION_H + PAD)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    y = PAD
+    for row, row_tiles in zip(rows, tiles):
+        y = _draw_row(canvas, draw, font, row, row_tiles, y, cols, (tile_w, tile_h))
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out_png, format="PNG")
+    return out_png
+
+
+def _draw_row(canvas: Image.Image, draw: ImageDraw.ImageDraw, font: _Font, row: GridRow, tiles: list[Image.Image], y: int, cols: int, cell: tuple[int, int]) -> int:
+    """Draw one row's title, tiles and captions from height ``y``; returns where the next row starts."""
+    tile_w, tile_h = cell
+    draw.text((PAD, y), _fit(draw, font, row.title, canvas.width - 2 * PAD), fill="black", font=font)
+    y += TITLE_H + PAD
+    for i, tile in enumerate(tiles):
+        x = PAD + (i % cols) * (tile_w + PAD)
+        top = y + (i // cols) * (tile_h + CAPTION_H + PAD)
+        canvas.paste(tile, (x + (tile_w - tile.width) // 2, top + (tile_h - tile.height) // 2))
+        if row.captions:
+            # Centred by measuring rather than with anchor=, which bitmap fonts do not support.
+            caption = _fit(draw, font, row.captions[i], tile_w)
+            draw.text((x + (tile_w - draw.textlength(caption, font=font)) / 2, top + tile_h + 2), caption, fill="black", font=font)
+    return y + math.ceil(len(tiles) / cols) * (tile_h + CAPTION_H + PAD)
+
+
+def _upscale(image: np.ndarray) -> Image.Image:
+    tile = Image.fromarray(np.ascontiguousarray(image))
+    factor = max(1, math.ceil(MIN_TILE / max(1, min(tile.size))))
+    return tile.resize((tile.width * factor, tile.height * factor), Image.Resampling.NEAREST)
+
+
+def _fit(draw: ImageDraw.ImageDraw, font: _Font, text: str, width: int) -> str:
+    """``text`` cut short with "..." so that it fits in ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."

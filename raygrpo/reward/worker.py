@@ -1,0 +1,31 @@
+"""A reward worker: one replica of one reward model, scoring whole groups as they finish generating."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from raygrpo.config import RewardConfig
+from raygrpo.contracts import GroupMedia, Scores
+from raygrpo.reward.builtin import make_reward
+from raygrpo.runtime import set_torch_threads
+
+
+class RewardWorker:
+    def __init__(self, reward: RewardConfig):
+        set_torch_threads(reward.num_cpus)
+        self.name = reward.name
+        self.reward = make_reward(reward.kind, reward.params)
+
+    def score(self, media: GroupMedia) -> tuple[Scores, float]:
+        """Scores of one group and the seconds it took. A failure of the whole batch marks every item invalid."""
+        start = time.perf_counter()
+        prompts = [media.group.prompt] * len(media.images)
+        try:
+            values, valid, errors = self.reward.score_with_errors(media.images, prompts)
+        except Exception as exc:  # noqa: BLE001 - any reward failure must reach the controller as data
+            n = len(media.images)
+            values, valid, errors = np.zeros(n, np.float32), np.zeros(n, bool), [f"{type(exc).__name__}: {exc}"] * n
+        scores = Scores(media.group.group_id, self.name, np.asarray(values, np.float32), np.asarray(valid, bool), list(errors))
+        return scores, time.perf_counter() - start

@@ -1,0 +1,145 @@
+"""Entry point: ``python -m raygrpo.run CONFIG [key.path=value ...]``.
+
+1. Load and validate the config; run the preflight checks (weights reachable, rewards known, prompts
+   present, enough GPUs on this machine when no cluster is given). Everything here fails before Ray
+   starts, naming the field to fix.
+2. Join the Ray cluster named by ``ray.address`` or ``RAY_ADDRESS`` (``ray job submit`` sets it), or
+   start a local instance bound to loopback.
+3. Check the resource plan against the cluster, then hand over to the :class:`Controller`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from raygrpo.config import Config, ConfigError, load_config
+
+logger = logging.getLogger("raygrpo")
+
+
+class PreflightError(RuntimeError):
+    """Problems found before any actor starts, one per line, each naming its field."""
+
+
+def preflight(config: Config) -> list[str]:
+    """Check what can be checked on the driver; return the prompts. Raises PreflightError listing every problem."""
+    from raygrpo.data.prompts import PromptFileError, load_prompts
+    from raygrpo.models import ModelNotFoundError, resolve_pretrained
+    from raygrpo.placement import plan_totals, resource_plan
+    from raygrpo.reward.builtin import make_reward
+
+    problems, prompts = [], []
+    try:
+        resolve_pretrained(config.model.pretrained)
+    except ModelNotFoundError as exc:
+        problems.append(f"model.pretrained: {exc}")
+    for i, reward in enumerate(config.rewards):
+        try:
+            make_reward(reward.kind, reward.params)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"rewards.{i} ({reward.name}): {exc}")
+    try:
+        prompts = load_prompts(config.data)
+    except PromptFileError as exc:
+        problems.append(str(exc))
+    if not _cluster_address(config):
+        need_gpus = plan_totals(resource_plan(config))["GPU"]
+        have_gpus = _local_gpu_count()
+        if need_gpus > have_gpus:
+            problems.append(
+                f"rollout/reward/learner num_gpus: the plan needs {need_gpus:g} GPUs, this machine has {have_gpus} and no Ray "
+                "cluster is given (set ray.address or RAY_ADDRESS, or submit with `ray job submit`)"
+            )
+    if problems:
+        raise PreflightError("cannot start this run:\n" + "\n".join(f"  - {p}" for p in problems))
+    return prompts
+
+
+def _cluster_address(config: Config) -> str | None:
+    return config.ray.address or os.environ.get("RAY_ADDRESS")
+
+
+def _local_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def make_run_dir(config: Config) -> Path:
+    run_dir = Path(config.run.output_root).resolve() / f"{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        run_dir = run_dir.with_name(f"{run_dir.name}-{os.getpid()}")
+        run_dir.mkdir(parents=True)
+    except OSError as exc:
+        raise PreflightError(f"run.output_root: cannot create {str(run_dir)!r}: {exc.strerror}") from None
+    (run_dir / "config.yaml").write_text(_dump_yaml(config))
+    return run_dir
+
+
+def _dump_yaml(config: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def connect_ray(config: Config) -> None:
+    import ray
+
+    address = _cluster_address(config)
+    if address:
+        logger.info("joining Ray cluster at %s", address)
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        # A local instance serves only this machine: keep every Ray socket on loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        logger.info("starting a local Ray instance")
+        ray.init(
+            num_cpus=config.ray.num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level=logging.WARNING,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m raygrpo.run", description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="YAML run config, e.g. cluster/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=3 rollout.num_workers=2")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, args.overrides)
+        prompts = preflight(config)
+        run_dir = make_run_dir(config)
+    except (ConfigError, PreflightError) as exc:
+        print(f"raygrpo: {exc}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    from raygrpo.controller import Controller
+    from raygrpo.placement import PlanError, check_plan_fits, resource_plan
+
+    connect_ray(config)
+    try:
+        check_plan_fits(resource_plan(config), ray.cluster_resources())
+        summary = Controller(config, run_dir, prompts).run()
+    except PlanError as exc:
+        print(f"raygrpo: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        ray.shutdown()
+    print(f"reward (weighted total, mean over the step): first step {summary.first_reward:.4f} -> last step {summary.last_reward:.4f}")
+    print(f"outputs: {summary.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Group advantages, best-of-N, timestep subsets and the clipped surrogate against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from raygrpo.algorithms.advantages import best_of_n_members, group_advantages
+from raygrpo.algorithms.dancegrpo import clipped_surrogate, trained_steps
+
+
+def test_group_advantages_are_per_reward_unbiased_and_clipped():
+    rewards = np.array([[1.0, 2.0, 3.0, 4.0], [10.0, 10.0, 10.0, 50.0]])  # [K=2, G=4]
+    adv = group_advantages(rewards, adv_clip_max=5.0)
+    std0 = np.std([1, 2, 3, 4], ddof=1)  # torch.std default: unbiased
+    np.testing.assert_allclose(adv[0], (np.array([1, 2, 3, 4]) - 2.5) / (std0 + 1e-8), rtol=1e-6)
+    std1 = np.std([10, 10, 10, 50], ddof=1)
+    np.testing.assert_allclose(adv[1], (np.array([10, 10, 10, 50]) - 20) / (std1 + 1e-8), rtol=1e-6)
+    # each reward is normalised on its own: the 10x larger reward does not get larger advantages
+    assert abs(adv[1]).max() < 2
+    clipped = group_advantages(np.array([[0.0] * 99 + [1.0]]), adv_clip_max=5.0)
+    assert clipped.max() == pytest.approx(5.0) and clipped.dtype == np.float32
+
+
+def test_zero_variance_group_has_zero_advantage():
+    adv = group_advantages(np.full((1, 6), 0.7), adv_clip_max=5.0)
+    assert np.all(adv == 0)
+    with pytest.raises(ValueError, match="G >= 2"):
+        group_advantages(np.ones((1, 1)), 5.0)
+
+
+def test_best_of_n_keeps_top_and_bottom_by_weighted_advantage():
+    adv = np.array([[3, 1, -2, 0, 2, -1, -3, 4], [0, 0, 0, 0, 0, 0, 0, 0]], dtype=np.float32)
+    chosen = best_of_n_members(adv, np.array([1.0, 1.0]), 4, np.random.default_rng(0))
+    assert sorted(chosen.tolist()) == sorted([7, 0, 6, 2])  # top two (4, 3) and bottom two (-3, -2)
+    # weights decide the ranking: reward 1 alone with reversed sign flips top and bottom
+    adv2 = np.stack([adv[0], -adv[0]])
+    assert sorted(best_of_n_members(adv2, np.array([0.0, 1.0]), 2, np.random.default_rng(0)).tolist()) == [6, 7]
+    # advantages are not renormalised and the order is shuffled
+    orders = {tuple(best_of_n_members(adv, np.array([1.0, 0.0]), 4, np.random.default_rng(s))) for s in range(10)}
+    assert len(orders) > 1
+    with pytest.raises(ValueError, match="even n"):
+        best_of_n_members(adv, np.array([1.0, 1.0]), 3, np.random.default_rng(0))
+
+
+def test_trained_steps_drop_the_last_transition_and_keep_a_fraction():
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        steps = trained_steps(16, 0.6, rng)
+        assert len(steps) == math.floor(15 * 0.6) == 9
+        assert len(set(steps.tolist())) == 9 and steps.max() <= 14  # step 15 (the last) is never trained
+        seen.update(steps.tolist())
+    assert seen == set(range(15))  # a random subset, not a fixed one
+
+
+def test_clipped_surrogate_matches_ppo_cases():
+    eps = 0.1
+    ratio = torch.tensor([1.0, 1.5, 0.5, 1.5, 0.5, 1.05])
+    adv = torch.tensor([2.0, 2.0, 2.0, -2.0, -2.0, -1.0])
+    expected = torch.tensor(
+        [
+            -2.0,  # ratio 1: -A
+            -2.0 * 1.1,  # A>0, ratio above the band: clipped (pessimistic)
+            -2.0 * 0.5,  # A>0, ratio below: unclipped is larger (worse) -> kept
+            2.0 * 1.5,  # A<0, ratio above: unclipped is worse -> kept
+            2.0 * 0.9,  # A<0, ratio below: clipped
+            1.05,  # inside the band
+        ]
+    )
+    torch.testing.assert_close(clipped_surrogate(ratio, adv, eps), expected)
+
+
+def test_clipped_surrogate_gradient_vanishes_outside_the_band():
+    ratio = torch.tensor([1.5, 1.05], requires_grad=True)
+    clipped_surrogate(ratio, torch.tensor([1.0, 1.0]), 0.1).sum().backward()
+    assert ratio.grad.tolist() == [0.0, -1.0]

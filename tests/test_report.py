@@ -1,0 +1,89 @@
+"""Run report PNGs: the reward curve and the sample grid."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raygrpo.report import CAPTION_H, MIN_TILE, PAD, TITLE_H, GridRow, plot_reward_curve, sample_grid
+
+
+def write_metrics(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_reward_curve(tmp_path):
+    records = [
+        {"step": s, "reward/color/mean": 0.5 + 0.02 * s, "reward/color/std": 0.1, "reward/jpeg/mean": -3.0 + 0.1 * s,
+         "reward/total/mean": 0.3 + 0.01 * s}
+        for s in range(1, 11)
+    ]
+    metrics = write_metrics(tmp_path / "run" / "metrics.jsonl", records)
+    out = plot_reward_curve(metrics, tmp_path / "plots" / "deep" / "reward.png")
+    assert out == tmp_path / "plots" / "deep" / "reward.png" and out.is_file()
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+        assert 300 <= image.width <= 3000 and 200 <= image.height <= 3000
+        assert np.asarray(image.convert("L")).std() > 0
+
+
+def test_reward_curve_tolerates_incomplete_lines(tmp_path):
+    lines = [
+        json.dumps({"step": 1, "reward/brightness/mean": 0.4}),
+        json.dumps({"step": 2, "loss": 0.1}),  # no reward at all
+        json.dumps({"reward/brightness/mean": 0.9}),  # no step
+        json.dumps({"step": 3, "reward/brightness/mean": None, "reward/brightness/std": 0.1}),
+        json.dumps({"step": 4, "reward/brightness/mean": 0.5, "reward/brightness/std": 0.05}),
+        "",
+        '{"step": 5, "reward/brigh',  # half-written last line of a running job
+    ]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(lines))
+    out = plot_reward_curve(metrics, tmp_path / "reward.png")
+    with Image.open(out) as image:
+        assert np.asarray(image.convert("L")).std() > 0
+
+
+def test_reward_curve_without_any_reward(tmp_path):
+    metrics = write_metrics(tmp_path / "metrics.jsonl", [{"step": 1, "loss": 0.3}])
+    assert plot_reward_curve(metrics, tmp_path / "reward.png").is_file()
+
+
+def test_sample_grid_size(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [
+        GridRow(f"step {s}: a red apple", rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8), [f"{v:.3f}" for v in rng.random(4)])
+        for s in (1, 2)
+    ]
+    out = sample_grid(rows, tmp_path / "grids" / "step_2.png")
+    tile = max(MIN_TILE, 64)
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+        assert image.size == (PAD + 4 * (tile + PAD), PAD + 2 * (TITLE_H + PAD + tile + CAPTION_H + PAD))
+        pixels = np.asarray(image.convert("RGB"))
+    assert tuple(pixels[0, 0]) == (255, 255, 255)
+    # Nearest-neighbour upscaling by 2: each source pixel becomes a 2x2 block of the same colour.
+    top = PAD + TITLE_H + PAD
+    np.testing.assert_array_equal(pixels[top : top + tile : 2, PAD : PAD + tile : 2], rows[0].images[0])
+    np.testing.assert_array_equal(pixels[top + 1 : top + tile : 2, PAD + 1 : PAD + tile : 2], rows[0].images[0])
+
+
+def test_sample_grid_wraps_long_rows(tmp_path):
+    images = np.zeros((5, 64, 64, 3), dtype=np.uint8)
+    out = sample_grid([GridRow("five", images, [])], tmp_path / "grid.png", max_cols=2)
+    tile = MIN_TILE
+    with Image.open(out) as image:
+        assert image.size == (PAD + 2 * (tile + PAD), PAD + TITLE_H + PAD + math.ceil(5 / 2) * (tile + CAPTION_H + PAD))
+
+
+def test_grid_row_validation():
+    with pytest.raises(ValueError, match="captions"):
+        GridRow("x", np.zeros((2, 8, 8, 3), dtype=np.uint8), ["only one"])
+    with pytest.raises(ValueError, match="uint8"):
+        GridRow("x", np.zeros((2, 8, 8, 3), dtype=np.float32), [])
