@@ -92,6 +92,9 @@ class Controller:
         self.reward_pools = {r.name: ActorPool(roles[f"reward:{r.name}"], RewardWorker, r) for r in self.config.rewards}
         self.learner_pool = ActorPool(roles["learner"], Learner, self.config)
         self.learner = self.learner_pool.actors[0]
+        pools = [self.rollout_pool, self.learner_pool, *self.reward_pools.values()]
+        ray.get([ref for pool in pools for ref in pool.ready()])
+        logger.info("actors ready: %s", ", ".join(f"{p.resources.role} x{p.resources.count}" for p in pools))
 
     def _stop_pools(self) -> None:
         for pool in [getattr(self, "rollout_pool", None), getattr(self, "learner_pool", None), *getattr(self, "reward_pools", {}).values()]:

@@ -61,9 +61,13 @@ def check_plan_fits(plan: list[RoleResources], have: dict[str, float]) -> None:
 
 
 class ActorPool:
-    """``count`` actors of one class in their own placement group (packed onto as few nodes as possible)."""
+    """``count`` actors of one class in their own placement group (packed onto as few nodes as possible).
 
-    def __init__(self, resources: RoleResources, actor_cls: type, *args, ready_timeout_s: float = 600, **kwargs):
+    Construction returns as soon as the actors are scheduled; wait on :meth:`ready` (all pools at
+    once, so their model loading overlaps).
+    """
+
+    def __init__(self, resources: RoleResources, actor_cls: type, *args, **kwargs):
         self.resources = resources
         self.placement_group = placement_group([resources.bundle] * resources.count, strategy="PACK", name=f"raygrpo-{resources.role}")
         try:
@@ -83,8 +87,10 @@ class ActorPool:
             ).remote(*args, **kwargs)
             for i in range(resources.count)
         ]
-        ray.get([actor.__ray_ready__.remote() for actor in self.actors], timeout=ready_timeout_s)
-        logger.info("%s: %d actor(s) ready", resources.role, resources.count)
+
+    def ready(self) -> list[ray.ObjectRef]:
+        """Refs that resolve once every actor's ``__init__`` (model loading) has finished, or raise its error."""
+        return [actor.__ray_ready__.remote() for actor in self.actors]
 
     def shutdown(self) -> None:
         for actor in self.actors:

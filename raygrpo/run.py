@@ -47,6 +47,9 @@ def preflight(config: Config) -> list[str]:
         prompts = load_prompts(config.data)
     except PromptFileError as exc:
         problems.append(str(exc))
+    problem = _unwritable(Path(config.run.output_root))
+    if problem:
+        problems.append(f"run.output_root: {problem}")
     if not _cluster_address(config):
         need_gpus = plan_totals(resource_plan(config))["GPU"]
         have_gpus = _local_gpu_count()
@@ -58,6 +61,18 @@ def preflight(config: Config) -> list[str]:
     if problems:
         raise PreflightError("cannot start this run:\n" + "\n".join(f"  - {p}" for p in problems))
     return prompts
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why runs cannot be written under ``folder`` (checked on its nearest existing ancestor), or None."""
+    existing = folder.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{str(existing)!r} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{str(existing)!r} is not writable; choose another run.output_root"
+    return None
 
 
 def _cluster_address(config: Config) -> str | None:
@@ -117,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         prompts = preflight(config)
-        run_dir = make_run_dir(config)
     except (ConfigError, PreflightError) as exc:
         print(f"raygrpo: {exc}", file=sys.stderr)
         return 2
@@ -130,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     connect_ray(config)
     try:
         check_plan_fits(resource_plan(config), ray.cluster_resources())
+        run_dir = make_run_dir(config)
         summary = Controller(config, run_dir, prompts).run()
-    except PlanError as exc:
+    except (PlanError, PreflightError) as exc:
         print(f"raygrpo: {exc}", file=sys.stderr)
         return 2
     finally:
