@@ -44,6 +44,9 @@ class ModelConfig(_Section):
     pretrained: str = "tiny-random"
     """A hub id, a local folder holding a diffusers pipeline, or "tiny-random" (a tiny random instance)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights' dtype on rollout and learner alike. The reference trains fp32 master weights under bf16
+    autocast; that mixed-precision split comes with the FSDP learner group, until then bf16 here
+    means the learner's AdamW updates bf16 weights directly."""
     height: int = Field(64, gt=0, multiple_of=16)
     width: int = Field(64, gt=0, multiple_of=16)
     guidance_scale: float = Field(3.5, ge=0)

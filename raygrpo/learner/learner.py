@@ -17,7 +17,7 @@ import torch
 from raygrpo.algorithms.dancegrpo import DanceGRPO
 from raygrpo.config import Config
 from raygrpo.contracts import LearnerMetrics, Rollout, TrainGroup
-from raygrpo.models import MODEL_FAMILIES
+from raygrpo.models import load_model
 from raygrpo.runtime import set_torch_threads, torch_dtype
 from raygrpo.weights import WeightsMessage, export_weights
 
@@ -29,8 +29,8 @@ class Learner:
         set_torch_threads(config.learner.num_cpus)
         self.config = config
         self.device = torch.device("cuda" if config.learner.num_gpus > 0 else "cpu")
-        model_cls = MODEL_FAMILIES[config.model.family]
-        self.model = model_cls.from_pretrained(
+        self.model = load_model(
+            config.model.family,
             config.model.pretrained,
             torch_dtype=torch_dtype(config.model.dtype),
             device=self.device,

@@ -90,11 +90,15 @@ class Reward(ABC):
         return _mark_non_finite(self.score(images, prompts), [None] * len(prompts))
 
 
-def score_group(reward: Reward, media: GroupMedia) -> Scores:
-    """Score one sampled group; every member shares the group's prompt."""
+def score_group(reward: Reward, media: GroupMedia, reward_name: str | None = None) -> Scores:
+    """Score one sampled group; every member shares the group's prompt.
+
+    ``reward_name`` is the configured name the scores are filed under (default: the reward's kind).
+    """
     prompts = [media.group.prompt] * len(media.images)
     values, valid, errors = reward.score_with_errors(media.images, prompts)
-    return Scores(group_id=media.group.group_id, reward_name=reward.name, values=values, valid=valid, errors=errors)
+    name = reward_name or reward.name
+    return Scores(group_id=media.group.group_id, reward_name=name, values=values, valid=valid, errors=errors)
 
 
 class JpegIncompressibility(Reward):

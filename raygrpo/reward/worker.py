@@ -8,7 +8,7 @@ import numpy as np
 
 from raygrpo.config import RewardConfig
 from raygrpo.contracts import GroupMedia, Scores
-from raygrpo.reward.builtin import make_reward
+from raygrpo.reward.builtin import make_reward, score_group
 from raygrpo.runtime import set_torch_threads
 
 
@@ -19,13 +19,15 @@ class RewardWorker:
         self.reward = make_reward(reward.kind, reward.params)
 
     def score(self, media: GroupMedia) -> tuple[Scores, float]:
-        """Scores of one group and the seconds it took. A failure of the whole batch marks every item invalid."""
+        """Scores of one group and the seconds it took.
+
+        A reward that raises for the whole batch marks every item invalid with the error, so the
+        controller decides what a missing score means; the worker itself never dies of bad media.
+        """
         start = time.perf_counter()
-        prompts = [media.group.prompt] * len(media.images)
         try:
-            values, valid, errors = self.reward.score_with_errors(media.images, prompts)
+            scores = score_group(self.reward, media, self.name)
         except Exception as exc:  # noqa: BLE001 - any reward failure must reach the controller as data
             n = len(media.images)
-            values, valid, errors = np.zeros(n, np.float32), np.zeros(n, bool), [f"{type(exc).__name__}: {exc}"] * n
-        scores = Scores(media.group.group_id, self.name, np.asarray(values, np.float32), np.asarray(valid, bool), list(errors))
+            scores = Scores(media.group.group_id, self.name, np.full(n, np.nan, np.float32), np.zeros(n, bool), [f"{type(exc).__name__}: {exc}"] * n)
         return scores, time.perf_counter() - start

@@ -16,7 +16,7 @@ import torch
 from raygrpo.algorithms.dancegrpo import RolloutSpec, rollout_spec
 from raygrpo.config import Config
 from raygrpo.contracts import GroupMedia, PromptGroup, Rollout, as_tensor
-from raygrpo.models import MODEL_FAMILIES
+from raygrpo.models import load_model
 from raygrpo.runtime import set_torch_threads, torch_dtype
 from raygrpo.sampling import predicted_x0, sigma_schedule, step_transition
 from raygrpo.weights import WeightsMessage, load_weights
@@ -36,8 +36,8 @@ class RolloutWorker:
         self.config = config
         self.device = torch.device("cuda" if config.rollout.num_gpus > 0 else "cpu")
         self.spec: RolloutSpec = rollout_spec(config)
-        model_cls = MODEL_FAMILIES[config.model.family]
-        self.model = model_cls.from_pretrained(
+        self.model = load_model(
+            config.model.family,
             config.model.pretrained,
             torch_dtype=torch_dtype(config.model.dtype),
             device=self.device,
