@@ -118,6 +118,32 @@ class TrainGroup:
 
 
 @dataclass
+class RolloutInfo:
+    """What the controller learns about a generated group without fetching it."""
+
+    group_id: int
+    policy_version: int
+    seconds: float
+    rollout_bytes: int  # Rollout.nbytes: what this group sends to the learner
+
+
+@dataclass
+class WeightsMessage:
+    """The trainable network's weights at one policy version, learner -> rollout workers.
+
+    Put once, fetched by every worker. bfloat16, which numpy lacks, travels as raw 16-bit patterns.
+    """
+
+    policy_version: int
+    arrays: dict[str, np.ndarray]  # parameter name -> array (bf16 as uint16 bit patterns)
+    dtypes: dict[str, str]  # parameter name -> torch dtype name
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+@dataclass
 class LearnerMetrics:
     """Summary of one learner update, small enough to log every step."""
 

@@ -1,27 +1,16 @@
 """Moving the trainable network's weights from the learner to the rollout side.
 
-The learner exports a :class:`WeightsMessage` once per update (``ray.put`` once; every rollout worker
-``ray.get``s the same object, so it is not pickled per worker). Arrays are numpy so the object store
-serves them zero-copy; bfloat16, which numpy lacks, travels as its raw 16-bit pattern.
+The learner exports a :class:`~raygrpo.contracts.WeightsMessage` once per update; every rollout worker
+gets the same object, so it is not pickled per worker. Arrays are numpy so the object store serves
+them zero-copy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-
-@dataclass
-class WeightsMessage:
-    policy_version: int
-    arrays: dict[str, np.ndarray]  # parameter name -> array (bf16 as uint16 bit patterns)
-    dtypes: dict[str, str]  # parameter name -> torch dtype name
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays.values())
+from raygrpo.contracts import WeightsMessage
 
 
 def export_weights(module: torch.nn.Module, policy_version: int) -> WeightsMessage:

@@ -18,13 +18,13 @@ pip() { "$PY" -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "is igno
 if ! "$PY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "install: NVIDIA GPU found, installing the default (CUDA) torch build"
-    pip install torch
+    pip install torch numpy
   elif curl -sfI -m 3 "$TORCH_CPU_INDEX/" >/dev/null 2>&1; then
     echo "install: no GPU, installing $TORCH_CPU_SPEC from the PyTorch CPU index"
-    pip install "$TORCH_CPU_SPEC" --index-url "$TORCH_CPU_INDEX"
+    pip install "$TORCH_CPU_SPEC" numpy --index-url "$TORCH_CPU_INDEX"
   else
     echo "install: no GPU, installing $TORCH_CPU_SPEC from the configured package sources"
-    pip install "$TORCH_CPU_SPEC"
+    pip install "$TORCH_CPU_SPEC" numpy
   fi
   "$PY" -c "import torch" || { echo "install: torch did not install; install it yourself into $VENV and rerun" >&2; exit 1; }
 fi

@@ -16,10 +16,10 @@ import torch
 
 from raygrpo.algorithms.dancegrpo import DanceGRPO
 from raygrpo.config import Config
-from raygrpo.contracts import LearnerMetrics, Rollout, TrainGroup
+from raygrpo.contracts import LearnerMetrics, Rollout, TrainGroup, WeightsMessage
 from raygrpo.models import load_model
 from raygrpo.runtime import set_torch_threads, torch_dtype
-from raygrpo.weights import WeightsMessage, export_weights
+from raygrpo.weights import export_weights
 
 logger = logging.getLogger(__name__)
 

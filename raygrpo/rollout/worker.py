@@ -8,26 +8,16 @@ the :class:`Rollout` (latents, trajectory, log-probs) to the learner, the decode
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from raygrpo.algorithms.dancegrpo import RolloutSpec, rollout_spec
 from raygrpo.config import Config
-from raygrpo.contracts import GroupMedia, PromptGroup, Rollout, as_tensor
+from raygrpo.contracts import GroupMedia, PromptGroup, Rollout, RolloutInfo, WeightsMessage, as_tensor
 from raygrpo.models import load_model
 from raygrpo.runtime import set_torch_threads, torch_dtype
 from raygrpo.sampling import predicted_x0, sigma_schedule, step_transition
-from raygrpo.weights import WeightsMessage, load_weights
-
-
-@dataclass
-class RolloutInfo:
-    group_id: int
-    policy_version: int
-    seconds: float
-    rollout_bytes: int
+from raygrpo.weights import load_weights
 
 
 class RolloutWorker:
