@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -39,8 +39,18 @@ class RayConfig(_Section):
     """CPUs of a local instance (ignored when joining a cluster). None: all of this machine's."""
 
 
+class LoraConfig(_Section):
+    """Train a LoRA adapter (peft, through diffusers' add_adapter) instead of the whole network."""
+
+    rank: int = Field(64, ge=1)
+    alpha: float = Field(128, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
+    """Joint-attention projections of the image and the text stream (DGPO's SD3 targets; FLUX names them alike)."""
+    init: Literal["gaussian", "default"] = "gaussian"
+
+
 class ModelConfig(_Section):
-    family: Literal["flux"] = "flux"
+    family: Literal["flux", "sd3"] = "flux"
     pretrained: str = "tiny-random"
     """A hub id, a local folder holding a diffusers pipeline, or "tiny-random" (a tiny random instance)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -50,8 +60,13 @@ class ModelConfig(_Section):
     height: int = Field(64, gt=0, multiple_of=16)
     width: int = Field(64, gt=0, multiple_of=16)
     guidance_scale: float = Field(3.5, ge=0)
-    """FLUX.1-dev's embedded (distilled) guidance; the same value in rollout and training."""
+    """Guidance in rollout. FLUX.1-dev: the embedded (distilled) guidance value; SD3: the CFG scale."""
+    train_guidance_scale: float | None = None
+    """Guidance the learner evaluates the policy with; None: the same as rollout. FLUX is guidance-
+    distilled, so one value serves both; DGPO trains SD3 without CFG (1.0) on CFG rollouts (4.5)."""
     max_sequence_length: int = Field(512, gt=0)
+    lora: LoraConfig | None = None
+    """None: full fine-tuning."""
 
 
 class RolloutConfig(_Section):
@@ -78,32 +93,82 @@ class RewardConfig(_Section):
     num_gpus: float = Field(0, ge=0)
 
 
-class AlgorithmConfig(_Section):
-    name: Literal["dancegrpo"] = "dancegrpo"
+class _AlgorithmBase(_Section):
     group_size: int = Field(12, ge=2)
     groups_per_step: int = Field(1, ge=1)
     """Prompt groups sampled (and trained on) per training step."""
-    sampler: Literal["dance_sde", "flow_sde"] = "dance_sde"
-    noise_level: float = Field(0.3, ge=0)
-    """eta of the Dance-SDE (FLUX 0.3, HunyuanVideo 0.25) or a of the Flow-SDE."""
     shared_noise: bool = True
     """One initial noise for every member of a group (DanceGRPO's --init_same_noise)."""
-    timestep_fraction: float = Field(0.6, gt=0, le=1)
-    clip_range: float = Field(1e-4, gt=0)
     adv_clip_max: float = Field(5.0, gt=0)
     best_of_n: int | None = Field(None, ge=2)
     """Train only on the top n/2 and bottom n/2 of each group by weighted advantage (DanceGRPO video)."""
-    grad_accum_samples: int = Field(4, ge=1)
-    """Optimizer step every this many trained samples (each with all its selected timesteps)."""
+    global_std: bool = False
+    """Normalise advantages by the std of each reward over the whole step (True) or per group (False)."""
+    # How the algorithm's reference code normalises (not user knobs): (r - mean) / (std(ddof) + eps).
+    advantage_eps: ClassVar[float] = 1e-8
+    advantage_ddof: ClassVar[int] = 1
 
     @model_validator(mode="after")
-    def _check(self) -> AlgorithmConfig:
+    def _check_best_of_n(self):
         if self.best_of_n is not None:
             if self.best_of_n % 2:
                 raise ValueError(f"best_of_n must be even (top n/2 + bottom n/2), got {self.best_of_n}")
             if self.best_of_n > self.group_size:
                 raise ValueError(f"best_of_n ({self.best_of_n}) cannot exceed group_size ({self.group_size})")
         return self
+
+
+class DanceGRPOConfig(_AlgorithmBase):
+    """DanceGRPO (raygrpo/algorithms/dancegrpo.py); defaults are the FLUX recipe."""
+
+    name: Literal["dancegrpo"] = "dancegrpo"
+    sampler: Literal["dance_sde", "flow_sde"] = "dance_sde"
+    noise_level: float = Field(0.3, ge=0)
+    """eta of the Dance-SDE (FLUX 0.3, HunyuanVideo 0.25) or a of the Flow-SDE."""
+    timestep_fraction: float = Field(0.6, gt=0, le=1)
+    clip_range: float = Field(1e-4, gt=0)
+    grad_accum_samples: int = Field(4, ge=1)
+    """Optimizer step every this many trained samples (each with all its selected timesteps)."""
+
+
+class DGPOConfig(_AlgorithmBase):
+    """DGPO (raygrpo/algorithms/dgpo.py); defaults are the released code's OCR recipe (reference doc §3.6)."""
+
+    name: Literal["dgpo"]
+    sampler: Literal["dpmpp_2m", "euler"] = "dpmpp_2m"
+    """Deterministic ODE rollouts: DPM-Solver++(2M) on the flow-sigma grid, or Euler on the shifted linear grid."""
+    shared_noise: bool = False
+    """DGPO draws fresh initial noise per sample."""
+    beta: float = Field(100.0, gt=0)
+    """beta of the group preference gate sigma(S_g), S_g = beta/G sum_i A_i (l_i - l_ref_i) (beta_dpo)."""
+    kl_beta: float = Field(0.02, ge=0)
+    """Weight of the velocity-space KL mean ||v_theta - v_base||^2 (released code; 0 turns it off)."""
+    clip_range: float = Field(1e-2, gt=0)
+    """PPO-style clip on the denoising loss against the fast-EMA policy (released code)."""
+    clip_dsm: bool = True
+    clip_kl: bool = False
+    num_train_timesteps: int = Field(4, ge=1)
+    """M timesteps per step, shared by every sample of the step."""
+    trunc_steps: int | None = Field(6, ge=0)
+    """Timestep clip as the released code: the M indices come from {0..trunc_steps} of the rollout grid
+    (6 of 10 steps = sigma above shift(0.3)). None: the paper's continuous t ~ U[t_min, 1]."""
+    t_min: float = Field(0.3, ge=0, lt=1)
+    """Lower bound of t in unshifted time, used when trunc_steps is None (paper: t_min > 0)."""
+    reference: Literal["frozen", "fast_ema"] = "frozen"
+    """The l_ref model: the frozen base (LoRA disabled, or a frozen copy), or the fast EMA (Mode 2b)."""
+    switch_ema_ref: int = Field(200, ge=0)
+    """After this many optimizer steps, rollout samples with the fast EMA instead of the current weights."""
+    fast_ema_max_decay: float = Field(0.3, ge=0, lt=1)
+    fast_ema_decay_rate: float = Field(0.001, ge=0)
+    """Fast EMA decay at optimizer step k: min(fast_ema_max_decay, fast_ema_decay_rate * k)."""
+    slow_ema_decay: float = Field(0.9, ge=0, lt=1)
+    slow_ema_every: int = Field(8, ge=1)
+    """Slow EMA (evaluation and checkpoints): decay min((1+k)/(10+k), slow_ema_decay) every this many steps."""
+    advantage_eps: ClassVar[float] = 1e-4
+    advantage_ddof: ClassVar[int] = 0
+
+
+AlgorithmConfig = Annotated[DanceGRPOConfig | DGPOConfig, Field(discriminator="name")]
 
 
 class OptimizerConfig(_Section):
@@ -146,7 +211,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     rewards: list[RewardConfig]
-    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=DanceGRPOConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     data: DataConfig
@@ -162,18 +227,26 @@ class Config(_Section):
             raise ValueError(f"reward names must be unique, repeated: {duplicates}")
         if all(r.weight == 0 for r in self.rewards):
             raise ValueError("every reward has weight 0: nothing to learn from")
-        trained = math.floor((self.rollout.num_steps - 1) * self.algorithm.timestep_fraction)
-        if trained < 1:
+        algo = self.algorithm
+        if isinstance(algo, DanceGRPOConfig) and self.trained_timesteps < 1:
             raise ValueError(
-                f"algorithm.timestep_fraction={self.algorithm.timestep_fraction} of the "
+                f"algorithm.timestep_fraction={algo.timestep_fraction} of the "
                 f"{self.rollout.num_steps - 1} trainable steps (rollout.num_steps - 1) trains no step; raise either"
             )
+        if isinstance(algo, DGPOConfig) and algo.trunc_steps is not None:
+            if algo.trunc_steps >= self.rollout.num_steps:
+                raise ValueError(f"algorithm.trunc_steps={algo.trunc_steps} must be below rollout.num_steps={self.rollout.num_steps}")
+            if algo.num_train_timesteps > algo.trunc_steps + 1:
+                raise ValueError(
+                    f"algorithm.num_train_timesteps={algo.num_train_timesteps} distinct steps cannot come from the "
+                    f"{algo.trunc_steps + 1} grid points 0..trunc_steps"
+                )
         return self
 
     @property
     def trained_timesteps(self) -> int:
-        """floor((N - 1) * fraction): DanceGRPO drops the last transition, then keeps a random fraction."""
-        return math.floor((self.rollout.num_steps - 1) * self.algorithm.timestep_fraction)
+        """DanceGRPO: floor((N - 1) * fraction), it drops the last transition then keeps a random fraction."""
+        return math.floor((self.rollout.num_steps - 1) * getattr(self.algorithm, "timestep_fraction", 0.0))
 
 
 def apply_override(tree: dict[str, Any], dotted: str) -> None:
@@ -214,7 +287,10 @@ def _child(node: Any, key: str, where: str, create: bool) -> Any:
 def _format_errors(error: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        loc = list(item["loc"])
+        if loc[:1] == ["algorithm"] and loc[1:2] and loc[1] in ("dancegrpo", "dgpo"):
+            del loc[1]  # pydantic adds the union's tag to the path; users never wrote it
+        field = ".".join(str(p) for p in loc) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; see raygrpo/config.py for the fields)"

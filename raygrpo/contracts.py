@@ -137,6 +137,7 @@ class WeightsMessage:
     policy_version: int
     arrays: dict[str, np.ndarray]  # parameter name -> array (bf16 as uint16 bit patterns)
     dtypes: dict[str, str]  # parameter name -> torch dtype name
+    partial: bool = False  # only some tensors (the LoRA adapter); the receiver keeps the rest
 
     @property
     def nbytes(self) -> int:
@@ -157,3 +158,4 @@ class LearnerMetrics:
     optimizer_steps: int
     samples: int
     seconds: float
+    extras: dict[str, float] = field(default_factory=dict)  # algorithm-specific scalars (DGPO: gate_mean, kl)

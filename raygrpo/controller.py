@@ -24,7 +24,7 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from raygrpo.algorithms.advantages import best_of_n_members, group_advantages
+from raygrpo.algorithms.advantages import best_of_n_members, global_std, group_advantages
 from raygrpo.config import Config
 from raygrpo.contracts import GroupMedia, PromptGroup, Scores, TrainGroup
 from raygrpo.data.prompts import PromptOrder
@@ -123,7 +123,10 @@ class Controller:
             record[f"time/reward/{reward.name}"] = float(sum(seconds for s in scores.values() for name, (_, seconds) in s.items() if name == reward.name))
         record["reward/total/mean"] = float(np.mean(rewards @ self.weights)) if len(rewards) else float("nan")
         if learner_metrics is not None:
-            record.update({f"learner/{k}": float(v) for k, v in asdict(learner_metrics).items()})
+            fields = asdict(learner_metrics)
+            extras = fields.pop("extras")
+            record.update({f"learner/{k}": float(v) for k, v in {**fields, **extras}.items()})
+        record["samples/generated"] = float(len(in_flight) * self.config.algorithm.group_size)
         record["rollout/bytes_per_sample"] = float(np.mean([i.rollout_bytes for i in infos])) / self.config.algorithm.group_size
         record["time/rollout_worker_sum"] = float(sum(i.seconds for i in infos))
         record["time/generate"] = t_generated - start
@@ -155,7 +158,7 @@ class Controller:
     def _advantages(self, in_flight: list[Generated], scores: dict[int, dict[str, tuple[Scores, float]]]):
         """Per-group advantages; a group with any invalid score is dropped (and counted)."""
         algo = self.config.algorithm
-        batch, kept_rewards, dropped, zero_std = [], [], 0, 0
+        kept, dropped = [], 0
         for generated in in_flight:
             per_reward = [scores[generated.group.group_id][r.name][0] for r in self.config.rewards]
             if not all(s.valid.all() for s in per_reward):
@@ -163,17 +166,19 @@ class Controller:
                 logger.warning("dropping group %d (%r): missing scores %s", generated.group.group_id, generated.group.prompt, errors)
                 dropped += 1
                 continue
-            rewards = np.stack([s.values for s in per_reward])  # [K, G]
-            zero_std += int(np.all(rewards.std(axis=1) == 0))
-            advantages = group_advantages(rewards, algo.adv_clip_max)  # [K, G]
+            kept.append((generated, np.stack([s.values for s in per_reward])))  # rewards [K, G]
+        std = global_std([r for _, r in kept], algo.advantage_ddof) if algo.global_std and kept else None
+        batch = []
+        for generated, rewards in kept:
+            advantages = group_advantages(rewards, algo.adv_clip_max, algo.advantage_eps, algo.advantage_ddof, std)  # [K, G]
             members = (
                 best_of_n_members(advantages, self.weights, algo.best_of_n, self.rng)
                 if algo.best_of_n
                 else np.arange(algo.group_size, dtype=np.int64)
             )
             batch.append(TrainGroup(generated.rollout, generated.group.group_id, advantages, self.weights, members))
-            kept_rewards.append(rewards.T)  # [G, K]
-        rewards_all = np.concatenate(kept_rewards) if kept_rewards else np.zeros((0, len(self.config.rewards)))  # [N, K]
+        zero_std = sum(int(np.all(rewards.std(axis=1) == 0)) for _, rewards in kept)
+        rewards_all = np.concatenate([r.T for _, r in kept]) if kept else np.zeros((0, len(self.config.rewards)))  # [N, K]
         stats = {"groups/dropped": float(dropped), "groups/zero_std": float(zero_std), "groups/trained": float(len(batch))}
         return batch, rewards_all, stats
 

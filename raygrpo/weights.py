@@ -13,13 +13,17 @@ import torch
 from raygrpo.contracts import WeightsMessage
 
 
-def export_weights(module: torch.nn.Module, policy_version: int) -> WeightsMessage:
+def export_weights(module: torch.nn.Module, policy_version: int, names: set[str] | None = None) -> WeightsMessage:
+    """The module's state, or only the tensors in ``names`` (e.g. the trainable LoRA parameters)."""
     arrays, dtypes = {}, {}
     for name, tensor in module.state_dict().items():
-        tensor = tensor.detach().cpu()
+        if names is not None and name not in names:
+            continue
+        # A copy, never a view: the caller may swap other values into the module right after (EMA weights).
+        tensor = tensor.detach().to("cpu", copy=True)
         dtypes[name] = str(tensor.dtype).removeprefix("torch.")
         arrays[name] = tensor.view(torch.uint16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
-    return WeightsMessage(policy_version=policy_version, arrays=arrays, dtypes=dtypes)
+    return WeightsMessage(policy_version=policy_version, arrays=arrays, dtypes=dtypes, partial=names is not None)
 
 
 def load_weights(module: torch.nn.Module, message: WeightsMessage) -> None:
@@ -29,5 +33,5 @@ def load_weights(module: torch.nn.Module, message: WeightsMessage) -> None:
         tensor = torch.from_numpy(np.array(array, copy=True))
         state[name] = tensor.view(torch.bfloat16) if message.dtypes[name] == "bfloat16" else tensor
     missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    if unexpected or (missing and not message.partial):
         raise RuntimeError(f"weights of version {message.policy_version} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -101,3 +101,28 @@ def test_preflight_lists_every_problem(tmp_path):
     for words in ("model.pretrained", "rewards.0 (jpeg)", "aesthetics_v9", "data.prompt_file", "p.txt"):
         assert words in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists(), "nothing may be written when preflight fails"
+
+
+@pytest.mark.parametrize("preset", ["sd3_dgpo.yaml", "flux_dgpo.yaml"])
+def test_dgpo_presets_follow_the_reference_table(preset):
+    c = load_config(ROOT / "cluster" / preset)
+    a = c.algorithm
+    assert a.name == "dgpo" and a.sampler == "dpmpp_2m" and not a.shared_noise and c.rollout.num_steps == 10
+    assert (a.num_train_timesteps, a.trunc_steps, a.switch_ema_ref, a.reference) == (4, 6, 200, "frozen")
+    assert c.model.lora is not None and (c.model.lora.rank, c.model.lora.alpha) == (64, 128) and c.optimizer.lr == 3e-4
+    if preset == "sd3_dgpo.yaml":  # OCR recipe, CFG in rollout only
+        assert (a.beta, a.kl_beta, a.clip_range, a.group_size, a.global_std) == (100, 0.02, 1e-2, 16, True)
+        assert (c.model.family, c.model.guidance_scale, c.model.train_guidance_scale) == ("sd3", 4.5, 1.0)
+    else:  # PickScore recipe, one guidance value for the distilled FLUX
+        assert (a.beta, a.kl_beta, a.clip_range, a.group_size) == (10, 0.001, 5e-2, 24)
+        assert c.model.train_guidance_scale is None and c.model.guidance_scale == 3.5
+
+
+def test_algorithm_name_selects_the_algorithm():
+    assert load_config(TINY, ["algorithm={name: dgpo}"]).algorithm.beta == 100
+    with pytest.raises(ConfigError, match="algorithm: .*'ppo'"):
+        load_config(TINY, ["algorithm.name=ppo"])
+    with pytest.raises(ConfigError, match="algorithm.beta: unknown key"):
+        load_config(TINY, ["algorithm.beta=10"])  # a DGPO knob on a DanceGRPO run
+    with pytest.raises(ConfigError, match="trunc_steps=12 must be below"):
+        load_config(TINY, ["algorithm={name: dgpo, trunc_steps: 12}", "rollout.num_steps=10"])

@@ -89,7 +89,7 @@ def test_tiny_model_folder_reuses_and_rejects_unknown_family(tiny_folder):
     assert tiny_model_folder("flux") == tiny_folder
     assert (tiny_folder / "model_index.json").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="flux"):
-        tiny_model_folder("sd3")
+        tiny_model_folder("no-such-family")
 
 
 def test_concurrent_builders_publish_one_complete_folder(tmp_path):

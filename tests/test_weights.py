@@ -23,3 +23,12 @@ def test_weights_of_another_network_fail_loudly():
         load_weights(torch.nn.Sequential(torch.nn.Linear(5, 3)), message)
     with pytest.raises(RuntimeError, match="size mismatch"):
         load_weights(torch.nn.Linear(4, 3), message)
+
+
+def test_an_export_is_a_snapshot_not_a_view_of_the_live_weights():
+    module = torch.nn.Linear(3, 2)
+    message = export_weights(module, policy_version=1)
+    before = message.arrays["weight"].copy()
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    assert (message.arrays["weight"] == before).all()

@@ -17,13 +17,17 @@ from __future__ import annotations
 import numpy as np
 
 
-def group_advantages(rewards: np.ndarray, adv_clip_max: float, eps: float = 1e-8) -> np.ndarray:
+def group_advantages(
+    rewards: np.ndarray, adv_clip_max: float, eps: float = 1e-8, ddof: int = 1, std: np.ndarray | None = None
+) -> np.ndarray:
     """Per-reward group-normalised, clipped advantages.
 
     Args:
         rewards: ``[K, G]`` raw scores, one row per reward, one column per group member.
         adv_clip_max: advantages are clamped to ``[-adv_clip_max, adv_clip_max]``.
-        eps: added to the std, DanceGRPO's 1e-8.
+        eps: added to the std: DanceGRPO 1e-8, Flow-GRPO/DGPO 1e-4.
+        ddof: 1 for the unbiased std (DanceGRPO, torch's default), 0 for the population std (numpy, Flow-GRPO/DGPO).
+        std: ``[K, 1]`` std to divide by instead of the group's own (Flow-GRPO's ``global_std``, :func:`global_std`).
 
     Returns:
         ``[K, G]`` float32 advantages.
@@ -32,11 +36,17 @@ def group_advantages(rewards: np.ndarray, adv_clip_max: float, eps: float = 1e-8
     if rewards.ndim != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be [K, G] with G >= 2, got shape {rewards.shape}")
     mean = rewards.mean(axis=1, keepdims=True)  # [K, 1]
-    std = rewards.std(axis=1, ddof=1, keepdims=True)  # [K, 1], unbiased like torch.std
+    if std is None:
+        std = rewards.std(axis=1, ddof=ddof, keepdims=True)  # [K, 1]
     advantages = (rewards - mean) / (std + eps)  # [K, G]
     # The mean of equal floats can miss them by an ulp; an all-equal group must give exactly 0.
     advantages[np.ptp(rewards, axis=1) == 0] = 0.0
     return np.clip(advantages, -adv_clip_max, adv_clip_max).astype(np.float32)
+
+
+def global_std(rewards: list[np.ndarray], ddof: int = 0) -> np.ndarray:
+    """``[K, 1]`` std of each reward over every group of the step (list of ``[K, G]``)."""
+    return np.concatenate(rewards, axis=1).std(axis=1, ddof=ddof, keepdims=True)
 
 
 def best_of_n_members(advantages: np.ndarray, weights: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

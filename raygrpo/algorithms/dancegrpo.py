@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -82,6 +83,15 @@ class DanceGRPO:
     def __init__(self, config: Config):
         self.config = config
         self.spec = rollout_spec(config)
+
+    def setup(self, model, parameters: list[torch.nn.Parameter], lora: bool) -> None:
+        """Nothing to prepare: no reference model, no EMA."""
+
+    def sampling_weights(self) -> AbstractContextManager:
+        return nullcontext()  # rollout samples with the current weights
+
+    def evaluation_weights(self) -> AbstractContextManager:
+        return nullcontext()
 
     def update(
         self,

@@ -1,4 +1,4 @@
-"""The learner: owns the trainable network and its optimizer, runs the algorithm's update.
+"""The learner: owns the trainable network (full, or a LoRA adapter) and its optimizer, runs the algorithm's update.
 
 One rank for now (the multi-rank FSDP2 group builds on this class). Runs as a Ray actor, or in
 process for tests (``Learner(config)``).
@@ -14,10 +14,11 @@ import numpy as np
 import ray
 import torch
 
-from raygrpo.algorithms.dancegrpo import DanceGRPO
+from raygrpo.algorithms import make_algorithm
 from raygrpo.config import Config
 from raygrpo.contracts import LearnerMetrics, Rollout, TrainGroup, WeightsMessage
 from raygrpo.models import load_model
+from raygrpo.models.lora import add_lora
 from raygrpo.runtime import set_torch_threads, torch_dtype
 from raygrpo.weights import export_weights
 
@@ -38,16 +39,23 @@ class Learner:
             load_vae=False,
             height=config.model.height,
             width=config.model.width,
-            guidance_scale=config.model.guidance_scale,
+            # Training may see the policy without CFG (DGPO on SD3) while rollout uses it.
+            guidance_scale=config.model.train_guidance_scale if config.model.train_guidance_scale is not None else config.model.guidance_scale,
             max_sequence_length=config.model.max_sequence_length,
         )
         network = self.model.transformer
         network.train()
-        network.requires_grad_(True)
-        self.parameters = [p for p in network.parameters() if p.requires_grad]
+        if config.model.lora is not None:
+            self.parameters = add_lora(network, config.model.lora)
+        else:
+            network.requires_grad_(True)
+            self.parameters = [p for p in network.parameters() if p.requires_grad]
+        # With LoRA only the adapter travels to the rollout side; full fine-tuning sends everything.
+        self.synced_names = {n for n, p in network.named_parameters() if p.requires_grad} if config.model.lora else None
         opt = config.optimizer
         self.optimizer = torch.optim.AdamW(self.parameters, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
-        self.algorithm = DanceGRPO(config)
+        self.algorithm = make_algorithm(config)
+        self.algorithm.setup(self.model, self.parameters, lora=config.model.lora is not None)
         self.rng = np.random.default_rng(config.run.seed + 1)
         self.policy_version = 0
 
@@ -60,12 +68,22 @@ class Learner:
         )
 
     def export_weights(self) -> WeightsMessage:
-        return export_weights(self.model.transformer, self.policy_version)
+        """The weights rollout should sample with (DGPO: the fast EMA after its switch step)."""
+        with self.algorithm.sampling_weights():
+            return export_weights(self.model.transformer, self.policy_version, self.synced_names)
 
     def save(self, folder: str) -> str:
-        """Write the trained network with ``save_pretrained`` (loadable as the pipeline's transformer)."""
+        """Write the evaluation weights (DGPO: the slow EMA) loadable by diffusers.
+
+        Full fine-tuning: ``transformer/`` via ``save_pretrained``. LoRA: ``transformer_lora/`` via
+        ``save_lora_adapter`` (the base stays the pretrained one).
+        """
         folder_path = Path(folder)
-        self.model.transformer.save_pretrained(folder_path / "transformer")
-        state = {"policy_version": self.policy_version, "pretrained": self.config.model.pretrained}
+        with self.algorithm.evaluation_weights():
+            if self.config.model.lora is not None:
+                self.model.transformer.save_lora_adapter(folder_path / "transformer_lora")
+            else:
+                self.model.transformer.save_pretrained(folder_path / "transformer")
+        state = {"policy_version": self.policy_version, "pretrained": self.config.model.pretrained, "algorithm": self.config.algorithm.name}
         (folder_path / "raygrpo_state.json").write_text(json.dumps(state, indent=2))
         return str(folder_path)

@@ -1,9 +1,10 @@
 """Model adapters: one class per image-generator family, plus tiny random builds for tests."""
 
 from raygrpo.models.flux import FluxModel, ModelNotFoundError, quantize_timestep, resolve_pretrained
-from raygrpo.models.tiny import build_tiny_flux, tiny_model_folder
+from raygrpo.models.sd3 import SD3Model
+from raygrpo.models.tiny import build_tiny_flux, build_tiny_sd3, tiny_model_folder
 
-MODEL_FAMILIES = {"flux": FluxModel}
+MODEL_FAMILIES = {"flux": FluxModel, "sd3": SD3Model}
 
 
 def load_model(family: str, name_or_path: str, **kwargs):
@@ -17,7 +18,9 @@ __all__ = [
     "MODEL_FAMILIES",
     "FluxModel",
     "ModelNotFoundError",
+    "SD3Model",
     "build_tiny_flux",
+    "build_tiny_sd3",
     "load_model",
     "quantize_timestep",
     "resolve_pretrained",

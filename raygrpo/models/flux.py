@@ -327,12 +327,15 @@ class FluxModel:
         sigmas: torch.Tensor,
         prompt_embeds: torch.Tensor,
         pooled_prompt_embeds: torch.Tensor,
+        guidance_scale: float | None = None,
     ) -> torch.Tensor:
         """The transformer's velocity ``v ~ noise - x0`` at noise levels ``sigmas``, float32 ``[B, S, D]``.
 
         ``latents [B, S, D]``, ``sigmas [B]`` (or a scalar), ``prompt_embeds [B, L, D_text]``,
         ``pooled_prompt_embeds [B, D_pool]``. The timestep is :func:`quantize_timestep` of sigma and
-        the embedded guidance is ``guidance_scale``. Gradients flow when the caller enables them.
+        the embedded guidance is ``guidance_scale`` (None: ``self.guidance_scale``). FLUX.1-dev is
+        guidance-distilled, so this is one forward whatever the value (no CFG), and it is ignored by
+        models without a guidance embedding. Gradients flow when the caller enables them.
         """
         batch, tokens, _ = latents.shape
         if tokens != self.latent_shape[0]:
@@ -343,7 +346,8 @@ class FluxModel:
         timestep = quantize_timestep(sigmas).to(dtype)
         guidance = None
         if self.transformer.config.guidance_embeds:
-            guidance = torch.full((batch,), self.guidance_scale, device=device, dtype=dtype)
+            scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+            guidance = torch.full((batch,), scale, device=device, dtype=dtype)
         txt_ids, img_ids = self._position_ids(prompt_embeds.shape[1])
         prediction = self.transformer(
             hidden_states=latents.to(device, dtype),

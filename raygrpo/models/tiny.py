@@ -21,7 +21,9 @@ import torch
 from tokenizers import pre_tokenizers
 
 _BUILD_LOCK = threading.Lock()
-TINY_VERSION = "v1"  # bump when a builder changes, so stale cached folders are not reused
+TINY_VERSION = "v1"  # the FLUX build's version: bump when its builder changes, so stale cached folders are not reused
+# One version per family, so changing one family's builder never invalidates another family's cache.
+TINY_VERSIONS = {"flux": TINY_VERSION, "sd3": "v1"}
 
 # Common English and image-prompt words: the corpus the tiny tokenizers learn their pieces from.
 _WORDS = """
@@ -214,6 +216,116 @@ def _build_flux_pipeline(seed: int):
     )
 
 
+def _build_sd3_pipeline(seed: int):
+    """A tiny StableDiffusion3Pipeline with SD3.5-Medium's layout at toy widths.
+
+    Widths follow how ``StableDiffusion3Pipeline.encode_prompt`` combines the encoders: the two
+    CLIP penultimate hidden states are concatenated (16 + 32 = 48) and zero-padded up to the T5
+    width (64), then joined with the T5 states along the sequence, so ``joint_attention_dim`` must be
+    the T5 width and at least the CLIP sum (``F.pad`` with a negative amount would silently crop).
+    The pooled vector is the two CLIP projections concatenated (16 + 32), hence
+    ``pooled_projection_dim = 48``. The CLIP widths differ, as CLIP-L's and CLIP-G's do, so a
+    swapped encoder pair fails loudly instead of passing by symmetry.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    clip_widths, t5_width = (16, 32), 64
+    tokenizer = build_clip_tokenizer()
+    tokenizer_2 = build_clip_tokenizer()
+    # SD3's CLIP-G tokenizer pads with "!" rather than <|endoftext|>; the pooled output is taken at the
+    # first end-of-text token, so this must not move it, and keeping the quirk makes the tiny model honest.
+    tokenizer_2.pad_token = "!"
+    tokenizer_3 = build_t5_tokenizer()
+
+    # Each component gets its own seed so that changing one never reshuffles the others.
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,  # latent side of the pipeline's default 64 px image
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=t5_width,
+        caption_projection_dim=4 * 8,  # the joint blocks run text and image at the same width (heads x head dim)
+        pooled_projection_dim=sum(clip_widths),
+        out_channels=16,
+        pos_embed_max_size=16,  # up to 16 x 16 patches: 256 px images
+        dual_attention_layers=(0,),  # SD3.5 Medium's MMDiT-X block in the first layer
+        qk_norm="rms_norm",  # as SD3.5
+    ).eval()
+
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # three downsamplings: the real x8 geometry
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=1.5305,  # SD3's values
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+
+    def clip(tok, width: int):
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(tok),
+                hidden_size=width,
+                intermediate_size=37,
+                projection_dim=width,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=_CLIP_MAX_LENGTH,
+                # The pooled output is read at the end-of-text position, found through eos_token_id.
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        ).eval()
+
+    torch.manual_seed(seed + 2)
+    text_encoder = clip(tokenizer, clip_widths[0])
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = clip(tokenizer_2, clip_widths[1])
+
+    torch.manual_seed(seed + 4)
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=t5_width,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as SD3's t5-v1_1-xxl
+            pad_token_id=tokenizer_3.pad_token_id,
+            eos_token_id=tokenizer_3.eos_token_id,
+            decoder_start_token_id=tokenizer_3.pad_token_id,
+        )
+    ).eval()
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+
+
 def _is_built(folder: Path) -> bool:
     return (folder / "model_index.json").is_file()
 
@@ -262,7 +374,28 @@ def build_tiny_flux(folder: str | Path, seed: int = 0) -> Path:
     return _publish(Path(folder), write)
 
 
-TINY_BUILDERS = {"flux": build_tiny_flux}
+def build_tiny_sd3(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny random SD3.5-Medium-like pipeline into ``folder`` (kept as is if already built).
+
+    Sizes: transformer of 2 joint blocks (the first with SD3.5's dual attention), 4 heads x 8 dims,
+    RMS q/k norm, patch 2, 16 latent channels, text width 64, pooled width 48, position table of
+    16 x 16 patches (images up to 256 px); VAE with 4 blocks of 8 channels (x8 downsampling), 16
+    latent channels and SD3's scaling/shift factors; CLIP encoders of widths 16 and 32 and a T5
+    encoder of width 64, 2 layers each; scheduler shift 3. Deterministic given ``seed``.
+    """
+
+    def write(tmp: Path) -> None:
+        # As build_tiny_flux: leave the caller's RNG stream alone and keep concurrent builds apart.
+        with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+            pipeline = _build_sd3_pipeline(seed)
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        stamp = {"family": "sd3", "seed": seed, "version": TINY_VERSIONS["sd3"]}
+        (tmp / "raygrpo_tiny.json").write_text(json.dumps(stamp))
+
+    return _publish(Path(folder), write)
+
+
+TINY_BUILDERS = {"flux": build_tiny_flux, "sd3": build_tiny_sd3}
 
 
 def tiny_cache_root() -> Path:
@@ -274,8 +407,16 @@ def tiny_model_folder(family: str, seed: int = 0) -> Path:
     """The cached tiny model of ``family`` for ``seed``, built on first use."""
     if family not in TINY_BUILDERS:
         raise ValueError(f"no tiny builder for model family {family!r}; known families: {sorted(TINY_BUILDERS)}")
-    folder = tiny_cache_root() / f"tiny-{family}-{TINY_VERSION}-seed{seed}"
+    folder = tiny_cache_root() / f"tiny-{family}-{TINY_VERSIONS[family]}-seed{seed}"
     return TINY_BUILDERS[family](folder, seed=seed)
 
 
-__all__ = ["build_clip_tokenizer", "build_t5_tokenizer", "build_tiny_flux", "tiny_model_folder", "TINY_VERSION"]
+__all__ = [
+    "build_clip_tokenizer",
+    "build_t5_tokenizer",
+    "build_tiny_flux",
+    "build_tiny_sd3",
+    "tiny_model_folder",
+    "TINY_VERSION",
+    "TINY_VERSIONS",
+]

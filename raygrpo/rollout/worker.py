@@ -11,12 +11,13 @@ import time
 import numpy as np
 import torch
 
-from raygrpo.algorithms.dancegrpo import RolloutSpec, rollout_spec
+from raygrpo.algorithms import RolloutSpec, rollout_spec
 from raygrpo.config import Config
-from raygrpo.contracts import GroupMedia, PromptGroup, Rollout, RolloutInfo, WeightsMessage, as_tensor
+from raygrpo.contracts import Conditioning, GroupMedia, PromptGroup, Rollout, RolloutInfo, WeightsMessage, as_tensor
 from raygrpo.models import load_model
+from raygrpo.models.lora import add_lora
 from raygrpo.runtime import set_torch_threads, torch_dtype
-from raygrpo.sampling import predicted_x0, sigma_schedule, step_transition
+from raygrpo.sampling import make_ode_solver, predicted_x0, sigma_grid, step_transition
 from raygrpo.weights import load_weights
 
 
@@ -37,6 +38,8 @@ class RolloutWorker:
             max_sequence_length=config.model.max_sequence_length,
         )
         self.model.transformer.eval()
+        if config.model.lora is not None:
+            add_lora(self.model.transformer, config.model.lora)  # the learner sends the adapter's tensors only
         self.policy_version = 0
 
     def set_weights(self, message: WeightsMessage) -> int:
@@ -53,32 +56,16 @@ class RolloutWorker:
             )
         start = time.perf_counter()
         cond = self.model.encode_prompt(group.prompt)  # cached per prompt text
-        prompt_embeds = as_tensor(cond.prompt_embeds, self.device)[None]  # [1, L, Dt]
-        pooled = as_tensor(cond.pooled_prompt_embeds, self.device)[None]  # [1, Dp]
-        g, num_steps, micro = group.group_size, self.config.rollout.num_steps, self.config.rollout.micro_batch_size
         generator = torch.Generator().manual_seed(group.seed)
+        g = group.group_size
         if self.spec.shared_noise:
-            x = self.model.initial_noise(generator, 1).expand(g, -1, -1).clone()  # [G, S, D]
+            first = self.model.initial_noise(generator, 1)  # [1, ...]
+            noise = first.expand(g, *first.shape[1:]).clone()  # [G, ...]
         else:
-            x = self.model.initial_noise(generator, g)  # [G, S, D]
-        sigmas = sigma_schedule(num_steps, self.config.rollout.shift).to(self.device)  # [T+1]
-        trajectory = torch.empty((g, num_steps + 1, *x.shape[1:]), dtype=torch.float32)  # [G, T+1, S, D]
-        log_probs = torch.empty((g, num_steps), dtype=torch.float32)  # [G, T]
-        final = torch.empty_like(x, dtype=torch.float32)  # [G, S, D]
-        for lo in range(0, g, micro):
-            hi = min(lo + micro, g)
-            xb = x[lo:hi].to(self.device, torch.float32)  # [b, S, D]
-            trajectory[lo:hi, 0] = xb.cpu()
-            for i in range(num_steps):
-                v = self.model.velocity(xb, sigmas[i].expand(hi - lo), prompt_embeds.expand(hi - lo, -1, -1), pooled.expand(hi - lo, -1))
-                if i == num_steps - 1:
-                    # DanceGRPO decodes the last step's clean prediction, not the noisy final state.
-                    final[lo:hi] = predicted_x0(xb, v, sigmas[i]).cpu()
-                step = step_transition(self.spec.sampler, self.spec.noise_level, xb, v, sigmas, i)
-                x_next = step.sample(generator)
-                log_probs[lo:hi, i] = step.log_prob(x_next).cpu() if self.spec.record_trajectory else 0.0
-                trajectory[lo:hi, i + 1] = x_next.cpu()
-                xb = x_next
+            noise = self.model.initial_noise(generator, g)  # [G, ...]
+        sigmas = sigma_grid(self.spec.sampler, self.config.rollout.num_steps, self.config.rollout.shift).to(self.device)  # [T+1]
+        sample = self._sample_sde if self.spec.record_trajectory else self._sample_ode
+        final, trajectory, log_probs = sample(noise, sigmas, cond, generator)
         images = self.model.decode(final.to(self.device))  # [G, H, W, 3] uint8
         rollout = Rollout(
             group=group,
@@ -86,8 +73,48 @@ class RolloutWorker:
             conditioning=cond,
             sigmas=sigmas.cpu().numpy(),
             final_latents=final.numpy(),
-            trajectory=trajectory.numpy() if self.spec.record_trajectory else None,
-            log_probs=log_probs.numpy() if self.spec.record_trajectory else None,
+            trajectory=None if trajectory is None else trajectory.numpy(),
+            log_probs=None if log_probs is None else log_probs.numpy(),
         )
         info = RolloutInfo(group.group_id, self.policy_version, time.perf_counter() - start, rollout.nbytes)
         return rollout, GroupMedia(group=group, images=np.ascontiguousarray(images)), info
+
+    def _micro_batches(self, noise: torch.Tensor, cond: Conditioning):
+        """(slice, latents, prompt_embeds, pooled) per micro-batch of the group."""
+        prompt_embeds = as_tensor(cond.prompt_embeds, self.device)[None]  # [1, L, Dt]
+        pooled = as_tensor(cond.pooled_prompt_embeds, self.device)[None]  # [1, Dp]
+        micro = self.config.rollout.micro_batch_size
+        for lo in range(0, len(noise), micro):
+            batch = slice(lo, min(lo + micro, len(noise)))
+            b = batch.stop - lo
+            yield batch, noise[batch].to(self.device, torch.float32), prompt_embeds.expand(b, -1, -1), pooled.expand(b, -1)
+
+    def _sample_sde(self, noise, sigmas, cond, generator):
+        """SDE sampling that records x_0..x_T and each step's log-prob (GRPO-style algorithms)."""
+        g, num_steps = len(noise), len(sigmas) - 1
+        trajectory = torch.empty((g, num_steps + 1, *noise.shape[1:]), dtype=torch.float32)  # [G, T+1, ...]
+        log_probs = torch.empty((g, num_steps), dtype=torch.float32)  # [G, T]
+        final = torch.empty(noise.shape, dtype=torch.float32)  # [G, ...]
+        for batch, x, embeds, pooled in self._micro_batches(noise, cond):
+            trajectory[batch, 0] = x.cpu()
+            for i in range(num_steps):
+                v = self.model.velocity(x, sigmas[i].expand(len(x)), embeds, pooled)
+                if i == num_steps - 1:
+                    # DanceGRPO decodes the last step's clean prediction, not the noisy final state.
+                    final[batch] = predicted_x0(x, v, sigmas[i]).cpu()
+                step = step_transition(self.spec.sampler, self.spec.noise_level, x, v, sigmas, i)
+                x_next = step.sample(generator)
+                log_probs[batch, i] = step.log_prob(x_next).cpu()
+                trajectory[batch, i + 1] = x_next.cpu()
+                x = x_next
+        return final, trajectory, log_probs
+
+    def _sample_ode(self, noise, sigmas, cond, generator):
+        """Deterministic ODE sampling that keeps only the final latents (DGPO)."""
+        final = torch.empty(noise.shape, dtype=torch.float32)  # [G, ...]
+        for batch, x, embeds, pooled in self._micro_batches(noise, cond):
+            solver = make_ode_solver(self.spec.sampler, sigmas)
+            for i in range(len(sigmas) - 1):
+                x = solver.step(x, self.model.velocity(x, sigmas[i].expand(len(x)), embeds, pooled), i)
+            final[batch] = x.cpu()
+        return final, None, None

@@ -13,7 +13,20 @@ from raygrpo.sampling.flow import (
     step_transition,
 )
 
+from raygrpo.sampling.ode import ODE_SOLVERS, dpm_flow_sigmas, make_ode_solver
+
+
+def sigma_grid(sampler: str, num_steps: int, shift: float):
+    """The rollout's noise levels ``[T+1]``: diffusers' flow-DPMSolver grid for ``dpmpp_2m`` (DGPO),
+    else DanceGRPO's shifted ``linspace(1, 0, T+1)``."""
+    return dpm_flow_sigmas(num_steps, shift) if sampler == "dpmpp_2m" else sigma_schedule(num_steps, shift)
+
+
 __all__ = [
+    "ODE_SOLVERS",
+    "dpm_flow_sigmas",
+    "make_ode_solver",
+    "sigma_grid",
     "SAMPLERS",
     "Transition",
     "dance_sde_transition",

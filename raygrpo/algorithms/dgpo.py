@@ -1,0 +1,258 @@
+"""DGPO, Direct Group Preference Optimization (Luo et al., arXiv 2510.08425, ICLR 2026).
+
+Rollout (:func:`rollout_spec`): deterministic ODE sampling (DPM-Solver++(2M) on the flow-sigma grid
+by default, or Euler), fresh initial noise per sample. A rollout carries only the final latents
+and the conditioning once per group: no trajectory, no log-probs.
+
+Objective (paper Eq. 17, velocity form of the released code). For a group g of G samples with
+advantages A_i, one shared timestep sigma and one shared noise eps::
+
+    x_t     = (1 - sigma) x0_i + sigma eps,        v* = eps - x0_i
+    l_i     = mean_elements (v_theta(x_t) - v*)^2           (denoising loss of the policy)
+    l_ref_i = mean_elements (v_ref(x_t)   - v*)^2           (of the reference, no gradient)
+    S_g     = beta / G * sum_i A_i (l_i - l_ref_i)          (detached; summed over every rank holding g)
+    L_DGPO  = -log sigmoid(-S_g)                            (the paper's loss)
+
+The released code optimises a surrogate with the same gradient up to the positive factor beta
+(d L_DGPO / d l_i = sigmoid(S_g) * beta/G * A_i)::
+
+    L = mean_i sigmoid(S_g) * A_i * l_i  +  kl_beta * mean_i mean_elements (v_theta - v_base)^2
+
+sigmoid(S_g) is a per-group gate: near 1 while the policy still ranks the group no better than
+the reference, near 0 once it does. Additions of the released code (reference doc §1.6), each
+switchable: the velocity-space KL against the frozen base, and a PPO-style clip on the denoising
+loss: with ratio_i = exp(l_old_i - l_i) against the fast-EMA ("old") policy, l_i is detached when
+A_i > 0 and ratio_i > 1 + eps, or A_i < 0 and ratio_i < 1 - eps (``clip_kl`` detaches the KL too).
+
+Timesteps (the "timestep clip"): each update draws M = num_train_timesteps distinct indices from
+{0..trunc_steps} of the rollout grid (the released code's truncated grid: 6 of 10 steps keeps sigma
+above shift_3(0.3)), or, with ``trunc_steps: null``, M values t ~ U[t_min, 1] in unshifted time,
+sigma = shift(t) (the paper). The same t serve every sample of the update and each group shares
+one noise per t. One optimizer step per update, then the EMAs move:
+
+* fast EMA, decay min(0.3, 0.001 k) after optimizer step k: the PPO clip's old policy, optionally
+  the reference (``reference: fast_ema``, Mode 2b), and the sampling policy after
+  ``switch_ema_ref`` steps;
+* slow EMA, decay min((1 + k)/(10 + k), 0.9) every 8 steps: the weights of checkpoints/evaluation.
+
+Reference: the frozen base, i.e. the network with its LoRA adapter disabled (no second copy), or
+for full fine-tuning a frozen snapshot of the starting weights.
+
+Deviations: several rewards are combined as sum_k w_k A_k of per-reward advantages (the reference
+trains one reward at a time); the gate's group sum is local because the learner has one rank.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from raygrpo.algorithms.dancegrpo import RolloutSpec
+from raygrpo.config import Config, DGPOConfig
+from raygrpo.contracts import LearnerMetrics, Rollout, TrainGroup, as_tensor
+from raygrpo.learner.ema import ParameterShadow, fast_ema_decay, slow_ema_decay
+from raygrpo.sampling import shift_sigmas
+
+
+def rollout_spec(config: Config) -> RolloutSpec:
+    algo = config.algorithm
+    return RolloutSpec(sampler=algo.sampler, noise_level=0.0, shared_noise=algo.shared_noise, record_trajectory=False)
+
+
+def denoising_loss(v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Velocity MSE per sample, mean over every non-batch element: ``[B, ...] -> [B]``."""
+    return ((v.float() - target.float()) ** 2).flatten(1).mean(dim=1)
+
+
+def group_gate_logit(
+    advantages: torch.Tensor,
+    loss: torch.Tensor,
+    loss_ref: torch.Tensor,
+    beta: float,
+    group_size: int | None = None,
+    process_group: torch.distributed.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """``S_g = beta / G * sum_i A_i (l_i - l_ref_i)``, detached; returns a scalar.
+
+    Inputs are ``[G_local]``: this rank's members of the group. When a group is split over learner
+    ranks, pass the whole ``group_size`` G and the ``process_group`` of the ranks holding it: the
+    partial sums are all-reduced so every rank gates with the same S_g (released code, §1.4).
+    """
+    partial = (advantages * (loss.detach() - loss_ref.detach())).sum()
+    if process_group is not None:
+        torch.distributed.all_reduce(partial, group=process_group)
+    return (beta / (group_size or advantages.numel())) * partial
+
+
+def dgpo_exact_loss(advantages: torch.Tensor, loss: torch.Tensor, loss_ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """The paper's ``-log sigmoid(-S_g)`` with gradients through ``loss`` (used to check the surrogate)."""
+    s = (beta / advantages.numel()) * (advantages * (loss - loss_ref.detach())).sum()
+    return -torch.nn.functional.logsigmoid(-s)
+
+
+def dgpo_surrogate(advantages: torch.Tensor, loss: torch.Tensor, loss_ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """``mean_i sigmoid(S_g) A_i l_i`` with the gate detached: the released code's loss for one group."""
+    gate = torch.sigmoid(group_gate_logit(advantages, loss, loss_ref, beta))
+    return (gate * advantages * loss).mean()
+
+
+def ppo_clip_mask(advantages: torch.Tensor, loss: torch.Tensor, loss_old: torch.Tensor, clip_range: float) -> torch.Tensor:
+    """Which samples lose their gradient: ratio = exp(l_old - l) outside the band on the advantage's side. ``[G]`` bool."""
+    ratio = torch.exp(loss_old - loss.detach())
+    return ((advantages > 0) & (ratio > 1 + clip_range)) | ((advantages < 0) & (ratio < 1 - clip_range))
+
+
+def training_sigmas(algo: DGPOConfig, rollout_sigmas: torch.Tensor, shift: float, rng: np.random.Generator) -> torch.Tensor:
+    """The M noise levels of one update, shared by every sample (the timestep clip). ``[M]`` float32."""
+    if algo.trunc_steps is not None:
+        indices = rng.choice(algo.trunc_steps + 1, size=algo.num_train_timesteps, replace=False)
+        return rollout_sigmas[torch.as_tensor(indices)].float()
+    t = torch.as_tensor(rng.uniform(algo.t_min, 1.0, size=algo.num_train_timesteps), dtype=torch.float64)
+    return shift_sigmas(t, shift).float()
+
+
+@dataclass
+class _Group:
+    """One group's tensors for an update."""
+
+    x0: torch.Tensor  # [G, ...] final latents of the trained members
+    advantages: torch.Tensor  # [G] sum_k w_k A_k
+    prompt_embeds: torch.Tensor  # [G, L, Dt]
+    pooled: torch.Tensor  # [G, Dp]
+
+
+class DGPO:
+    """The learner half. ``setup`` creates the shadows (fast/slow EMA, frozen snapshot) once."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.algo: DGPOConfig = config.algorithm
+        self.spec = rollout_spec(config)
+        self.optimizer_steps = 0
+
+    def setup(self, model, parameters: list[torch.nn.Parameter], lora: bool) -> None:
+        self.model = model
+        self.fast_ema = ParameterShadow(parameters)
+        self.slow_ema = ParameterShadow(parameters)
+        # With LoRA the base is the network with the adapter switched off; otherwise keep the start.
+        self.frozen = None if lora else ParameterShadow(parameters)
+
+    def _frozen_base(self) -> AbstractContextManager:
+        if self.frozen is not None:
+            return self.frozen.swapped()
+        return _adapters_disabled(self.model.transformer)
+
+    def _reference(self) -> AbstractContextManager:
+        return self.fast_ema.swapped() if self.algo.reference == "fast_ema" else self._frozen_base()
+
+    def sampling_weights(self) -> AbstractContextManager:
+        """The weights rollout samples with: the fast EMA once ``switch_ema_ref`` steps have passed."""
+        return self.fast_ema.swapped() if self.optimizer_steps >= self.algo.switch_ema_ref else nullcontext()
+
+    def evaluation_weights(self) -> AbstractContextManager:
+        return self.slow_ema.swapped()
+
+    def _velocities(self, weights: AbstractContextManager, groups: list[_Group], x_t: list[torch.Tensor], sigma: torch.Tensor):
+        with torch.no_grad(), weights:
+            return [self._velocity(g, x, sigma) for g, x in zip(groups, x_t)]
+
+    def _velocity(self, group: _Group, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.model.velocity(x_t, sigma.expand(len(x_t)), group.prompt_embeds, group.pooled)
+
+    def update(
+        self,
+        policy,
+        parameters: list[torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        batch: list[tuple[TrainGroup, Rollout]],
+        rng: np.random.Generator,
+        policy_version: int,
+    ) -> LearnerMetrics:
+        algo, start = self.algo, time.perf_counter()
+        device = parameters[0].device
+        groups = [self._group(train_group, rollout, device) for train_group, rollout in batch]
+        sigmas = training_sigmas(algo, as_tensor(batch[0][1].sigmas), self.config.rollout.shift, rng).to(device)  # [M]
+        noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        n_terms = len(groups) * len(sigmas)
+        needs_old = algo.clip_dsm or algo.clip_kl
+        stats: dict[str, list[float]] = {"loss": [], "gate": [], "kl": [], "ratio": [], "clipped": []}
+        optimizer.zero_grad(set_to_none=True)
+        for sigma in sigmas:
+            # One noise per group at this sigma, shared by its members (paper §3: variance reduction).
+            noise = [torch.randn((1, *g.x0.shape[1:]), generator=noise_gen).to(device).expand_as(g.x0) for g in groups]
+            x_t = [(1 - sigma) * g.x0 + sigma * eps for g, eps in zip(groups, noise)]  # each [G, ...]
+            targets = [eps - g.x0 for g, eps in zip(groups, noise)]
+            v_ref = self._velocities(self._reference(), groups, x_t, sigma)
+            v_old = self._velocities(self.fast_ema.swapped(), groups, x_t, sigma) if needs_old else None
+            v_base = v_ref if algo.reference == "frozen" or algo.kl_beta == 0 else self._velocities(self._frozen_base(), groups, x_t, sigma)
+            for k, group in enumerate(groups):
+                v = self._velocity(group, x_t[k], sigma)  # [G, ...] with gradient
+                loss = denoising_loss(v, targets[k])  # [G]
+                loss_ref = denoising_loss(v_ref[k], targets[k])  # [G]
+                gate = torch.sigmoid(group_gate_logit(group.advantages, loss, loss_ref, algo.beta))
+                clipped = torch.zeros_like(loss, dtype=torch.bool)
+                if needs_old:
+                    loss_old = denoising_loss(v_old[k], targets[k])
+                    clipped = ppo_clip_mask(group.advantages, loss, loss_old, algo.clip_range)
+                    stats["ratio"] += torch.exp(loss_old - loss.detach()).tolist()
+                used = torch.where(clipped, loss.detach(), loss) if algo.clip_dsm else loss
+                kl = ((v - v_base[k].float()) ** 2).flatten(1).mean(dim=1)  # [G]
+                if algo.clip_kl:
+                    kl = torch.where(clipped, kl.detach(), kl)
+                total = (gate * group.advantages * used).mean() + algo.kl_beta * kl.mean()
+                (total / n_terms).backward()
+                stats["loss"].append(float(total.detach()))
+                stats["gate"].append(float(gate))
+                stats["kl"].append(float(kl.detach().mean()))
+                stats["clipped"] += clipped.tolist()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, self.config.optimizer.max_grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self._after_optimizer_step()
+        ratios = np.asarray(stats["ratio"] or [1.0])
+        return LearnerMetrics(
+            policy_version=policy_version,
+            loss=float(np.mean(stats["loss"])),
+            grad_norm=grad_norm,
+            clip_fraction=float(np.mean(stats["clipped"])),
+            ratio_mean=float(ratios.mean()),
+            ratio_max_abs_dev=float(np.abs(ratios - 1).max()),
+            first_ratio_max_abs_dev=float("nan"),  # no log-probs: DGPO has no on-policy ratio to check
+            optimizer_steps=1,
+            samples=sum(len(g.x0) for g in groups),
+            seconds=time.perf_counter() - start,
+            extras={"gate_mean": float(np.mean(stats["gate"])), "kl": float(np.mean(stats["kl"])), "sigma_min": float(sigmas.min())},
+        )
+
+    def _after_optimizer_step(self) -> None:
+        self.optimizer_steps += 1
+        k, algo = self.optimizer_steps, self.algo
+        self.fast_ema.update(fast_ema_decay(k, algo.fast_ema_max_decay, algo.fast_ema_decay_rate))
+        if k % algo.slow_ema_every == 0:
+            self.slow_ema.update(slow_ema_decay(k, algo.slow_ema_decay))
+
+    def _group(self, train_group: TrainGroup, rollout: Rollout, device) -> _Group:
+        members = train_group.members
+        x0 = as_tensor(rollout.final_latents[members], device)  # [G, ...]
+        weighted = (train_group.reward_weights[:, None] * train_group.advantages[:, members]).sum(axis=0)  # [G]
+        embeds = as_tensor(rollout.conditioning.prompt_embeds, device)[None].expand(len(members), -1, -1)
+        pooled = as_tensor(rollout.conditioning.pooled_prompt_embeds, device)[None].expand(len(members), -1)
+        return _Group(x0, torch.as_tensor(weighted, dtype=torch.float32, device=device), embeds, pooled)
+
+
+class _adapters_disabled(AbstractContextManager):
+    """Evaluate a diffusers model with its (peft) LoRA adapters switched off."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+
+    def __enter__(self):
+        self.transformer.disable_adapters()
+
+    def __exit__(self, *exc):
+        self.transformer.enable_adapters()
+        return False

@@ -1,0 +1,49 @@
+"""Shadow copies of the trainable parameters: EMAs and the frozen starting point.
+
+A shadow is evaluated by swapping its values into the live parameters for the duration of a
+``with shadow.swapped():`` block, so no second copy of the network (buffers, non-trainable
+weights) is ever built. With LoRA only the adapter's parameters are shadowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+class ParameterShadow:
+    def __init__(self, parameters: list[torch.nn.Parameter]):
+        self.parameters = parameters
+        self.values = [p.detach().clone() for p in parameters]
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        """``shadow <- decay * shadow + (1 - decay) * live``."""
+        for shadow, live in zip(self.values, self.parameters):
+            shadow.mul_(decay).add_(live.detach(), alpha=1.0 - decay)
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """The live parameters hold the shadow's values inside the block, their own after it."""
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in self.parameters]
+            for p, shadow in zip(self.parameters, self.values):
+                p.copy_(shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(self.parameters, saved):
+                    p.copy_(value)
+
+
+def fast_ema_decay(step: int, max_decay: float, rate: float) -> float:
+    """DGPO's fast EMA ("old policy"): min(max_decay, rate * step); it lags the policy by about one step."""
+    return min(max_decay, rate * step)
+
+
+def slow_ema_decay(step: int, max_decay: float) -> float:
+    """Flow-GRPO/DGPO's evaluation EMA with warm-up: min((1 + step) / (10 + step), max_decay)."""
+    return min((1 + step) / (10 + step), max_decay)
