@@ -81,17 +81,26 @@ def test_the_same_command_runs_under_ray_job_submit(ray_cluster, tmp_path):
     assert (run_dir / "checkpoint-final" / "transformer").is_dir() and (run_dir / "samples.png").is_file()
 
 
-def test_flux_preset_fails_fast_without_weights_or_gpus(tmp_path):
-    """No FLUX.1-dev weights and no GPU here: a clear list of what is missing within seconds, and no hang."""
-    for extra in ({"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0"}):  # offline mode, and an unreachable hub
+@pytest.mark.parametrize(
+    "preset, hub_id, gpus, reward",
+    [
+        ("flux.yaml", "black-forest-labs/FLUX.1-dev", "18", "hps_v2.1"),
+        ("flux_dgpo.yaml", "black-forest-labs/FLUX.1-dev", "16", "pickscore"),
+        ("sd3_dgpo.yaml", "stabilityai/stable-diffusion-3.5-medium", "7.5", "ocr"),
+    ],
+)
+def test_real_model_presets_fail_fast_without_weights_or_gpus(tmp_path, preset, hub_id, gpus, reward):
+    """No weights and no GPU here: a clear list of what is missing within seconds, and no hang."""
+    modes = ({"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0"}) if preset == "flux.yaml" else ({"HF_HUB_OFFLINE": "1"},)
+    for extra in modes:  # offline mode, and an unreachable hub
         start = time.monotonic()
-        proc = run_raygrpo("cluster/flux.yaml", f"run.output_root={tmp_path}", ray_address=None, timeout=120, extra_env=extra)
+        proc = run_raygrpo(f"cluster/{preset}", f"run.output_root={tmp_path}", ray_address=None, timeout=120, extra_env=extra)
         elapsed = time.monotonic() - start
         assert proc.returncode == 2, proc.stderr
         message = proc.stderr
-        assert "model.pretrained" in message and "black-forest-labs/FLUX.1-dev" in message and "download" in message, message
-        assert "the plan needs 18 GPUs, this machine has 0" in message, message
-        assert "hps_v2.1" in message, message
+        assert "model.pretrained" in message and hub_id in message and "download" in message, message
+        assert f"the plan needs {gpus} GPUs, this machine has 0" in message, message
+        assert f"unknown reward kind '{reward}'" in message, message
         assert elapsed < 60, f"took {elapsed:.0f} s"
         assert not any(tmp_path.iterdir()), "nothing may be written when the run cannot start"
 
