@@ -89,8 +89,22 @@ class RewardConfig(_Section):
     weight: float = 1.0
     """Weight of this reward's advantage in the loss (DanceGRPO: HPS 0.7, CLIP 1.4)."""
     params: dict[str, Any] = Field(default_factory=dict)
+    threshold: float | None = None
+    """Binary reward: 1 where the score is >= threshold, else 0 (DanceGRPO's sparse-feedback experiment)."""
+    replicas: int = Field(1, ge=1)
+    """Actors serving this reward; groups are spread over them round robin."""
     num_cpus: float = Field(0.25, ge=0)
     num_gpus: float = Field(0, ge=0)
+    """Per replica; fractions share a GPU between replicas or with other rewards."""
+
+
+class ScoringConfig(_Section):
+    on_failure: Literal["drop_group", "zero", "abort"] = "drop_group"
+    """A member without a score: drop its whole group from training, count it as reward 0, or stop the
+    run (after saving a checkpoint). Every such event is counted in the metrics (rewards/<name>/missing)."""
+    combine: Literal["per_reward", "weighted_sum"] = "per_reward"
+    """per_reward (DanceGRPO): a group-normalised advantage per reward, losses weighted by reward.weight.
+    weighted_sum (Flow-GRPO): sum_k weight_k * r_k of the raw rewards, normalised once."""
 
 
 class _AlgorithmBase(_Section):
@@ -214,6 +228,7 @@ class Config(_Section):
     algorithm: AlgorithmConfig = Field(default_factory=DanceGRPOConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
 

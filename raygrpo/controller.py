@@ -59,6 +59,10 @@ class RunSummary:
     checkpoint: str
 
 
+class RunAborted(RuntimeError):
+    """The run stopped on purpose (scoring.on_failure=abort); a checkpoint of the work so far was saved."""
+
+
 class Controller:
     def __init__(self, config: Config, run_dir: Path, prompts: list[str]):
         self.config = config
@@ -78,7 +82,12 @@ class Controller:
         self._start_pools()
         try:
             for step in tqdm(range(1, self.config.train.steps + 1), desc="training", unit="step"):
-                self.metrics.write(self.step(step))
+                try:
+                    self.metrics.write(self.step(step))
+                except RunAborted as exc:
+                    # Keep what was learned so far; the metrics of finished steps are already on disk.
+                    saved = ray.get(self.learner.save.remote(str(self.run_dir / "checkpoint-aborted")))
+                    raise RunAborted(f"{exc}; steps 1..{step - 1} are in {self.metrics.path}, weights in {saved}") from None
             checkpoint = ray.get(self.learner.save.remote(str(self.run_dir / "checkpoint-final")))
             self._write_report()
         finally:
@@ -110,7 +119,11 @@ class Controller:
         t_generated = time.perf_counter()
         scores = {g.group.group_id: {name: ray.get(ref) for name, ref in g.scores.items()} for g in in_flight}
         t_scored = time.perf_counter()
-        batch, rewards, stats = self._advantages(in_flight, scores)
+        kept, stats = self._collect_rewards(in_flight, scores)
+        batch = self._advantages(kept)
+        rewards = np.concatenate([r.T for _, r in kept]) if kept else np.zeros((0, len(self.config.rewards)))  # [N, K]
+        stats["groups/trained"] = float(len(batch))
+        stats["groups/zero_std"] = float(sum(int(np.all(r.std(axis=1) == 0)) for _, r in kept))
         learner_metrics = ray.get(self.learner.update.remote(batch)) if batch else None
         t_learned = time.perf_counter()
         if learner_metrics is not None:
@@ -155,32 +168,48 @@ class Controller:
             generated.scores[name] = pool.actors[index % len(pool.actors)].score.remote(media)
         return generated
 
-    def _advantages(self, in_flight: list[Generated], scores: dict[int, dict[str, tuple[Scores, float]]]):
-        """Per-group advantages; a group with any invalid score is dropped (and counted)."""
-        algo = self.config.algorithm
-        kept, dropped = [], 0
+    def _collect_rewards(self, in_flight: list[Generated], scores: dict[int, dict[str, tuple[Scores, float]]]):
+        """Rewards ``[K, G]`` of every group that is trained, after ``scoring.on_failure``; and the counts."""
+        policy = self.config.scoring.on_failure
+        stats = {f"rewards/{r.name}/missing": 0.0 for r in self.config.rewards} | {"groups/dropped": 0.0}
+        kept = []
         for generated in in_flight:
-            per_reward = [scores[generated.group.group_id][r.name][0] for r in self.config.rewards]
+            group = generated.group
+            per_reward = [scores[group.group_id][r.name][0] for r in self.config.rewards]
+            for s in per_reward:
+                stats[f"rewards/{s.reward_name}/missing"] += float((~s.valid).sum())
             if not all(s.valid.all() for s in per_reward):
-                errors = {s.reward_name: [e for e in s.errors if e] for s in per_reward if not s.valid.all()}
-                logger.warning("dropping group %d (%r): missing scores %s", generated.group.group_id, generated.group.prompt, errors)
-                dropped += 1
-                continue
-            kept.append((generated, np.stack([s.values for s in per_reward])))  # rewards [K, G]
+                errors = {s.reward_name: sorted({e for e in s.errors if e}) for s in per_reward if not s.valid.all()}
+                if policy == "abort":
+                    raise RunAborted(f"group {group.group_id} ({group.prompt!r}) has samples without a score: {errors} (scoring.on_failure=abort)")
+                if policy == "drop_group":
+                    logger.warning("dropping group %d (%r): samples without a score %s", group.group_id, group.prompt, errors)
+                    stats["groups/dropped"] += 1
+                    continue
+                logger.warning("group %d (%r): scoring missing samples 0: %s", group.group_id, group.prompt, errors)
+            kept.append((generated, np.stack([np.where(s.valid, s.values, 0.0) for s in per_reward]).astype(np.float32)))
+        return kept, stats
+
+    def _advantages(self, kept: list[tuple[Generated, np.ndarray]]) -> list[TrainGroup]:
+        """Group advantages in the configured combination; best-of-N picks the members to train."""
+        algo = self.config.algorithm
+        if self.config.scoring.combine == "weighted_sum":
+            # Flow-GRPO: one reward, the weighted sum of the raw ones, normalised once.
+            kept = [(generated, (self.weights @ rewards)[None]) for generated, rewards in kept]  # [1, G]
+            weights = np.ones(1, np.float32)
+        else:
+            weights = self.weights  # DanceGRPO: per-reward advantages, weighted in the loss
         std = global_std([r for _, r in kept], algo.advantage_ddof) if algo.global_std and kept else None
         batch = []
         for generated, rewards in kept:
             advantages = group_advantages(rewards, algo.adv_clip_max, algo.advantage_eps, algo.advantage_ddof, std)  # [K, G]
             members = (
-                best_of_n_members(advantages, self.weights, algo.best_of_n, self.rng)
+                best_of_n_members(advantages, weights, algo.best_of_n, self.rng)
                 if algo.best_of_n
                 else np.arange(algo.group_size, dtype=np.int64)
             )
-            batch.append(TrainGroup(generated.rollout, generated.group.group_id, advantages, self.weights, members))
-        zero_std = sum(int(np.all(rewards.std(axis=1) == 0)) for _, rewards in kept)
-        rewards_all = np.concatenate([r.T for _, r in kept]) if kept else np.zeros((0, len(self.config.rewards)))  # [N, K]
-        stats = {"groups/dropped": float(dropped), "groups/zero_std": float(zero_std), "groups/trained": float(len(batch))}
-        return batch, rewards_all, stats
+            batch.append(TrainGroup(generated.rollout, generated.group.group_id, advantages, weights, members))
+        return batch
 
     def _sync_weights(self) -> None:
         """Export once, load everywhere; every later group is stamped with the new version."""

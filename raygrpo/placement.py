@@ -32,7 +32,7 @@ class RoleResources:
 
 def resource_plan(config: Config) -> list[RoleResources]:
     plan = [RoleResources("rollout", config.rollout.num_workers, config.rollout.num_cpus, config.rollout.num_gpus)]
-    plan += [RoleResources(f"reward:{r.name}", 1, r.num_cpus, r.num_gpus) for r in config.rewards]
+    plan += [RoleResources(f"reward:{r.name}", r.replicas, r.num_cpus, r.num_gpus) for r in config.rewards]
     plan.append(RoleResources("learner", 1, config.learner.num_cpus, config.learner.num_gpus))
     return plan
 

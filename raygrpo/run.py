@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from raygrpo.controller import Controller
+    from raygrpo.controller import Controller, RunAborted
     from raygrpo.placement import PlanError, check_plan_fits, resource_plan
 
     connect_ray(config)
@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PlanError, PreflightError) as exc:
         print(f"raygrpo: {exc}", file=sys.stderr)
         return 2
+    except RunAborted as exc:
+        print(f"raygrpo: run aborted: {exc}", file=sys.stderr)
+        return 3
     finally:
         ray.shutdown()
     print(f"reward (weighted total, mean over the step): first step {summary.first_reward:.4f} -> last step {summary.last_reward:.4f}")

@@ -133,8 +133,8 @@ def test_score_group():
 
 
 def test_unknown_kind_lists_known_ones():
-    with pytest.raises(ValueError, match="'aesthetic'") as info:
-        make_reward("aesthetic", {})
+    with pytest.raises(ValueError, match="'no_such_reward'") as info:
+        make_reward("no_such_reward", {})
     for kind in BUILTIN_REWARDS:
         assert kind in str(info.value)
 

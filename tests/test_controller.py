@@ -1,6 +1,7 @@
 """The controller's bookkeeping without Ray: group planning, advantages, dropped groups, best-of-N."""
 
 import numpy as np
+import pytest
 
 from raygrpo.config import load_config
 from raygrpo.contracts import PromptGroup, Scores
@@ -39,8 +40,7 @@ def test_groups_get_unique_ids_distinct_seeds_and_the_current_version(tmp_path):
     assert sorted(ids) == list(range(8))
 
 
-def test_a_group_with_a_missing_score_is_dropped_and_counted(tmp_path):
-    controller, _ = make_controller(tmp_path)
+def three_groups(controller):
     groups = controller._next_groups(1)
     in_flight = [Generated(g, rollout=f"ref{g.group_id}", media=None, info=None) for g in groups]
     scores = {
@@ -48,17 +48,61 @@ def test_a_group_with_a_missing_score_is_dropped_and_counted(tmp_path):
         groups[1].group_id: scores_for(groups[1], [1, 2, 3, 4], [4, 3, 2, 1], invalid_b=2),
         groups[2].group_id: scores_for(groups[2], [5, 5, 5, 5], [1, 1, 1, 1]),
     }
-    batch, rewards, stats = controller._advantages(in_flight, scores)
+    return groups, in_flight, scores
+
+
+def test_a_group_with_a_missing_score_is_dropped_and_counted(tmp_path):
+    controller, _ = make_controller(tmp_path)
+    groups, in_flight, scores = three_groups(controller)
+    kept, stats = controller._collect_rewards(in_flight, scores)
+    batch = controller._advantages(kept)
     assert [t.group_id for t in batch] == [groups[0].group_id, groups[2].group_id]
-    assert stats == {"groups/dropped": 1.0, "groups/zero_std": 1.0, "groups/trained": 2.0}
-    assert rewards.shape == (8, 2)
+    assert stats == {"rewards/a/missing": 0.0, "rewards/b/missing": 1.0, "groups/dropped": 1.0}
     assert batch[0].advantages.shape == (2, 4) and np.allclose(batch[0].reward_weights, [0.7, 1.4])
     assert batch[0].rollout == "ref0" and np.all(batch[1].advantages == 0)
     assert list(batch[0].members) == [0, 1, 2, 3]
 
 
+def test_on_failure_zero_trains_the_group_with_a_zero_and_counts_it(tmp_path):
+    controller, _ = make_controller(tmp_path, "scoring.on_failure=zero")
+    groups, in_flight, scores = three_groups(controller)
+    kept, stats = controller._collect_rewards(in_flight, scores)
+    assert len(kept) == 3 and stats["rewards/b/missing"] == 1.0 and stats["groups/dropped"] == 0.0
+    assert kept[1][1][1].tolist() == [4, 3, 0, 1]  # reward b of group 1: the missing member scored 0
+
+
+def test_on_failure_abort_stops_with_the_reason(tmp_path):
+    from raygrpo.controller import RunAborted
+
+    controller, _ = make_controller(tmp_path, "scoring.on_failure=abort")
+    groups, in_flight, scores = three_groups(controller)
+    with pytest.raises(RunAborted, match="timeout.*on_failure=abort"):
+        controller._collect_rewards(in_flight, scores)
+
+
+def test_weighted_sum_normalises_the_combined_raw_reward_once(tmp_path):
+    controller, _ = make_controller(tmp_path, "scoring.combine=weighted_sum")
+    groups, in_flight, scores = three_groups(controller)
+    kept, _ = controller._collect_rewards(in_flight[:1], scores)
+    (train_group,) = controller._advantages(kept)
+    combined = 0.7 * np.array([1, 2, 3, 4]) + 1.4 * np.array([4, 3, 2, 1])
+    expected = (combined - combined.mean()) / (combined.std(ddof=1) + 1e-8)
+    assert train_group.advantages.shape == (1, 4) and train_group.reward_weights.tolist() == [1.0]
+    np.testing.assert_allclose(train_group.advantages[0], expected, rtol=1e-5)
+
+
+def test_global_std_divides_every_group_by_the_steps_std(tmp_path):
+    controller, _ = make_controller(tmp_path, "algorithm={name: dgpo, group_size: 4, groups_per_step: 3, global_std: true}")
+    groups, in_flight, scores = three_groups(controller)
+    kept, _ = controller._collect_rewards(in_flight[:1] + in_flight[2:], scores)
+    first, _ = controller._advantages(kept)
+    every_a = np.array([1, 2, 3, 4, 5, 5, 5, 5], dtype=float)
+    np.testing.assert_allclose(first.advantages[0], (np.array([1, 2, 3, 4]) - 2.5) / (every_a.std() + 1e-4), rtol=1e-5)
+
+
 def test_best_of_n_trains_only_the_chosen_members(tmp_path):
     controller, _ = make_controller(tmp_path, "algorithm.best_of_n=2")
     group = controller._next_groups(1)[0]
-    batch, _, _ = controller._advantages([Generated(group, "r", None, None)], {group.group_id: scores_for(group, [1, 2, 3, 9], [1, 2, 3, 9])})
-    assert sorted(batch[0].members.tolist()) == [0, 3]
+    kept, _ = controller._collect_rewards([Generated(group, "r", None, None)], {group.group_id: scores_for(group, [1, 2, 3, 9], [1, 2, 3, 9])})
+    (train_group,) = controller._advantages(kept)
+    assert sorted(train_group.members.tolist()) == [0, 3]

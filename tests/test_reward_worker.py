@@ -31,3 +31,10 @@ def test_per_item_failures_are_reported_per_item():
     worker = RewardWorker(RewardConfig(name="c", kind="color", params={"from_prompt": True}))
     scores, _ = worker.score(media(np.zeros((2, 8, 8, 3), np.uint8), prompt="a photo of nothing"))
     assert not scores.valid.any() and "names no colour" in scores.errors[0]
+
+
+def test_a_threshold_turns_any_reward_binary():
+    worker = RewardWorker(RewardConfig(name="bright", kind="brightness", threshold=0.5))
+    images = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (0, 100, 200, 255)])
+    scores, _ = worker.score(media(images))
+    assert scores.values.tolist() == [0.0, 0.0, 1.0, 1.0] and scores.valid.all()

@@ -112,3 +112,45 @@ def test_a_plan_that_does_not_fit_the_cluster_names_need_and_have(ray_cluster, t
     assert "needs more GPU than the cluster has" in proc.stderr
     assert re.search(r"rollout\s+3\s+0.5\s+1", proc.stderr) and re.search(r"need\s+2.75\s+3", proc.stderr), proc.stderr
     assert re.search(r"have\s+4\s+0", proc.stderr), proc.stderr
+
+
+@pytest.mark.slow
+def test_two_rewards_one_served_over_http(ray_cluster, tmp_path):
+    """cluster/tiny_two_rewards.yaml: a reward actor plus a protocol-v1 server in its own process on loopback."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "reward_servers/serve_builtin.py", "--kind", "color", "--params", '{"target": "red"}', "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        proc = run_raygrpo("cluster/tiny_two_rewards.yaml", "train.steps=3", f"rewards.1.params.url=http://127.0.0.1:{port}",
+                           f"run.output_root={tmp_path}", ray_address=ray_cluster.address)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        records = [json.loads(line) for line in (printed_run_dir(proc.stdout) / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["rewards/red/missing"] == 0 and r["groups/trained"] == 2 for r in records)
+        assert all(0 <= r["reward/red/mean"] <= 1 and r["reward/jpeg/mean"] < 0 for r in records)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    # With the server gone every sample of the HTTP reward is missing: the groups are dropped and counted.
+    proc = run_raygrpo("cluster/tiny_two_rewards.yaml", "train.steps=2", f"rewards.1.params.url=http://127.0.0.1:{port}",
+                       "rewards.1.params.max_attempts=2", "rewards.1.params.check_health=false", f"run.output_root={tmp_path}",
+                       ray_address=ray_cluster.address)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in (printed_run_dir(proc.stdout) / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["groups/dropped"] == 2 and r["groups/trained"] == 0 and r["rewards/red/missing"] == 16 for r in records)

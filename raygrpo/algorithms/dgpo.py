@@ -187,7 +187,12 @@ class DGPO:
             x_t = [(1 - sigma) * g.x0 + sigma * eps for g, eps in zip(groups, noise)]  # each [G, ...]
             targets = [eps - g.x0 for g, eps in zip(groups, noise)]
             v_ref = self._velocities(self._reference(), groups, x_t, sigma)
-            v_old = self._velocities(self.fast_ema.swapped(), groups, x_t, sigma) if needs_old else None
+            if not needs_old:
+                v_old = None
+            elif algo.reference == "fast_ema":
+                v_old = v_ref  # the old policy of the clip is the reference itself: one evaluation
+            else:
+                v_old = self._velocities(self.fast_ema.swapped(), groups, x_t, sigma)
             v_base = v_ref if algo.reference == "frozen" or algo.kl_beta == 0 else self._velocities(self._frozen_base(), groups, x_t, sigma)
             for k, group in enumerate(groups):
                 v = self._velocity(group, x_t[k], sigma)  # [G, ...] with gradient

@@ -80,8 +80,12 @@ class Reward(ABC):
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
         """``[N]`` float32 rewards of ``images`` ``[N, H, W, 3]`` uint8; raises for the whole batch."""
 
-    def score_with_errors(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    def score_with_errors(
+        self, images: np.ndarray, prompts: list[str], *, policy_version: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
         """``(values [N] float32, valid [N] bool, errors [N])``; invalid items hold NaN.
+
+        ``policy_version`` (of the weights that made the images) is for remote rewards' logs; local ones ignore it.
 
         NaN rather than 0 so that a caller who forgets to check ``valid`` gets a loud NaN instead of
         a silently plausible reward. The default trusts :meth:`score` and only rejects non-finite
@@ -96,7 +100,7 @@ def score_group(reward: Reward, media: GroupMedia, reward_name: str | None = Non
     ``reward_name`` is the configured name the scores are filed under (default: the reward's kind).
     """
     prompts = [media.group.prompt] * len(media.images)
-    values, valid, errors = reward.score_with_errors(media.images, prompts)
+    values, valid, errors = reward.score_with_errors(media.images, prompts, policy_version=media.group.policy_version)
     name = reward_name or reward.name
     return Scores(group_id=media.group.group_id, reward_name=name, values=values, valid=valid, errors=errors)
 
@@ -205,7 +209,9 @@ class Color(Reward):
             raise ValueError(f"reward 'color': {first}")
         return values
 
-    def score_with_errors(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    def score_with_errors(
+        self, images: np.ndarray, prompts: list[str], *, policy_version: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
         return _mark_non_finite(*self._score_items(images, prompts))
 
     def _score_items(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, list[str | None]]:
@@ -292,3 +298,16 @@ def _mark_non_finite(values: np.ndarray, errors: list[str | None]) -> tuple[np.n
     errors = [e if e is not None or ok else NON_FINITE_ERROR for e, ok in zip(errors, valid)]
     values[~valid] = np.nan
     return values, valid, errors
+
+
+# At the bottom because http.py subclasses Reward from this module (a top-level import would be circular).
+from raygrpo.reward.http import HttpReward  # noqa: E402
+
+BUILTIN_REWARDS[HttpReward.name] = HttpReward
+
+
+# Neural reward models (clip_score, pickscore, aesthetic, hps_v2.1, imagereward, frame_average) are registered
+# here too. Imported last: raygrpo.reward.models subclasses Reward from this module.
+from raygrpo.reward.models import NEURAL_REWARDS  # noqa: E402
+
+BUILTIN_REWARDS.update(NEURAL_REWARDS)

@@ -16,6 +16,7 @@ class RewardWorker:
     def __init__(self, reward: RewardConfig):
         set_torch_threads(reward.num_cpus)
         self.name = reward.name
+        self.threshold = reward.threshold
         self.reward = make_reward(reward.kind, reward.params)
 
     def score(self, media: GroupMedia) -> tuple[Scores, float]:
@@ -30,4 +31,7 @@ class RewardWorker:
         except Exception as exc:  # noqa: BLE001 - any reward failure must reach the controller as data
             n = len(media.images)
             scores = Scores(media.group.group_id, self.name, np.full(n, np.nan, np.float32), np.zeros(n, bool), [f"{type(exc).__name__}: {exc}"] * n)
+        if self.threshold is not None:
+            # Binary feedback: only whether the sample clears the bar reaches the learner.
+            scores.values = np.where(scores.valid, (scores.values >= self.threshold).astype(np.float32), np.nan).astype(np.float32)
         return scores, time.perf_counter() - start

@@ -1,0 +1,565 @@
+"""HTTP reward protocol v1: the client (raygrpo.reward.http) against real servers on loopback.
+
+Every server here is a real uvicorn server in a background thread: the built-in-reward server, the
+copyable template, and one "chaos" app whose URL prefix picks a misbehaviour (``/s500/v1/score``
+answers 500 once, ``/always503/...`` always 503, ...). Each app is wrapped in a recorder that keeps
+every request, so the tests can count attempts and inspect the bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib.util
+import io
+import json
+import logging
+import os
+import pickle
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+
+from raygrpo.config import RewardConfig
+from raygrpo.contracts import GroupMedia, PromptGroup
+from raygrpo.reward import make_reward
+from raygrpo.reward.http import PROTOCOL, HttpReward, encode_png
+from raygrpo.reward.worker import RewardWorker
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = {"backoff_s": 0.01, "timeout_s": 5.0}  # retries in milliseconds, so the suite stays quick
+
+
+def _load(name: str):
+    """reward_servers/ is a folder of scripts, not a package: load a file as a module."""
+    spec = importlib.util.spec_from_file_location(f"reward_servers_{name}", ROOT / "reward_servers" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pydantic resolves the models' annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+serve_builtin = _load("serve_builtin")
+template_server = _load("template_server")
+
+
+# ------------------------------------------------------------------------------------------------
+# Live servers
+# ------------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """ASGI middleware keeping (method, path, headers, body) of every HTTP request."""
+
+    def __init__(self, app):
+        self.app = app
+        self.requests: list[dict] = []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        record = {"method": scope["method"], "path": scope["path"], "headers": dict(scope["headers"]), "body": bytearray()}
+        self.requests.append(record)
+
+        async def recording_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                record["body"] += message.get("body", b"")
+            return message
+
+        await self.app(scope, recording_receive, send)
+
+    def count(self, path_suffix: str, method: str | None = None) -> int:
+        return sum(1 for r in self.requests if r["path"].endswith(path_suffix) and (method is None or r["method"] == method))
+
+    def bodies(self, path_suffix: str) -> list[dict]:
+        return [json.loads(bytes(r["body"])) for r in self.requests if r["path"].endswith(path_suffix) and r["method"] == "POST"]
+
+
+class LiveServer:
+    """A uvicorn server on a free loopback port, in a daemon thread, ready when constructed."""
+
+    def __init__(self, app):
+        self.recorder = Recorder(app)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        config = uvicorn.Config(self.recorder, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        _wait_healthy(f"{self.url}/v1/health" if _has_root_health(app) else f"{self.url}/ok/v1/health")
+        self.recorder.requests.clear()
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def _has_root_health(app) -> bool:
+    return any(getattr(route, "path", None) == "/v1/health" for route in app.routes)
+
+
+def _wait_healthy(url: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"server at {url} did not come up")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chaos_app(state: Counter) -> FastAPI:
+    """One app, many misbehaviours: the first path segment names the behaviour of /v1/score."""
+    app = FastAPI()
+
+    @app.get("/{mode}/v1/health")
+    async def health(mode: str):
+        if mode == "unhealthy":
+            return JSONResponse({"detail": "loading"}, status_code=503)
+        if mode == "notok":
+            return {"status": "loading"}
+        return {"status": "ok"}
+
+    @app.get("/{mode}/v1/info")
+    async def info(mode: str):
+        return {"name": mode, "media_types": ["video/mp4"] if mode == "videoonly" else ["image/png"], "max_batch": 4}
+
+    @app.post("/{mode}/v1/score")
+    async def score(mode: str, request: Request):
+        state[mode] += 1
+        calls = state[mode]
+        body = await request.json()
+        items = body["items"]
+        results = [{"id": it["id"], "score": 10.0 + int(it["id"]), "error": None, "details": {"raw": 1.0}} for it in items]
+        answer = {"request_id": body["request_id"], "results": results}
+        if mode == "s500" and calls == 1:
+            return JSONResponse({"detail": "boom"}, status_code=500)
+        if mode == "rate429" and calls == 1:
+            return JSONResponse({"detail": "slow down"}, status_code=429, headers={"Retry-After": "1"})
+        if mode == "always503":
+            return JSONResponse({"detail": "overloaded"}, status_code=503)
+        if mode == "bad400":
+            return JSONResponse({"detail": "you sent nonsense"}, status_code=400)
+        if mode == "garbage":
+            return Response(b"this is {not json", media_type="application/json")
+        if mode == "schema":
+            return {"request_id": body["request_id"], "results": "nope"}
+        if mode == "missing":
+            answer["results"] = results[:-1] + [{"id": "999", "score": 1.0, "error": None, "details": {}}]
+        if mode == "dupes":
+            answer["results"] = results + [{"id": "0", "score": -5.0, "error": None, "details": {}}]
+        if mode == "shuffled":
+            random.Random(calls).shuffle(results)
+        if mode == "nonfinite":
+            results[0]["score"], results[1]["score"], results[2]["score"] = float("nan"), float("inf"), 1e39
+            # Python's json writes NaN/Infinity tokens, as many sloppy servers do.
+            return Response(json.dumps(answer).encode(), media_type="application/json")
+        if mode == "nullscore":
+            results[0].update(score=None, error="model OOM")
+            results[1].update(score=None, error=None)
+        if mode == "wrongid":
+            answer["request_id"] = "someone-else"
+        if mode == "slow" and calls == 1 or mode == "slowalways":
+            await asyncio.sleep(1.0)
+        if mode == "slowok":
+            await asyncio.sleep(0.3)
+        return answer
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def chaos_server():
+    state = Counter()
+    server = LiveServer(chaos_app(state))
+    server.state = state
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def chaos(chaos_server):
+    chaos_server.state.clear()
+    chaos_server.recorder.requests.clear()
+    return chaos_server
+
+
+@pytest.fixture(scope="module")
+def builtin_server():
+    server = LiveServer(serve_builtin.create_app(make_reward("jpeg_compressibility", {}), name="jpeg", max_batch=3))
+    yield server
+    server.close()
+
+
+def images_of(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def http_reward(url: str, **params) -> HttpReward:
+    return make_reward("http", {"url": url, **FAST, **params})
+
+
+# ------------------------------------------------------------------------------------------------
+# Against the built-in-reward server
+# ------------------------------------------------------------------------------------------------
+
+
+def test_builtin_server_matches_in_process_reward(builtin_server):
+    images = images_of(7, size=32, seed=1)
+    prompts = [f"prompt {i}" for i in range(7)]
+    values, valid, errors = http_reward(builtin_server.url).score_with_errors(images, prompts)
+    expected = make_reward("jpeg_compressibility", {}).score(images, prompts)
+    assert valid.all() and errors == [None] * 7
+    np.testing.assert_array_equal(values, expected)  # PNG is lossless: the server saw the same pixels
+    # max_batch 3 from /v1/info: 7 items -> 3 requests of 3, 3 and 1
+    rec = builtin_server.recorder
+    assert sorted(len(b["items"]) for b in rec.bodies("/v1/score")) == [1, 3, 3]
+    assert rec.count("/v1/info") == 1 and rec.count("/v1/health") == 1
+
+
+def test_wire_is_json_with_base64_png_never_pickle(builtin_server):
+    builtin_server.recorder.requests.clear()
+    images = images_of(2, seed=2)
+    reward = http_reward(builtin_server.url, batch_size=2)
+    reward.score_with_errors(images, ["a red car", "a cat"], policy_version=7, metadata=[{"seed": 1}, {"seed": 2}])
+    (record,) = [r for r in builtin_server.recorder.requests if r["path"] == "/v1/score"]
+    assert record["headers"][b"content-type"] == b"application/json"
+    body = bytes(record["body"])
+    assert b"\x80\x04\x95" not in body and b"\x80\x05\x95" not in body  # pickle protocol 4/5 frame headers
+    payload = json.loads(body)  # the whole body is JSON
+    assert payload["protocol"] == PROTOCOL and payload["policy_version"] == 7
+    assert [it["id"] for it in payload["items"]] == ["0", "1"]
+    assert [it["metadata"] for it in payload["items"]] == [{"seed": 1}, {"seed": 2}]
+    assert [it["prompt"] for it in payload["items"]] == ["a red car", "a cat"]
+    for item, image in zip(payload["items"], images):
+        raw = base64.b64decode(item["data"], validate=True)
+        assert item["media_type"] == "image/png" and raw.startswith(b"\x89PNG\r\n\x1a\n")
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(raw))), image)
+
+
+def test_413_for_too_many_items_splits_the_batch(builtin_server):
+    builtin_server.recorder.requests.clear()
+    images = images_of(8, seed=3)
+    values, valid, _ = http_reward(builtin_server.url, batch_size=8).score_with_errors(images, ["p"] * 8)
+    assert valid.all()
+    np.testing.assert_array_equal(values, make_reward("jpeg_compressibility", {}).score(images, ["p"] * 8))
+    # max_batch 3: 8 -> 413, two of 4 -> 413, four of 2 -> scored
+    assert sorted(len(b["items"]) for b in builtin_server.recorder.bodies("/v1/score")) == [2, 2, 2, 2, 4, 4, 8]
+
+
+def test_request_over_byte_limit_is_413_and_not_retried():
+    server = LiveServer(serve_builtin.create_app(make_reward("brightness", {}), name="small", max_request_bytes=2000))
+    try:
+        values, valid, errors = http_reward(server.url, batch_size=2).score_with_errors(images_of(2, size=32), ["a", "b"])
+        assert not valid.any() and np.isnan(values).all()
+        assert all("413" in e and "/v1/score" in e and "2000 bytes" in e for e in errors)
+        assert server.recorder.count("/v1/score") == 3  # 2 items -> 413, then each alone -> 413; no retries
+    finally:
+        server.close()
+
+
+def test_token_auth(monkeypatch):
+    server = LiveServer(serve_builtin.create_app(make_reward("brightness", {}), name="locked", token="s3cret-token"))
+    try:
+        images = images_of(2)
+        # No token: 401 is not retried, every item invalid with a message naming the status.
+        values, valid, errors = http_reward(server.url).score_with_errors(images, ["a", "b"])
+        assert not valid.any() and all("401" in e and server.url in e for e in errors)
+        assert server.recorder.count("/v1/score") == 1
+        monkeypatch.setenv("RAYGRPO_TEST_TOKEN", "wrong")
+        _, valid, errors = http_reward(server.url, token_env="RAYGRPO_TEST_TOKEN").score_with_errors(images, ["a", "b"])
+        assert not valid.any() and "401" in errors[0]
+        monkeypatch.setenv("RAYGRPO_TEST_TOKEN", "s3cret-token")
+        reward = http_reward(server.url, token_env="RAYGRPO_TEST_TOKEN")
+        values, valid, _ = reward.score_with_errors(images, ["a", "b"])
+        assert valid.all()
+        np.testing.assert_allclose(values, make_reward("brightness", {}).score(images, ["a", "b"]))
+        last = server.recorder.requests[-1]
+        assert last["headers"][b"authorization"] == b"Bearer s3cret-token"
+        # The token never travels inside a pickled reward; it is read from the environment again.
+        assert b"s3cret" not in pickle.dumps(reward)
+        assert pickle.loads(pickle.dumps(reward)).score_with_errors(images, ["a", "b"])[1].all()
+    finally:
+        server.close()
+
+
+def test_missing_token_env_fails_at_construction(monkeypatch):
+    monkeypatch.delenv("RAYGRPO_NO_SUCH_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="'RAYGRPO_NO_SUCH_TOKEN'.*not set"):
+        make_reward("http", {"url": "http://127.0.0.1:1", "token_env": "RAYGRPO_NO_SUCH_TOKEN"})
+    with pytest.raises(ValueError, match="NAME of an environment variable"):
+        make_reward("http", {"url": "http://127.0.0.1:1", "token_env": "Bearer abc.def"})
+    with pytest.raises(ValueError, match=r"'http'.*parameter 'url'"):
+        make_reward("http", {"url": "127.0.0.1:8000"})
+    with pytest.raises(ValueError, match="unknown parameter 'timeout'"):
+        make_reward("http", {"url": "http://127.0.0.1:1", "timeout": 3})
+
+
+def test_builtin_server_rejects_bad_requests_clearly(builtin_server):
+    url = f"{builtin_server.url}/v1/score"
+    good = {"id": "ok", "prompt": "p", "media_type": "image/png", "data": encode_png(images_of(1)[0])}
+
+    def post(payload, **kw):
+        return httpx.post(url, json=payload, timeout=5, **kw)
+
+    base = {"protocol": PROTOCOL, "request_id": "r1", "policy_version": 0}
+    r = post({**base, "protocol": "raygrpo.reward/v2", "items": [good]})
+    assert r.status_code == 400 and "protocol" in r.json()["detail"]
+    r = post({**base, "items": [dict(good, id=str(i)) for i in range(4)]})
+    assert r.status_code == 413 and "max_batch of 3" in r.json()["detail"]
+    r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}, timeout=5)
+    assert r.status_code == 400
+    r = post({**base, "items": [dict(good, data=123)]})
+    assert r.status_code == 422
+    r = post({**base, "items": [good, good]})
+    assert r.status_code == 400 and "unique" in r.json()["detail"]
+    # Bad media are per-item errors in a 200, and the good item is still scored.
+    not_png = base64.b64encode(b"GIF89a not a png").decode()
+    truncated = encode_png(images_of(1)[0])[:40]
+    items = [
+        good,
+        dict(good, id="b64", data="!!! not base64 !!!"),
+        dict(good, id="gif", data=not_png),
+        dict(good, id="cut", data=truncated + "=" * (-len(truncated) % 4)),
+    ]
+    r = post({**base, "items": items[:3]})
+    assert r.status_code == 200 and r.json()["request_id"] == "r1"
+    results = {res["id"]: res for res in r.json()["results"]}
+    assert results["ok"]["error"] is None and results["ok"]["score"] < 0
+    assert results["b64"]["score"] is None and "base64" in results["b64"]["error"]
+    assert results["gif"]["score"] is None and "PNG" in results["gif"]["error"]
+    r = post({**base, "items": items[3:]})
+    assert r.status_code == 200 and r.json()["results"][0]["score"] is None and "PNG" in r.json()["results"][0]["error"]
+
+
+def test_builtin_server_cli_with_token(monkeypatch):
+    port = _free_port()
+    env = {**os.environ, "CLI_REWARD_TOKEN": "cli-secret"}
+    command = [sys.executable, str(ROOT / "reward_servers" / "serve_builtin.py"), "--kind", "jpeg_compressibility",
+               "--params", '{"quality": 90}', "--port", str(port), "--token-env", "CLI_REWARD_TOKEN", "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}/v1/health", timeout_s=30)
+        monkeypatch.setenv("CLI_REWARD_TOKEN", "cli-secret")
+        images = images_of(3, seed=5)
+        values, valid, _ = http_reward(f"http://127.0.0.1:{port}", token_env="CLI_REWARD_TOKEN").score_with_errors(images, ["a"] * 3)
+        assert valid.all()
+        np.testing.assert_array_equal(values, make_reward("jpeg_compressibility", {"quality": 90}).score(images, ["a"] * 3))
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/info").json() == {
+            "name": "jpeg_compressibility", "media_types": ["image/png"], "max_batch": 64,
+        }  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------------
+# Against the template server
+# ------------------------------------------------------------------------------------------------
+
+
+def test_template_server_protocol_and_token(monkeypatch):
+    server = LiveServer(template_server.create_app(token="tmpl-token", max_batch=2))
+    try:
+        images = images_of(5, seed=6)
+        monkeypatch.setenv("RAYGRPO_TEMPLATE_TOKEN", "tmpl-token")
+        values, valid, _ = http_reward(server.url, token_env="RAYGRPO_TEMPLATE_TOKEN").score_with_errors(images, ["x"] * 5)
+        assert valid.all()
+        np.testing.assert_allclose(values, make_reward("brightness", {}).score(images, ["x"] * 5), rtol=1e-6)
+        assert server.recorder.count("/v1/score") == 3  # max_batch 2 from /v1/info
+        assert httpx.get(f"{server.url}/v1/info").json() == {"name": "template-brightness", "media_types": ["image/png"], "max_batch": 2}
+        # Without the token: 401, not retried.
+        server.recorder.requests.clear()
+        _, valid, errors = http_reward(server.url).score_with_errors(images[:1], ["x"])
+        assert not valid.any() and "401" in errors[0] and server.recorder.count("/v1/score") == 1
+        # A bad item is an error for that item only.
+        auth = {"Authorization": "Bearer tmpl-token"}
+        items = [{"id": "a", "prompt": "p", "media_type": "image/png", "data": encode_png(images[0])},
+                 {"id": "b", "prompt": "p", "media_type": "image/png", "data": "bm90IGEgcG5n"}]  # fmt: skip
+        r = httpx.post(f"{server.url}/v1/score", json={"protocol": PROTOCOL, "request_id": "t", "items": items}, headers=auth)
+        results = {res["id"]: res for res in r.json()["results"]}
+        assert r.status_code == 200 and results["a"]["score"] == pytest.approx(values[0], rel=1e-6)
+        assert results["b"]["score"] is None and "PNG" in results["b"]["error"]
+        r = httpx.post(f"{server.url}/v1/score", json={"protocol": "v0", "request_id": "t", "items": items}, headers=auth)
+        assert r.status_code == 400
+        r = httpx.post(f"{server.url}/v1/score", json={"protocol": PROTOCOL, "request_id": "t", "items": items * 2}, headers=auth)
+        assert r.status_code == 413
+    finally:
+        server.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Against misbehaving servers
+# ------------------------------------------------------------------------------------------------
+
+
+def test_batches_follow_info_and_info_is_fetched_once(chaos):
+    reward = http_reward(f"{chaos.url}/ok")
+    for _ in range(2):
+        values, valid, _ = reward.score_with_errors(images_of(10), ["p"] * 10)
+        assert valid.all() and list(values) == [10.0 + i for i in range(10)]
+    assert sorted(len(b["items"]) for b in chaos.recorder.bodies("/ok/v1/score")) == [2, 2, 4, 4, 4, 4]
+    assert chaos.recorder.count("/v1/info") == 1 and chaos.recorder.count("/v1/health") == 1
+    # An explicit batch_size needs no /v1/info.
+    chaos.recorder.requests.clear()
+    http_reward(f"{chaos.url}/ok", batch_size=3, check_health=False).score_with_errors(images_of(7), ["p"] * 7)
+    assert chaos.recorder.count("/v1/score") == 3 and chaos.recorder.count("/v1/info") == 0 and chaos.recorder.count("/v1/health") == 0
+
+
+def test_batches_are_sent_concurrently(chaos):
+    start = time.monotonic()
+    _, valid, _ = http_reward(f"{chaos.url}/slowok", batch_size=2, max_concurrency=4).score_with_errors(images_of(8), ["p"] * 8)
+    assert valid.all() and chaos.recorder.count("/v1/score") == 4
+    assert time.monotonic() - start < 1.0  # four 0.3 s requests one after another would take 1.2 s
+
+
+def test_results_are_matched_by_id_not_order(chaos):
+    values, valid, _ = http_reward(f"{chaos.url}/shuffled", batch_size=4).score_with_errors(images_of(4), ["p"] * 4)
+    assert valid.all() and list(values) == [10.0, 11.0, 12.0, 13.0]
+
+
+def test_500_then_ok_is_retried(chaos):
+    values, valid, _ = http_reward(f"{chaos.url}/s500").score_with_errors(images_of(3), ["p"] * 3)
+    assert valid.all() and list(values) == [10.0, 11.0, 12.0]
+    assert chaos.recorder.count("/s500/v1/score") == 2
+
+
+def test_429_honours_retry_after(chaos):
+    start = time.monotonic()
+    values, valid, _ = http_reward(f"{chaos.url}/rate429").score_with_errors(images_of(2), ["p"] * 2)
+    elapsed = time.monotonic() - start
+    assert valid.all() and chaos.recorder.count("/rate429/v1/score") == 2
+    assert 0.9 < elapsed < 3.0  # Retry-After: 1, not the 0.01 s backoff
+
+
+def test_always_503_exhausts_the_budget(chaos):
+    start = time.monotonic()
+    values, valid, errors = http_reward(f"{chaos.url}/always503", max_attempts=3).score_with_errors(images_of(3), ["p"] * 3)
+    assert not valid.any() and np.isnan(values).all()
+    assert chaos.recorder.count("/always503/v1/score") == 3
+    assert f"{chaos.url}/always503/v1/score" in errors[0] and "HTTP 503 after 3 attempts" in errors[0] and "overloaded" in errors[0]
+    assert time.monotonic() - start < 1.0
+
+
+@pytest.mark.parametrize("mode, expected", [("bad400", "HTTP 400"), ("garbage", "malformed"), ("schema", "malformed")])
+def test_not_retried(chaos, mode, expected):
+    values, valid, errors = http_reward(f"{chaos.url}/{mode}").score_with_errors(images_of(3), ["p"] * 3)
+    assert not valid.any() and np.isnan(values).all()
+    assert all(expected in e and f"{chaos.url}/{mode}/v1/score" in e for e in errors)
+    assert chaos.recorder.count(f"/{mode}/v1/score") == 1
+
+
+def test_missing_and_unknown_ids(chaos, caplog):
+    with caplog.at_level(logging.WARNING, logger="raygrpo.reward.http"):
+        values, valid, errors = http_reward(f"{chaos.url}/missing").score_with_errors(images_of(3), ["p"] * 3)
+    assert list(valid) == [True, True, False] and list(values[:2]) == [10.0, 11.0]
+    assert "no result for item '2'" in errors[2]
+    assert "ids that were not sent" in caplog.text and "999" in caplog.text
+
+
+def test_duplicate_ids_make_the_item_invalid(chaos):
+    values, valid, errors = http_reward(f"{chaos.url}/dupes").score_with_errors(images_of(3), ["p"] * 3)
+    assert list(valid) == [False, True, True] and "several results for item '0'" in errors[0]
+    assert list(values[1:]) == [11.0, 12.0]
+
+
+def test_non_finite_and_null_scores(chaos):
+    values, valid, errors = http_reward(f"{chaos.url}/nonfinite").score_with_errors(images_of(4), ["p"] * 4)
+    assert list(valid) == [False, False, False, True] and values[3] == 13.0
+    assert all("non-finite" in e for e in errors[:3])
+    values, valid, errors = http_reward(f"{chaos.url}/nullscore").score_with_errors(images_of(3), ["p"] * 3)
+    assert list(valid) == [False, False, True] and values[2] == 12.0
+    assert "model OOM" in errors[0] and "null score" in errors[1]
+
+
+def test_mismatched_request_id_is_refused(chaos):
+    _, valid, errors = http_reward(f"{chaos.url}/wrongid").score_with_errors(images_of(2), ["p"] * 2)
+    assert not valid.any() and "request_id" in errors[0]
+
+
+def test_timeout_then_ok(chaos):
+    start = time.monotonic()
+    _, valid, _ = http_reward(f"{chaos.url}/slow", timeout_s=0.3).score_with_errors(images_of(2), ["p"] * 2)
+    assert valid.all() and chaos.recorder.count("/slow/v1/score") == 2
+    assert time.monotonic() - start < 0.9
+
+
+def test_timeout_always(chaos):
+    start = time.monotonic()
+    _, valid, errors = http_reward(f"{chaos.url}/slowalways", timeout_s=0.2, max_attempts=2).score_with_errors(images_of(2), ["p"] * 2)
+    assert not valid.any() and "timed out" in errors[0] and "after 2 attempt" in errors[0]
+    assert time.monotonic() - start < 0.9
+
+
+def test_server_down():
+    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    start = time.monotonic()
+    values, valid, errors = http_reward(url, max_attempts=3).score_with_errors(images_of(2), ["p"] * 2)
+    assert not valid.any() and np.isnan(values).all()
+    assert url in errors[0] and "cannot connect" in errors[0] and "after 3 attempt" in errors[0]
+    assert time.monotonic() - start < 2.0
+    with pytest.raises(RuntimeError, match="2 of 2 items got no score"):
+        http_reward(url, max_attempts=1).score(images_of(2), ["p"] * 2)
+
+
+@pytest.mark.parametrize(
+    "mode, expected", [("unhealthy", "HTTP 503 after 2 attempts"), ("notok", "status 'loading'"), ("videoonly", "video/mp4")]
+)
+def test_readiness_failures_are_reported_once_per_item(chaos, mode, expected):
+    _, valid, errors = http_reward(f"{chaos.url}/{mode}", max_attempts=2).score_with_errors(images_of(2), ["p"] * 2)
+    assert not valid.any() and expected in errors[0] and chaos.recorder.count("/v1/score") == 0
+
+
+def test_async_api_and_sync_api_inside_a_running_loop(chaos):
+    reward = http_reward(f"{chaos.url}/ok")
+
+    async def main():
+        values, valid, _ = await reward.ascore_with_errors(images_of(2), ["p"] * 2)
+        # The sync API must not try to nest event loops when called from async code.
+        sync_values, sync_valid, _ = reward.score_with_errors(images_of(2), ["p"] * 2)
+        return values, valid, sync_values, sync_valid
+
+    values, valid, sync_values, sync_valid = asyncio.run(main())
+    assert valid.all() and sync_valid.all() and list(values) == list(sync_values) == [10.0, 11.0]
+
+
+def test_reward_worker_scores_a_group_over_http(chaos):
+    worker = RewardWorker(RewardConfig(name="remote", kind="http", params={"url": f"{chaos.url}/ok", **FAST}))
+    group = PromptGroup(group_id=3, prompt_id=0, prompt="a cat", group_size=4, seed=0, policy_version=0)
+    scores, seconds = worker.score(GroupMedia(group=group, images=images_of(4)))
+    assert scores.group_id == 3 and scores.reward_name == "remote" and scores.valid.all()
+    assert list(scores.values) == [10.0, 11.0, 12.0, 13.0] and seconds < 5
+    assert [it["prompt"] for it in chaos.recorder.bodies("/ok/v1/score")[0]["items"]] == ["a cat"] * 4
+
+
+def test_the_reward_worker_sends_the_groups_policy_version(builtin_server):
+    from raygrpo.contracts import GroupMedia, PromptGroup
+
+    builtin_server.recorder.requests.clear()
+    worker = RewardWorker(RewardConfig(name="remote", kind="http", params={"url": builtin_server.url, "batch_size": 4}))
+    scores, _ = worker.score(GroupMedia(PromptGroup(3, 0, "a cat", 2, 0, policy_version=12), images_of(2, seed=5)))
+    assert scores.valid.all() and scores.reward_name == "remote"
+    assert [body["policy_version"] for body in builtin_server.recorder.bodies("/v1/score")] == [12]
