@@ -311,3 +311,9 @@ BUILTIN_REWARDS[HttpReward.name] = HttpReward
 from raygrpo.reward.models import NEURAL_REWARDS  # noqa: E402
 
 BUILTIN_REWARDS.update(NEURAL_REWARDS)
+
+
+# The VLM judge (a vLLM server as reward); also subclasses Reward from this module, so imported last.
+from raygrpo.reward.vlm_judge import VlmJudgeReward  # noqa: E402
+
+BUILTIN_REWARDS[VlmJudgeReward.name] = VlmJudgeReward

