@@ -12,6 +12,10 @@ client side is ``raygrpo/reward/http.py``. :func:`create_app` wraps an already b
 
 What the server guarantees (and clients rely on):
 
+* Media: ``image/png`` always; ``video/mp4`` too when the reward scores videos ``[N, F, H, W, 3]``
+  (``frame_average``, e.g. ``--kind frame_average --params '{"reward": {"kind": "brightness"}}'``).
+  An MP4 is decoded to its frames (all of them; the reward picks which to score), and videos of
+  different shapes are scored as separate batches.
 * ``POST /v1/score`` answers 200 whenever the request is well formed, with one result per item,
   ids echoed: an item that cannot be decoded or scored gets ``score: null`` and an ``error``, so one
   bad image never costs its batch. A reward that raises fails only the items it was scoring.
@@ -42,10 +46,14 @@ from starlette.concurrency import run_in_threadpool
 
 from raygrpo.reward.builtin import Reward, make_reward
 from raygrpo.reward.http import PROTOCOL, ScoreItem, ScoreRequest, ScoreResult, ServerInfo
+from raygrpo.reward.media import decode_mp4
+from raygrpo.reward.models.video import FrameAverage
 
 MiB = 1 << 20
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MEDIA_TYPES = ["image/png"]
+IMAGE_MEDIA_TYPES = ["image/png"]
+VIDEO_MEDIA_TYPES = ["image/png", "video/mp4"]
+MEDIA_TYPES = IMAGE_MEDIA_TYPES  # of a reward that scores images only
 
 # A request refused early (401, 413) is still read to its end, up to this many bytes: a server that
 # answers and closes while the client is still sending makes many clients see a connection reset
@@ -53,18 +61,31 @@ MEDIA_TYPES = ["image/png"]
 _DRAIN_LIMIT = 256 * MiB
 
 
+def media_types_for(reward: Reward) -> list[str]:
+    """What ``reward`` can score: videos only if it accepts ``[N, F, H, W, 3]`` arrays."""
+    return list(VIDEO_MEDIA_TYPES if isinstance(reward, FrameAverage) else IMAGE_MEDIA_TYPES)
+
+
 def create_app(
-    reward: Reward, *, name: str, token: str | None = None, max_batch: int = 64, max_request_bytes: int = 64 * MiB
+    reward: Reward,
+    *,
+    name: str,
+    token: str | None = None,
+    max_batch: int = 64,
+    max_request_bytes: int = 64 * MiB,
+    media_types: list[str] | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``reward`` over protocol v1.
 
     ``token``: the bearer token clients must send to ``POST /v1/score`` (None: no auth). Health and
-    info stay open, as load balancers and the client's readiness check expect.
+    info stay open, as load balancers and the client's readiness check expect. ``media_types``:
+    what ``/v1/info`` advertises and ``/v1/score`` accepts (default: :func:`media_types_for`).
     """
     if max_batch < 1 or max_request_bytes < 1:
         raise ValueError("max_batch and max_request_bytes must be positive")
     app = FastAPI(title=f"raygrpo reward server: {name}", version=PROTOCOL)
-    info = ServerInfo(name=name, media_types=MEDIA_TYPES, max_batch=max_batch)
+    accepted = list(media_types) if media_types is not None else media_types_for(reward)
+    info = ServerInfo(name=name, media_types=accepted, max_batch=max_batch)
 
     @app.get("/v1/health")
     async def health() -> dict[str, str]:
@@ -83,29 +104,33 @@ def create_app(
         payload = _parse_request(body, max_batch)
         # Decoding and scoring are CPU (or GPU) work; off the event loop, health checks and other
         # requests still get answers meanwhile.
-        results = await run_in_threadpool(score_items, reward, payload.items)
+        results = await run_in_threadpool(score_items, reward, payload.items, accepted)
         return {"request_id": payload.request_id, "results": [r.model_dump() for r in results]}
 
     return app
 
 
-def score_items(reward: Reward, items: list[ScoreItem]) -> list[ScoreResult]:
-    """One result per item, in order; decoding and scoring failures become per-item errors."""
+def score_items(reward: Reward, items: list[ScoreItem], media_types: list[str] | None = None) -> list[ScoreResult]:
+    """One result per item, in order; decoding and scoring failures become per-item errors.
+
+    ``media_types``: those accepted (default :func:`media_types_for`); others are per-item errors.
+    """
+    accepted = media_types if media_types is not None else media_types_for(reward)
     results: dict[str, ScoreResult] = {}
     by_shape: dict[tuple[int, ...], list[tuple[ScoreItem, np.ndarray]]] = defaultdict(list)
     for item in items:
-        if item.media_type not in MEDIA_TYPES:
-            error = f"unsupported media_type {item.media_type!r}; this server accepts {MEDIA_TYPES}"
+        if item.media_type not in accepted:
+            error = f"unsupported media_type {item.media_type!r}; this server accepts {accepted}"
             results[item.id] = ScoreResult(id=item.id, error=error)
             continue
         try:
-            image = decode_png(item.data)
+            image = decode_video(item.data) if item.media_type == "video/mp4" else decode_png(item.data)
         except ValueError as exc:
             results[item.id] = ScoreResult(id=item.id, error=str(exc))
             continue
         by_shape[image.shape].append((item, image))
-    # raygrpo rewards take one [N, H, W, 3] array, so images of different sizes are scored as
-    # separate batches.
+    # raygrpo rewards take one [N, H, W, 3] (or [N, F, H, W, 3]) array, so media of different
+    # shapes are scored as separate batches.
     for group in by_shape.values():
         images = np.stack([image for _, image in group])
         prompts = [item.prompt for item, _ in group]
@@ -136,6 +161,15 @@ def decode_png(data: str) -> np.ndarray:
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files (and bombs)
         raise ValueError(f"cannot decode PNG: {type(exc).__name__}: {exc}") from None
+
+
+def decode_video(data: str) -> np.ndarray:
+    """``[F, H, W, 3]`` uint8 from base64 MP4 bytes; ValueError saying what is wrong otherwise."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"data is not valid base64: {exc}") from None
+    return decode_mp4(raw)
 
 
 def _authorized(header: str | None, token: str) -> bool:

@@ -1,7 +1,7 @@
 """A reward served over HTTP: the client side of protocol ``raygrpo.reward/v1``.
 
-Any process that answers three endpoints can score images for raygrpo, in any language, on any
-machine, with any model and any dependencies; raygrpo never imports it::
+Any process that answers three endpoints can score images (or videos) for raygrpo, in any language,
+on any machine, with any model and any dependencies; raygrpo never imports it::
 
     GET  /v1/health  -> 200 {"status": "ok"}
     GET  /v1/info    -> 200 {"name": str, "media_types": [str], "max_batch": int}
@@ -44,6 +44,7 @@ from PIL import Image
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from raygrpo.reward.builtin import NON_FINITE_ERROR, Reward, RewardParams
+from raygrpo.reward.media import DEFAULT_FPS, decode_mp4, encode_mp4  # noqa: F401 - decode_mp4 re-exported for servers
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class _Failed(Exception):
 
 
 class HttpReward(Reward):
-    """Scores images by POSTing them, as base64 PNG in JSON, to a ``raygrpo.reward/v1`` server.
+    """Scores images (or videos) by POSTing them, as base64 PNG (MP4) in JSON, to a ``raygrpo.reward/v1`` server.
 
     Params:
 
@@ -148,7 +149,11 @@ class HttpReward(Reward):
     * ``batch_size``: items per request; None asks the server's ``/v1/info`` once. A batch the server
       refuses with 413 (too many items or too many bytes) is split in halves and resent.
     * ``max_concurrency``: requests in flight at once for one call.
-    * ``media_type``: how images are sent; ``image/png`` (lossless, so the server sees the exact pixels).
+    * ``media_type``: ``image/png`` (default): inputs are images ``[N, H, W, 3]`` uint8, sent as
+      lossless PNG, so the server sees the exact pixels. ``video/mp4``: inputs are videos
+      ``[N, F, H, W, 3]`` uint8, each sent as one H.264 MP4 (lossy; see :mod:`raygrpo.reward.media`).
+      The server's ``/v1/info`` must list the media type (checked when ``batch_size`` is unset).
+    * ``video_fps``: frame rate written into the MP4s (videos only).
     * ``check_health``: ask ``/v1/health`` before the first request, so that a server that is down
       or still loading says so once, clearly, instead of as N failed batches.
     """
@@ -163,7 +168,8 @@ class HttpReward(Reward):
         backoff_s: float = Field(default=0.5, ge=0)
         batch_size: int | None = Field(default=None, ge=1)
         max_concurrency: int = Field(default=4, ge=1)
-        media_type: Literal["image/png"] = "image/png"
+        media_type: MediaType = "image/png"
+        video_fps: int = Field(default=DEFAULT_FPS, ge=1)
         check_health: bool = True
 
         @field_validator("url")
@@ -276,7 +282,7 @@ class HttpReward(Reward):
         at most ``max_concurrency`` at a time. Bad arguments (shapes, lengths) raise ValueError;
         everything that goes wrong on the wire comes back as invalid items.
         """
-        n = _check_inputs(images, prompts, metadata)
+        n = _check_inputs(images, prompts, metadata, video=self.params.media_type == "video/mp4")
         values = np.full(n, np.nan, dtype=np.float32)
         errors: list[str | None] = [None] * n
         if n:
@@ -348,7 +354,10 @@ class HttpReward(Reward):
         for i in indices:
             meta = dict(metadata[i]) if metadata is not None else {}
             json.dumps(meta, allow_nan=False)  # fail here, per batch, rather than inside httpx
-            data = encode_png(images[i])
+            if self.params.media_type == "video/mp4":
+                data = base64.b64encode(encode_mp4(images[i], self.params.video_fps)).decode("ascii")
+            else:
+                data = encode_png(images[i])
             items.append(ScoreItem(id=str(i), prompt=prompts[i], media_type=self.params.media_type, data=data, metadata=meta))
         return items
 
@@ -496,10 +505,13 @@ def encode_png(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _check_inputs(images: np.ndarray, prompts: list[str], metadata: Sequence[Mapping[str, Any]] | None) -> int:
-    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+def _check_inputs(images: np.ndarray, prompts: list[str], metadata: Sequence[Mapping[str, Any]] | None, *, video: bool = False) -> int:
+    ndim, shape = (5, "[N, F, H, W, 3] (media_type video/mp4)") if video else (4, "[N, H, W, 3]")
+    if not isinstance(images, np.ndarray) or images.ndim != ndim or images.shape[-1] != 3 or images.dtype != np.uint8:
         desc = f"{images.dtype} array of shape {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
-        raise ValueError(f"images must be a uint8 array [N, H, W, 3], got {desc}")
+        raise ValueError(f"{'videos' if video else 'images'} must be a uint8 array {shape}, got {desc}")
+    if video and images.shape[1] == 0:
+        raise ValueError(f"videos have no frames (shape {images.shape})")
     if len(prompts) != len(images):
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
     if metadata is not None and len(metadata) != len(images):
