@@ -132,6 +132,45 @@ class _Failed(Exception):
     """A request that produced no usable answer; the message is what every affected item reports."""
 
 
+async def request_with_retries(
+    client: httpx.AsyncClient, method: str, url: str, *, label: str, max_attempts: int, timeout_s: float, backoff_s: float, **kwargs: Any
+) -> tuple[httpx.Response, int]:
+    """``(response, attempts made)``: the first answer not worth retrying, or the last one.
+
+    Transport errors, timeouts, 429 and 5xx are retried with jittered exponential backoff (429 honours
+    ``Retry-After``, capped); any other status is returned at once. Raises :class:`_Failed` when the
+    last attempt ended in a transport error or timeout. Shared by every HTTP-backed reward.
+    """
+    for attempt in range(1, max_attempts + 1):
+        start = time.monotonic()
+        try:
+            # wait_for bounds the whole attempt; httpx's own timeout is per read/write, so a
+            # server trickling bytes would otherwise never time out.
+            response = await asyncio.wait_for(client.request(method, url, **kwargs), timeout=timeout_s)
+        except (httpx.TransportError, asyncio.TimeoutError) as exc:
+            problem = _describe_transport_error(exc, time.monotonic() - start, timeout_s)
+            if attempt == max_attempts:
+                raise _Failed(f"{label} {method} {url} failed after {max_attempts} attempt(s): {problem}") from None
+            delay = _backoff_delay(attempt, backoff_s)
+        else:
+            if response.status_code not in _RETRYABLE_STATUS or attempt == max_attempts:
+                return response, attempt
+            delay = _backoff_delay(attempt, backoff_s)
+            if response.status_code == 429:
+                retry_after = _retry_after_s(response.headers.get("Retry-After"))
+                if retry_after is not None:
+                    delay = min(retry_after, MAX_RETRY_DELAY_S)
+            problem = f"HTTP {response.status_code}"
+        logger.info("%s %s %s: attempt %d/%d: %s; retrying in %.2f s", label, method, url, attempt, max_attempts, problem, delay)
+        await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # the loop returns or raises on its last attempt
+
+
+def _backoff_delay(attempt: int, backoff_s: float) -> float:
+    # Exponential, with jitter in [0.5, 1.5) so that replicas that failed together do not retry together.
+    return min(backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()), MAX_RETRY_DELAY_S)
+
+
 class HttpReward(Reward):
     """Scores images (or videos) by POSTing them, as base64 PNG (MP4) in JSON, to a ``raygrpo.reward/v1`` server.
 
@@ -437,38 +476,11 @@ class HttpReward(Reward):
     async def _request(
         self, client: httpx.AsyncClient, method: str, path: str, content: bytes | None = None
     ) -> tuple[httpx.Response, int]:
-        """``(response, attempts made)``: the first answer not worth retrying, or the last one.
-
-        Raises :class:`_Failed` when the last attempt ended in a transport error or timeout.
-        """
-        url = self._endpoint(path)
         headers = {"Content-Type": "application/json"} if content is not None else None
-        attempts = self.params.max_attempts
-        for attempt in range(1, attempts + 1):
-            start = time.monotonic()
-            try:
-                # wait_for bounds the whole attempt; httpx's own timeout is per read/write, so a
-                # server trickling bytes would otherwise never time out.
-                response = await asyncio.wait_for(
-                    client.request(method, url, content=content, headers=headers), timeout=self.params.timeout_s
-                )
-            except (httpx.TransportError, asyncio.TimeoutError) as exc:
-                problem = _describe_transport_error(exc, time.monotonic() - start, self.params.timeout_s)
-                if attempt == attempts:
-                    raise _Failed(f"http reward {method} {url} failed after {attempts} attempt(s): {problem}") from None
-                delay = self._backoff(attempt)
-            else:
-                if response.status_code not in _RETRYABLE_STATUS or attempt == attempts:
-                    return response, attempt
-                delay = self._backoff(attempt)
-                if response.status_code == 429:
-                    retry_after = _retry_after_s(response.headers.get("Retry-After"))
-                    if retry_after is not None:
-                        delay = min(retry_after, MAX_RETRY_DELAY_S)
-                problem = f"HTTP {response.status_code}"
-            logger.info("http reward %s %s: attempt %d/%d: %s; retrying in %.2f s", method, url, attempt, attempts, problem, delay)
-            await asyncio.sleep(delay)
-        raise AssertionError("unreachable")  # the loop returns or raises on its last attempt
+        return await request_with_retries(
+            client, method, self._endpoint(path), label="http reward", max_attempts=self.params.max_attempts,
+            timeout_s=self.params.timeout_s, backoff_s=self.params.backoff_s, content=content, headers=headers,
+        )  # fmt: skip
 
     def _parse(self, response: httpx.Response, attempts: int, model: type[BaseModel]) -> Any:
         """The validated body of a 200 answer; raises :class:`_Failed` naming URL, status and problem."""
@@ -483,11 +495,6 @@ class HttpReward(Reward):
         except (ValueError, ValidationError) as exc:
             problem = _validation_summary(exc) if isinstance(exc, ValidationError) else f"invalid JSON ({exc})"
             raise _Failed(f"http reward {what}: HTTP 200 with a malformed body: {problem}: {_snippet(response)}") from None
-
-    def _backoff(self, attempt: int) -> float:
-        # Exponential, with jitter in [0.5, 1.5) so that replicas that failed together do not
-        # retry together.
-        return min(self.params.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()), MAX_RETRY_DELAY_S)
 
     def _endpoint(self, path: str) -> str:
         return f"{self.params.url}{path}"

@@ -34,7 +34,6 @@ import concurrent.futures
 import logging
 import math
 import os
-import random
 import shutil
 import signal
 import socket
@@ -52,10 +51,9 @@ from pydantic import Field, field_validator, model_validator
 
 from raygrpo.reward.builtin import Reward, RewardParams
 from raygrpo.reward.http import (
-    MAX_RETRY_DELAY_S,
+    _Failed,
+    request_with_retries,
     _check_inputs,
-    _describe_transport_error,
-    _retry_after_s,
     _snippet,
     encode_png,
 )
@@ -85,7 +83,6 @@ _SERVER_ENV = {
     "DO_NOT_TRACK": "1",
 }
 
-_RETRYABLE_STATUS = frozenset({429}) | frozenset(range(500, 600))
 _LOG_TAIL_LINES = 30
 
 
@@ -330,35 +327,10 @@ class VlmJudgeReward(Reward):
         return parse_judgement(answer)
 
     async def _request(self, client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> tuple[httpx.Response, int]:
-        """``(response, attempts)``: the first answer not worth retrying, or the last one; raises :class:`_Failed`
-        when the last attempt ended in a transport error or timeout."""
-        attempts = self.params.max_attempts
-        for attempt in range(1, attempts + 1):
-            start = time.monotonic()
-            try:
-                # wait_for bounds the whole attempt; httpx's timeout is per read, so a trickling server would not time out.
-                response = await asyncio.wait_for(client.request(method, url, **kwargs), timeout=self.params.timeout_s)
-            except (httpx.TransportError, asyncio.TimeoutError) as exc:
-                problem = _describe_transport_error(exc, time.monotonic() - start, self.params.timeout_s)
-                if attempt == attempts:
-                    raise _Failed(f"vlm_judge {method} {url} failed after {attempts} attempt(s): {problem}") from None
-                delay = self._backoff(attempt)
-            else:
-                if response.status_code not in _RETRYABLE_STATUS or attempt == attempts:
-                    return response, attempt
-                delay = self._backoff(attempt)
-                if response.status_code == 429:
-                    retry_after = _retry_after_s(response.headers.get("Retry-After"))
-                    if retry_after is not None:
-                        delay = min(retry_after, MAX_RETRY_DELAY_S)
-                problem = f"HTTP {response.status_code}"
-            logger.info("vlm_judge %s %s: attempt %d/%d: %s; retrying in %.2f s", method, url, attempt, attempts, problem, delay)
-            await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def _backoff(self, attempt: int) -> float:
-        # Jittered so that replicas that failed together do not retry together.
-        return min(self.params.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()), MAX_RETRY_DELAY_S)
+        return await request_with_retries(
+            client, method, url, label="vlm_judge", max_attempts=self.params.max_attempts,
+            timeout_s=self.params.timeout_s, backoff_s=self.params.backoff_s, **kwargs,
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,10 +382,6 @@ def expected_digit(logprobs: Any) -> float | None:
     if not total > 0.0:
         return None
     return sum(k * p for k, p in mass.items()) / total
-
-
-class _Failed(Exception):
-    """A request with no usable answer; the message is what the affected items report."""
 
 
 def _all_invalid(n: int, message: str) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
