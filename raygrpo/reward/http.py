@@ -132,6 +132,17 @@ class _Failed(Exception):
     """A request that produced no usable answer; the message is what every affected item reports."""
 
 
+def check_base_url(url: str) -> httpx.URL:
+    """The parsed URL if ``url`` is an absolute http(s) URL with a host; else a ValueError saying what is expected."""
+    try:
+        parsed = httpx.URL(url) if "://" in url else None
+    except httpx.InvalidURL:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"must be an http(s) base URL such as http://127.0.0.1:8000, got {url!r}")
+    return parsed
+
+
 async def request_with_retries(
     client: httpx.AsyncClient, method: str, url: str, *, label: str, max_attempts: int, timeout_s: float, backoff_s: float, **kwargs: Any
 ) -> tuple[httpx.Response, int]:
@@ -214,12 +225,7 @@ class HttpReward(Reward):
         @field_validator("url")
         @classmethod
         def _check_url(cls, url: str) -> str:
-            try:
-                parsed = httpx.URL(url) if "://" in url else None
-            except httpx.InvalidURL:
-                parsed = None
-            if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
-                raise ValueError(f"must be an http(s) base URL such as http://127.0.0.1:8000, got {url!r}")
+            parsed = check_base_url(url)
             if parsed.query or parsed.fragment:
                 raise ValueError(f"must be a base URL without query or fragment, got {url!r}")
             return url.rstrip("/")

@@ -52,6 +52,7 @@ from pydantic import Field, field_validator, model_validator
 from raygrpo.reward.builtin import Reward, RewardParams
 from raygrpo.reward.http import (
     _Failed,
+    check_base_url,
     request_with_retries,
     _check_inputs,
     _snippet,
@@ -144,12 +145,7 @@ class VlmJudgeReward(Reward):
         def _check_url(cls, url: str | None) -> str | None:
             if url is None:
                 return None
-            try:
-                parsed = httpx.URL(url) if "://" in url else None
-            except httpx.InvalidURL:
-                parsed = None
-            if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
-                raise ValueError(f"must be an http(s) base URL such as http://127.0.0.1:8000, got {url!r}")
+            check_base_url(url)
             # Accept both ".../v1" and the bare server URL; the endpoints below add "/v1" themselves.
             return url.rstrip("/").removesuffix("/v1")
 
