@@ -35,14 +35,59 @@ class PromptGroup:
     group_size: int  # G
     seed: int  # seeds the initial noise and the SDE noise of the whole group
     policy_version: int  # version of the weights the controller wants this group sampled with
+    image: np.ndarray | None = None  # [H, W, 3] uint8 conditioning image (image-to-video); None for text-only
 
 
 @dataclass
 class Conditioning:
-    """Text conditioning of one prompt, computed once and sent once per group (not per sample)."""
+    """Conditioning of one prompt (and image), computed once and sent once per group (not per sample).
 
-    prompt_embeds: np.ndarray  # [L, D_text] float32 (FLUX: T5 hidden states)
-    pooled_prompt_embeds: np.ndarray  # [D_pool] float32 (FLUX: CLIP pooled output)
+    Which fields are set depends on the model family; absent ones are None.
+    """
+
+    prompt_embeds: np.ndarray  # [L, D_text] float32 (FLUX: T5 hidden states; SD3: joint CLIP+T5 sequence)
+    pooled_prompt_embeds: np.ndarray | None = None  # [D_pool] float32 (FLUX/SD3/HunyuanVideo: CLIP pooled output)
+    prompt_mask: np.ndarray | None = None  # [L] int64, 1 = real token (families whose network takes a mask)
+    image_embeds: np.ndarray | None = None  # [N, D_img] float32, image-encoder states (image-to-video)
+    image_latents: np.ndarray | None = None  # VAE latents (and mask channels) of the conditioning image (image-to-video)
+
+    def arrays(self) -> list[np.ndarray]:
+        return [a for a in (self.prompt_embeds, self.pooled_prompt_embeds, self.prompt_mask, self.image_embeds, self.image_latents) if a is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays())
+
+
+@dataclass
+class ConditioningBatch:
+    """A :class:`Conditioning` as tensors on the model's device, expanded to ``B`` samples (what
+    model adapters' ``velocity`` takes). Expansion is a view: one copy per group, not per sample."""
+
+    prompt_embeds: torch.Tensor  # [B, L, D_text]
+    pooled_prompt_embeds: torch.Tensor | None = None  # [B, D_pool]
+    prompt_mask: torch.Tensor | None = None  # [B, L]
+    image_embeds: torch.Tensor | None = None  # [B, N, D_img]
+    image_latents: torch.Tensor | None = None  # [B, ...]
+
+    @classmethod
+    def of(cls, cond: Conditioning, batch: int, device: torch.device | str = "cpu") -> ConditioningBatch:
+        def expand(array: np.ndarray | None) -> torch.Tensor | None:
+            if array is None:
+                return None
+            tensor = as_tensor(array, device)[None]
+            return tensor.expand(batch, *tensor.shape[1:])
+
+        return cls(
+            prompt_embeds=expand(cond.prompt_embeds),
+            pooled_prompt_embeds=expand(cond.pooled_prompt_embeds),
+            prompt_mask=expand(cond.prompt_mask),
+            image_embeds=expand(cond.image_embeds),
+            image_latents=expand(cond.image_latents),
+        )
+
+    def __len__(self) -> int:
+        return len(self.prompt_embeds)
 
 
 @dataclass
@@ -72,7 +117,7 @@ class Rollout:
     @property
     def nbytes(self) -> int:
         """Bytes of array data that reach the learner for this group."""
-        arrays = [self.final_latents, self.sigmas, self.conditioning.prompt_embeds, self.conditioning.pooled_prompt_embeds]
+        arrays = [self.final_latents, self.sigmas, *self.conditioning.arrays()]
         arrays += [a for a in (self.trajectory, self.log_probs) if a is not None]
         return sum(a.nbytes for a in arrays)
 

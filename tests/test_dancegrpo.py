@@ -11,7 +11,7 @@ import torch
 from raygrpo.algorithms.advantages import group_advantages
 from raygrpo.algorithms.dancegrpo import DanceGRPO
 from raygrpo.config import load_config
-from raygrpo.contracts import PromptGroup, Rollout, TrainGroup, as_tensor
+from raygrpo.contracts import ConditioningBatch, PromptGroup, Rollout, TrainGroup, as_tensor
 from raygrpo.learner.learner import Learner
 from raygrpo.rollout.worker import RolloutWorker
 from raygrpo.sampling import step_transition
@@ -73,7 +73,7 @@ def test_learner_recomputes_the_rollout_log_probs_exactly(worker_and_learner):
         for member in range(G):
             for j in range(len(rollout.sigmas) - 1):
                 x = as_tensor(rollout.trajectory[member, j])[None]
-                v = model.velocity(x, sigmas[j].reshape(1), embeds, pooled)
+                v = model.velocity(x, sigmas[j].reshape(1), ConditioningBatch(embeds, pooled))
                 step = step_transition("dance_sde", 0.3, x, v, sigmas, j)
                 log_prob = step.log_prob(as_tensor(rollout.trajectory[member, j + 1])[None])
                 assert float(log_prob) == float(rollout.log_probs[member, j]), (member, j)

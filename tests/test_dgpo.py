@@ -16,7 +16,7 @@ from raygrpo.algorithms.dgpo import (
     training_sigmas,
 )
 from raygrpo.config import load_config
-from raygrpo.contracts import PromptGroup, TrainGroup
+from raygrpo.contracts import ConditioningBatch, PromptGroup, TrainGroup
 from raygrpo.learner.ema import fast_ema_decay, slow_ema_decay
 from raygrpo.learner.learner import Learner
 from raygrpo.rollout.worker import RolloutWorker
@@ -167,7 +167,7 @@ def test_lora_reference_is_the_base_with_the_adapter_off_and_sync_is_lora_only()
     x = torch.randn(2, *learner.model.latent_shape)
     embeds, pooled = torch.randn(2, 16, 32), torch.randn(2, 32)
     with torch.no_grad():
-        base_before = learner.model.velocity(x, torch.tensor([0.7, 0.7]), embeds, pooled)
+        base_before = learner.model.velocity(x, torch.tensor([0.7, 0.7]), ConditioningBatch(embeds, pooled))
     for step in range(2):
         rollout, group = rollout_and_group(worker, step, seed=step)
         learner.algorithm.update(learner.model, learner.parameters, learner.optimizer, [(group, rollout)], np.random.default_rng(step), step + 1)
@@ -175,10 +175,10 @@ def test_lora_reference_is_the_base_with_the_adapter_off_and_sync_is_lora_only()
         assert message.partial and set(message.arrays) == learner.synced_names
         load_weights(worker.model.transformer, message)
     with torch.no_grad():
-        trained = learner.model.velocity(x, torch.tensor([0.7, 0.7]), embeds, pooled)
+        trained = learner.model.velocity(x, torch.tensor([0.7, 0.7]), ConditioningBatch(embeds, pooled))
         with learner.algorithm._frozen_base():
-            base_after = learner.model.velocity(x, torch.tensor([0.7, 0.7]), embeds, pooled)
-        on_worker = worker.model.velocity(x, torch.tensor([0.7, 0.7]), embeds, pooled)
+            base_after = learner.model.velocity(x, torch.tensor([0.7, 0.7]), ConditioningBatch(embeds, pooled))
+        on_worker = worker.model.velocity(x, torch.tensor([0.7, 0.7]), ConditioningBatch(embeds, pooled))
     assert not torch.allclose(trained, base_before)  # the adapter learned something
     torch.testing.assert_close(base_after, base_before)  # the reference is the untouched base
     torch.testing.assert_close(on_worker, trained)  # LoRA-only sync reproduces the policy on the rollout side

@@ -16,6 +16,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer, T5TokenizerFast
 
+from raygrpo.contracts import ConditioningBatch
 from raygrpo.models import (
     MODEL_FAMILIES,
     FluxModel,
@@ -184,7 +185,7 @@ def test_velocity_matches_direct_transformer_call(model, pipe):
     latents = model.initial_noise(torch.Generator().manual_seed(0), 2)
     sigmas = torch.tensor([0.5371, 0.25])
     with torch.no_grad():
-        velocity = model.velocity(latents, sigmas, embeds, pooled)
+        velocity = model.velocity(latents, sigmas, ConditioningBatch(embeds, pooled))
         direct = pipe.transformer(
             hidden_states=latents,
             timestep=torch.tensor([0.537, 0.25]),
@@ -210,7 +211,7 @@ def test_velocity_is_differentiable(tiny_folder):
     embeds, pooled = _conditioning(model, 1)
     model.transformer.requires_grad_(True)
     latents = model.initial_noise(torch.Generator().manual_seed(0), 1)
-    loss = model.velocity(latents, torch.tensor([0.8]), embeds, pooled).square().mean()
+    loss = model.velocity(latents, torch.tensor([0.8]), ConditioningBatch(embeds, pooled)).square().mean()
     loss.backward()
     grads = [p.grad for p in model.transformer.parameters()]
     assert all(g is not None for g in grads)
@@ -231,7 +232,7 @@ def test_euler_sampling_and_decode_match_flux_pipeline(model, tiny_folder):
     latents = noise.clone()
     with torch.no_grad():
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-            latents = latents + (sigma_next - sigma) * model.velocity(latents, sigma.expand(2), embeds, pooled)
+            latents = latents + (sigma_next - sigma) * model.velocity(latents, sigma.expand(2), ConditioningBatch(embeds, pooled))
     images = model.decode(latents)
 
     kwargs = dict(height=64, width=64, num_inference_steps=steps, sigmas=sigmas[:-1].tolist(),

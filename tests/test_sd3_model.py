@@ -13,6 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
+from raygrpo.contracts import ConditioningBatch
 from raygrpo.models import MODEL_FAMILIES, SD3Model, build_tiny_sd3, load_model, quantize_timestep, tiny_model_folder
 
 PROMPT = "A photo of an astronaut riding a horse on the moon, highly detailed"
@@ -153,15 +154,15 @@ def test_velocity_without_cfg_is_a_pipeline_style_transformer_call(model, pipe):
     latents = model.initial_noise(torch.Generator().manual_seed(0), 2)
     sigmas = torch.tensor([0.5371, 0.25])
     with torch.no_grad():
-        velocity = model.velocity(latents, sigmas, embeds, pooled, guidance_scale=1.0)
+        velocity = model.velocity(latents, sigmas, ConditioningBatch(embeds, pooled), guidance_scale=1.0)
         direct = _direct(pipe.transformer, latents, torch.tensor([537.0, 250.0]), embeds, pooled)
         unquantised = _direct(pipe.transformer, latents, sigmas * 1000, embeds, pooled)
-        assert torch.equal(model.velocity(latents, sigmas, embeds, pooled, 0.0), velocity)  # <= 1: no CFG
+        assert torch.equal(model.velocity(latents, sigmas, ConditioningBatch(embeds, pooled), 0.0), velocity)  # <= 1: no CFG
     assert velocity.shape == (2, 16, 8, 8) and velocity.dtype == torch.float32
     torch.testing.assert_close(velocity, direct, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(velocity, unquantised, atol=1e-7)  # the quantisation is really applied
     with pytest.raises(ValueError, match="per sample"):
-        model.velocity(latents[:, :, :4], sigmas, embeds, pooled)
+        model.velocity(latents[:, :, :4], sigmas, ConditioningBatch(embeds, pooled))
 
 
 def test_velocity_with_cfg_is_one_batched_forward_of_both_branches(model):
@@ -172,15 +173,15 @@ def test_velocity_with_cfg_is_one_batched_forward_of_both_branches(model):
     hook = model.transformer.register_forward_hook(lambda module, args, output: forwards.append(1))
     try:
         with torch.no_grad():
-            guided = model.velocity(latents, sigmas, embeds, pooled, guidance_scale=CFG)
+            guided = model.velocity(latents, sigmas, ConditioningBatch(embeds, pooled), guidance_scale=CFG)
             assert len(forwards) == 1
-            default = model.velocity(latents, sigmas, embeds, pooled)  # None: the model's guidance_scale, 4.5
+            default = model.velocity(latents, sigmas, ConditioningBatch(embeds, pooled))  # None: the model's guidance_scale, 4.5
     finally:
         hook.remove()
     negative_embeds, negative_pooled = _conditioning(model, 2, prompt="")
     with torch.no_grad():
-        conditional = model.velocity(latents, sigmas, embeds, pooled, guidance_scale=1.0)
-        unconditional = model.velocity(latents, sigmas, negative_embeds, negative_pooled, guidance_scale=1.0)
+        conditional = model.velocity(latents, sigmas, ConditioningBatch(embeds, pooled), guidance_scale=1.0)
+        unconditional = model.velocity(latents, sigmas, ConditioningBatch(negative_embeds, negative_pooled), guidance_scale=1.0)
     torch.testing.assert_close(guided, unconditional + CFG * (conditional - unconditional), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(default, guided, atol=0, rtol=0)
     assert not torch.allclose(guided, conditional, atol=1e-4)
@@ -192,12 +193,12 @@ def test_cfg_without_text_encoders_needs_a_negative(model, tiny_folder):
     latents = model.initial_noise(torch.Generator().manual_seed(2), 1)
     sigma = torch.tensor([0.6])
     with torch.no_grad():
-        learner.velocity(latents, sigma, embeds, pooled, guidance_scale=1.0)  # no CFG: fine
+        learner.velocity(latents, sigma, ConditioningBatch(embeds, pooled), guidance_scale=1.0)  # no CFG: fine
         with pytest.raises(RuntimeError, match="load_text_encoders=False.*set_negative_conditioning"):
-            learner.velocity(latents, sigma, embeds, pooled)  # default 4.5: CFG
+            learner.velocity(latents, sigma, ConditioningBatch(embeds, pooled))  # default 4.5: CFG
         learner.set_negative_conditioning(model.negative_conditioning)
         torch.testing.assert_close(
-            learner.velocity(latents, sigma, embeds, pooled), model.velocity(latents, sigma, embeds, pooled)
+            learner.velocity(latents, sigma, ConditioningBatch(embeds, pooled)), model.velocity(latents, sigma, ConditioningBatch(embeds, pooled))
         )
 
 
@@ -208,7 +209,7 @@ def test_velocity_is_differentiable(tiny_folder, model, guidance_scale):
     embeds, pooled = _conditioning(model, 1)
     policy.transformer.requires_grad_(True)
     latents = policy.initial_noise(torch.Generator().manual_seed(0), 1)
-    loss = policy.velocity(latents, torch.tensor([0.8]), embeds, pooled, guidance_scale=guidance_scale).square().mean()
+    loss = policy.velocity(latents, torch.tensor([0.8]), ConditioningBatch(embeds, pooled), guidance_scale=guidance_scale).square().mean()
     loss.backward()
     grads = [p.grad for p in policy.transformer.parameters()]
     assert all(g is not None for g in grads)
@@ -229,7 +230,7 @@ def test_euler_sampling_with_cfg_and_decode_match_sd3_pipeline(model, tiny_folde
     latents = noise.clone()
     with torch.no_grad():
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-            velocity = model.velocity(latents, sigma.expand(2), embeds, pooled, guidance_scale=CFG)
+            velocity = model.velocity(latents, sigma.expand(2), ConditioningBatch(embeds, pooled), guidance_scale=CFG)
             latents = latents + (sigma_next - sigma) * velocity
     images = model.decode(latents)
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from raygrpo.config import Config
-from raygrpo.contracts import LearnerMetrics, Rollout, TrainGroup, as_tensor
+from raygrpo.contracts import ConditioningBatch, LearnerMetrics, Rollout, TrainGroup, as_tensor
 from raygrpo.sampling import step_transition
 
 
@@ -56,7 +56,7 @@ class RolloutSpec:
 class VelocityModel(Protocol):
     """What the algorithm needs of the policy network (e.g. ``raygrpo.models.FluxModel``)."""
 
-    def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor: ...
+    def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: ConditioningBatch) -> torch.Tensor: ...
 
 
 def rollout_spec(config: Config) -> RolloutSpec:
@@ -112,8 +112,7 @@ class DanceGRPO:
         optimizer.zero_grad(set_to_none=True)
         for n, (group, rollout, member) in enumerate(samples):
             sigmas = as_tensor(rollout.sigmas, device)  # [T+1]
-            prompt_embeds = as_tensor(rollout.conditioning.prompt_embeds, device)[None]  # [1, L, Dt]
-            pooled = as_tensor(rollout.conditioning.pooled_prompt_embeds, device)[None]  # [1, Dp]
+            cond = ConditioningBatch.of(rollout.conditioning, 1, device)
             advantages = torch.as_tensor(group.advantages[:, member], device=device)  # [K]
             weights = torch.as_tensor(group.reward_weights, device=device)  # [K]
             # A window's last chunk is smaller; scale by the real count so every window averages.
@@ -121,7 +120,7 @@ class DanceGRPO:
             for j in trained_steps(len(rollout.sigmas) - 1, algo.timestep_fraction, rng):
                 x = as_tensor(rollout.trajectory[member, j], device)[None]  # [1, S, D]
                 x_next = as_tensor(rollout.trajectory[member, j + 1], device)[None]  # [1, S, D]
-                v = policy.velocity(x, sigmas[j].reshape(1), prompt_embeds, pooled)  # [1, S, D]
+                v = policy.velocity(x, sigmas[j].reshape(1), cond)  # [1, ...]
                 step = step_transition(self.spec.sampler, self.spec.noise_level, x, v, sigmas, int(j))
                 log_prob = step.log_prob(x_next)  # [1]
                 ratio = torch.exp(log_prob - float(rollout.log_probs[member, j]))  # [1]

@@ -53,7 +53,7 @@ import torch
 
 from raygrpo.algorithms.dancegrpo import RolloutSpec
 from raygrpo.config import Config, DGPOConfig
-from raygrpo.contracts import LearnerMetrics, Rollout, TrainGroup, as_tensor
+from raygrpo.contracts import ConditioningBatch, LearnerMetrics, Rollout, TrainGroup, as_tensor
 from raygrpo.learner.ema import ParameterShadow, fast_ema_decay, slow_ema_decay
 from raygrpo.sampling import shift_sigmas
 
@@ -121,8 +121,7 @@ class _Group:
 
     x0: torch.Tensor  # [G, ...] final latents of the trained members
     advantages: torch.Tensor  # [G] sum_k w_k A_k
-    prompt_embeds: torch.Tensor  # [G, L, Dt]
-    pooled: torch.Tensor  # [G, Dp]
+    cond: ConditioningBatch  # expanded to G
 
 
 class DGPO:
@@ -161,7 +160,7 @@ class DGPO:
             return [self._velocity(g, x, sigma) for g, x in zip(groups, x_t)]
 
     def _velocity(self, group: _Group, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return self.model.velocity(x_t, sigma.expand(len(x_t)), group.prompt_embeds, group.pooled)
+        return self.model.velocity(x_t, sigma.expand(len(x_t)), group.cond)
 
     def update(
         self,
@@ -244,9 +243,8 @@ class DGPO:
         members = train_group.members
         x0 = as_tensor(rollout.final_latents[members], device)  # [G, ...]
         weighted = (train_group.reward_weights[:, None] * train_group.advantages[:, members]).sum(axis=0)  # [G]
-        embeds = as_tensor(rollout.conditioning.prompt_embeds, device)[None].expand(len(members), -1, -1)
-        pooled = as_tensor(rollout.conditioning.pooled_prompt_embeds, device)[None].expand(len(members), -1)
-        return _Group(x0, torch.as_tensor(weighted, dtype=torch.float32, device=device), embeds, pooled)
+        cond = ConditioningBatch.of(rollout.conditioning, len(members), device)
+        return _Group(x0, torch.as_tensor(weighted, dtype=torch.float32, device=device), cond)
 
 
 class _adapters_disabled(AbstractContextManager):

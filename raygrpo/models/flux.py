@@ -20,8 +20,9 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from raygrpo.contracts import Conditioning
+from raygrpo.contracts import Conditioning, ConditioningBatch
 from raygrpo.models.tiny import tiny_model_folder
+from raygrpo.sampling import sigma_grid
 
 TINY_RANDOM = "tiny-random"  # special ``name_or_path``: the cached tiny random FLUX of tiny.py
 DEFAULT_RESOLUTION = 512
@@ -277,12 +278,14 @@ class FluxModel:
         return self._pipeline
 
     # ------------------------------------------------------------------------------ conditioning
-    def encode_prompt(self, prompt: str) -> Conditioning:
+    def encode_prompt(self, prompt: str, image: np.ndarray | None = None) -> Conditioning:
         """CLIP pooled output and T5 hidden states of ``prompt``, computed once per process.
 
         The same :class:`Conditioning` object is returned for a repeated prompt; treat its arrays
         as read-only.
         """
+        if image is not None:
+            raise ValueError("FLUX here is text-to-image: a prompt group with a conditioning image needs an image-to-video family")
         cached = self._prompt_cache.get(prompt)
         if cached is not None:
             return cached
@@ -312,6 +315,10 @@ class FluxModel:
         noise = randn_tensor((num, c, h, w), generator=generator, device=self.device, dtype=torch.float32)
         return FluxPipeline._pack_latents(noise, num, c, h, w)
 
+    def sigma_grid(self, sampler: str, num_steps: int, shift: float) -> torch.Tensor:
+        """The rollout's noise levels ``[T+1]`` for ``sampler`` (:func:`raygrpo.sampling.sigma_grid`)."""
+        return sigma_grid(sampler, num_steps, shift)
+
     def _position_ids(self, text_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (text_length, self.device, self.dtype)
         if key not in self._ids_cache:
@@ -325,14 +332,13 @@ class FluxModel:
         self,
         latents: torch.Tensor,
         sigmas: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        pooled_prompt_embeds: torch.Tensor,
+        cond: ConditioningBatch,
         guidance_scale: float | None = None,
     ) -> torch.Tensor:
         """The transformer's velocity ``v ~ noise - x0`` at noise levels ``sigmas``, float32 ``[B, S, D]``.
 
-        ``latents [B, S, D]``, ``sigmas [B]`` (or a scalar), ``prompt_embeds [B, L, D_text]``,
-        ``pooled_prompt_embeds [B, D_pool]``. The timestep is :func:`quantize_timestep` of sigma and
+        ``latents [B, S, D]``, ``sigmas [B]`` (or a scalar), ``cond`` with ``prompt_embeds [B, L, D_text]``
+        and ``pooled_prompt_embeds [B, D_pool]``. The timestep is :func:`quantize_timestep` of sigma and
         the embedded guidance is ``guidance_scale`` (None: ``self.guidance_scale``). FLUX.1-dev is
         guidance-distilled, so this is one forward whatever the value (no CFG), and it is ignored by
         models without a guidance embedding. Gradients flow when the caller enables them.
@@ -348,13 +354,13 @@ class FluxModel:
         if self.transformer.config.guidance_embeds:
             scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
             guidance = torch.full((batch,), scale, device=device, dtype=dtype)
-        txt_ids, img_ids = self._position_ids(prompt_embeds.shape[1])
+        txt_ids, img_ids = self._position_ids(cond.prompt_embeds.shape[1])
         prediction = self.transformer(
             hidden_states=latents.to(device, dtype),
             timestep=timestep,
             guidance=guidance,
-            pooled_projections=pooled_prompt_embeds.to(device, dtype),
-            encoder_hidden_states=prompt_embeds.to(device, dtype),
+            pooled_projections=cond.pooled_prompt_embeds.to(device, dtype),
+            encoder_hidden_states=cond.prompt_embeds.to(device, dtype),
             txt_ids=txt_ids,
             img_ids=img_ids,
             return_dict=False,

@@ -25,7 +25,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from raygrpo.contracts import Conditioning
+from raygrpo.contracts import Conditioning, ConditioningBatch
 from raygrpo.models.flux import (
     DEFAULT_RESOLUTION,
     TINY_RANDOM,
@@ -34,6 +34,7 @@ from raygrpo.models.flux import (
     resolve_pretrained,
 )
 from raygrpo.models.tiny import tiny_model_folder
+from raygrpo.sampling import sigma_grid
 
 NEGATIVE_PROMPT = ""  # the pipeline's default negative prompt, the unconditional branch of CFG
 
@@ -219,12 +220,14 @@ class SD3Model:
         return self._pipeline
 
     # ------------------------------------------------------------------------------ conditioning
-    def encode_prompt(self, prompt: str) -> Conditioning:
+    def encode_prompt(self, prompt: str, image: np.ndarray | None = None) -> Conditioning:
         """The pipeline's joint CLIP+T5 sequence ``[77 + max_sequence_length, D]`` and pooled ``[D_pool]``.
 
         Computed once per process and prompt: the same :class:`Conditioning` object is returned for
         a repeated prompt; treat its arrays as read-only.
         """
+        if image is not None:
+            raise ValueError("SD3 is text-to-image: a prompt group with a conditioning image needs an image-to-video family")
         cached = self._prompt_cache.get(prompt)
         if cached is not None:
             return cached
@@ -290,18 +293,21 @@ class SD3Model:
         """
         return randn_tensor((num, *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32)
 
+    def sigma_grid(self, sampler: str, num_steps: int, shift: float) -> torch.Tensor:
+        """The rollout's noise levels ``[T+1]`` for ``sampler`` (:func:`raygrpo.sampling.sigma_grid`)."""
+        return sigma_grid(sampler, num_steps, shift)
+
     def velocity(
         self,
         latents: torch.Tensor,
         sigmas: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        pooled_prompt_embeds: torch.Tensor,
+        cond: ConditioningBatch,
         guidance_scale: float | None = None,
     ) -> torch.Tensor:
         """The (guided) velocity ``v ~ noise - x0`` at noise levels ``sigmas``, float32 ``[B, C, h, w]``.
 
-        ``latents [B, C, h, w]``, ``sigmas [B]`` (or a scalar), ``prompt_embeds [B, L, D]``,
-        ``pooled_prompt_embeds [B, D_pool]``. ``guidance_scale`` None means ``self.guidance_scale``;
+        ``latents [B, C, h, w]``, ``sigmas [B]`` (or a scalar), ``cond`` with ``prompt_embeds [B, L, D]``
+        and ``pooled_prompt_embeds [B, D_pool]``. ``guidance_scale`` None means ``self.guidance_scale``;
         above 1 the conditional and the unconditional (empty prompt) predictions come from one
         batched forward and the result is ``v_u + s (v_c - v_u)``; at 1 or below it is the
         conditional prediction alone (one forward of batch B), which is how DGPO trains.
@@ -325,8 +331,8 @@ class SD3Model:
         sigmas = torch.as_tensor(sigmas, device=device).reshape(-1).expand(batch)
         timestep = quantize_timestep(sigmas) * 1000
         hidden = latents.to(device, dtype)
-        embeds = prompt_embeds.to(device, dtype)
-        pooled = pooled_prompt_embeds.to(device, dtype)
+        embeds = cond.prompt_embeds.to(device, dtype)
+        pooled = cond.pooled_prompt_embeds.to(device, dtype)
         guided = scale > 1.0
         if guided:
             negative_embeds, negative_pooled = self._negative_batch(batch)

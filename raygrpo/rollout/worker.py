@@ -8,16 +8,17 @@ the :class:`Rollout` (latents, trajectory, log-probs) to the learner, the decode
 from __future__ import annotations
 
 import time
+
 import numpy as np
 import torch
 
 from raygrpo.algorithms import RolloutSpec, rollout_spec
 from raygrpo.config import Config
-from raygrpo.contracts import Conditioning, GroupMedia, PromptGroup, Rollout, RolloutInfo, WeightsMessage, as_tensor
+from raygrpo.contracts import Conditioning, ConditioningBatch, GroupMedia, PromptGroup, Rollout, RolloutInfo, WeightsMessage
 from raygrpo.models import load_model
 from raygrpo.models.lora import add_lora
 from raygrpo.runtime import set_torch_threads, torch_dtype
-from raygrpo.sampling import make_ode_solver, predicted_x0, sigma_grid, step_transition
+from raygrpo.sampling import make_ode_solver, predicted_x0, step_transition
 from raygrpo.weights import load_weights
 
 
@@ -55,7 +56,7 @@ class RolloutWorker:
                 f"group {group.group_id} asks for policy version {group.policy_version}, this rollout worker has {self.policy_version}"
             )
         start = time.perf_counter()
-        cond = self.model.encode_prompt(group.prompt)  # cached per prompt text
+        cond = self.model.encode_prompt(group.prompt, group.image)  # text-only prompts are cached per text
         generator = torch.Generator().manual_seed(group.seed)
         g = group.group_size
         if self.spec.shared_noise:
@@ -63,7 +64,7 @@ class RolloutWorker:
             noise = first.expand(g, *first.shape[1:]).clone()  # [G, ...]
         else:
             noise = self.model.initial_noise(generator, g)  # [G, ...]
-        sigmas = sigma_grid(self.spec.sampler, self.config.rollout.num_steps, self.config.rollout.shift).to(self.device)  # [T+1]
+        sigmas = self.model.sigma_grid(self.spec.sampler, self.config.rollout.num_steps, self.config.rollout.shift).to(self.device)  # [T+1]
         sample = self._sample_sde if self.spec.record_trajectory else self._sample_ode
         final, trajectory, log_probs = sample(noise, sigmas, cond, generator)
         images = self.model.decode(final.to(self.device))  # [G, H, W, 3] uint8
@@ -80,14 +81,13 @@ class RolloutWorker:
         return rollout, GroupMedia(group=group, images=np.ascontiguousarray(images)), info
 
     def _micro_batches(self, noise: torch.Tensor, cond: Conditioning):
-        """(slice, latents, prompt_embeds, pooled) per micro-batch of the group."""
-        prompt_embeds = as_tensor(cond.prompt_embeds, self.device)[None]  # [1, L, Dt]
-        pooled = as_tensor(cond.pooled_prompt_embeds, self.device)[None]  # [1, Dp]
+        """(slice, latents, conditioning) per micro-batch of the group."""
         micro = self.config.rollout.micro_batch_size
+        full = ConditioningBatch.of(cond, micro, self.device)  # one transfer per group; smaller last batches slice it
         for lo in range(0, len(noise), micro):
             batch = slice(lo, min(lo + micro, len(noise)))
             b = batch.stop - lo
-            yield batch, noise[batch].to(self.device, torch.float32), prompt_embeds.expand(b, -1, -1), pooled.expand(b, -1)
+            yield batch, noise[batch].to(self.device, torch.float32), full if b == micro else ConditioningBatch.of(cond, b, self.device)
 
     def _sample_sde(self, noise, sigmas, cond, generator):
         """SDE sampling that records x_0..x_T and each step's log-prob (GRPO-style algorithms)."""
@@ -95,10 +95,10 @@ class RolloutWorker:
         trajectory = torch.empty((g, num_steps + 1, *noise.shape[1:]), dtype=torch.float32)  # [G, T+1, ...]
         log_probs = torch.empty((g, num_steps), dtype=torch.float32)  # [G, T]
         final = torch.empty(noise.shape, dtype=torch.float32)  # [G, ...]
-        for batch, x, embeds, pooled in self._micro_batches(noise, cond):
+        for batch, x, c in self._micro_batches(noise, cond):
             trajectory[batch, 0] = x.cpu()
             for i in range(num_steps):
-                v = self.model.velocity(x, sigmas[i].expand(len(x)), embeds, pooled)
+                v = self.model.velocity(x, sigmas[i].expand(len(x)), c)
                 if i == num_steps - 1:
                     # DanceGRPO decodes the last step's clean prediction, not the noisy final state.
                     final[batch] = predicted_x0(x, v, sigmas[i]).cpu()
@@ -112,9 +112,9 @@ class RolloutWorker:
     def _sample_ode(self, noise, sigmas, cond, generator):
         """Deterministic ODE sampling that keeps only the final latents (DGPO)."""
         final = torch.empty(noise.shape, dtype=torch.float32)  # [G, ...]
-        for batch, x, embeds, pooled in self._micro_batches(noise, cond):
+        for batch, x, c in self._micro_batches(noise, cond):
             solver = make_ode_solver(self.spec.sampler, sigmas)
             for i in range(len(sigmas) - 1):
-                x = solver.step(x, self.model.velocity(x, sigmas[i].expand(len(x)), embeds, pooled), i)
+                x = solver.step(x, self.model.velocity(x, sigmas[i].expand(len(x)), c), i)
             final[batch] = x.cpu()
         return final, None, None
