@@ -182,6 +182,7 @@ class WeightsMessage:
     policy_version: int
     arrays: dict[str, np.ndarray]  # parameter name -> array (bf16 as uint16 bit patterns)
     dtypes: dict[str, str]  # parameter name -> torch dtype name
+    checksum: int  # CRC-32 over the tensors' bytes in name order; the receiver recomputes it after loading
     partial: bool = False  # only some tensors (the LoRA adapter); the receiver keeps the rest
 
     @property

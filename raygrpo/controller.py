@@ -1,13 +1,22 @@
 """The controller: the single control loop of a run (the driver process of ``python -m raygrpo.run``).
 
-One training step, strictly on-policy (the papers' loop)::
+One training step ``t``::
 
-    groups   = next prompt groups, stamped with the current policy version
-    generate : rollout workers sample each group   -> Rollout ref (for the learner), GroupMedia ref, info
-    score    : every reward pool scores each group as soon as that group is generated (Ray dependencies)
-    advantage: per reward, group-normalised and clipped; groups with a failed score are dropped
+    submit   : the prompt groups of steps t .. t + max_staleness that are not yet submitted, stamped
+               with the current policy version, round robin over the rollout workers; each group's
+               scoring by every reward pool is submitted at once (a Ray dependency on its media),
+               so scoring starts the moment that group is generated, while others still generate
+    wait     : step t's groups (a dead rollout or reward actor is restarted by Ray; the controller
+               re-sends the current weights and reissues exactly the work that was lost)
+    advantage: per reward, group-normalised and clipped; ``scoring.on_failure`` for missing scores
     update   : the learner fetches the Rollout refs itself and runs the algorithm's update
-    sync     : the learner exports versioned weights once; every rollout worker loads the same object
+    sync     : the learner exports versioned, checksummed weights once; every rollout worker loads
+               the same object and reports (version, checksum), which must agree
+
+With ``train.max_staleness = 0`` this is the papers' strictly on-policy loop (nothing is generated
+before the previous update is synced). With ``k >= 1`` the groups of the next ``k`` steps are
+generated while this one trains, so their samples are up to ``k`` versions old when trained;
+every sample carries the version that made it and the step logs staleness and each role's idle share.
 
 The controller holds ObjectRefs and small metadata only; latents, trajectories, images and weights
 move actor to actor through the object store.
@@ -15,6 +24,7 @@ move actor to actor through the object store.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,27 +36,34 @@ from tqdm import tqdm
 
 from raygrpo.algorithms.advantages import best_of_n_members, global_std, group_advantages
 from raygrpo.config import Config
-from raygrpo.contracts import GroupMedia, PromptGroup, Scores, TrainGroup
+from raygrpo.contracts import GroupMedia, PromptGroup, RolloutInfo, Scores, TrainGroup
 from raygrpo.data.prompts import PromptOrder
 from raygrpo.learner.learner import Learner
 from raygrpo.metrics import MetricsLog
 from raygrpo.placement import ActorPool, resource_plan
+from raygrpo.ray_metrics import RunTelemetry
 from raygrpo.report import GridRow, plot_reward_curve, sample_grid
 from raygrpo.reward.worker import RewardWorker
 from raygrpo.rollout.worker import RolloutWorker
+from raygrpo.weights import WeightsMismatchError
 
 logger = logging.getLogger(__name__)
+
+RESTART_TIMEOUT_S = 600.0  # how long to wait for Ray to bring a dead actor back (model loading included)
 
 
 @dataclass
 class Generated:
-    """Refs for one group in flight."""
+    """Refs for one group in flight. Reissuing a lost group replaces the refs, never the group id."""
 
     group: PromptGroup
+    step: int  # the training step this group is trained in
+    worker: int  # index of the rollout worker generating it
     rollout: ray.ObjectRef
     media: ray.ObjectRef
     info: ray.ObjectRef
     scores: dict[str, ray.ObjectRef] = field(default_factory=dict)  # reward name -> (Scores, seconds)
+    replicas: dict[str, int] = field(default_factory=dict)  # reward name -> replica index scoring it
 
 
 @dataclass
@@ -59,8 +76,26 @@ class RunSummary:
     checkpoint: str
 
 
+_DEAD = object()
+
+
+def _call_when_alive(call):
+    """``ray.get(call())``, retried while the actor is restarting; ``_DEAD`` if it is gone for good
+    (out of restarts) or not back within ``RESTART_TIMEOUT_S``."""
+    deadline = time.monotonic() + RESTART_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            return ray.get(call(), timeout=max(deadline - time.monotonic(), 0.1))
+        except ray.exceptions.ActorUnavailableError:
+            time.sleep(0.5)  # restarting: its calls fail fast until it is back
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return _DEAD
+    return _DEAD
+
+
 class RunAborted(RuntimeError):
-    """The run stopped on purpose (scoring.on_failure=abort); a checkpoint of the work so far was saved."""
+    """The run stopped on purpose (scoring.on_failure=abort, or no live actor of a role left); a
+    checkpoint of the work so far was saved."""
 
 
 class Controller:
@@ -72,8 +107,16 @@ class Controller:
         self.weights = np.array([r.weight for r in config.rewards], np.float32)  # [K]
         self.rng = np.random.default_rng(config.run.seed + 2)
         self.policy_version = 0
+        self.weights_ref: ray.ObjectRef | None = None  # the latest exported WeightsMessage (restarted workers get it)
         self.next_group_id = 0
+        self.next_worker = 0
+        self.next_replica = {r.name: 0 for r in config.rewards}
+        self.queue: dict[int, list[Generated]] = {}  # step -> its groups, submitted and not yet trained
+        self.trained_group_ids: list[int] = []
+        self.reissued = 0  # groups generated again because their rollout worker died (whole run)
+        self.rescored = 0  # scorings sent again because their reward replica died (whole run)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.telemetry = RunTelemetry(run_dir.name)
         self.gallery: dict[int, list[tuple[PromptGroup, ray.ObjectRef, np.ndarray]]] = {}
 
     # ----- lifecycle -----
@@ -97,8 +140,11 @@ class Controller:
 
     def _start_pools(self) -> None:
         roles = {r.role: r for r in resource_plan(self.config)}
-        self.rollout_pool = ActorPool(roles["rollout"], RolloutWorker, self.config)
-        self.reward_pools = {r.name: ActorPool(roles[f"reward:{r.name}"], RewardWorker, r) for r in self.config.rewards}
+        self.rollout_pool = ActorPool(roles["rollout"], RolloutWorker, self.config, max_restarts=self.config.rollout.max_restarts)
+        self.reward_pools = {
+            r.name: ActorPool(roles[f"reward:{r.name}"], RewardWorker, r, max_restarts=r.max_restarts) for r in self.config.rewards
+        }
+        # The learner is fail-stop: a run whose learner dies resumes from its latest checkpoint.
         self.learner_pool = ActorPool(roles["learner"], Learner, self.config)
         self.learner = self.learner_pool.actors[0]
         pools = [self.rollout_pool, self.learner_pool, *self.reward_pools.values()]
@@ -114,26 +160,35 @@ class Controller:
 
     def step(self, step: int) -> dict[str, float]:
         start = time.perf_counter()
-        in_flight = [self._generate(group, i) for i, group in enumerate(self._next_groups(step))]
-        infos = ray.get([g.info for g in in_flight])
+        self._fill_queue(step)
+        queue_depth = sum(len(groups) for groups in self.queue.values())
+        in_flight = self.queue.pop(step)
+        reissued, rescored = self.reissued, self.rescored
+        infos = [self._wait_generated(g) for g in in_flight]
         t_generated = time.perf_counter()
-        scores = {g.group.group_id: {name: ray.get(ref) for name, ref in g.scores.items()} for g in in_flight}
+        scores = {g.group.group_id: self._wait_scored(g) for g in in_flight}
         t_scored = time.perf_counter()
         kept, stats = self._collect_rewards(in_flight, scores)
         batch = self._advantages(kept)
         rewards = np.concatenate([r.T for _, r in kept]) if kept else np.zeros((0, len(self.config.rewards)))  # [N, K]
         stats["groups/trained"] = float(len(batch))
         stats["groups/zero_std"] = float(sum(int(np.all(r.std(axis=1) == 0)) for _, r in kept))
+        stats["groups/reissued"] = float(self.reissued - reissued)
+        stats["groups/rescored"] = float(self.rescored - rescored)
+        versions = {info.group_id: info.policy_version for info in infos}
+        staleness = np.array([self.policy_version - versions[g.group_id] for g in batch], np.float64)
         learner_metrics = ray.get(self.learner.update.remote(batch)) if batch else None
+        self.trained_group_ids += [g.group_id for g in batch]
         t_learned = time.perf_counter()
         if learner_metrics is not None:
             self._sync_weights()
         self._keep_for_gallery(step, in_flight, scores)
         record: dict[str, float] = {"step": step, "policy_version": self.policy_version, **stats}
+        reward_seconds = {r.name: [s[r.name][1] for s in scores.values()] for r in self.config.rewards}
         for k, reward in enumerate(self.config.rewards):
             record[f"reward/{reward.name}/mean"] = float(np.mean(rewards[:, k])) if len(rewards) else float("nan")
             record[f"reward/{reward.name}/std"] = float(np.std(rewards[:, k])) if len(rewards) else float("nan")
-            record[f"time/reward/{reward.name}"] = float(sum(seconds for s in scores.values() for name, (_, seconds) in s.items() if name == reward.name))
+            record[f"time/reward/{reward.name}"] = float(sum(reward_seconds[reward.name]))
         record["reward/total/mean"] = float(np.mean(rewards @ self.weights)) if len(rewards) else float("nan")
         if learner_metrics is not None:
             fields = asdict(learner_metrics)
@@ -141,13 +196,42 @@ class Controller:
             record.update({f"learner/{k}": float(v) for k, v in {**fields, **extras}.items()})
         record["samples/generated"] = float(len(in_flight) * self.config.algorithm.group_size)
         record["rollout/bytes_per_sample"] = float(np.mean([i.rollout_bytes for i in infos])) / self.config.algorithm.group_size
+        record["staleness/mean"] = float(staleness.mean()) if len(staleness) else float("nan")
+        record["staleness/max"] = float(staleness.max()) if len(staleness) else float("nan")
+        record["queue/groups_in_flight"] = float(queue_depth)
         record["time/rollout_worker_sum"] = float(sum(i.seconds for i in infos))
         record["time/generate"] = t_generated - start
         record["time/score_wait"] = t_scored - t_generated
         record["time/learner"] = t_learned - t_scored
         record["time/sync"] = time.perf_counter() - t_learned
         record["time/step"] = time.perf_counter() - start
+        record.update(self._idle_fractions(record, reward_seconds, learner_metrics))
+        self.telemetry.record_step(record, queue_depth, reward_seconds)
         return record
+
+    def _idle_fractions(self, record: dict[str, float], reward_seconds: dict[str, list[float]], learner_metrics) -> dict[str, float]:
+        """Per role, 1 - (busy seconds of the work trained this step) / (actors x the step's wall time).
+
+        With max_staleness >= 1 part of that work ran during the previous step's window, so single
+        steps can be off; averaged over steps it is the share of time a role's actors had nothing to do.
+        """
+        wall = max(record["time/step"], 1e-9)
+
+        def idle(busy: float, actors: int) -> float:
+            return float(np.clip(1.0 - busy / (actors * wall), 0.0, 1.0))
+
+        fractions = {"idle/rollout": idle(record["time/rollout_worker_sum"], len(self.rollout_pool.actors))}
+        for name, seconds in reward_seconds.items():
+            fractions[f"idle/reward/{name}"] = idle(sum(seconds), len(self.reward_pools[name].actors))
+        fractions["idle/learner"] = idle(learner_metrics.seconds if learner_metrics is not None else 0.0, 1)
+        return fractions
+
+    def _fill_queue(self, step: int) -> None:
+        """Submit the groups of steps ``step .. step + max_staleness`` that are not submitted yet."""
+        last = min(step + self.config.train.max_staleness, self.config.train.steps)
+        for s in range(step, last + 1):
+            if s not in self.queue:
+                self.queue[s] = [self._submit(group, s) for group in self._next_groups(s)]
 
     def _next_groups(self, step: int) -> list[PromptGroup]:
         algo = self.config.algorithm
@@ -158,15 +242,112 @@ class Controller:
             self.next_group_id += 1
         return groups
 
-    def _generate(self, group: PromptGroup, index: int) -> Generated:
-        """Dispatch one group to a rollout worker (round robin) and its scoring to every reward pool."""
-        worker = self.rollout_pool.actors[index % len(self.rollout_pool.actors)]
-        rollout, media, info = worker.generate.options(num_returns=3).remote(group)
-        generated = Generated(group, rollout, media, info)
-        for name, pool in self.reward_pools.items():
-            # Passing the media ref makes Ray start scoring the moment this group's generation ends.
-            generated.scores[name] = pool.actors[index % len(pool.actors)].score.remote(media)
+    def _submit(self, group: PromptGroup, step: int, worker: int | None = None) -> Generated:
+        """Dispatch one group to a rollout worker (round robin unless given) and its scoring to every reward pool."""
+        if worker is None:
+            worker, self.next_worker = self.next_worker % len(self.rollout_pool.actors), self.next_worker + 1
+        rollout, media, info = self.rollout_pool.actors[worker].generate.options(num_returns=3).remote(group)
+        generated = Generated(group, step, worker, rollout, media, info)
+        for name in self.reward_pools:
+            self._submit_scoring(generated, name)
         return generated
+
+    def _submit_scoring(self, generated: Generated, name: str, replica: int | None = None) -> None:
+        pool = self.reward_pools[name]
+        if replica is None:
+            replica, self.next_replica[name] = self.next_replica[name] % len(pool.actors), self.next_replica[name] + 1
+        # Passing the media ref makes Ray start scoring the moment this group's generation ends.
+        generated.scores[name] = pool.actors[replica].score.remote(generated.media)
+        generated.replicas[name] = replica
+
+    # ----- waiting, with lost work reissued -----
+
+    def _wait_generated(self, generated: Generated) -> RolloutInfo:
+        """The group's RolloutInfo; if its rollout worker died, generate it again (same id, same seed)."""
+        while True:
+            try:
+                return ray.get(generated.info)
+            except ray.exceptions.RayActorError as exc:
+                logger.warning(
+                    "group %d was lost with rollout worker %d (%s); generating it again",
+                    generated.group.group_id,
+                    generated.worker,
+                    type(exc).__name__,
+                )
+                worker = self._live_rollout_worker(generated.worker)
+                # Stamped with the current version: the (restarted) worker holds the current weights now.
+                group = dataclasses.replace(generated.group, policy_version=self.policy_version)
+                fresh = self._submit(group, generated.step, worker)
+                for f in dataclasses.fields(Generated):
+                    setattr(generated, f.name, getattr(fresh, f.name))
+                self.reissued += 1
+
+    def _wait_scored(self, generated: Generated) -> dict[str, tuple[Scores, float]]:
+        """Every reward's (Scores, seconds) for a generated group; a scoring lost with its replica is sent again."""
+        scores = {}
+        for name in self.reward_pools:
+            while name not in scores:
+                try:
+                    scores[name] = ray.get(generated.scores[name])
+                except ray.exceptions.RayActorError:
+                    replica = self._live_replica(name, generated.replicas[name])
+                    logger.warning(
+                        "scoring of group %d by %s was lost; scoring it again on replica %d", generated.group.group_id, name, replica
+                    )
+                    self._submit_scoring(generated, name, replica)
+                    self.rescored += 1
+        return scores
+
+    def _live_rollout_worker(self, preferred: int) -> int:
+        """A rollout worker that is alive and holds the current weights: ``preferred`` once Ray has
+        restarted it, else another one. A restarted worker starts at version 0, so it is sent the
+        latest weights (and verified) before any work."""
+        actors = self.rollout_pool.actors
+        for i in [preferred, *(j for j in range(len(actors)) if j != preferred)]:
+            version = _call_when_alive(lambda i=i: actors[i].version.remote())
+            if version is _DEAD:
+                continue  # out of restarts, or not back in time: try the next worker
+            if version != self.policy_version:
+                self.telemetry.restarted("rollout")
+                logger.warning("rollout worker %d came back at version %d; sending version %d", i, version, self.policy_version)
+                self._push_weights([i])
+            return i
+        raise RunAborted(f"every rollout worker is dead (rollout.max_restarts={self.config.rollout.max_restarts} used up)")
+
+    def _live_replica(self, name: str, preferred: int) -> int:
+        actors = self.reward_pools[name].actors
+        for i in [preferred, *(j for j in range(len(actors)) if j != preferred)]:
+            if _call_when_alive(lambda i=i: actors[i].__ray_ready__.remote()) is _DEAD:
+                continue
+            if i == preferred:
+                self.telemetry.restarted(f"reward:{name}")
+            return i
+        raise RunAborted(f"every replica of reward {name!r} is dead (max_restarts used up)")
+
+    # ----- weights -----
+
+    def _sync_weights(self) -> None:
+        """Export once, load everywhere, verify; every later group is stamped with the new version."""
+        self.weights_ref = self.learner.export_weights.remote()
+        self.policy_version += 1
+        lost = self._push_weights(range(len(self.rollout_pool.actors)))
+        for i in lost:
+            self._live_rollout_worker(i)  # waits for the restart, then sends this version
+
+    def _push_weights(self, workers) -> list[int]:
+        """Send the latest weights to ``workers``; check every live one reports this version and the same
+        checksum (each worker also checks its checksum against the learner's). Returns the workers that died."""
+        workers = list(workers)
+        refs = [self.rollout_pool.actors[i].set_weights.remote(self.weights_ref) for i in workers]
+        reports, lost = {}, []
+        for i, ref in zip(workers, refs):
+            try:
+                reports[i] = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                lost.append(i)
+        if any(version != self.policy_version for version, _ in reports.values()) or len({crc for _, crc in reports.values()}) > 1:
+            raise WeightsMismatchError(f"weight sync to version {self.policy_version}: workers report (version, checksum) {reports}")
+        return lost
 
     def _collect_rewards(self, in_flight: list[Generated], scores: dict[int, dict[str, tuple[Scores, float]]]):
         """Rewards ``[K, G]`` of every group that is trained, after ``scoring.on_failure``; and the counts."""
@@ -181,7 +362,9 @@ class Controller:
             if not all(s.valid.all() for s in per_reward):
                 errors = {s.reward_name: sorted({e for e in s.errors if e}) for s in per_reward if not s.valid.all()}
                 if policy == "abort":
-                    raise RunAborted(f"group {group.group_id} ({group.prompt!r}) has samples without a score: {errors} (scoring.on_failure=abort)")
+                    raise RunAborted(
+                        f"group {group.group_id} ({group.prompt!r}) has samples without a score: {errors} (scoring.on_failure=abort)"
+                    )
                 if policy == "drop_group":
                     logger.warning("dropping group %d (%r): samples without a score %s", group.group_id, group.prompt, errors)
                     stats["groups/dropped"] += 1
@@ -210,15 +393,6 @@ class Controller:
             )
             batch.append(TrainGroup(generated.rollout, generated.group.group_id, advantages, weights, members))
         return batch
-
-    def _sync_weights(self) -> None:
-        """Export once, load everywhere; every later group is stamped with the new version."""
-        message = self.learner.export_weights.remote()
-        versions = ray.get([worker.set_weights.remote(message) for worker in self.rollout_pool.actors])
-        expected = self.policy_version + 1
-        if set(versions) != {expected}:
-            raise RuntimeError(f"weight sync produced versions {versions}, expected {expected} on every rollout worker")
-        self.policy_version = expected
 
     # ----- outputs -----
 

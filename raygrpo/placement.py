@@ -33,7 +33,7 @@ class RoleResources:
 def resource_plan(config: Config) -> list[RoleResources]:
     plan = [RoleResources("rollout", config.rollout.num_workers, config.rollout.num_cpus, config.rollout.num_gpus)]
     plan += [RoleResources(f"reward:{r.name}", r.replicas, r.num_cpus, r.num_gpus) for r in config.rewards]
-    plan.append(RoleResources("learner", 1, config.learner.num_cpus, config.learner.num_gpus))
+    plan.append(RoleResources("learner", config.learner.num_ranks, config.learner.num_cpus, config.learner.num_gpus))
     return plan
 
 
@@ -64,10 +64,11 @@ class ActorPool:
     """``count`` actors of one class in their own placement group (packed onto as few nodes as possible).
 
     Construction returns as soon as the actors are scheduled; wait on :meth:`ready` (all pools at
-    once, so their model loading overlaps).
+    once, so their model loading overlaps). ``max_restarts``: how often Ray restarts a dead actor (its
+    calls in flight fail with ``RayActorError``; the caller decides what to resend).
     """
 
-    def __init__(self, resources: RoleResources, actor_cls: type, *args, **kwargs):
+    def __init__(self, resources: RoleResources, actor_cls: type, *args, max_restarts: int = 0, **kwargs):
         self.resources = resources
         self.placement_group = placement_group([resources.bundle] * resources.count, strategy="PACK", name=f"raygrpo-{resources.role}")
         try:
@@ -83,6 +84,8 @@ class ActorPool:
             remote_cls.options(
                 num_cpus=resources.num_cpus,
                 num_gpus=resources.num_gpus,
+                # A restarted actor comes back in the same bundle; the controller re-sends weights and work.
+                max_restarts=max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
             ).remote(*args, **kwargs)
             for i in range(resources.count)

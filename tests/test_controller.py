@@ -42,7 +42,7 @@ def test_groups_get_unique_ids_distinct_seeds_and_the_current_version(tmp_path):
 
 def three_groups(controller):
     groups = controller._next_groups(1)
-    in_flight = [Generated(g, rollout=f"ref{g.group_id}", media=None, info=None) for g in groups]
+    in_flight = [Generated(g, 1, 0, rollout=f"ref{g.group_id}", media=None, info=None) for g in groups]
     scores = {
         groups[0].group_id: scores_for(groups[0], [1, 2, 3, 4], [4, 3, 2, 1]),
         groups[1].group_id: scores_for(groups[1], [1, 2, 3, 4], [4, 3, 2, 1], invalid_b=2),
@@ -103,6 +103,6 @@ def test_global_std_divides_every_group_by_the_steps_std(tmp_path):
 def test_best_of_n_trains_only_the_chosen_members(tmp_path):
     controller, _ = make_controller(tmp_path, "algorithm.best_of_n=2")
     group = controller._next_groups(1)[0]
-    kept, _ = controller._collect_rewards([Generated(group, "r", None, None)], {group.group_id: scores_for(group, [1, 2, 3, 9], [1, 2, 3, 9])})
+    kept, _ = controller._collect_rewards([Generated(group, 1, 0, "r", None, None)], {group.group_id: scores_for(group, [1, 2, 3, 9], [1, 2, 3, 9])})
     (train_group,) = controller._advantages(kept)
     assert sorted(train_group.members.tolist()) == [0, 3]

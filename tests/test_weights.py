@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from raygrpo.weights import export_weights, load_weights
+from raygrpo.weights import checksum, export_weights, load_weights
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -12,7 +12,7 @@ def test_round_trip_is_exact(dtype):
     source, target = torch.nn.Linear(5, 3).to(dtype), torch.nn.Linear(5, 3).to(dtype)
     message = export_weights(source, policy_version=4)
     assert message.policy_version == 4 and message.nbytes == sum(t.numel() * t.element_size() for t in source.state_dict().values())
-    load_weights(target, message)
+    assert load_weights(target, message) == message.checksum  # what the target now holds is what was sent
     for name, tensor in source.state_dict().items():
         assert target.state_dict()[name].dtype == dtype and torch.equal(target.state_dict()[name], tensor)
 
@@ -32,3 +32,23 @@ def test_an_export_is_a_snapshot_not_a_view_of_the_live_weights():
     with torch.no_grad():
         module.weight.add_(1.0)
     assert (message.arrays["weight"] == before).all()
+
+
+def test_checksum_tells_different_weights_apart_and_ignores_order():
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 4)
+    message = export_weights(module, policy_version=1)
+    reordered = dict(reversed(list(message.arrays.items())))
+    assert checksum(reordered) == message.checksum
+    with torch.no_grad():
+        module.weight[0, 0] += 1e-6  # one element, one ulp-scale change
+    assert export_weights(module, policy_version=1).checksum != message.checksum
+
+
+def test_a_partial_message_checksums_only_its_tensors():
+    torch.manual_seed(0)
+    source, target = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    message = export_weights(source, policy_version=2, names={"bias"})
+    assert message.partial and set(message.arrays) == {"bias"}
+    assert load_weights(target, message) == message.checksum
+    assert not torch.equal(target.weight, source.weight)  # the rest is kept

@@ -19,7 +19,7 @@ from raygrpo.models import load_model
 from raygrpo.models.lora import add_lora
 from raygrpo.runtime import set_torch_threads, torch_dtype
 from raygrpo.sampling import make_ode_solver, predicted_x0, step_transition
-from raygrpo.weights import load_weights
+from raygrpo.weights import WeightsMismatchError, load_weights
 
 
 class RolloutWorker:
@@ -43,9 +43,18 @@ class RolloutWorker:
             add_lora(self.model.transformer, config.model.lora)  # the learner sends the adapter's tensors only
         self.policy_version = 0
 
-    def set_weights(self, message: WeightsMessage) -> int:
-        load_weights(self.model.transformer, message)
+    def set_weights(self, message: WeightsMessage) -> tuple[int, int]:
+        """Load a version; returns ``(policy_version, checksum of the loaded tensors)`` for the controller to verify."""
+        crc = load_weights(self.model.transformer, message)
+        if crc != message.checksum:
+            raise WeightsMismatchError(
+                f"rollout worker loaded version {message.policy_version} with checksum {crc:#010x}, the learner sent {message.checksum:#010x}"
+            )
         self.policy_version = message.policy_version
+        return self.policy_version, crc
+
+    def version(self) -> int:
+        """The policy version this worker samples with (0 after a restart until weights are pushed again)."""
         return self.policy_version
 
     @torch.no_grad()
