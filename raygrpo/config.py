@@ -28,8 +28,13 @@ class _Section(BaseModel):
 class RunConfig(_Section):
     name: str = "run"
     output_root: str = "outputs"
-    """Each run writes to ``<output_root>/<name>-<timestamp>``. Use an absolute, shared path on a cluster."""
+    """Each run writes to ``<output_root>/<name>-<timestamp>``. Use an absolute, shared path on a cluster
+    (every learner rank writes its checkpoint shards there)."""
     seed: int = 0
+    resume: str = "auto"
+    """auto: continue the newest unfinished run of this name under output_root from its newest checkpoint
+    (a resubmitted Ray job continues instead of restarting); never: always start a new run; or the path
+    of a checkpoint folder (``<run>/checkpoints/step-NNNNNN``) or of a run folder to continue."""
 
 
 class RayConfig(_Section):
@@ -50,13 +55,14 @@ class LoraConfig(_Section):
 
 
 class ModelConfig(_Section):
-    family: Literal["flux", "sd3"] = "flux"
+    family: Literal["flux", "sd3", "sd", "hunyuan_video", "wan_i2v"] = "flux"
+    """Adapter (raygrpo/models/): images flux, sd3, sd; videos hunyuan_video (text-to-video), wan_i2v (image-to-video)."""
     pretrained: str = "tiny-random"
     """A hub id, a local folder holding a diffusers pipeline, or "tiny-random" (a tiny random instance)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights' dtype on rollout and learner alike. The reference trains fp32 master weights under bf16
-    autocast; that mixed-precision split comes with the FSDP learner group, until then bf16 here
-    means the learner's AdamW updates bf16 weights directly."""
+    """Rollout's weights and the learner's compute dtype. The learner keeps float32 master weights, gradients
+    and AdamW state and computes in this dtype (the reference's fp32 master + bf16 autocast): through
+    FSDP2's MixedPrecisionPolicy when sharded, torch.autocast on one unsharded CPU rank."""
     height: int = Field(64, gt=0, multiple_of=16)
     width: int = Field(64, gt=0, multiple_of=16)
     guidance_scale: float = Field(3.5, ge=0)
@@ -65,6 +71,9 @@ class ModelConfig(_Section):
     """Guidance the learner evaluates the policy with; None: the same as rollout. FLUX is guidance-
     distilled, so one value serves both; DGPO trains SD3 without CFG (1.0) on CFG rollouts (4.5)."""
     max_sequence_length: int = Field(512, gt=0)
+    num_frames: int | None = Field(None, ge=1)
+    """Frames per video (video families only; 4k+1, e.g. 53 for DanceGRPO's HunyuanVideo). None: the
+    family's default (tiny models: 5)."""
     lora: LoraConfig | None = None
     """None: full fine-tuning."""
 
@@ -79,6 +88,9 @@ class RolloutConfig(_Section):
     micro_batch_size: int = Field(1, ge=1)
     """Samples per forward. DanceGRPO uses 1: larger batches change the numerics, so the learner's
     recomputed log-probs (micro-batch 1) no longer match exactly and the first ratio drifts from 1."""
+    max_restarts: int = Field(3, ge=0)
+    """A rollout worker that dies is restarted this many times; it re-pulls the current weights and the
+    groups it had in flight are generated again (never lost, never trained twice)."""
 
 
 class RewardConfig(_Section):
@@ -96,6 +108,8 @@ class RewardConfig(_Section):
     num_cpus: float = Field(0.25, ge=0)
     num_gpus: float = Field(0, ge=0)
     """Per replica; fractions share a GPU between replicas or with other rewards."""
+    max_restarts: int = Field(3, ge=0)
+    """A replica that dies is restarted this many times and the groups it was scoring are scored again."""
 
 
 class ScoringConfig(_Section):
@@ -136,9 +150,10 @@ class DanceGRPOConfig(_AlgorithmBase):
     """DanceGRPO (raygrpo/algorithms/dancegrpo.py); defaults are the FLUX recipe."""
 
     name: Literal["dancegrpo"] = "dancegrpo"
-    sampler: Literal["dance_sde", "flow_sde"] = "dance_sde"
+    sampler: Literal["dance_sde", "flow_sde", "ddim"] = "dance_sde"
+    """Flow families: dance_sde or flow_sde. Stable Diffusion (family sd, a VP diffusion model): ddim."""
     noise_level: float = Field(0.3, ge=0)
-    """eta of the Dance-SDE (FLUX 0.3, HunyuanVideo 0.25) or a of the Flow-SDE."""
+    """eta of the Dance-SDE (FLUX 0.3, HunyuanVideo 0.25), a of the Flow-SDE, or DDIM's eta in [0, 1] (SD 1.4: 1.0)."""
     timestep_fraction: float = Field(0.6, gt=0, le=1)
     clip_range: float = Field(1e-4, gt=0)
     grad_accum_samples: int = Field(4, ge=1)
@@ -194,7 +209,11 @@ class OptimizerConfig(_Section):
 
 
 class LearnerConfig(_Section):
+    num_ranks: int = Field(1, ge=1)
+    """Learner ranks (one Ray actor each) in one torch.distributed group, FSDP2-sharded (raygrpo/learner/group.py).
+    Each rank trains whole groups: algorithm.groups_per_step must be a multiple of it."""
     num_gpus: float = Field(0, ge=0)
+    """GPUs per rank (NCCL when > 0, gloo on CPU)."""
     num_cpus: float = Field(1, ge=0)
 
 
@@ -202,7 +221,9 @@ class DataConfig(_Section):
     prompts: list[str] | None = None
     """Prompts given inline."""
     prompt_file: str | None = None
-    """A .txt file (one prompt per line) or a .parquet file with a ``prompt`` column."""
+    """A .txt file (one prompt per line) or a .parquet file with a ``prompt`` column. Image-to-video
+    (model.family wan_i2v): a .jsonl of ``{"prompt": ..., "image": path}`` lines or a .parquet with an
+    ``image`` column (a path, relative to the file, or PNG/JPEG bytes)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -215,8 +236,46 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     steps: int = Field(100, ge=1)
+    max_staleness: int = Field(0, ge=0)
+    """How many policy versions old a sample may be when it is trained. 0: strictly on-policy (the papers'
+    loop: generate, score, train, sync). k >= 1: the groups of steps t+1..t+k are generated (and scored)
+    while step t trains, with the weights of up to k updates ago."""
     sample_grid_groups: int = Field(4, ge=1)
     """How many groups of the first and last step go into samples.png."""
+    checkpoint_every: int = Field(50, ge=0)
+    """Save a resumable checkpoint (raygrpo/checkpoint.py) every this many steps; 0: only the final weights."""
+    keep_checkpoints: int = Field(2, ge=0)
+    """Keep the newest this many checkpoints (older ones are removed after a newer one is complete); 0: keep all."""
+
+
+class LoggingConfig(_Section):
+    sample_every: int = Field(10, ge=0)
+    """Write a sample gallery (``<run>/samples/step-NNNNNN/``, raygrpo/gallery.py) every this many steps; 0: never."""
+    sample_groups: int = Field(2, ge=1)
+    """Prompt groups per gallery (all G samples of each, with their scores)."""
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    """None: no wandb."""
+
+
+VP_FAMILIES = ("sd",)
+"""Variance-preserving diffusion families: their DanceGRPO sampler is DDIM-eta (raygrpo/sampling/ddim.py)."""
+
+
+def _check_sampler_family(algo: DanceGRPOConfig, family: str) -> None:
+    """DDIM-eta is for VP diffusion models only, the flow SDEs for rectified flows only."""
+    if family in VP_FAMILIES and algo.sampler != "ddim":
+        raise ValueError(
+            f"algorithm.sampler={algo.sampler!r} is a rectified-flow SDE, but model.family={family!r} is a "
+            "variance-preserving diffusion model: set algorithm.sampler: ddim (DanceGRPO's SD recipe, noise_level = DDIM eta 1.0)"
+        )
+    if family not in VP_FAMILIES and algo.sampler == "ddim":
+        raise ValueError(
+            f"algorithm.sampler='ddim' is for variance-preserving diffusion models (model.family: sd), but "
+            f"model.family={family!r} is a rectified flow: use dance_sde or flow_sde"
+        )
+    if algo.sampler == "ddim" and not 0 < algo.noise_level <= 1:
+        raise ValueError(f"algorithm.noise_level={algo.noise_level} is DDIM's eta here and must be in (0, 1] (1.0: DanceGRPO's SD recipe)")
 
 
 class Config(_Section):
@@ -231,6 +290,7 @@ class Config(_Section):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -243,6 +303,19 @@ class Config(_Section):
         if all(r.weight == 0 for r in self.rewards):
             raise ValueError("every reward has weight 0: nothing to learn from")
         algo = self.algorithm
+        ranks = self.learner.num_ranks
+        if algo.groups_per_step % ranks:
+            raise ValueError(
+                f"algorithm.groups_per_step={algo.groups_per_step} is not a multiple of learner.num_ranks={ranks}: "
+                "every learner rank trains whole groups; change either"
+            )
+        if isinstance(algo, DanceGRPOConfig) and algo.grad_accum_samples % ranks:
+            raise ValueError(
+                f"algorithm.grad_accum_samples={algo.grad_accum_samples} is not a multiple of learner.num_ranks={ranks}: "
+                "each rank accumulates an equal share of every optimizer step's samples"
+            )
+        if isinstance(algo, DanceGRPOConfig):
+            _check_sampler_family(algo, self.model.family)
         if isinstance(algo, DanceGRPOConfig) and self.trained_timesteps < 1:
             raise ValueError(
                 f"algorithm.timestep_fraction={algo.timestep_fraction} of the "

@@ -25,6 +25,7 @@ move actor to actor through the object store.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,13 +36,16 @@ import ray
 from tqdm import tqdm
 
 from raygrpo.algorithms.advantages import best_of_n_members, global_std, group_advantages
+from raygrpo.checkpoint import ControllerState, ResumePoint, load_controller_state, save_checkpoint
 from raygrpo.config import Config
 from raygrpo.contracts import GroupMedia, PromptGroup, RolloutInfo, Scores, TrainGroup
 from raygrpo.data.prompts import PromptOrder
-from raygrpo.learner.learner import Learner
+from raygrpo.learner.group import LearnerGroup
 from raygrpo.metrics import MetricsLog
 from raygrpo.placement import ActorPool, resource_plan
 from raygrpo.ray_metrics import RunTelemetry
+from raygrpo.export import ExportError, export_pipeline
+from raygrpo.gallery import GalleryEntry, is_gallery_step, write_step_gallery
 from raygrpo.report import GridRow, plot_reward_curve, sample_grid
 from raygrpo.reward.worker import RewardWorker
 from raygrpo.rollout.worker import RolloutWorker
@@ -99,8 +103,9 @@ class RunAborted(RuntimeError):
 
 
 class Controller:
-    def __init__(self, config: Config, run_dir: Path, prompts: list[str]):
+    def __init__(self, config: Config, run_dir: Path, prompts: list[str], resume: ResumePoint | None = None):
         self.config = config
+        self.resume = resume
         self.run_dir = run_dir
         self.prompts = prompts
         self.order = PromptOrder(len(prompts), seed=config.run.seed)
@@ -112,10 +117,12 @@ class Controller:
         self.next_worker = 0
         self.next_replica = {r.name: 0 for r in config.rewards}
         self.queue: dict[int, list[Generated]] = {}  # step -> its groups, submitted and not yet trained
+        self.data_position: dict[int, dict] = {}  # step -> data/group-id/worker cursors before its groups were drawn
         self.trained_group_ids: list[int] = []
         self.reissued = 0  # groups generated again because their rollout worker died (whole run)
         self.rescored = 0  # scorings sent again because their reward replica died (whole run)
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        # On resume TensorBoard drops the events of steps after the checkpoint (they are computed again).
+        self.metrics = MetricsLog.for_run(run_dir, config, purge_step=resume.step + 1 if resume else None)
         self.telemetry = RunTelemetry(run_dir.name)
         self.gallery: dict[int, list[tuple[PromptGroup, ray.ObjectRef, np.ndarray]]] = {}
 
@@ -124,17 +131,24 @@ class Controller:
     def run(self) -> RunSummary:
         self._start_pools()
         try:
-            for step in tqdm(range(1, self.config.train.steps + 1), desc="training", unit="step"):
+            first = self._restore() + 1 if self.resume is not None else 1
+            last = self.config.train.steps
+            for step in tqdm(range(first, last + 1), desc="training", unit="step", initial=first - 1, total=last):
                 try:
                     self.metrics.write(self.step(step))
                 except RunAborted as exc:
                     # Keep what was learned so far; the metrics of finished steps are already on disk.
-                    saved = ray.get(self.learner.save.remote(str(self.run_dir / "checkpoint-aborted")))
+                    saved = self.learner.save(str(self.run_dir / "checkpoint-aborted"))
                     raise RunAborted(f"{exc}; steps 1..{step - 1} are in {self.metrics.path}, weights in {saved}") from None
-            checkpoint = ray.get(self.learner.save.remote(str(self.run_dir / "checkpoint-final")))
+                every = self.config.train.checkpoint_every
+                if every and step % every == 0 and step < last:
+                    self._save_checkpoint(step)
+            checkpoint = self.learner.save(str(self.run_dir / "checkpoint-final"))
             self._write_report()
+            self._export(Path(checkpoint))
         finally:
             self._stop_pools()
+            self.metrics.close()
         totals = [r["reward/total/mean"] for r in self.metrics.records]
         return RunSummary(str(self.run_dir), len(totals), totals[0], totals[-1], str(self.metrics.path), checkpoint)
 
@@ -144,15 +158,15 @@ class Controller:
         self.reward_pools = {
             r.name: ActorPool(roles[f"reward:{r.name}"], RewardWorker, r, max_restarts=r.max_restarts) for r in self.config.rewards
         }
-        # The learner is fail-stop: a run whose learner dies resumes from its latest checkpoint.
-        self.learner_pool = ActorPool(roles["learner"], Learner, self.config)
-        self.learner = self.learner_pool.actors[0]
-        pools = [self.rollout_pool, self.learner_pool, *self.reward_pools.values()]
-        ray.get([ref for pool in pools for ref in pool.ready()])
-        logger.info("actors ready: %s", ", ".join(f"{p.resources.role} x{p.resources.count}" for p in pools))
+        # The learner group is fail-stop: a run whose learner dies resumes from its latest checkpoint.
+        self.learner = LearnerGroup(self.config, roles["learner"])
+        pools = [self.rollout_pool, *self.reward_pools.values()]
+        ray.get([ref for pool in pools for ref in pool.ready()] + self.learner.ready())
+        roles_up = [f"{p.resources.role} x{p.resources.count}" for p in pools] + [f"learner x{self.learner.world_size}"]
+        logger.info("actors ready: %s", ", ".join(roles_up))
 
     def _stop_pools(self) -> None:
-        for pool in [getattr(self, "rollout_pool", None), getattr(self, "learner_pool", None), *getattr(self, "reward_pools", {}).values()]:
+        for pool in [getattr(self, "rollout_pool", None), getattr(self, "learner", None), *getattr(self, "reward_pools", {}).values()]:
             if pool is not None:
                 pool.shutdown()
 
@@ -177,12 +191,14 @@ class Controller:
         stats["groups/rescored"] = float(self.rescored - rescored)
         versions = {info.group_id: info.policy_version for info in infos}
         staleness = np.array([self.policy_version - versions[g.group_id] for g in batch], np.float64)
-        learner_metrics = ray.get(self.learner.update.remote(batch)) if batch else None
+        learner_metrics = self.learner.update(batch) if batch else None
         self.trained_group_ids += [g.group_id for g in batch]
         t_learned = time.perf_counter()
         if learner_metrics is not None:
             self._sync_weights()
         self._keep_for_gallery(step, in_flight, scores)
+        if is_gallery_step(step, self.config.logging.sample_every, self.config.train.steps):
+            self._write_gallery(step, in_flight, scores)
         record: dict[str, float] = {"step": step, "policy_version": self.policy_version, **stats}
         reward_seconds = {r.name: [s[r.name][1] for s in scores.values()] for r in self.config.rewards}
         for k, reward in enumerate(self.config.rewards):
@@ -231,6 +247,10 @@ class Controller:
         last = min(step + self.config.train.max_staleness, self.config.train.steps)
         for s in range(step, last + 1):
             if s not in self.queue:
+                self.data_position[s] = {
+                    "prompt_order": self.order.state_dict(), "next_group_id": self.next_group_id,
+                    "next_worker": self.next_worker, "next_replica": dict(self.next_replica),
+                }  # fmt: skip
                 self.queue[s] = [self._submit(group, s) for group in self._next_groups(s)]
 
     def _next_groups(self, step: int) -> list[PromptGroup]:
@@ -328,7 +348,7 @@ class Controller:
 
     def _sync_weights(self) -> None:
         """Export once, load everywhere, verify; every later group is stamped with the new version."""
-        self.weights_ref = self.learner.export_weights.remote()
+        self.weights_ref = self.learner.export_weights()
         self.policy_version += 1
         lost = self._push_weights(range(len(self.rollout_pool.actors)))
         for i in lost:
@@ -394,6 +414,71 @@ class Controller:
             batch.append(TrainGroup(generated.rollout, generated.group.group_id, advantages, weights, members))
         return batch
 
+    # ----- checkpoints -----
+
+    def _save_checkpoint(self, step: int) -> None:
+        """Everything needed to continue after ``step`` exactly (raygrpo/checkpoint.py). Groups already
+        drawn for later steps (max_staleness >= 1) are not saved: the data position is the one before
+        they were drawn, so a resumed run draws them again."""
+        position = self.data_position.get(step + 1) or {
+            "prompt_order": self.order.state_dict(), "next_group_id": self.next_group_id,
+            "next_worker": self.next_worker, "next_replica": dict(self.next_replica),
+        }  # fmt: skip
+        state = ControllerState(
+            step=step,
+            policy_version=self.policy_version,
+            rng=self.rng.bit_generator.state,
+            trained_group_ids=list(self.trained_group_ids),
+            reissued=self.reissued,
+            rescored=self.rescored,
+            **position,
+        )
+        save_checkpoint(
+            self.run_dir, state, self.config, lambda folder: self.learner.save_state(str(folder)), self.config.train.keep_checkpoints
+        )
+        self.data_position = {s: p for s, p in self.data_position.items() if s > step}
+
+    def _restore(self) -> int:
+        """Load the resume checkpoint into the learner group and this controller, send its weights to every
+        rollout worker, and keep the metrics of the steps it covers. Returns the step it was made after."""
+        folder = self.resume.checkpoint
+        state = load_controller_state(folder)
+        version = self.learner.load_state(str(folder / "learner"))
+        if version != state.policy_version:
+            raise RuntimeError(f"checkpoint {folder}: the learner restored version {version}, the controller saved {state.policy_version}")
+        self.policy_version = state.policy_version
+        self.next_group_id, self.next_worker, self.next_replica = state.next_group_id, state.next_worker, dict(state.next_replica)
+        self.order.load_state_dict(state.prompt_order)
+        self.rng.bit_generator.state = state.rng
+        self.reissued, self.rescored = state.reissued, state.rescored
+        self.trained_group_ids = list(state.trained_group_ids)
+        if self.policy_version > 0:
+            self.weights_ref = self.learner.export_weights()
+            self._push_weights(range(len(self.rollout_pool.actors)))
+        self.metrics.records = self._metrics_up_to(state.step)
+        logger.info("resumed from %s: step %d, policy version %d", folder, state.step, self.policy_version)
+        return state.step
+
+    def _metrics_up_to(self, step: int) -> list[dict]:
+        """The records of steps <= ``step``; lines of later steps (written after the checkpoint, before the
+        run stopped) move to metrics.discarded.jsonl, since the resumed run computes those steps again."""
+        path = self.metrics.path
+        if not path.exists():
+            return []
+        kept, discarded = [], []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                discarded.append(line)  # a line cut short by the crash
+                continue
+            (kept if record.get("step", 0) <= step else discarded).append(line)
+        if discarded:
+            with (path.parent / "metrics.discarded.jsonl").open("a") as f:
+                f.write("\n".join(discarded) + "\n")
+        path.write_text("".join(line + "\n" for line in kept))
+        return [json.loads(line) for line in kept]
+
     # ----- outputs -----
 
     def _keep_for_gallery(self, step: int, in_flight: list[Generated], scores: dict[int, dict[str, tuple[Scores, float]]]) -> None:
@@ -405,6 +490,34 @@ class Controller:
             totals = sum(w * per_reward[r.name][0].values for w, r in zip(self.weights, self.config.rewards))  # [G]
             entries.append((generated.group, generated.media, totals))
         self.gallery[step] = entries
+
+    def _write_gallery(self, step: int, in_flight: list[Generated], scores: dict[int, dict[str, tuple[Scores, float]]]) -> None:
+        """Every sample of the first ``logging.sample_groups`` groups with its scores (raygrpo/gallery.py; the dashboard shows them)."""
+        chosen = in_flight[: self.config.logging.sample_groups]
+        entries = []
+        for generated, media in zip(chosen, ray.get([g.media for g in chosen])):
+            per_reward = scores[generated.group.group_id]
+            values = {
+                r.name: np.where(per_reward[r.name][0].valid, per_reward[r.name][0].values, np.nan).astype(np.float32)
+                for r in self.config.rewards
+            }
+            total = sum(w * values[r.name] for w, r in zip(self.weights, self.config.rewards))
+            group = generated.group
+            entries.append(GalleryEntry(group.group_id, group.prompt, group.policy_version, media.images, values, total))
+        write_step_gallery(self.run_dir, step, entries)
+
+    def _export(self, checkpoint: Path) -> None:
+        """``<run>/export``: the trained model as a diffusers pipeline folder (or a LoRA file), when the base
+        pipeline is on this machine; otherwise the log says the command that makes it."""
+        pretrained = self.config.model.pretrained
+        command = f"python -m raygrpo.export {checkpoint} {self.run_dir / 'export'} --pretrained {pretrained}"
+        if pretrained != "tiny-random" and not Path(pretrained).is_dir():
+            logger.info("to get a diffusers pipeline folder of the trained model run: %s", command)
+            return
+        try:
+            export_pipeline(pretrained, checkpoint, self.run_dir / "export", family=self.config.model.family)
+        except ExportError as exc:
+            logger.warning("could not export a diffusers pipeline (%s); the trained weights are in %s (%s)", exc, checkpoint, command)
 
     def _write_report(self) -> None:
         plot_reward_curve(self.metrics.path, self.run_dir / "reward_curve.png")

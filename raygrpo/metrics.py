@@ -1,25 +1,207 @@
-"""Per-step metrics: one JSON object per line in ``metrics.jsonl``, plus a short log line."""
+"""Per-step metrics: one JSON object per line in ``metrics.jsonl``, a short log line, and optional mirrors.
+
+The JSON-lines file is the record of a run (the dashboard and ``report.py`` read it, a resumed run
+appends to it). Mirrors, each optional and each unable to stop a run:
+
+* TensorBoard scalars (``torch.utils.tensorboard``), one tag per metric key, x axis = ``step``;
+* Weights & Biases, only when a project is configured and ``wandb`` is importable; it follows its own
+  environment (``WANDB_MODE=offline`` writes locally and syncs later with ``wandb sync``);
+* ``metrics.parquet`` written by :meth:`MetricsLog.close`, a columnar copy of the whole JSON-lines
+  file (one row per step; where a resumed run wrote a step twice, the later line wins).
+
+The controller uses it as::
+
+    metrics = MetricsLog.for_run(run_dir, config)   # or MetricsLog(path, tensorboard_dir=..., wandb=...)
+    metrics.write(record)                           # every step
+    metrics.close()                                 # at the end, also after a failure
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from raygrpo.config import Config
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class WandbOptions:
+    """Where a run's metrics go in Weights & Biases (``wandb.init`` arguments)."""
+
+    project: str
+    name: str | None = None  # the run's name in the project (default: wandb's)
+    config: dict[str, Any] = field(default_factory=dict)  # the run configuration, shown beside the curves
+    dir: str | None = None  # where wandb keeps its local files (default: wandb's ./wandb)
+
+
 class MetricsLog:
-    def __init__(self, path: Path):
-        self.path = path
+    """Appends step records to ``path`` and mirrors them to TensorBoard / wandb when asked.
+
+    ``tensorboard_dir``: write TensorBoard event files there (None: no TensorBoard). ``wandb``: log
+    to that project when ``wandb`` is importable (None: no wandb). ``purge_step``: on resume, the
+    first step being rewritten, so TensorBoard hides the old events from that step on.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        tensorboard_dir: Path | None = None,
+        wandb: WandbOptions | None = None,
+        purge_step: int | None = None,
+    ):
+        self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _end_torn_line(self.path)
         self.records: list[dict[str, float]] = []
+        self.parquet_path = self.path.with_suffix(".parquet")
+        self._tensorboard = _open_tensorboard(tensorboard_dir, purge_step) if tensorboard_dir is not None else None
+        self._wandb = _open_wandb(wandb) if wandb is not None else None
+
+    @classmethod
+    def for_run(cls, run_dir: Path, config: Config, purge_step: int | None = None) -> MetricsLog:
+        """``<run_dir>/metrics.jsonl`` with the mirrors ``config.logging`` asks for (TensorBoard in ``<run_dir>/tensorboard``)."""
+        run_dir = Path(run_dir)
+        options = config.logging
+        wandb = None
+        if options.wandb_project:
+            wandb = WandbOptions(options.wandb_project, name=run_dir.name, config=config.model_dump(mode="json"), dir=str(run_dir))
+        tensorboard_dir = run_dir / "tensorboard" if options.tensorboard else None
+        return cls(run_dir / "metrics.jsonl", tensorboard_dir=tensorboard_dir, wandb=wandb, purge_step=purge_step)
 
     def write(self, record: dict[str, float]) -> None:
         self.records.append(record)
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
+        step = int(record.get("step", len(self.records)))
+        scalars = {k: float(v) for k, v in record.items() if k != "step" and _is_finite_number(v)}
+        if self._tensorboard is not None:
+            try:
+                for key, value in scalars.items():
+                    self._tensorboard.add_scalar(key, value, global_step=step)
+                self._tensorboard.flush()  # a dashboard reading the events mid-run sees every finished step
+            except Exception as exc:  # noqa: BLE001 - a full disk under TensorBoard must not stop training
+                logger.warning("TensorBoard logging stopped: %s: %s", type(exc).__name__, exc)
+                self._tensorboard = None
+        if self._wandb is not None:
+            try:
+                self._wandb.log(scalars, step=step)
+            except Exception as exc:  # noqa: BLE001 - a wandb outage must not stop training
+                logger.warning("wandb logging stopped: %s: %s", type(exc).__name__, exc)
+                self._wandb = None
         rewards = " ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in record.items() if k.startswith("reward/") and k.endswith("/mean"))
-        logger.info("step %d  %s  loss=%.3g  %.1fs", record["step"], rewards, record.get("learner/loss", float("nan")), record["time/step"])
+        logger.info(
+            "step %d  %s  loss=%.3g  %.1fs", step, rewards, record.get("learner/loss", float("nan")), record.get("time/step", float("nan"))
+        )
+
+    def close(self) -> Path | None:
+        """Close the mirrors and write ``metrics.parquet`` from the whole JSON-lines file; returns its path (None if no steps)."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        if self._wandb is not None:
+            try:
+                self._wandb.finish()
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("wandb finish failed: %s: %s", type(exc).__name__, exc)
+            self._wandb = None
+        return write_parquet(self.path, self.parquet_path)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The step records of a metrics JSON-lines file, one per step, sorted by step.
+
+    Lines that are not JSON objects with a step (a half-written last line) are skipped; a step
+    written twice (a resumed run repeats the steps after its checkpoint) keeps its later line.
+    """
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and _is_finite_number(record.get("step")):
+            by_step[int(record["step"])] = record
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def write_parquet(jsonl: Path, out: Path) -> Path | None:
+    """Write the records of ``jsonl`` as a Parquet table (``step`` int64, numbers float64, text as text).
+
+    Columns are the union of all keys; a key a step lacks is null there. Numbers are all float64 so
+    that a metric that is 0 in one step and 0.5 in the next is one column type. Written to a
+    temporary name and renamed, so a reader never sees half a file.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = read_metrics(jsonl) if Path(jsonl).is_file() else []
+    if not records:
+        return None
+    keys = list(dict.fromkeys(k for record in records for k in record))
+    columns = {}
+    for key in keys:
+        values = [record.get(key) for record in records]
+        if key == "step":
+            columns[key] = pa.array([int(v) for v in values], pa.int64())
+        elif all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values):
+            columns[key] = pa.array([None if v is None else float(v) for v in values], pa.float64())
+        else:
+            columns[key] = pa.array([None if v is None else str(v) for v in values], pa.string())
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    pq.write_table(pa.table(columns), tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def _end_torn_line(path: Path) -> None:
+    """Terminate a last line a crash cut short, so the next record starts on a line of its own."""
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _open_tensorboard(folder: Path, purge_step: int | None):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:  # tensorboard is a dependency, but an environment may lack it
+        logger.warning("TensorBoard logging is off: %s (pip install tensorboard, or set logging.tensorboard=false)", exc)
+        return None
+    return SummaryWriter(log_dir=str(folder), purge_step=purge_step)
+
+
+def _open_wandb(options: WandbOptions):
+    try:
+        import wandb
+    except ImportError:
+        logger.warning("logging.wandb_project=%r but wandb is not installed (pip install wandb): wandb logging is off", options.project)
+        return None
+    try:
+        return wandb.init(project=options.project, name=options.name, config=options.config, dir=options.dir)
+    except Exception as exc:  # noqa: BLE001 - no API key, no network: the run goes on without wandb
+        logger.warning("wandb.init failed, wandb logging is off (WANDB_MODE=offline logs locally): %s: %s", type(exc).__name__, exc)
+        return None

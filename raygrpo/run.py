@@ -5,7 +5,9 @@
    starts, naming the field to fix.
 2. Join the Ray cluster named by ``ray.address`` or ``RAY_ADDRESS`` (``ray job submit`` sets it), or
    start a local instance bound to loopback.
-3. Check the resource plan against the cluster, then hand over to the :class:`Controller`.
+3. Check the resource plan against the cluster, then hand over to the :class:`Controller`, in a new
+   run folder or, when an unfinished run of the same name has a checkpoint (``run.resume: auto``), in
+   that folder from its newest checkpoint (raygrpo/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ class PreflightError(RuntimeError):
 def preflight(config: Config) -> list[str]:
     """Check what can be checked on the driver; return the prompts. Raises PreflightError listing every problem."""
     from raygrpo.data.prompts import PromptFileError, load_prompts
-    from raygrpo.models import ModelNotFoundError, resolve_pretrained
+    from raygrpo.models import VIDEO_FAMILIES, ModelNotFoundError, resolve_pretrained
     from raygrpo.placement import plan_totals, resource_plan
-    from raygrpo.reward.builtin import make_reward
+    from raygrpo.reward.builtin import VIDEO_HINT, accepts_video, make_reward
 
     problems, prompts = [], []
     try:
@@ -43,8 +45,14 @@ def preflight(config: Config) -> list[str]:
             make_reward(reward.kind, reward.params)
         except (ValueError, TypeError) as exc:
             problems.append(f"rewards.{i} ({reward.name}): {exc}")
+        if config.model.family in VIDEO_FAMILIES and not accepts_video(reward.kind, reward.params):
+            what = f"model.family={config.model.family!r} makes videos and {reward.kind!r} scores images"
+            problems.append(f"rewards.{i} ({reward.name}): {what}: {VIDEO_HINT}")
     try:
         prompts = load_prompts(config.data)
+        problem = _conditioning_images_problem(config)
+        if problem:
+            problems.append(problem)
     except PromptFileError as exc:
         problems.append(str(exc))
     problem = _unwritable(Path(config.run.output_root))
@@ -61,6 +69,28 @@ def preflight(config: Config) -> list[str]:
     if problems:
         raise PreflightError("cannot start this run:\n" + "\n".join(f"  - {p}" for p in problems))
     return prompts
+
+
+def _conditioning_images_problem(config: Config) -> str | None:
+    """Image-to-video needs a readable conditioning image per prompt; text-conditioned families take none."""
+    from raygrpo.data.prompts import load_prompt_images
+    from raygrpo.models import IMAGE_CONDITIONED_FAMILIES
+
+    family = config.model.family
+    images = load_prompt_images(config.data)  # PromptFileError for a half-illustrated file
+    if family in IMAGE_CONDITIONED_FAMILIES and images is None:
+        return (
+            f"data: model.family={family!r} is image-to-video and needs a conditioning image per prompt: set data.prompt_file "
+            'to a .jsonl of {"prompt": ..., "image": path} lines or a .parquet with an image column'
+        )
+    if family not in IMAGE_CONDITIONED_FAMILIES and images is not None:
+        return (
+            f"data.prompt_file: {config.data.prompt_file!r} gives conditioning images, but model.family={family!r} is "
+            f"conditioned on text only (image-to-video families: {sorted(IMAGE_CONDITIONED_FAMILIES)}); drop the images"
+        )
+    if images is not None:
+        images.check()  # every image decodes, or PromptFileError listing the bad ones
+    return None
 
 
 def _unwritable(folder: Path) -> str | None:
@@ -96,6 +126,13 @@ def make_run_dir(config: Config) -> Path:
         raise PreflightError(f"run.output_root: cannot create {str(run_dir)!r}: {exc.strerror}") from None
     (run_dir / "config.yaml").write_text(_dump_yaml(config))
     return run_dir
+
+
+def resume_run_dir(config: Config, resume) -> Path:
+    """The run folder being continued; this invocation's config is kept beside the original one."""
+    logger.info("continuing %s from %s (step %d)", resume.run_dir, resume.checkpoint.name, resume.step)
+    (resume.run_dir / f"config-resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml").write_text(_dump_yaml(config))
+    return resume.run_dir
 
 
 def _dump_yaml(config: Config) -> str:
@@ -138,14 +175,20 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from raygrpo.checkpoint import CheckpointError, find_resume_point
     from raygrpo.controller import Controller, RunAborted
     from raygrpo.placement import PlanError, check_plan_fits, resource_plan
 
+    try:
+        resume = find_resume_point(config)
+    except CheckpointError as exc:
+        print(f"raygrpo: {exc}", file=sys.stderr)
+        return 2
     connect_ray(config)
     try:
         check_plan_fits(resource_plan(config), ray.cluster_resources())
-        run_dir = make_run_dir(config)
-        summary = Controller(config, run_dir, prompts).run()
+        run_dir = resume_run_dir(config, resume) if resume else make_run_dir(config)
+        summary = Controller(config, run_dir, prompts, resume=resume).run()
     except (PlanError, PreflightError) as exc:
         print(f"raygrpo: {exc}", file=sys.stderr)
         return 2

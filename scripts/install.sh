@@ -34,3 +34,16 @@ constraints="$VENV/torch-constraint.txt"
 echo "install: keeping $(cat "$constraints"); installing raygrpo[test]"
 pip install -c "$constraints" -e ".[test]"
 "$PY" -c "import raygrpo, ray, diffusers, torch; print('install: ok (torch', torch.__version__, ', ray', ray.__version__, ', diffusers', diffusers.__version__ + ')')"
+
+# Chromium for the dashboard's browser test (tests/test_dashboard.py; it skips without one). The system package:
+# playwright only drives it and never downloads a browser. Best effort: no apt, no root or no network just means a skip.
+if [ -z "${RAYGRPO_SKIP_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  apt_get() { env DEBIAN_FRONTEND=noninteractive apt-get -y -q "$@" >/dev/null 2>&1; }
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "install: installing Chromium (apt) for the dashboard's browser test"
+    apt_get install chromium || { apt_get update && apt_get install chromium; } \
+      || echo "install: Chromium did not install; the dashboard's browser test will skip"
+  else
+    echo "install: no Chromium, and no apt-get as root to install it; the dashboard's browser test will skip"
+  fi
+fi

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -55,14 +56,45 @@ def ray_cluster(model_cache, tmp_path_factory) -> RayCluster:
         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
         "--disable-usage-stats",
     ]  # fmt: skip
-    subprocess.run(command, check=True, env=env, capture_output=True, timeout=120)
+    # A process group of its own: teardown stops exactly this cluster's processes (`ray stop` would stop
+    # every Ray instance on the machine, including other test sessions' and users').
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, start_new_session=True)
+    group = _process_group_of(port)
+    if proc.returncode != 0:
+        _kill_group(group)
+        raise RuntimeError(f"`ray start --head` failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     cluster = RayCluster(address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard_port}")
-    _wait_for_dashboard(cluster.dashboard)
-    yield cluster
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    try:
+        _wait_for_dashboard(cluster.dashboard)
+        yield cluster
+    finally:
+        _kill_group(group)
 
 
-def _wait_for_dashboard(url: str, timeout_s: float = 60) -> None:
+def _process_group_of(port: int) -> int | None:
+    """The process group of the GCS server listening on ``port`` (every process `ray start` launched shares it)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"gcs_server") and f"--gcs_server_port={port}".encode() in args:
+            return os.getpgid(int(entry.name))
+    return None
+
+
+def _kill_group(group: int | None) -> None:
+    if group is None:
+        return
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_for_dashboard(url: str, timeout_s: float = 180) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout_s
