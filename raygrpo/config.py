@@ -88,6 +88,10 @@ class RolloutConfig(_Section):
     micro_batch_size: int = Field(1, ge=1)
     """Samples per forward. DanceGRPO uses 1: larger batches change the numerics, so the learner's
     recomputed log-probs (micro-batch 1) no longer match exactly and the first ratio drifts from 1."""
+    spread_groups: bool = False
+    """False (DanceGRPO): a group's G members are sampled by one worker. True (Flow-GRPO): they are split
+    over the rollout workers (about G / num_workers each) and put back together for scoring statistics and
+    advantages, which are always computed over the whole group."""
     max_restarts: int = Field(3, ge=0)
     """A rollout worker that dies is restarted this many times; it re-pulls the current weights and the
     groups it had in flight are generated again (never lost, never trained twice)."""

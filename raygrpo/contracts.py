@@ -13,7 +13,7 @@ Flow of one training step (see ``controller.py``)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ class PromptGroup:
     seed: int  # seeds the initial noise and the SDE noise of the whole group
     policy_version: int  # version of the weights the controller wants this group sampled with
     image: np.ndarray | None = None  # [H, W, 3] uint8 conditioning image (image-to-video); None for text-only
+    member_offset: int = 0  # index of this request's first member when a group is spread over workers (Flow-GRPO)
 
 
 @dataclass
@@ -122,6 +123,31 @@ class Rollout:
         return sum(a.nbytes for a in arrays)
 
 
+def merge_rollouts(parts: list[Rollout]) -> Rollout:
+    """One group's Rollout from the parts several workers generated (in member order).
+
+    Every part carries its own members' old log-probs, so a part sampled with older weights after a
+    reissue still gets the right importance ratio; the merged version is the oldest part's.
+    """
+    parts = sorted(parts, key=lambda r: r.group.member_offset)
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    if len({r.group.group_id for r in parts}) != 1 or any(not np.array_equal(r.sigmas, first.sigmas) for r in parts):
+        raise ValueError("merge_rollouts: the parts belong to different groups or were sampled on different noise grids")
+    size = sum(r.group.group_size for r in parts)
+    stack = lambda arrays: None if arrays[0] is None else np.concatenate(arrays)  # noqa: E731
+    return Rollout(
+        group=replace(first.group, group_size=size, member_offset=0),
+        policy_version=min(r.policy_version for r in parts),
+        conditioning=first.conditioning,
+        sigmas=first.sigmas,
+        final_latents=np.concatenate([r.final_latents for r in parts]),
+        trajectory=stack([r.trajectory for r in parts]),
+        log_probs=stack([r.log_probs for r in parts]),
+    )
+
+
 @dataclass
 class GroupMedia:
     """Decoded samples of one group, for the reward side only."""
@@ -147,6 +173,19 @@ class Scores:
             raise ValueError("Scores.values, valid and errors must have one entry per group member")
 
 
+def merge_scores(parts: list[Scores]) -> Scores:
+    """One reward's Scores of a whole group from the Scores of its parts, in member order."""
+    if len(parts) == 1:
+        return parts[0]
+    return Scores(
+        group_id=parts[0].group_id,
+        reward_name=parts[0].reward_name,
+        values=np.concatenate([p.values for p in parts]),
+        valid=np.concatenate([p.valid for p in parts]),
+        errors=[e for p in parts for e in p.errors],
+    )
+
+
 @dataclass
 class TrainGroup:
     """One whole group as the learner trains on it.
@@ -155,7 +194,7 @@ class TrainGroup:
     controller). Whole groups only: group statistics and DGPO's gate need every member.
     """
 
-    rollout: object  # ray.ObjectRef[Rollout]
+    rollout: object  # ray.ObjectRef[Rollout], or a list of them for a group spread over workers (merge_rollouts)
     group_id: int
     advantages: np.ndarray  # [K, G] float32, one row per reward (already clipped)
     reward_weights: np.ndarray  # [K] float32, the loss weight of each reward's advantage

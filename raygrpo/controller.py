@@ -38,7 +38,7 @@ from tqdm import tqdm
 from raygrpo.algorithms.advantages import best_of_n_members, global_std, group_advantages
 from raygrpo.checkpoint import ControllerState, ResumePoint, load_controller_state, save_checkpoint
 from raygrpo.config import Config
-from raygrpo.contracts import GroupMedia, PromptGroup, RolloutInfo, Scores, TrainGroup
+from raygrpo.contracts import GroupMedia, PromptGroup, RolloutInfo, Scores, TrainGroup, merge_scores
 from raygrpo.data.prompts import PromptOrder
 from raygrpo.learner.group import LearnerGroup
 from raygrpo.metrics import MetricsLog
@@ -58,7 +58,12 @@ RESTART_TIMEOUT_S = 600.0  # how long to wait for Ray to bring a dead actor back
 
 @dataclass
 class Generated:
-    """Refs for one group in flight. Reissuing a lost group replaces the refs, never the group id."""
+    """Refs for one group in flight, or for one part of it when ``rollout.spread_groups`` splits it over
+    workers (then ``group`` holds that part's members). Reissuing lost work replaces the refs, never the group id.
+
+    Once every part is back, :meth:`Controller._merge_parts` makes one Generated per whole group whose
+    ``rollout`` and ``media`` are lists of the parts' refs, in member order.
+    """
 
     group: PromptGroup
     step: int  # the training step this group is trained in
@@ -81,6 +86,18 @@ class RunSummary:
 
 
 _DEAD = object()
+
+
+def _fetch_media(refs: list) -> list[GroupMedia]:
+    """GroupMedia per entry; an entry that is a list of parts' refs comes back as one group, parts joined in order."""
+    flat = [r for ref in refs for r in (ref if isinstance(ref, list) else [ref])]
+    fetched = iter(ray.get(flat))
+    medias = []
+    for ref in refs:
+        parts = [next(fetched) for _ in (ref if isinstance(ref, list) else [ref])]
+        images = np.concatenate([p.images for p in parts]) if len(parts) > 1 else parts[0].images
+        medias.append(GroupMedia(group=parts[0].group, images=images))
+    return medias
 
 
 def _call_when_alive(call):
@@ -176,11 +193,11 @@ class Controller:
         start = time.perf_counter()
         self._fill_queue(step)
         queue_depth = sum(len(groups) for groups in self.queue.values())
-        in_flight = self.queue.pop(step)
+        parts = self.queue.pop(step)
         reissued, rescored = self.reissued, self.rescored
-        infos = [self._wait_generated(g) for g in in_flight]
+        infos = [self._wait_generated(p) for p in parts]
         t_generated = time.perf_counter()
-        scores = {g.group.group_id: self._wait_scored(g) for g in in_flight}
+        in_flight, scores = self._merge_parts(parts, [self._wait_scored(p) for p in parts])
         t_scored = time.perf_counter()
         kept, stats = self._collect_rewards(in_flight, scores)
         batch = self._advantages(kept)
@@ -189,7 +206,9 @@ class Controller:
         stats["groups/zero_std"] = float(sum(int(np.all(r.std(axis=1) == 0)) for _, r in kept))
         stats["groups/reissued"] = float(self.reissued - reissued)
         stats["groups/rescored"] = float(self.rescored - rescored)
-        versions = {info.group_id: info.policy_version for info in infos}
+        versions: dict[int, int] = {}
+        for info in infos:  # a group's oldest part decides its staleness
+            versions[info.group_id] = min(info.policy_version, versions.get(info.group_id, info.policy_version))
         staleness = np.array([self.policy_version - versions[g.group_id] for g in batch], np.float64)
         learner_metrics = self.learner.update(batch) if batch else None
         self.trained_group_ids += [g.group_id for g in batch]
@@ -211,7 +230,9 @@ class Controller:
             extras = fields.pop("extras")
             record.update({f"learner/{k}": float(v) for k, v in {**fields, **extras}.items()})
         record["samples/generated"] = float(len(in_flight) * self.config.algorithm.group_size)
-        record["rollout/bytes_per_sample"] = float(np.mean([i.rollout_bytes for i in infos])) / self.config.algorithm.group_size
+        record["rollout/bytes_per_sample"] = float(sum(i.rollout_bytes for i in infos)) / (
+            len(in_flight) * self.config.algorithm.group_size
+        )
         record["staleness/mean"] = float(staleness.mean()) if len(staleness) else float("nan")
         record["staleness/max"] = float(staleness.max()) if len(staleness) else float("nan")
         record["queue/groups_in_flight"] = float(queue_depth)
@@ -251,7 +272,7 @@ class Controller:
                     "prompt_order": self.order.state_dict(), "next_group_id": self.next_group_id,
                     "next_worker": self.next_worker, "next_replica": dict(self.next_replica),
                 }  # fmt: skip
-                self.queue[s] = [self._submit(group, s) for group in self._next_groups(s)]
+                self.queue[s] = [self._submit(part, s) for group in self._next_groups(s) for part in self._split(group)]
 
     def _next_groups(self, step: int) -> list[PromptGroup]:
         algo = self.config.algorithm
@@ -261,6 +282,38 @@ class Controller:
             groups.append(PromptGroup(self.next_group_id, prompt_id, self.prompts[prompt_id], algo.group_size, seed, self.policy_version))
             self.next_group_id += 1
         return groups
+
+    def _split(self, group: PromptGroup) -> list[PromptGroup]:
+        """The group itself, or (``rollout.spread_groups``) one part per rollout worker, as even as can be."""
+        workers = len(self.rollout_pool.actors)
+        if not self.config.rollout.spread_groups or workers == 1:
+            return [group]
+        bounds = np.linspace(0, group.group_size, min(workers, group.group_size) + 1).round().astype(int)
+        return [dataclasses.replace(group, group_size=int(b - a), member_offset=int(a)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _merge_parts(self, parts: list[Generated], part_scores: list[dict[str, tuple[Scores, float]]]):
+        """Whole groups from their parts: one Generated per group (refs listed in member order) and its Scores."""
+        by_group: dict[int, list[tuple[Generated, dict]]] = {}
+        for part, scored in zip(parts, part_scores):
+            by_group.setdefault(part.group.group_id, []).append((part, scored))
+        merged, scores = [], {}
+        for group_id, items in by_group.items():
+            items.sort(key=lambda item: item[0].group.member_offset)
+            if len(items) == 1:
+                merged.append(items[0][0])
+                scores[group_id] = items[0][1]
+                continue
+            first = items[0][0]
+            whole = dataclasses.replace(first.group, group_size=sum(p.group.group_size for p, _ in items), member_offset=0)
+            merged.append(
+                Generated(
+                    whole, first.step, first.worker, [p.rollout for p, _ in items], [p.media for p, _ in items], [p.info for p, _ in items]
+                )
+            )
+            scores[group_id] = {
+                name: (merge_scores([s[name][0] for _, s in items]), sum(s[name][1] for _, s in items)) for name in self.reward_pools
+            }
+        return merged, scores
 
     def _submit(self, group: PromptGroup, step: int, worker: int | None = None) -> Generated:
         """Dispatch one group to a rollout worker (round robin unless given) and its scoring to every reward pool."""
@@ -495,7 +548,7 @@ class Controller:
         """Every sample of the first ``logging.sample_groups`` groups with its scores (raygrpo/gallery.py; the dashboard shows them)."""
         chosen = in_flight[: self.config.logging.sample_groups]
         entries = []
-        for generated, media in zip(chosen, ray.get([g.media for g in chosen])):
+        for generated, media in zip(chosen, _fetch_media([g.media for g in chosen])):
             per_reward = scores[generated.group.group_id]
             values = {
                 r.name: np.where(per_reward[r.name][0].valid, per_reward[r.name][0].values, np.nan).astype(np.float32)
@@ -523,7 +576,7 @@ class Controller:
         plot_reward_curve(self.metrics.path, self.run_dir / "reward_curve.png")
         rows = []
         for step, entries in sorted(self.gallery.items()):
-            medias: list[GroupMedia] = ray.get([media for _, media, _ in entries])
+            medias = _fetch_media([media for _, media, _ in entries])
             for (group, _, totals), media in zip(entries, medias):
                 captions = [f"{t:.3f}" for t in totals]
                 rows.append(GridRow(f"step {step}: {group.prompt}", media.images, captions))

@@ -106,3 +106,26 @@ def test_best_of_n_trains_only_the_chosen_members(tmp_path):
     kept, _ = controller._collect_rewards([Generated(group, 1, 0, "r", None, None)], {group.group_id: scores_for(group, [1, 2, 3, 9], [1, 2, 3, 9])})
     (train_group,) = controller._advantages(kept)
     assert sorted(train_group.members.tolist()) == [0, 3]
+
+
+def test_spread_splits_a_group_into_even_parts_with_offsets(tmp_path):
+    controller, _ = make_controller(tmp_path, "rollout.spread_groups=true", "algorithm.group_size=5")
+
+    class Pool:
+        actors = [object(), object()]
+
+    controller.rollout_pool = Pool()
+    (group,) = controller._next_groups(1)[:1]
+    parts = controller._split(group)
+    assert [(p.member_offset, p.group_size) for p in parts] == [(0, 2), (2, 3)]
+    assert all(p.group_id == group.group_id and p.seed == group.seed for p in parts)
+
+
+def test_merging_parts_joins_scores_in_member_order(tmp_path):
+    from raygrpo.contracts import merge_scores
+
+    a = Scores(7, "r", np.array([1.0, 2.0], np.float32), np.array([True, False]), [None, "timeout"])
+    b = Scores(7, "r", np.array([3.0], np.float32), np.array([True]))
+    merged = merge_scores([a, b])
+    assert merged.values.tolist() == [1.0, 2.0, 3.0] and merged.valid.tolist() == [True, False, True]
+    assert merged.errors == [None, "timeout", None]

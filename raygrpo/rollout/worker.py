@@ -67,12 +67,16 @@ class RolloutWorker:
         start = time.perf_counter()
         cond = self.model.encode_prompt(group.prompt, group.image)  # text-only prompts are cached per text
         generator = torch.Generator().manual_seed(group.seed)
-        g = group.group_size
+        g, offset = group.group_size, group.member_offset
         if self.spec.shared_noise:
             first = self.model.initial_noise(generator, 1)  # [1, ...]
             noise = first.expand(g, *first.shape[1:]).clone()  # [G, ...]
         else:
-            noise = self.model.initial_noise(generator, g)  # [G, ...]
+            # Members offset..offset+G-1 of the group's noise: the same whichever worker samples them.
+            noise = self.model.initial_noise(generator, offset + g)[offset:]  # [G, ...]
+        if offset:
+            # A part of a spread group draws its SDE noise from its own stream (parts run in parallel).
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([group.seed, offset]).generate_state(1)[0]))
         sigmas = self.model.sigma_grid(self.spec.sampler, self.config.rollout.num_steps, self.config.rollout.shift).to(self.device)  # [T+1]
         sample = self._sample_sde if self.spec.record_trajectory else self._sample_ode
         final, trajectory, log_probs = sample(noise, sigmas, cond, generator)
