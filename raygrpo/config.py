@@ -77,6 +77,16 @@ class ModelConfig(_Section):
     lora: LoraConfig | None = None
     """None: full fine-tuning."""
 
+    @model_validator(mode="after")
+    def _check_num_frames(self) -> ModelConfig:
+        if self.num_frames is not None:
+            if self.family not in ("hunyuan_video", "wan_i2v"):
+                raise ValueError(f"num_frames is for the video families (hunyuan_video, wan_i2v), not {self.family!r}; remove it")
+            if (self.num_frames - 1) % 4:
+                below = (self.num_frames - 1) // 4 * 4 + 1
+                raise ValueError(f"num_frames must be 4k+1 (the video VAEs compress time 4x after its first frame): {below} or {below + 4}")
+        return self
+
 
 class RolloutConfig(_Section):
     num_workers: int = Field(1, ge=1)
@@ -88,6 +98,11 @@ class RolloutConfig(_Section):
     micro_batch_size: int = Field(1, ge=1)
     """Samples per forward. DanceGRPO uses 1: larger batches change the numerics, so the learner's
     recomputed log-probs (micro-batch 1) no longer match exactly and the first ratio drifts from 1."""
+    weight_sync: Literal["auto", "object_store", "collective"] = "auto"
+    """How new weights reach the rollout workers. object_store: one numpy message through Ray's object store,
+    CRC-32 checked. collective: learner rank 0 broadcasts raw tensors in a process group of its own (NCCL on
+    GPU, gloo on CPU) straight into the workers' parameters, fingerprint checked. auto: collective when both
+    the learner and rollout have GPUs, else object_store."""
     spread_groups: bool = False
     """False (DanceGRPO): a group's G members are sampled by one worker. True (Flow-GRPO): they are split
     over the rollout workers (about G / num_workers each) and put back together for scoring statistics and

@@ -150,10 +150,14 @@ def merge_rollouts(parts: list[Rollout]) -> Rollout:
 
 @dataclass
 class GroupMedia:
-    """Decoded samples of one group, for the reward side only."""
+    """Decoded samples of one group, for the reward side only.
+
+    Video families (hunyuan_video, wan_i2v) put videos here, ``[G, F, H, W, 3]`` with ``F`` frames:
+    image rewards score them through ``frame_average``, remote ones as MP4 (``http``, ``video/mp4``).
+    """
 
     group: PromptGroup
-    images: np.ndarray  # [G, H, W, 3] uint8
+    images: np.ndarray  # [G, H, W, 3] uint8 images, or [G, F, H, W, 3] uint8 videos
 
 
 @dataclass

@@ -39,7 +39,7 @@ from raygrpo.algorithms.advantages import best_of_n_members, global_std, group_a
 from raygrpo.checkpoint import ControllerState, ResumePoint, load_controller_state, save_checkpoint
 from raygrpo.config import Config
 from raygrpo.contracts import GroupMedia, PromptGroup, RolloutInfo, Scores, TrainGroup, merge_scores
-from raygrpo.data.prompts import PromptOrder
+from raygrpo.data.prompts import PromptOrder, load_prompt_images
 from raygrpo.learner.group import LearnerGroup
 from raygrpo.metrics import MetricsLog
 from raygrpo.placement import ActorPool, resource_plan
@@ -126,6 +126,7 @@ class Controller:
         self.run_dir = run_dir
         self.prompts = prompts
         self.order = PromptOrder(len(prompts), seed=config.run.seed)
+        self.images = load_prompt_images(config.data)  # image-to-video: one conditioning image per prompt, else None
         self.weights = np.array([r.weight for r in config.rewards], np.float32)  # [K]
         self.rng = np.random.default_rng(config.run.seed + 2)
         self.policy_version = 0
@@ -279,7 +280,8 @@ class Controller:
         groups = []
         for k, prompt_id in enumerate(self.order.take(algo.groups_per_step)):
             seed = int(np.random.SeedSequence([self.config.run.seed, step, k]).generate_state(1)[0])
-            groups.append(PromptGroup(self.next_group_id, prompt_id, self.prompts[prompt_id], algo.group_size, seed, self.policy_version))
+            image = self.images[prompt_id] if self.images is not None else None
+            groups.append(PromptGroup(self.next_group_id, prompt_id, self.prompts[prompt_id], algo.group_size, seed, self.policy_version, image))
             self.next_group_id += 1
         return groups
 

@@ -1,4 +1,4 @@
-"""PNG outputs of a run: the reward curve and grids of sampled images.
+"""PNG/GIF outputs of a run: the reward curve, grids of sampled images (videos as frame strips), animated GIFs.
 
 Both are written without a display. Matplotlib is used through ``Figure`` and the Agg canvas
 directly rather than ``pyplot``, so that importing this module neither switches the process-wide
@@ -19,6 +19,8 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 MIN_TILE = 128  # pixels; generated images are often 64x64, too small to judge by eye
+STRIP_FRAMES = 4  # frames of a video shown side by side in its grid tile (first and last always among them)
+STRIP_GAP = 2  # white pixels between the frames of a strip (before upscaling)
 PAD = 8  # between tiles and around the grid
 TITLE_H = 18  # height of a row's title line
 CAPTION_H = 16  # height of the caption line under each tile
@@ -87,15 +89,23 @@ def _save_figure(fig: Figure, out_png: Path) -> Path:
 
 @dataclass
 class GridRow:
-    """One titled row of a sample grid, e.g. the group of one prompt at one step."""
+    """One titled row of a sample grid, e.g. the group of one prompt at one step.
+
+    Videos ``[N, F, H, W, 3]`` are shown as frame strips: each tile holds :data:`STRIP_FRAMES`
+    evenly spaced frames side by side (see :func:`frame_strip`); ``images`` then holds the strips.
+    """
 
     title: str
-    images: np.ndarray  # [N, H, W, 3] uint8
+    images: np.ndarray  # [N, H, W, 3] uint8 images, or [N, F, H, W, 3] uint8 videos (stored as strips)
     captions: list[str] = field(default_factory=list)  # [N], or empty for none
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
-            raise ValueError(f"GridRow {self.title!r}: images must be uint8 [N, H, W, 3], got {self.images.dtype} {self.images.shape}")
+        if self.images.ndim not in (4, 5) or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
+            raise ValueError(
+                f"GridRow {self.title!r}: images must be uint8 [N, H, W, 3] (or videos [N, F, H, W, 3]), got {self.images.dtype} {self.images.shape}"
+            )
+        if self.images.ndim == 5:
+            self.images = np.stack([frame_strip(video) for video in self.images])  # [N, H, k*W + gaps, 3]
         if self.captions and len(self.captions) != len(self.images):
             raise ValueError(f"GridRow {self.title!r}: {len(self.captions)} captions for {len(self.images)} images")
 
@@ -129,7 +139,16 @@ def sample_grid(rows: list[GridRow], out_png: Path, max_cols: int = 8) -> Path:
     return out_png
 
 
-def _draw_row(canvas: Image.Image, draw: ImageDraw.ImageDraw, font: _Font, row: GridRow, tiles: list[Image.Image], y: int, cols: int, cell: tuple[int, int]) -> int:
+def _draw_row(
+    canvas: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    font: _Font,
+    row: GridRow,
+    tiles: list[Image.Image],
+    y: int,
+    cols: int,
+    cell: tuple[int, int],
+) -> int:
     """Draw one row's title, tiles and captions from height ``y``; returns where the next row starts."""
     tile_w, tile_h = cell
     draw.text((PAD, y), _fit(draw, font, row.title, canvas.width - 2 * PAD), fill="black", font=font)
@@ -143,6 +162,40 @@ def _draw_row(canvas: Image.Image, draw: ImageDraw.ImageDraw, font: _Font, row: 
             caption = _fit(draw, font, row.captions[i], tile_w)
             draw.text((x + (tile_w - draw.textlength(caption, font=font)) / 2, top + tile_h + 2), caption, fill="black", font=font)
     return y + math.ceil(len(tiles) / cols) * (tile_h + CAPTION_H + PAD)
+
+
+def frame_strip(video: np.ndarray, max_frames: int = STRIP_FRAMES, gap: int = STRIP_GAP) -> np.ndarray:
+    """``[H, k*W + (k-1)*gap, 3]``: ``k = min(F, max_frames)`` frames of ``video [F, H, W, 3]`` side by side.
+
+    The frames are ``round(linspace(0, F - 1, k))``, so the first and the last frame are always shown,
+    separated by white columns ``gap`` pixels wide.
+    """
+    if video.ndim != 4 or video.shape[-1] != 3 or len(video) == 0:
+        raise ValueError(f"frame_strip needs a video [F, H, W, 3] with at least one frame, got {video.shape}")
+    index = np.unique(np.rint(np.linspace(0, len(video) - 1, min(len(video), max_frames))).astype(np.int64))
+    height, width = video.shape[1:3]
+    strip = np.full((height, len(index) * (width + gap) - gap, 3), 255, dtype=np.uint8)
+    for k, frame in enumerate(index):
+        strip[:, k * (width + gap) : k * (width + gap) + width] = video[frame]
+    return strip
+
+
+def save_gif(video: np.ndarray, path: Path, fps: float = 8.0) -> Path:
+    """Write ``video [F, H, W, 3]`` uint8 as a looping animated GIF (PIL), ``fps`` frames per second.
+
+    GIF frame durations are whole milliseconds (browsers round below 20 ms up), so the played rate is
+    ``1000 / round(1000 / fps)``. Colours are quantised to GIF's 256-colour palettes per frame.
+    """
+    if not isinstance(video, np.ndarray) or video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8 or len(video) == 0:
+        desc = f"{video.dtype} {video.shape}" if isinstance(video, np.ndarray) else type(video).__name__
+        raise ValueError(f"save_gif needs a uint8 video [F, H, W, 3] with at least one frame, got {desc}")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    frames = [Image.fromarray(np.ascontiguousarray(frame)) for frame in video]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+    return path
 
 
 def _upscale(image: np.ndarray) -> Image.Image:

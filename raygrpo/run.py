@@ -37,7 +37,8 @@ def preflight(config: Config) -> list[str]:
 
     problems, prompts = [], []
     try:
-        resolve_pretrained(config.model.pretrained)
+        if config.model.pretrained != "tiny-random":  # tiny models are built locally, per family, by the actors
+            resolve_pretrained(config.model.pretrained)
     except ModelNotFoundError as exc:
         problems.append(f"model.pretrained: {exc}")
     for i, reward in enumerate(config.rewards):
@@ -153,6 +154,7 @@ def connect_ray(config: Config) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         logger.info("starting a local Ray instance")
         ray.init(
+            address="local",  # a new instance even when another one runs on this machine (never attach to it silently)
             num_cpus=config.ray.num_cpus,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",

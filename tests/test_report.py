@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raygrpo.report import CAPTION_H, MIN_TILE, PAD, TITLE_H, GridRow, plot_reward_curve, sample_grid
+from raygrpo.report import CAPTION_H, MIN_TILE, PAD, STRIP_GAP, TITLE_H, GridRow, frame_strip, plot_reward_curve, sample_grid, save_gif
 
 
 def write_metrics(path, records):
@@ -20,8 +20,13 @@ def write_metrics(path, records):
 
 def test_reward_curve(tmp_path):
     records = [
-        {"step": s, "reward/color/mean": 0.5 + 0.02 * s, "reward/color/std": 0.1, "reward/jpeg/mean": -3.0 + 0.1 * s,
-         "reward/total/mean": 0.3 + 0.01 * s}
+        {
+            "step": s,
+            "reward/color/mean": 0.5 + 0.02 * s,
+            "reward/color/std": 0.1,
+            "reward/jpeg/mean": -3.0 + 0.1 * s,
+            "reward/total/mean": 0.3 + 0.01 * s,
+        }
         for s in range(1, 11)
     ]
     metrics = write_metrics(tmp_path / "run" / "metrics.jsonl", records)
@@ -87,3 +92,53 @@ def test_grid_row_validation():
         GridRow("x", np.zeros((2, 8, 8, 3), dtype=np.uint8), ["only one"])
     with pytest.raises(ValueError, match="uint8"):
         GridRow("x", np.zeros((2, 8, 8, 3), dtype=np.float32), [])
+
+
+def _video(frames: int, size: int = 32) -> np.ndarray:
+    """``[F, H, W, 3]`` where frame f is filled with the grey level 10 * (f + 1), so frames can be told apart."""
+    return np.stack([np.full((size, size, 3), 10 * (f + 1), dtype=np.uint8) for f in range(frames)])
+
+
+def test_frame_strip_shows_evenly_spaced_frames_including_first_and_last():
+    strip = frame_strip(_video(9), max_frames=4)
+    assert strip.shape == (32, 4 * 32 + 3 * STRIP_GAP, 3)
+    shown = [int(strip[0, k * (32 + STRIP_GAP), 0]) for k in range(4)]
+    assert shown == [10, 40, 60, 90]  # frames 0, 3 (rint of 2.67), 5 (rint of 5.33), 8
+    assert (strip[:, 32 : 32 + STRIP_GAP] == 255).all()  # white gap
+    assert frame_strip(_video(2), max_frames=4).shape == (32, 2 * 32 + STRIP_GAP, 3)  # fewer frames than slots
+    with pytest.raises(ValueError, match="video"):
+        frame_strip(np.zeros((32, 32, 3), np.uint8))
+
+
+def test_sample_grid_draws_videos_as_frame_strips(tmp_path):
+    videos = np.stack([_video(5), _video(5)[::-1].copy()])  # [2, 5, 32, 32, 3]
+    row = GridRow("step 1: a fox", videos, ["0.1", "0.2"])
+    assert row.images.shape == (2, 32, 4 * 32 + 3 * STRIP_GAP, 3)
+    out = sample_grid([row], tmp_path / "videos.png")
+    factor = MIN_TILE // 32
+    tile_w, tile_h = row.images.shape[2] * factor, 32 * factor
+    with Image.open(out) as image:
+        assert image.size == (PAD + 2 * (tile_w + PAD), PAD + TITLE_H + PAD + tile_h + CAPTION_H + PAD)
+        pixels = np.asarray(image.convert("RGB"))
+    top = PAD + TITLE_H + PAD
+    assert pixels[top, PAD, 0] == 10 and pixels[top, PAD + tile_w - 1, 0] == 50  # first and last frame of video 0
+    assert pixels[top, 2 * PAD + tile_w, 0] == 50  # video 1 runs backwards
+    with pytest.raises(ValueError, match="videos"):
+        GridRow("x", np.zeros((2, 5, 8, 8, 4), dtype=np.uint8))
+
+
+def test_save_gif_round_trips_frames(tmp_path):
+    video = _video(5)
+    out = save_gif(video, tmp_path / "gifs" / "sample.gif", fps=10)
+    with Image.open(out) as gif:
+        assert gif.format == "GIF" and gif.n_frames == 5 and gif.size == (32, 32)
+        assert gif.info["duration"] == 100 and gif.info["loop"] == 0
+        levels = []
+        for f in range(gif.n_frames):
+            gif.seek(f)
+            levels.append(int(np.asarray(gif.convert("RGB"))[0, 0, 0]))
+    assert levels == [10, 20, 30, 40, 50]
+    with pytest.raises(ValueError, match="uint8 video"):
+        save_gif(video.astype(np.float32), tmp_path / "bad.gif")
+    with pytest.raises(ValueError, match="fps"):
+        save_gif(video, tmp_path / "bad.gif", fps=0)

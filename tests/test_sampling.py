@@ -135,5 +135,5 @@ def test_predicted_x0_inverts_interpolation():
 
 
 def test_unknown_sampler(xv):
-    with pytest.raises(ValueError, match="unknown sampler 'ddim'"):
-        step_transition("ddim", 0.3, *xv, sigma_schedule(4, 1.0), 0)
+    with pytest.raises(ValueError, match="unknown sampler 'euler_a'"):
+        step_transition("euler_a", 0.3, *xv, sigma_schedule(4, 1.0), 0)

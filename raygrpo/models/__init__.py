@@ -1,24 +1,46 @@
 """Model adapters: one class per image-generator family, plus tiny random builds for tests."""
 
 from raygrpo.models.flux import FluxModel, ModelNotFoundError, quantize_timestep, resolve_pretrained
+from raygrpo.models.hunyuan_video import HunyuanVideoModel
+from raygrpo.models.sd import StableDiffusionModel
 from raygrpo.models.sd3 import SD3Model
 from raygrpo.models.tiny import build_tiny_flux, build_tiny_sd3, tiny_model_folder
+from raygrpo.models.wan import WanI2VModel
 
-MODEL_FAMILIES = {"flux": FluxModel, "sd3": SD3Model}
+MODEL_FAMILIES = {
+    "flux": FluxModel,
+    "sd3": SD3Model,
+    "sd": StableDiffusionModel,
+    "hunyuan_video": HunyuanVideoModel,
+    "wan_i2v": WanI2VModel,
+}
+VIDEO_FAMILIES = {"hunyuan_video", "wan_i2v"}  # latents [C, F_lat, h, w]; decode gives [B, F, H, W, 3]
+IMAGE_CONDITIONED_FAMILIES = {"wan_i2v"}  # encode_prompt(prompt, image): each prompt group carries its image
 
 
 def load_model(family: str, name_or_path: str, **kwargs):
     """``MODEL_FAMILIES[family].from_pretrained(name_or_path, **kwargs)``, with a clear error for unknown families."""
     if family not in MODEL_FAMILIES:
         raise ValueError(f"unknown model family {family!r}; known families: {sorted(MODEL_FAMILIES)}")
+    # Callers pass the config's num_frames whatever the family: None means the family's default, and
+    # image families take no such argument.
+    if family not in VIDEO_FAMILIES and kwargs.get("num_frames") is not None:
+        raise ValueError(f"model.num_frames is for video families ({sorted(VIDEO_FAMILIES)}), not {family!r}")
+    if kwargs.get("num_frames", 0) is None or family not in VIDEO_FAMILIES:
+        kwargs.pop("num_frames", None)
     return MODEL_FAMILIES[family].from_pretrained(name_or_path, **kwargs)
 
 
 __all__ = [
+    "IMAGE_CONDITIONED_FAMILIES",
     "MODEL_FAMILIES",
+    "VIDEO_FAMILIES",
     "FluxModel",
+    "HunyuanVideoModel",
     "ModelNotFoundError",
     "SD3Model",
+    "StableDiffusionModel",
+    "WanI2VModel",
     "build_tiny_flux",
     "build_tiny_sd3",
     "load_model",

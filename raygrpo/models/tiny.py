@@ -23,7 +23,7 @@ from tokenizers import pre_tokenizers
 _BUILD_LOCK = threading.Lock()
 TINY_VERSION = "v1"  # the FLUX build's version: bump when its builder changes, so stale cached folders are not reused
 # One version per family, so changing one family's builder never invalidates another family's cache.
-TINY_VERSIONS = {"flux": TINY_VERSION, "sd3": "v1"}
+TINY_VERSIONS = {"flux": TINY_VERSION, "sd3": "v1", "sd": "v1"}
 
 # Common English and image-prompt words: the corpus the tiny tokenizers learn their pieces from.
 _WORDS = """
@@ -326,6 +326,83 @@ def _build_sd3_pipeline(seed: int):
     )
 
 
+def _build_sd_pipeline(seed: int):
+    """A tiny StableDiffusionPipeline with SD 1.x's layout at toy widths.
+
+    UNet2DConditionModel with a cross-attention down/up block pair and a plain pair (one
+    downsampling), 4 latent channels, cross-attention width = the CLIP text width (32); VAE with 4
+    blocks (the real x8 geometry) and SD's scaling factor 0.18215; a DDIMScheduler with SD 1.x's
+    scaled-linear betas, ``set_alpha_to_one=False``, ``steps_offset=1``, leading spacing, epsilon
+    prediction and no sample clipping (what StableDiffusionPipeline forces for SD configs).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_width = 32
+    tokenizer = build_clip_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,  # latent side of the default 64 px image
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=text_width,
+        attention_head_dim=4,  # SD 1.x's legacy meaning: the number of heads
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # three downsamplings: the real x8 geometry
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=0.18215,  # SD 1.x's value
+    ).eval()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_width,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=_CLIP_MAX_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def _is_built(folder: Path) -> bool:
     return (folder / "model_index.json").is_file()
 
@@ -395,7 +472,26 @@ def build_tiny_sd3(folder: str | Path, seed: int = 0) -> Path:
     return _publish(Path(folder), write)
 
 
-TINY_BUILDERS = {"flux": build_tiny_flux, "sd3": build_tiny_sd3}
+def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny random Stable Diffusion 1.x-like pipeline into ``folder`` (kept as is if already built).
+
+    Sizes: UNet of 2 blocks (16, 32 channels; one cross-attention block each way, 4 heads), 4 latent
+    channels, 8 x 8 latents for 64 px images; VAE with 4 blocks of 8 channels (x8 downsampling);
+    CLIP text encoder of width 32 with 2 layers; SD 1.x's DDIM schedule. Deterministic given ``seed``.
+    """
+
+    def write(tmp: Path) -> None:
+        # As build_tiny_flux: leave the caller's RNG stream alone and keep concurrent builds apart.
+        with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+            pipeline = _build_sd_pipeline(seed)
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        stamp = {"family": "sd", "seed": seed, "version": TINY_VERSIONS["sd"]}
+        (tmp / "raygrpo_tiny.json").write_text(json.dumps(stamp))
+
+    return _publish(Path(folder), write)
+
+
+TINY_BUILDERS = {"flux": build_tiny_flux, "sd3": build_tiny_sd3, "sd": build_tiny_sd}
 
 
 def tiny_cache_root() -> Path:
@@ -415,8 +511,17 @@ __all__ = [
     "build_clip_tokenizer",
     "build_t5_tokenizer",
     "build_tiny_flux",
+    "build_tiny_sd",
     "build_tiny_sd3",
     "tiny_model_folder",
     "TINY_VERSION",
     "TINY_VERSIONS",
 ]
+
+
+# The video families' builders live in tiny_video.py, which reuses this module's helpers, so they are
+# imported last (this module is fully defined by then) and registered in the same tables.
+from raygrpo.models.tiny_video import TINY_VIDEO_BUILDERS, TINY_VIDEO_VERSIONS  # noqa: E402
+
+TINY_BUILDERS.update(TINY_VIDEO_BUILDERS)
+TINY_VERSIONS.update(TINY_VIDEO_VERSIONS)

@@ -268,7 +268,23 @@ def _describe(err: Mapping[str, Any], model: type[RewardParams]) -> str:
     return f"parameter {field!r}: {message}" if field else message
 
 
+VIDEO_HINT = (
+    "score videos frame by frame with kind: frame_average, params: {reward: {kind: <this kind>, params: {...}}}, "
+    "or send them whole to a video reward server with kind: http, params: {media_type: video/mp4, ...}"
+)
+
+
+def accepts_video(kind: str, params: Mapping[str, Any] | None = None) -> bool:
+    """Whether reward ``kind`` scores videos ``[N, F, H, W, 3]`` (the media of the video model families).
+
+    Image rewards do not: wrap them in ``frame_average``; remote video rewards take ``http`` with MP4.
+    """
+    return kind == "frame_average" or (kind == "http" and (params or {}).get("media_type") == "video/mp4")
+
+
 def _check_batch(images: np.ndarray, prompts: list[str]) -> None:
+    if isinstance(images, np.ndarray) and images.ndim == 5 and images.shape[-1] == 3:
+        raise ValueError(f"this reward scores images [N, H, W, 3] but got videos {list(images.shape)} [N, F, H, W, 3]: {VIDEO_HINT}")
     if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         desc = f"{images.dtype} array of shape {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
         raise ValueError(f"images must be a uint8 array [N, H, W, 3], got {desc}")

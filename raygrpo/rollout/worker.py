@@ -19,6 +19,7 @@ from raygrpo.models import load_model
 from raygrpo.models.lora import add_lora
 from raygrpo.runtime import set_torch_threads, torch_dtype
 from raygrpo.sampling import make_ode_solver, predicted_x0, step_transition
+from raygrpo.weight_broadcast import WeightBroadcastGroup
 from raygrpo.weights import WeightsMismatchError, load_weights
 
 
@@ -37,6 +38,7 @@ class RolloutWorker:
             width=config.model.width,
             guidance_scale=config.model.guidance_scale,
             max_sequence_length=config.model.max_sequence_length,
+            num_frames=config.model.num_frames,
         )
         self.model.transformer.eval()
         if config.model.lora is not None:
@@ -53,6 +55,18 @@ class RolloutWorker:
         self.policy_version = message.policy_version
         return self.policy_version, crc
 
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> int:
+        """Join the learner-to-rollout broadcast group (``rollout.weight_sync: collective``) as ``rank``."""
+        self.weight_group = WeightBroadcastGroup(host, port, rank, world_size, self.device)
+        return rank
+
+    def receive_weights(self, policy_version: int, names: list[str]) -> tuple[int, int]:
+        """Receive version ``policy_version`` from the broadcast group into the network, in place;
+        returns ``(policy_version, fingerprint of the received tensors)`` for the controller to compare."""
+        crc = self.weight_group.receive_into(self.model.transformer, names)
+        self.policy_version = policy_version
+        return self.policy_version, crc
+
     def version(self) -> int:
         """The policy version this worker samples with (0 after a restart until weights are pushed again)."""
         return self.policy_version
@@ -66,6 +80,8 @@ class RolloutWorker:
             )
         start = time.perf_counter()
         cond = self.model.encode_prompt(group.prompt, group.image)  # text-only prompts are cached per text
+        # The grid first: a VP model (family sd) scales its initial noise to the grid's first noise level.
+        sigmas = self.model.sigma_grid(self.spec.sampler, self.config.rollout.num_steps, self.config.rollout.shift).to(self.device)  # [T+1]
         generator = torch.Generator().manual_seed(group.seed)
         g, offset = group.group_size, group.member_offset
         if self.spec.shared_noise:
@@ -77,7 +93,6 @@ class RolloutWorker:
         if offset:
             # A part of a spread group draws its SDE noise from its own stream (parts run in parallel).
             generator = torch.Generator().manual_seed(int(np.random.SeedSequence([group.seed, offset]).generate_state(1)[0]))
-        sigmas = self.model.sigma_grid(self.spec.sampler, self.config.rollout.num_steps, self.config.rollout.shift).to(self.device)  # [T+1]
         sample = self._sample_sde if self.spec.record_trajectory else self._sample_ode
         final, trajectory, log_probs = sample(noise, sigmas, cond, generator)
         images = self.model.decode(final.to(self.device))  # [G, H, W, 3] uint8

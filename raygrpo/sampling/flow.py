@@ -125,7 +125,8 @@ def predicted_x0(x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor) 
     return x - _as_batch_column(sigma, x) * v.float()
 
 
-SAMPLERS = ("ode", "dance_sde", "flow_sde")
+SAMPLERS = ("ode", "dance_sde", "flow_sde", "ddim")
+"""``ddim``: DDIM-eta for variance-preserving models in flow coordinates (:mod:`raygrpo.sampling.ddim`)."""
 
 
 def step_transition(
@@ -133,7 +134,7 @@ def step_transition(
 ) -> Transition:
     """The transition of step ``index`` of schedule ``sigmas`` ([T+1]) for one of :data:`SAMPLERS`.
 
-    ``noise_level`` is eta for ``dance_sde``, a for ``flow_sde`` and ignored by ``ode``. ``index`` may be
+    ``noise_level`` is eta for ``dance_sde`` and ``ddim``, a for ``flow_sde`` and ignored by ``ode``. ``index`` may be
     a ``[B]`` tensor when the samples of a batch sit at different steps (the learner's random subsets).
     Rollout and learner both go through here, so the learner recomputes exactly what rollout sampled.
     """
@@ -145,4 +146,8 @@ def step_transition(
         return dance_sde_transition(x, v, sigma, sigma_next, noise_level)
     if sampler == "flow_sde":
         return flow_sde_transition(x, v, sigma, sigma_next, noise_level, sigma_max=float(sigmas[1]))
+    if sampler == "ddim":
+        from raygrpo.sampling.ddim import ddim_transition  # here, not at the top: ddim builds on this module
+
+        return ddim_transition(x, v, sigma, sigma_next, noise_level)
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")

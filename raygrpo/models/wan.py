@@ -1,0 +1,415 @@
+"""Wan 2.1 image-to-video adapter: the conditioning image travels with the prompt group.
+
+Rollout and learner talk to :class:`WanI2VModel` exactly as to the other adapters; the image
+enters once, in :meth:`WanI2VModel.encode_prompt`, and rides in the group's
+:class:`~raygrpo.contracts.Conditioning` from there on. As ``WanImageToVideoPipeline`` (Wan 2.1,
+``expand_timesteps=False``) conditions:
+
+- ``image_latents [4 + C, F_lat, h, w]``: the first frame followed by ``F - 1`` black frames,
+  VAE-encoded (distribution mode) and normalised per channel with the VAE's ``latents_mean`` /
+  ``latents_std``, behind 4 mask channels that are 1 on the first frame's latent positions
+  (the first latent frame stands for 1 video frame, the others for 4 each, so the per-frame mask
+  is folded 4 to a latent frame). They are concatenated to the noisy latents along the channels
+  on every forward (``in_channels = C + 4 + C``);
+- ``image_embeds [N, D_img]``: the CLIP vision encoder's penultimate hidden states, fed to the
+  transformer's image cross-attention;
+- ``prompt_embeds [L, D]``: UMT5 states, zero beyond the prompt's length (the pipeline's own
+  padding; the transformer takes no mask, so ``prompt_mask`` stays None).
+
+Guidance is classifier-free, as the pipeline: the unconditional branch is the empty negative
+prompt with the same image conditioning, ``v = v_u + s (v_c - v_u)``. The pipeline runs the two
+branches as two forwards; here they are one batched forward (the same arithmetic per sample).
+
+The transformer's timestep is ``quantize_timestep(sigma) * 1000`` (the pipeline feeds the
+scheduler's ``sigma * 1000``), shared with every other family so that sampler and learner see
+bit-identical timesteps. Latents are ``[B, C, F_lat, h, w]`` as the pipeline draws them.
+
+SkyReels: SkyReels-V1 image-to-video, which DanceGRPO trains, is a HunyuanVideo derivative
+(diffusers' ``HunyuanSkyreelsImageToVideoPipeline``), not a Wan model; SkyReels-V2 has its own
+diffusers classes. Neither loads here: only Wan 2.1 image-to-video checkpoints (e.g.
+``Wan-AI/Wan2.1-I2V-14B-480P-Diffusers``). Wan 2.2's two-expert and expanded-timestep pipelines
+are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+from PIL import Image
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
+
+from raygrpo.contracts import Conditioning, ConditioningBatch
+from raygrpo.models.flux import TINY_RANDOM, ModelNotFoundError, quantize_timestep, resolve_pretrained
+from raygrpo.models.hunyuan_video import check_num_frames, load_component, to_uint8_video
+from raygrpo.models.tiny import tiny_model_folder
+from raygrpo.models.tiny_video import TINY_NUM_FRAMES, TINY_VIDEO_RESOLUTION
+from raygrpo.sampling import sigma_grid
+
+DEFAULT_RESOLUTION = 480
+DEFAULT_NUM_FRAMES = 81  # WanImageToVideoPipeline's default (5 s at 16 fps)
+DEFAULT_GUIDANCE = 5.0  # the pipeline's default CFG scale
+NEGATIVE_PROMPT = ""  # the pipeline's default negative prompt
+_IMAGE_CACHE = 32  # encoded conditioning images kept per process (prompts repeat every epoch)
+
+
+class WanI2VModel:
+    """A Wan 2.1 image-to-video model as rollout and learner use it.
+
+    Components (diffusers / transformers types):
+
+    - ``transformer``: :class:`~diffusers.WanTransformer3DModel` with an image cross-attention
+      (``image_dim`` set), the trainable velocity network;
+    - ``vae``: :class:`~diffusers.AutoencoderKLWan` (x8 space, x4 time, per-channel latent
+      statistics); encodes the conditioning image and decodes samples;
+    - ``text_encoder`` / ``tokenizer``: :class:`~transformers.UMT5EncoderModel` and its tokenizer;
+    - ``image_encoder`` / ``image_processor``: :class:`~transformers.CLIPVisionModel` /
+      :class:`~transformers.CLIPImageProcessor` (ViT-H/14 for the real model);
+    - ``scheduler``: :class:`~diffusers.FlowMatchEulerDiscreteScheduler`, config only.
+
+    The learner loads the transformer alone: it never encodes (the conditioning arrives with each
+    rollout), except the empty prompt that CFG needs, see :attr:`negative_conditioning`.
+    """
+
+    family = "wan_i2v"
+
+    def __init__(
+        self,
+        transformer: WanTransformer3DModel,
+        *,
+        vae: AutoencoderKLWan | None = None,
+        text_encoder: UMT5EncoderModel | None = None,
+        tokenizer: Any = None,
+        image_encoder: CLIPVisionModel | None = None,
+        image_processor: CLIPImageProcessor | None = None,
+        scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+        spatial_compression: int = 8,
+        temporal_compression: int = 4,
+        height: int = DEFAULT_RESOLUTION,
+        width: int = DEFAULT_RESOLUTION,
+        num_frames: int = DEFAULT_NUM_FRAMES,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        max_sequence_length: int = 512,
+        source: str | None = None,
+    ):
+        if transformer.config.image_dim is None:
+            raise ValueError(
+                "this WanTransformer3DModel has no image cross-attention (image_dim is None): it is a text-to-video "
+                "checkpoint; wan_i2v needs a Wan 2.1 image-to-video one (e.g. Wan-AI/Wan2.1-I2V-14B-480P-Diffusers)"
+            )
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.image_encoder, self.image_processor = image_encoder, image_processor
+        self.scheduler = scheduler
+        self.spatial_compression, self.temporal_compression = spatial_compression, temporal_compression
+        patch = transformer.config.patch_size
+        multiple = spatial_compression * patch[1]
+        if height % multiple or width % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
+        check_num_frames(num_frames, temporal_compression)
+        self.height, self.width, self.num_frames = height, width, num_frames
+        self.guidance_scale = float(guidance_scale)
+        self.max_sequence_length = max_sequence_length
+        self.source = source  # where the text encoder can be fetched for the CFG negative when it is not loaded
+        self.video_processor = VideoProcessor(vae_scale_factor=spatial_compression)
+        self._text_cache: dict[str, np.ndarray] = {}
+        self._image_cache: OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._negative: Conditioning | None = None
+        self._pipeline: WanImageToVideoPipeline | None = None
+
+    # ----------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        torch_dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        load_text_encoders: bool = True,
+        load_vae: bool = True,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        max_sequence_length: int = 512,
+    ) -> WanI2VModel:
+        """Load from a hub id, a local diffusers folder, or ``"tiny-random"``, component by component.
+
+        ``load_text_encoders`` covers the UMT5 and CLIP vision encoders; ``load_vae`` the VAE (the
+        rollout needs it to encode the conditioning image as well as to decode). Defaults: 480x480
+        and 81 frames, or 32x32 and 5 frames for ``"tiny-random"``.
+        """
+        tiny = str(name_or_path) == TINY_RANDOM
+        source = str(tiny_model_folder("wan_i2v")) if tiny else resolve_pretrained(name_or_path)
+        _refuse_wan22(source)
+
+        def load(cls_, subfolder: str, **kwargs):
+            return load_component(source, cls_, subfolder, device, **kwargs)
+
+        transformer = load(WanTransformer3DModel, "transformer", torch_dtype=torch_dtype)
+        scheduler = load(FlowMatchEulerDiscreteScheduler, "scheduler")
+        encoders = {}
+        if load_text_encoders:
+            encoders = {
+                "tokenizer": load(AutoTokenizer, "tokenizer"),
+                # transformers 5 names the argument ``dtype``; ``torch_dtype`` only warns.
+                "text_encoder": load(UMT5EncoderModel, "text_encoder", dtype=torch_dtype),
+                "image_processor": load(CLIPImageProcessor, "image_processor"),
+                "image_encoder": load(CLIPVisionModel, "image_encoder", dtype=torch_dtype),
+            }
+        vae = load(AutoencoderKLWan, "vae", torch_dtype=torch_dtype) if load_vae else None
+        vae_config = vae.config if vae is not None else AutoencoderKLWan.load_config(source, subfolder="vae")
+        default_size = TINY_VIDEO_RESOLUTION if tiny else DEFAULT_RESOLUTION
+        return cls(
+            transformer,
+            vae=vae,
+            scheduler=scheduler,
+            spatial_compression=vae_config["scale_factor_spatial"],
+            temporal_compression=vae_config["scale_factor_temporal"],
+            height=height or default_size,
+            width=width or default_size,
+            num_frames=num_frames or (TINY_NUM_FRAMES if tiny else DEFAULT_NUM_FRAMES),
+            guidance_scale=guidance_scale,
+            max_sequence_length=max_sequence_length,
+            source=source,
+            **encoders,
+        )
+
+    # -------------------------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def num_latent_channels(self) -> int:
+        return self.transformer.config.out_channels
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """``(C, F_lat, h, w)`` of one video latent, as WanImageToVideoPipeline.prepare_latents makes it."""
+        frames = (self.num_frames - 1) // self.temporal_compression + 1
+        s = self.spatial_compression
+        return self.num_latent_channels, frames, self.height // s, self.width // s
+
+    @property
+    def pipeline(self) -> WanImageToVideoPipeline:
+        """A WanImageToVideoPipeline over the loaded components, for its encoders and latent preparation."""
+        if self._pipeline is None:
+            self._pipeline = WanImageToVideoPipeline(
+                tokenizer=self.tokenizer,
+                text_encoder=self.text_encoder,
+                vae=self.vae,
+                scheduler=self.scheduler,
+                image_processor=self.image_processor,
+                image_encoder=self.image_encoder,
+                transformer=self.transformer,
+            )
+        return self._pipeline
+
+    # ------------------------------------------------------------------------------ conditioning
+    def encode_prompt(self, prompt: str, image: np.ndarray | None = None) -> Conditioning:
+        """UMT5 states of ``prompt`` and the CLIP states and VAE latents (+ mask) of ``image`` (``[H, W, 3]`` uint8).
+
+        Text encodings are cached per prompt and image encodings per image content; treat the
+        returned arrays as read-only.
+        """
+        if image is None:
+            raise ValueError(
+                f"wan_i2v is image-to-video and the prompt {prompt!r} came without a conditioning image: give "
+                "data.prompt_file as a .jsonl ({'prompt': ..., 'image': path}) or a .parquet with an image column"
+            )
+        image = _check_image(image)
+        if self.text_encoder is None or self.image_encoder is None or self.vae is None:
+            raise RuntimeError("this WanI2VModel was loaded without its encoders or VAE (learner view) and cannot encode")
+        embeds = self._text_cache.get(prompt)
+        if embeds is None:
+            embeds = self._text_cache[prompt] = self._encode_text(prompt)
+        key = hashlib.sha1(image.tobytes() + str(image.shape).encode()).digest()
+        if key not in self._image_cache:
+            self._image_cache[key] = self._encode_image(image)
+            if len(self._image_cache) > _IMAGE_CACHE:
+                self._image_cache.popitem(last=False)
+        image_embeds, image_latents = self._image_cache[key]
+        return Conditioning(prompt_embeds=embeds, image_embeds=image_embeds, image_latents=image_latents)
+
+    @torch.inference_mode()
+    def _encode_text(self, prompt: str) -> np.ndarray:
+        embeds, _ = self.pipeline.encode_prompt(
+            prompt=prompt,
+            do_classifier_free_guidance=False,  # the negative is encoded once, in negative_conditioning
+            max_sequence_length=self.max_sequence_length,
+            device=self.text_encoder.device,
+        )
+        return embeds[0].float().cpu().numpy()  # [L, D]
+
+    @torch.inference_mode()
+    def _encode_image(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(image_embeds [N, D_img], image_latents [4 + C, F_lat, h, w])`` exactly as the pipeline computes them."""
+        pipeline, pil = self.pipeline, Image.fromarray(image)
+        image_embeds = pipeline.encode_image(pil, self.image_encoder.device)  # [1, N, D_img]
+        pixels = self.video_processor.preprocess(pil, height=self.height, width=self.width)  # [1, 3, H, W] in [-1, 1]
+        pixels = pixels.to(self.vae.device, torch.float32)
+        zeros = torch.zeros((1, *self.latent_shape), device=self.vae.device)  # given, so prepare_latents draws no noise
+        _, condition = pipeline.prepare_latents(
+            pixels, 1, self.num_latent_channels, self.height, self.width, self.num_frames, torch.float32, self.vae.device, None, zeros
+        )  # [1, 4 + C, F_lat, h, w]
+        return image_embeds[0].float().cpu().numpy(), condition[0].float().cpu().numpy()
+
+    @property
+    def negative_conditioning(self) -> np.ndarray:
+        """UMT5 states of the empty negative prompt ``[L, D]``, the unconditional branch of CFG, encoded once.
+
+        A model loaded without its text encoder (the learner) loads the tokenizer and UMT5 from
+        its source once, encodes the empty prompt, and frees them again; or it can be handed an
+        encoding made elsewhere with :meth:`set_negative_conditioning`.
+        """
+        if self._negative is None:
+            if self.text_encoder is not None:
+                embeds = self._encode_text(NEGATIVE_PROMPT)
+            elif self.source is not None:
+                embeds = self._encode_negative_from_source()
+            else:
+                raise RuntimeError(
+                    "classifier-free guidance (guidance_scale > 1) needs the empty prompt's UMT5 states, and this "
+                    "WanI2VModel has no text encoder and no source to load one from: call set_negative_conditioning() "
+                    "or pass guidance_scale=1.0"
+                )
+            self._negative = Conditioning(prompt_embeds=embeds)
+        return self._negative.prompt_embeds
+
+    def set_negative_conditioning(self, prompt_embeds: np.ndarray) -> None:
+        """Use ``prompt_embeds`` ``[L, D]`` (e.g. another worker's ``negative_conditioning``) as the CFG negative."""
+        self._negative = Conditioning(prompt_embeds=np.asarray(prompt_embeds, np.float32))
+
+    def _encode_negative_from_source(self) -> np.ndarray:
+        tokenizer = load_component(self.source, AutoTokenizer, "tokenizer", "cpu")
+        text_encoder = load_component(self.source, UMT5EncoderModel, "text_encoder", "cpu", dtype=self.dtype)
+        with torch.inference_mode():
+            pipeline = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, scheduler=self.scheduler)
+            embeds, _ = pipeline.encode_prompt(
+                prompt=NEGATIVE_PROMPT, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length, device="cpu"
+            )
+        return embeds[0].float().numpy()
+
+    # ----------------------------------------------------------------------------------- latents
+    def initial_noise(self, generator: torch.Generator | None, num: int) -> torch.Tensor:
+        """``[num, C, F_lat, h, w]`` float32 Gaussian noise, as WanImageToVideoPipeline.prepare_latents draws it."""
+        return randn_tensor((num, *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32)
+
+    def sigma_grid(self, sampler: str, num_steps: int, shift: float) -> torch.Tensor:
+        """The rollout's noise levels ``[T+1]`` for ``sampler`` (:func:`raygrpo.sampling.sigma_grid`)."""
+        return sigma_grid(sampler, num_steps, shift)
+
+    def velocity(
+        self,
+        latents: torch.Tensor,
+        sigmas: torch.Tensor,
+        cond: ConditioningBatch,
+        guidance_scale: float | None = None,
+    ) -> torch.Tensor:
+        """The (guided) velocity ``v ~ noise - x0`` at noise levels ``sigmas``, float32 ``[B, C, F_lat, h, w]``.
+
+        ``latents [B, C, F_lat, h, w]``, ``sigmas [B]`` (or a scalar), ``cond`` with ``prompt_embeds
+        [B, L, D]``, ``image_embeds [B, N, D_img]`` and ``image_latents [B, 4 + C, F_lat, h, w]``. The
+        network sees ``cat([latents, image_latents], channels)``. ``guidance_scale`` None means
+        ``self.guidance_scale``; above 1 the conditional and the unconditional (empty prompt, same
+        image) predictions come from one batched forward and the result is ``v_u + s (v_c - v_u)``;
+        at 1 or below it is the conditional prediction alone. Gradients flow when the caller enables them.
+        """
+        batch = latents.shape[0]
+        if tuple(latents.shape[1:]) != self.latent_shape:
+            raise ValueError(
+                f"latents have shape {tuple(latents.shape[1:])} per sample; {self.num_frames} frames at "
+                f"{self.height}x{self.width} have {self.latent_shape}"
+            )
+        if cond.image_latents is None or cond.image_embeds is None:
+            raise ValueError("wan_i2v needs image_latents and image_embeds in the conditioning (encode_prompt with an image)")
+        scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        device, dtype = self.device, self.dtype
+        sigmas = torch.as_tensor(sigmas, device=device).reshape(-1).expand(batch)
+        timestep = quantize_timestep(sigmas) * 1000  # [B] float32, as the pipeline's scheduler timesteps
+        hidden = torch.cat([latents.to(device, dtype), cond.image_latents.to(device, dtype)], dim=1)  # [B, 2C + 4, F_lat, h, w]
+        embeds = cond.prompt_embeds.to(device, dtype)  # [B, L, D]
+        image_embeds = cond.image_embeds.to(device, dtype)  # [B, N, D_img]
+        guided = scale > 1.0
+        if guided:
+            negative = torch.as_tensor(self.negative_conditioning, device=device, dtype=dtype)[None].expand(batch, -1, -1)
+            if negative.shape[1:] != embeds.shape[1:]:
+                raise ValueError(
+                    f"prompt_embeds are {tuple(embeds.shape[1:])} per sample but the negative prompt's are "
+                    f"{tuple(negative.shape[1:])}: encode both with the same max_sequence_length"
+                )
+            # Unconditional first; both branches share the latents, the timestep and the image conditioning.
+            hidden, timestep = torch.cat([hidden, hidden]), torch.cat([timestep, timestep])
+            embeds, image_embeds = torch.cat([negative, embeds]), torch.cat([image_embeds, image_embeds])
+        prediction = self.transformer(
+            hidden_states=hidden,
+            timestep=timestep,
+            encoder_hidden_states=embeds,
+            encoder_hidden_states_image=image_embeds,
+            return_dict=False,
+        )[0].float()
+        if guided:
+            unconditional, conditional = prediction.chunk(2)
+            prediction = unconditional + scale * (conditional - unconditional)
+        return prediction
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
+        """Latents ``[B, C, F_lat, h, w]`` to uint8 videos ``[B, F, H, W, 3]``, as WanImageToVideoPipeline's output path.
+
+        ``batch_size`` videos go through the VAE at once; None means one at a time (the 3-D VAE's
+        activations are the memory peak).
+        """
+        if self.vae is None:
+            raise RuntimeError("this WanI2VModel was loaded with load_vae=False and cannot decode")
+        config, device = self.vae.config, self.vae.device
+        mean = torch.tensor(config.latents_mean, device=device).view(1, config.z_dim, 1, 1, 1)
+        std = torch.tensor(config.latents_std, device=device).view(1, config.z_dim, 1, 1, 1)
+        videos = []
+        for chunk in torch.as_tensor(latents).split(batch_size or 1):
+            chunk = chunk.to(device, torch.float32) * std + mean  # the pipeline's latents / (1 / std) + mean
+            decoded = self.vae.decode(chunk.to(self.vae.dtype), return_dict=False)[0]
+            videos.append(to_uint8_video(decoded, self.video_processor))
+        return np.concatenate(videos)
+
+    def __repr__(self) -> str:
+        loaded = [name for name in ("vae", "text_encoder", "image_encoder") if getattr(self, name) is not None]
+        return (
+            f"WanI2VModel({self.num_frames}x{self.height}x{self.width}, cfg={self.guidance_scale}, dtype={self.dtype}, "
+            f"device={self.device}, loaded={['transformer', *loaded]})"
+        )
+
+
+def _check_image(image: Any) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        desc = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"the conditioning image must be a uint8 array [H, W, 3], got {desc}")
+    return image
+
+
+def _refuse_wan22(source: str) -> None:
+    """Wan 2.2 pipelines (two experts, or per-token timesteps) condition differently; fail before loading weights."""
+    try:
+        config = WanImageToVideoPipeline.load_config(source)
+    except OSError:  # an index that cannot be read is reported by the component loads, with their clearer errors
+        return
+    if config.get("boundary_ratio") is not None or config.get("expand_timesteps") or (config.get("transformer_2") or [None])[0]:
+        raise ModelNotFoundError(
+            f"{source} is a Wan 2.2 pipeline (two experts or expanded timesteps); wan_i2v supports Wan 2.1 image-to-video "
+            "checkpoints such as Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
+        )
+
+
+__all__ = ["NEGATIVE_PROMPT", "WanI2VModel"]

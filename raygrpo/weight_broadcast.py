@@ -1,0 +1,117 @@
+"""Weight sync by collective broadcast: learner rank 0 sends, every rollout worker receives in place.
+
+``rollout.weight_sync: collective`` (the default when both roles have GPUs) moves each new version
+through a process group of its own: learner rank 0 is rank 0 of it, rollout worker ``i`` is rank
+``i + 1``. NCCL on GPUs, gloo on CPU (which is how it is tested here). The group is built directly
+from a ``TCPStore`` rather than ``init_process_group``, so it lives beside the learner's FSDP group
+and needs nothing of the rollout workers' (they have no default group).
+
+Tensors travel as their raw bytes (``uint8`` views: bfloat16 included, whatever the backend
+supports) in sorted name order, straight into the receivers' parameters, with no copy in the object
+store. Both sides then compute :func:`fingerprint` of what they hold; the controller requires every
+worker's to equal the learner's, so a short or misrouted transfer fails loudly.
+
+The object-store path (``weights.py``) stays the default on CPU: there a broadcast buys nothing over
+Ray's shared memory, and it needs no extra ports.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import zlib
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+_PREFIX = "raygrpo-weights"
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class WeightBroadcastGroup:
+    """One member of the learner-to-rollout broadcast group (rank 0 = the sender, which hosts the store).
+
+    Construction blocks until all ``world_size`` members have joined: start every member's
+    constructor before waiting on any of them.
+    """
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, device: torch.device, timeout_s: float = 600.0):
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        if host in ("127.0.0.1", "localhost"):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only: gloo would pick the machine's interface
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
+        prefixed = dist.PrefixStore(_PREFIX, self.store)
+        if self.device.type == "cuda":
+            self.group = dist.ProcessGroupNCCL(prefixed, rank, world_size)
+        else:
+            self.group = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+        logger.info("weight broadcast group: rank %d of %d on %s", rank, world_size, self.device)
+
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        options = dist.BroadcastOptions()
+        options.rootRank = 0
+        self.group.broadcast([tensor], options).wait()
+
+    def send(self, state: dict[str, torch.Tensor]) -> int:
+        """Rank 0: broadcast every tensor (sorted by name); returns the fingerprint of what was sent."""
+        if self.rank != 0:
+            raise RuntimeError("only rank 0 (the learner) sends weights")
+        for name in sorted(state):
+            tensor = state[name].detach().to(self.device).contiguous()
+            self._broadcast(_bytes(tensor))
+        return fingerprint(state)
+
+    @torch.no_grad()
+    def receive_into(self, module: torch.nn.Module, names: list[str]) -> int:
+        """Ranks > 0: receive the tensors ``names`` straight into ``module``'s state; returns its fingerprint."""
+        state = module.state_dict()
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise RuntimeError(f"broadcast weights name tensors this rollout model lacks: {missing[:5]}")
+        for name in sorted(names):
+            target = state[name]
+            if target.device == self.device and target.is_contiguous():
+                self._broadcast(_bytes(target))  # in place: the parameter's own memory receives the bytes
+            else:
+                buffer = torch.empty_like(target, device=self.device).contiguous()
+                self._broadcast(_bytes(buffer))
+                target.copy_(buffer)
+        return fingerprint({n: state[n] for n in names})
+
+    def close(self) -> None:
+        self.group = None
+        self.store = None
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(-1).view(torch.uint8) if tensor.numel() else tensor.view(torch.uint8)
+
+
+@torch.no_grad()
+def fingerprint(state: dict[str, torch.Tensor]) -> int:
+    """A checksum computed where the tensors are (GPU included): per tensor, the sum of its raw 32-bit
+    (or 8-bit) words as int64 with position weights 1..4, mixed with its name through CRC-32.
+
+    Integer sums are exact and deterministic on every device, so sender and receivers agree bit for bit;
+    any changed, missing or reordered tensor changes it (up to int64 wrap-around collisions).
+    """
+    crc = 0
+    for name in sorted(state):
+        raw = _bytes(state[name].detach().contiguous())
+        words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
+        weights = torch.arange(1, 5, device=words.device, dtype=torch.int64)
+        total = 0
+        for k in range(4):  # strided position weights catch swapped elements without a full-size index tensor
+            total += int(words[k::4].to(torch.int64).sum()) * int(weights[k])
+        crc = zlib.crc32(f"{name}:{total}".encode(), crc)
+    return crc

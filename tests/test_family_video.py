@@ -1,0 +1,185 @@
+"""Video families end to end on CPU through `python -m raygrpo.run` (HunyuanVideo text-to-video, Wan 2.1
+image-to-video), plus the image-to-video data path: prompt files with conditioning images and their preflight."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raygrpo.config import DataConfig, load_config
+from raygrpo.data.prompts import PromptFileError, load_prompt_images, load_prompts
+from raygrpo.run import PreflightError, preflight
+
+from .conftest import ROOT
+from .test_run_e2e import printed_run_dir, run_raygrpo
+
+DGPO = "algorithm={name: dgpo, group_size: 4, groups_per_step: 2, sampler: dpmpp_2m, trunc_steps: 6, num_train_timesteps: 2}"
+
+
+def _records(stdout: str) -> tuple[list[dict], object]:
+    run_dir = printed_run_dir(stdout)
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()], run_dir
+
+
+def _png(color, size=(24, 16)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------- prompt files with images
+
+
+def test_jsonl_prompts_with_images_relative_to_the_file(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(_png((255, 0, 0)))
+    Image.new("L", (8, 8), 200).save(tmp_path / "gray.png")  # not RGB: converted
+    lines = [{"prompt": "a red square", "image": "img/a.png"}, {"prompt": "  "}, {"prompt": "gray", "image": str(tmp_path / "gray.png")}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(
+        "\n".join(json.dumps(line) if line.get("prompt", "").strip() else json.dumps({"prompt": ""}) for line in lines) + "\n\n"
+    )
+    data = DataConfig(prompt_file=str(path))
+    assert load_prompts(data) == ["a red square", "gray"]  # the empty prompt is skipped, with its record
+    images = load_prompt_images(data)
+    images.check()
+    assert len(images) == 2
+    assert images[0].shape == (16, 24, 3) and images[0].dtype == np.uint8 and tuple(images[0][0, 0]) == (255, 0, 0)
+    assert images[1].shape == (8, 8, 3) and tuple(images[1][0, 0]) == (200, 200, 200)
+    assert load_prompt_images(DataConfig(prompts=["x"])) is None
+    (tmp_path / "text.jsonl").write_text(json.dumps({"prompt": "no image"}) + "\n")
+    assert load_prompt_images(DataConfig(prompt_file=str(tmp_path / "text.jsonl"))) is None
+
+
+def test_parquet_image_column_holds_paths_or_bytes(tmp_path):
+    (tmp_path / "b.png").write_bytes(_png((0, 0, 255)))
+    table = pa.table({"prompt": ["from bytes", "from a path", "hf style"],
+                      "image": [_png((0, 255, 0)), "b.png", None]})  # fmt: skip
+    pq.write_table(table, tmp_path / "p.parquet")
+    with pytest.raises(PromptFileError, match="some prompts but not for 1"):
+        load_prompt_images(DataConfig(prompt_file=str(tmp_path / "p.parquet")))
+    structs = pa.array([{"bytes": _png((0, 255, 0)), "path": None}, {"bytes": None, "path": "b.png"}])
+    pq.write_table(pa.table({"prompt": ["from bytes", "from a path"], "image": structs}), tmp_path / "hf.parquet")
+    images = load_prompt_images(DataConfig(prompt_file=str(tmp_path / "hf.parquet")))
+    assert tuple(images[0][0, 0]) == (0, 255, 0) and tuple(images[1][0, 0]) == (0, 0, 255)
+
+
+def test_missing_or_unreadable_images_are_listed(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    lines = [{"prompt": "a", "image": "missing.png"}, {"prompt": "b", "image": "bad.png"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    images = load_prompt_images(DataConfig(prompt_file=str(path)))
+    with pytest.raises(
+        PromptFileError, match=r"(?s)2 of 2 .*line 1: conditioning image .*missing.png' does not exist.*line 2: .*cannot be read"
+    ):
+        images.check()
+    path.write_text('{"prompt": "a", "image": 3}\n')
+    with pytest.raises(PromptFileError, match='line 1: "image" must be a path'):
+        load_prompts(DataConfig(prompt_file=str(path)))
+    path.write_text('{"text": "a"}\n')
+    with pytest.raises(PromptFileError, match='line 1: each line must be an object with a "prompt"'):
+        load_prompts(DataConfig(prompt_file=str(path)))
+
+
+def test_preflight_checks_images_against_the_family(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a ball", "image": "nowhere.png"}) + "\n")
+    config = load_config(ROOT / "cluster" / "tiny_wan_i2v.yaml", [f"data.prompt_file={path}", f"run.output_root={tmp_path}"])
+    with pytest.raises(PreflightError, match="nowhere.png' does not exist"):
+        preflight(config)
+    config = load_config(
+        ROOT / "cluster" / "tiny_wan_i2v.yaml", ["data.prompt_file=null", "data.prompts=[a ball]", f"run.output_root={tmp_path}"]
+    )
+    with pytest.raises(PreflightError, match="image-to-video and needs a conditioning image per prompt"):
+        preflight(config)
+    config = load_config(
+        ROOT / "cluster" / "tiny_hunyuan.yaml", ["rewards.0.kind=brightness", "rewards.0.params={}", f"run.output_root={tmp_path}"]
+    )
+    with pytest.raises(PreflightError, match="makes videos and 'brightness' scores images.*frame_average"):
+        preflight(config)
+    assert len(preflight(load_config(ROOT / "cluster" / "tiny_wan_i2v.yaml", [f"run.output_root={tmp_path}"]))) == 4
+
+
+def test_num_frames_is_checked_in_the_config():
+    from raygrpo.config import ConfigError
+
+    assert load_config(ROOT / "cluster" / "tiny_hunyuan.yaml", ["model.num_frames=9"]).model.num_frames == 9
+    with pytest.raises(ConfigError, match="4k\\+1.*5 or 9"):
+        load_config(ROOT / "cluster" / "tiny_hunyuan.yaml", ["model.num_frames=6"])
+    with pytest.raises(ConfigError, match="video families.*not 'flux'"):
+        load_config(ROOT / "cluster" / "tiny.yaml", ["model.num_frames=5"])
+
+
+def test_image_rewards_refuse_videos_with_a_pointer_to_frame_average():
+    from raygrpo.contracts import GroupMedia, PromptGroup
+    from raygrpo.reward.builtin import accepts_video, make_reward, score_group
+
+    videos = np.zeros((2, 5, 16, 16, 3), np.uint8)
+    media = GroupMedia(PromptGroup(0, 0, "a red ball", 2, 0, 0), videos)
+    with pytest.raises(ValueError, match="got videos .*frame_average"):
+        score_group(make_reward("jpeg_compressibility"), media)
+    scores = score_group(make_reward("frame_average", {"reward": {"kind": "jpeg_compressibility"}}), media)
+    assert scores.valid.all() and scores.values.shape == (2,)
+    assert accepts_video("frame_average") and accepts_video("http", {"media_type": "video/mp4"})
+    assert not accepts_video("http", {}) and not accepts_video("clip_score")
+
+
+# ------------------------------------------------------------------------------- end to end through Ray
+
+
+@pytest.mark.slow
+def test_dancegrpo_on_tiny_hunyuan_video(ray_cluster, tmp_path):
+    """cluster/tiny_hunyuan.yaml for 2 steps: video latents through Dance-SDE rollouts, best-of-N, exact first ratio."""
+    proc = run_raygrpo("cluster/tiny_hunyuan.yaml", "train.steps=2", f"run.output_root={tmp_path}", ray_address=ray_cluster.address)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records, run_dir = _records(proc.stdout)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["reward/jpeg/mean"]) and np.isfinite(r["learner/loss"]) for r in records)
+    assert all(r["learner/first_ratio_max_abs_dev"] == 0.0 for r in records), "on-policy ratio must be exactly 1"
+    assert all(r["learner/samples"] == 2 * 4 for r in records)  # best-of-4 of each group of 8
+    assert records[0]["rollout/bytes_per_sample"] > 9 * 4 * 2 * 4 * 4 * 4  # trajectory of T+1 = 9 latents [4, 2, 4, 4] float32
+    assert (run_dir / "samples.png").is_file()
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    trained = HunyuanVideoTransformer3DModel.from_pretrained(run_dir / "checkpoint-final" / "transformer")
+    assert trained.config.guidance_embeds
+
+
+@pytest.mark.slow
+def test_dgpo_on_tiny_hunyuan_video(ray_cluster, tmp_path):
+    """DGPO on the same tiny HunyuanVideo: deterministic DPM-Solver++(2M) rollouts, final video latents only."""
+    proc = run_raygrpo(
+        "cluster/tiny_hunyuan.yaml", "train.steps=2", DGPO, "rollout.micro_batch_size=4", f"run.output_root={tmp_path}",
+        ray_address=ray_cluster.address,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records, _ = _records(proc.stdout)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["reward/jpeg/mean"]) and np.isfinite(r["learner/loss"]) for r in records)
+    assert all(0 <= r["learner/gate_mean"] <= 1 for r in records)
+
+
+@pytest.mark.slow
+def test_dancegrpo_on_tiny_wan_i2v(ray_cluster, tmp_path):
+    """cluster/tiny_wan_i2v.yaml for 2 steps: each group carries its conditioning image; CFG in rollout and training."""
+    proc = run_raygrpo(
+        "cluster/tiny_wan_i2v.yaml", "train.steps=2", "algorithm.group_size=4", "algorithm.grad_accum_samples=8",
+        f"run.output_root={tmp_path}", ray_address=ray_cluster.address,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records, run_dir = _records(proc.stdout)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["reward/jpeg/mean"]) and np.isfinite(r["learner/loss"]) for r in records)
+    assert all(r["learner/first_ratio_max_abs_dev"] == 0.0 for r in records), "on-policy ratio must be exactly 1"
+    # The conditioning rides in the rollout: image latents [4 + 8, 2, 4, 4] and CLIP states [17, 16], once per group.
+    assert records[0]["rollout/bytes_per_sample"] > (12 * 2 * 4 * 4 + 17 * 16) * 4 / 4
+    from diffusers import WanTransformer3DModel
+
+    assert WanTransformer3DModel.from_pretrained(run_dir / "checkpoint-final" / "transformer").config.image_dim == 16
