@@ -131,6 +131,11 @@ class Controller:
         self.rng = np.random.default_rng(config.run.seed + 2)
         self.policy_version = 0
         self.weights_ref: ray.ObjectRef | None = None  # the latest exported WeightsMessage (restarted workers get it)
+        self.weights_ref_version = -1
+        sync = config.rollout.weight_sync
+        self.collective = sync == "collective" or (sync == "auto" and config.learner.num_gpus > 0 and config.rollout.num_gpus > 0)
+        self.weight_group_stale = True  # the broadcast group is built at the first collective sync
+        self.weight_names: list[str] = []
         self.next_group_id = 0
         self.next_worker = 0
         self.next_replica = {r.name: 0 for r in config.rewards}
@@ -281,7 +286,9 @@ class Controller:
         for k, prompt_id in enumerate(self.order.take(algo.groups_per_step)):
             seed = int(np.random.SeedSequence([self.config.run.seed, step, k]).generate_state(1)[0])
             image = self.images[prompt_id] if self.images is not None else None
-            groups.append(PromptGroup(self.next_group_id, prompt_id, self.prompts[prompt_id], algo.group_size, seed, self.policy_version, image))
+            groups.append(
+                PromptGroup(self.next_group_id, prompt_id, self.prompts[prompt_id], algo.group_size, seed, self.policy_version, image)
+            )
             self.next_group_id += 1
         return groups
 
@@ -402,17 +409,58 @@ class Controller:
     # ----- weights -----
 
     def _sync_weights(self) -> None:
-        """Export once, load everywhere, verify; every later group is stamped with the new version."""
-        self.weights_ref = self.learner.export_weights()
+        """Send the new version to every rollout worker and verify it; every later group is stamped with it.
+
+        object_store: the learner exports one message, every worker loads the same object. collective:
+        learner rank 0 broadcasts raw tensors into the workers' parameters (raygrpo/weight_broadcast.py).
+        """
         self.policy_version += 1
+        if self.collective:
+            try:
+                self._broadcast_weights()
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                # A member died mid-broadcast: this version goes through the object store, the group is rebuilt next time.
+                logger.warning("weight broadcast of version %d failed (%s); sending it through the object store", self.policy_version, exc)
+                self.weight_group_stale = True
         lost = self._push_weights(range(len(self.rollout_pool.actors)))
         for i in lost:
             self._live_rollout_worker(i)  # waits for the restart, then sends this version
 
+    def _open_weight_group(self) -> None:
+        """Build the learner-to-rollout broadcast group (again, after a member was restarted)."""
+        workers = self.rollout_pool.actors
+        nodes = set(ray.get([w.node_ip.remote() for w in workers])) | {self.learner.node_ip()}
+        host, port = ray.get(self.learner.weight_group_address(len(nodes) == 1))
+        world = 1 + len(workers)
+        joins = [self.learner.join_weight_group(host, port, world)]
+        joins += [w.join_weight_group.remote(host, port, 1 + i, world) for i, w in enumerate(workers)]
+        ray.get(joins)
+        self.weight_names = self.learner.weight_names()
+        self.weight_group_stale = False
+
+    def _broadcast_weights(self) -> None:
+        if self.weight_group_stale:
+            self._open_weight_group()
+        sent = self.learner.send_weights()
+        received = [w.receive_weights.remote(self.policy_version, self.weight_names) for w in self.rollout_pool.actors]
+        version, fingerprint = ray.get(sent)
+        reports = ray.get(received)
+        if version != self.policy_version or any(report != (version, fingerprint) for report in reports):
+            raise WeightsMismatchError(
+                f"weight broadcast of version {self.policy_version}: the learner sent (version, fingerprint) "
+                f"{(version, fingerprint)}, the workers hold {reports}"
+            )
+
     def _push_weights(self, workers) -> list[int]:
-        """Send the latest weights to ``workers``; check every live one reports this version and the same
-        checksum (each worker also checks its checksum against the learner's). Returns the workers that died."""
+        """Send the current version through the object store to ``workers``; check every live one reports it
+        and the same checksum (each worker also checks its checksum against the learner's). Returns the
+        workers that died."""
+        if self.weights_ref is None or self.weights_ref_version != self.policy_version:
+            self.weights_ref, self.weights_ref_version = self.learner.export_weights(), self.policy_version
         workers = list(workers)
+        if self.collective:
+            self.weight_group_stale = True  # a restarted member left the broadcast group
         refs = [self.rollout_pool.actors[i].set_weights.remote(self.weights_ref) for i in workers]
         reports, lost = {}, []
         for i, ref in zip(workers, refs):
@@ -508,7 +556,6 @@ class Controller:
         self.reissued, self.rescored = state.reissued, state.rescored
         self.trained_group_ids = list(state.trained_group_ids)
         if self.policy_version > 0:
-            self.weights_ref = self.learner.export_weights()
             self._push_weights(range(len(self.rollout_pool.actors)))
         self.metrics.records = self._metrics_up_to(state.step)
         logger.info("resumed from %s: step %d, policy version %d", folder, state.step, self.policy_version)

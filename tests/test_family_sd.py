@@ -31,7 +31,7 @@ def test_dancegrpo_ddim_on_tiny_sd(ray_cluster, tmp_path):
     assert records[0]["rollout/bytes_per_sample"] > 9 * 4 * 8 * 8 * 4  # trajectory of T+1 = 9 latents [4, 8, 8] float32
     from diffusers import UNet2DConditionModel
 
-    trained = UNet2DConditionModel.from_pretrained(run_dir / "checkpoint-final" / "transformer")  # the trained UNet
+    trained = UNet2DConditionModel.from_pretrained(run_dir / "checkpoint-final" / "unet")  # named as the pipeline names it
     assert trained.config.in_channels == 4
 
 

@@ -108,3 +108,16 @@ def test_parts_of_a_spread_group_merge_into_exactly_the_group_one_worker_samples
     # Same noise, same ODE; only float rounding differs (the preset samples 4 per forward, the parts 2).
     np.testing.assert_allclose(merged.final_latents, whole.final_latents, rtol=0, atol=1e-5)
     assert len({m.tobytes() for m in whole.final_latents}) == 4  # DGPO: a fresh noise per member
+
+
+@pytest.mark.slow
+def test_collective_weight_sync_broadcasts_each_version_and_survives_a_restart(ray_driver, tmp_path):
+    """rollout.weight_sync=collective on CPU (gloo): every version is broadcast from learner rank 0 and
+    fingerprint-checked; a killed worker gets its weights through the object store and the group is rebuilt."""
+    config = tiny_config(tmp_path, "train.steps=3", "rollout.num_workers=2", "rollout.weight_sync=collective", "rollout.max_restarts=1")
+    controller = KillingController(config, tmp_path / "run", list(config.data.prompts))
+    records = run_controller(controller)
+    assert [r["policy_version"] for r in records] == [1, 2, 3]
+    assert sorted(controller.trained_group_ids) == list(range(6))
+    assert all(r["learner/first_ratio_max_abs_dev"] == 0.0 for r in records), "rollout sampled with exactly the learner's weights"
+    assert controller.weight_names and not controller.weight_group_stale  # rebuilt after the restart, used for step 3

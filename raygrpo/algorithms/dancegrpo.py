@@ -25,6 +25,8 @@ clip 1e-4, AdamW lr 1e-5 wd 1e-4, grad norm 1.0). Deviations:
 
 * Rewards that fail for a group member drop the whole group (DanceGRPO substitutes -1).
 * ``grad_accum_samples`` counts samples across the groups of a step; DanceGRPO counts per rank.
+  With M learner ranks each rank accumulates ``grad_accum_samples / M`` of its own samples per
+  optimizer step and only the window's last backward all-reduces (DanceGRPO syncs every backward).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch
 
 from raygrpo.config import Config
 from raygrpo.contracts import ConditioningBatch, LearnerMetrics, Rollout, TrainGroup, as_tensor
+from raygrpo.learner.shard import Shard, clip_grad_norm
 from raygrpo.sampling import step_transition
 
 
@@ -101,13 +104,22 @@ class DanceGRPO:
         batch: list[tuple[TrainGroup, Rollout]],
         rng: np.random.Generator,
         policy_version: int,
+        shard: Shard | None = None,
     ) -> LearnerMetrics:
+        """``shard``: this rank's part of the step (None: one rank holds the whole batch; see ``learner/shard.py``)."""
         algo, opt = self.config.algorithm, self.config.optimizer
+        shard = shard or Shard()
         start = time.perf_counter()
         device = parameters[0].device
         samples = [(group, rollout, int(i)) for group, rollout in batch for i in group.members]
-        accum = algo.grad_accum_samples
+        real = [shard.is_real(k, len(batch)) for k, (group, _) in enumerate(batch) for _ in group.members]  # padding: False
+        # Each rank accumulates its 1/M share of a window; the M shares together are one window.
+        accum = max(1, algo.grad_accum_samples // shard.world_size)
         n_steps = self.config.trained_timesteps
+        # Every sample's timesteps in the step's global order, so M ranks draw what one rank draws.
+        usable = len(batch[0][1].sigmas) - 1
+        draws = [trained_steps(usable, algo.timestep_fraction, rng) for _ in range(shard.total_samples or len(samples))]
+        chosen = shard.pick(draws, shard.sample_offset, len(samples))
         losses, ratios, grad_norms, clipped_terms, first_dev = [], [], [], 0, 0.0
         optimizer.zero_grad(set_to_none=True)
         for n, (group, rollout, member) in enumerate(samples):
@@ -115,9 +127,14 @@ class DanceGRPO:
             cond = ConditioningBatch.of(rollout.conditioning, 1, device)
             advantages = torch.as_tensor(group.advantages[:, member], device=device)  # [K]
             weights = torch.as_tensor(group.reward_weights, device=device)  # [K]
-            # A window's last chunk is smaller; scale by the real count so every window averages.
-            window = min(accum, len(samples) - (n // accum) * accum)
-            for j in trained_steps(len(rollout.sigmas) - 1, algo.timestep_fraction, rng):
+            if n % accum == 0:
+                # The window's real samples over every rank (its last chunk is smaller), so every window averages.
+                window = shard.global_sum(sum(real[n : n + accum]))
+            scale = shard.loss_scale(real[n])  # M (FSDP averages the M ranks' gradients), 0 for padding
+            window_ends = (n + 1) % accum == 0 or n + 1 == len(samples)
+            for s, j in enumerate(chosen[n]):
+                # One reduce-scatter per window: only its last backward syncs gradients over the ranks.
+                shard.gradient_sync(window_ends and s == len(chosen[n]) - 1)
                 x = as_tensor(rollout.trajectory[member, j], device)[None]  # [1, S, D]
                 x_next = as_tensor(rollout.trajectory[member, j + 1], device)[None]  # [1, S, D]
                 v = policy.velocity(x, sigmas[j].reshape(1), cond)  # [1, ...]
@@ -125,28 +142,30 @@ class DanceGRPO:
                 log_prob = step.log_prob(x_next)  # [1]
                 ratio = torch.exp(log_prob - float(rollout.log_probs[member, j]))  # [1]
                 per_reward = clipped_surrogate(ratio.expand_as(advantages), advantages, algo.clip_range)  # [K]
-                loss = (weights * per_reward).sum() / (window * n_steps)
-                loss.backward()
+                term = (weights * per_reward).sum()
+                (term * scale / (window * n_steps)).backward()
+                if not real[n]:
+                    continue
                 ratio_value = float(ratio.detach())
                 if not grad_norms:
                     first_dev = max(first_dev, abs(ratio_value - 1.0))
-                losses.append(float(loss.detach()) * window * n_steps)
+                losses.append(float(term.detach()))
                 ratios.append(ratio_value)
                 clipped_terms += abs(ratio_value - 1.0) > algo.clip_range
-            if (n + 1) % accum == 0 or n + 1 == len(samples):
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(parameters, opt.max_grad_norm)))
+            if window_ends:
+                grad_norms.append(clip_grad_norm(parameters, opt.max_grad_norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        ratios_np = np.asarray(ratios)
+        ratios_np = np.asarray(ratios or [np.nan])  # a rank holding only padding has no terms
         return LearnerMetrics(
             policy_version=policy_version,
-            loss=float(np.mean(losses)),
+            loss=float(np.mean(losses)) if losses else float("nan"),
             grad_norm=float(np.mean(grad_norms)),
-            clip_fraction=clipped_terms / len(ratios),
+            clip_fraction=clipped_terms / max(len(ratios), 1),
             ratio_mean=float(ratios_np.mean()),
             ratio_max_abs_dev=float(np.abs(ratios_np - 1).max()),
             first_ratio_max_abs_dev=first_dev,
             optimizer_steps=len(grad_norms),
-            samples=len(samples),
+            samples=sum(real),
             seconds=time.perf_counter() - start,
         )

@@ -39,7 +39,8 @@ Reference: the frozen base, i.e. the network with its LoRA adapter disabled (no 
 for full fine-tuning a frozen snapshot of the starting weights.
 
 Deviations: several rewards are combined as sum_k w_k A_k of per-reward advantages (the reference
-trains one reward at a time); the gate's group sum is local because the learner has one rank.
+trains one reward at a time). Whole groups stay on one learner rank, so the gate's group sum is
+local; ``group_gate_logit(process_group=...)`` covers groups spread over ranks.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from raygrpo.algorithms.dancegrpo import RolloutSpec
 from raygrpo.config import Config, DGPOConfig
 from raygrpo.contracts import ConditioningBatch, LearnerMetrics, Rollout, TrainGroup, as_tensor
 from raygrpo.learner.ema import ParameterShadow, fast_ema_decay, slow_ema_decay
+from raygrpo.learner.shard import Shard, clip_grad_norm
 from raygrpo.sampling import shift_sigmas
 
 
@@ -170,19 +172,26 @@ class DGPO:
         batch: list[tuple[TrainGroup, Rollout]],
         rng: np.random.Generator,
         policy_version: int,
+        shard: Shard | None = None,
     ) -> LearnerMetrics:
+        """``shard``: this rank's part of the step (None: one rank holds the whole batch; see ``learner/shard.py``)."""
         algo, start = self.algo, time.perf_counter()
+        shard = shard or Shard()
         device = parameters[0].device
         groups = [self._group(train_group, rollout, device) for train_group, rollout in batch]
+        real = [shard.is_real(k, len(groups)) for k in range(len(groups))]  # padding slots: False
         sigmas = training_sigmas(algo, as_tensor(batch[0][1].sigmas), self.config.rollout.shift, rng).to(device)  # [M]
         noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        n_terms = len(groups) * len(sigmas)
+        # Terms of the whole step over every rank; each rank scales its own by M (FSDP averages gradients).
+        n_terms = shard.global_sum(sum(real)) * len(sigmas)
         needs_old = algo.clip_dsm or algo.clip_kl
         stats: dict[str, list[float]] = {"loss": [], "gate": [], "kl": [], "ratio": [], "clipped": []}
         optimizer.zero_grad(set_to_none=True)
-        for sigma in sigmas:
-            # One noise per group at this sigma, shared by its members (paper §3: variance reduction).
-            noise = [torch.randn((1, *g.x0.shape[1:]), generator=noise_gen).to(device).expand_as(g.x0) for g in groups]
+        for t_index, sigma in enumerate(sigmas):
+            # One noise per group at this sigma, shared by its members (paper §3: variance reduction), drawn
+            # for every group slot of the step in order so that M ranks draw what one rank draws.
+            drawn = [torch.randn((1, *groups[0].x0.shape[1:]), generator=noise_gen) for _ in range(shard.total_groups or len(groups))]
+            noise = [eps.to(device).expand_as(g.x0) for g, eps in zip(groups, shard.pick(drawn, shard.group_offset, len(groups)))]
             x_t = [(1 - sigma) * g.x0 + sigma * eps for g, eps in zip(groups, noise)]  # each [G, ...]
             targets = [eps - g.x0 for g, eps in zip(groups, noise)]
             v_ref = self._velocities(self._reference(), groups, x_t, sigma)
@@ -208,28 +217,32 @@ class DGPO:
                 if algo.clip_kl:
                     kl = torch.where(clipped, kl.detach(), kl)
                 total = (gate * group.advantages * used).mean() + algo.kl_beta * kl.mean()
-                (total / n_terms).backward()
+                # One reduce-scatter per update: only the last backward syncs gradients over the ranks.
+                shard.gradient_sync(t_index == len(sigmas) - 1 and k == len(groups) - 1)
+                (total * shard.loss_scale(real[k]) / n_terms).backward()
+                if not real[k]:
+                    continue
                 stats["loss"].append(float(total.detach()))
                 stats["gate"].append(float(gate))
                 stats["kl"].append(float(kl.detach().mean()))
                 stats["clipped"] += clipped.tolist()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, self.config.optimizer.max_grad_norm))
+        grad_norm = clip_grad_norm(parameters, self.config.optimizer.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self._after_optimizer_step()
         ratios = np.asarray(stats["ratio"] or [1.0])
         return LearnerMetrics(
             policy_version=policy_version,
-            loss=float(np.mean(stats["loss"])),
+            loss=_mean(stats["loss"]),
             grad_norm=grad_norm,
-            clip_fraction=float(np.mean(stats["clipped"])),
+            clip_fraction=_mean(stats["clipped"]),
             ratio_mean=float(ratios.mean()),
             ratio_max_abs_dev=float(np.abs(ratios - 1).max()),
             first_ratio_max_abs_dev=float("nan"),  # no log-probs: DGPO has no on-policy ratio to check
             optimizer_steps=1,
-            samples=sum(len(g.x0) for g in groups),
+            samples=sum(len(g.x0) for g, is_real in zip(groups, real) if is_real),
             seconds=time.perf_counter() - start,
-            extras={"gate_mean": float(np.mean(stats["gate"])), "kl": float(np.mean(stats["kl"])), "sigma_min": float(sigmas.min())},
+            extras={"gate_mean": _mean(stats["gate"]), "kl": _mean(stats["kl"]), "sigma_min": float(sigmas.min())},
         )
 
     def _after_optimizer_step(self) -> None:
@@ -245,6 +258,11 @@ class DGPO:
         weighted = (train_group.reward_weights[:, None] * train_group.advantages[:, members]).sum(axis=0)  # [G]
         cond = ConditioningBatch.of(rollout.conditioning, len(members), device)
         return _Group(x0, torch.as_tensor(weighted, dtype=torch.float32, device=device), cond)
+
+
+def _mean(values: list) -> float:
+    """Mean of a statistic; NaN for a rank that holds only padding (the learner group weights ranks by samples)."""
+    return float(np.mean(values)) if values else float("nan")
 
 
 class _adapters_disabled(AbstractContextManager):

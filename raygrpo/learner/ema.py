@@ -3,6 +3,10 @@
 A shadow is evaluated by swapping its values into the live parameters for the duration of a
 ``with shadow.swapped():`` block, so no second copy of the network (buffers, non-trainable
 weights) is ever built. With LoRA only the adapter's parameters are shadowed.
+
+On an FSDP-sharded learner the parameters are DTensors: each shadow value is then a DTensor with
+the same placement, so a rank holds (and updates, swaps and checkpoints) only its own shard, and
+every operation here is local (no communication).
 """
 
 from __future__ import annotations

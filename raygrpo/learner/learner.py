@@ -1,13 +1,27 @@
-"""The learner: owns the trainable network (full, or a LoRA adapter) and its optimizer, runs the algorithm's update.
+"""The learner rank: owns the trainable network (full, or a LoRA adapter) and its optimizer, runs the algorithm's update.
 
-One rank for now (the multi-rank FSDP2 group builds on this class). Runs as a Ray actor, or in
-process for tests (``Learner(config)``).
+One rank of :class:`~raygrpo.learner.group.LearnerGroup` (a Ray actor there), or in process for
+tests and benchmarks (``Learner(config)``: one rank, no process group).
+
+Precision (reference doc §6.4, DanceGRPO FLUX: "fp32 master weights + bf16 autocast"): the
+network, its gradients and the AdamW moments are always float32 here. With ``model.dtype``
+bfloat16/float16 the compute runs in that dtype: through FSDP2's ``MixedPrecisionPolicy`` when the
+network is sharded, through ``torch.autocast`` on an unsharded in-process learner. Exported weights
+are cast to ``model.dtype``, the dtype the rollout side holds. FSDP's policy computes exactly what
+the rollout's pure-bf16 model computes (the first ratio stays exactly 1); autocast keeps some ops
+in float32, so there it may not.
+
+Sharding: FSDP2 ``fully_shard`` on every transformer block and the root whenever a process group is
+up (every LearnerGroup rank) and there is more than one rank, a GPU, or a compute dtype below
+float32; one float32 CPU rank runs unsharded, as does ``Learner(config)`` without a process group.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +30,10 @@ import torch
 
 from raygrpo.algorithms import make_algorithm
 from raygrpo.config import Config
-from raygrpo.contracts import LearnerMetrics, Rollout, TrainGroup, WeightsMessage
+from raygrpo.contracts import LearnerMetrics, Rollout, TrainGroup, WeightsMessage, merge_rollouts
+from raygrpo.learner.fsdp import full_state_dict, shard_network
+from raygrpo.learner.shard import Shard
+from raygrpo.learner.state import load_training_state, save_training_state
 from raygrpo.models import load_model
 from raygrpo.models.lora import add_lora
 from raygrpo.runtime import set_torch_threads, torch_dtype
@@ -26,32 +43,54 @@ logger = logging.getLogger(__name__)
 
 
 class Learner:
-    def __init__(self, config: Config):
+    """One learner rank.
+
+    Components: ``model`` (the family's adapter; ``model.transformer`` is trained, FSDP-sharded or
+    not), ``parameters`` (the trainable ones, DTensor shards when sharded), ``optimizer`` (AdamW),
+    ``algorithm`` (DanceGRPO or DGPO, with its shadows), ``rng`` (numpy, draws timesteps and noise
+    seeds; identical on every rank), ``policy_version``.
+    """
+
+    def __init__(self, config: Config, rank: int = 0, world_size: int = 1):
         set_torch_threads(config.learner.num_cpus)
-        self.config = config
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if world_size > 1 and not distributed:
+            raise RuntimeError(f"a learner rank of {world_size} needs torch.distributed initialised first (LearnerGroup does it)")
+        self.config, self.rank, self.world_size = config, rank, world_size
         self.device = torch.device("cuda" if config.learner.num_gpus > 0 else "cpu")
+        self.compute_dtype = torch_dtype(config.model.dtype)
+        self.sharded = distributed and (world_size > 1 or self.device.type == "cuda" or self.compute_dtype != torch.float32)
         self.model = load_model(
             config.model.family,
             config.model.pretrained,
-            torch_dtype=torch_dtype(config.model.dtype),
+            torch_dtype=torch.float32,  # master weights; compute_dtype applies in the forward
             device=self.device,
             load_text_encoders=False,
             load_vae=False,
             height=config.model.height,
             width=config.model.width,
             # Training may see the policy without CFG (DGPO on SD3) while rollout uses it.
-            guidance_scale=config.model.train_guidance_scale if config.model.train_guidance_scale is not None else config.model.guidance_scale,
+            guidance_scale=config.model.train_guidance_scale
+            if config.model.train_guidance_scale is not None
+            else config.model.guidance_scale,
             max_sequence_length=config.model.max_sequence_length,
+            num_frames=config.model.num_frames,
         )
         network = self.model.transformer
         network.train()
         if config.model.lora is not None:
-            self.parameters = add_lora(network, config.model.lora)
+            # A seeded adapter init: every rank (and a resumed learner) starts from the same adapter.
+            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.device.type == "cuda" else []):
+                torch.manual_seed(config.run.seed)
+                add_lora(network, config.model.lora)
         else:
             network.requires_grad_(True)
-            self.parameters = [p for p in network.parameters() if p.requires_grad]
         # With LoRA only the adapter travels to the rollout side; full fine-tuning sends everything.
         self.synced_names = {n for n, p in network.named_parameters() if p.requires_grad} if config.model.lora else None
+        if self.sharded:
+            shard_network(network, self.compute_dtype)  # parameters become DTensor shards, names unchanged
+        self.parameter_names = [n for n, p in network.named_parameters() if p.requires_grad]
+        self.parameters = [p for p in network.parameters() if p.requires_grad]
         opt = config.optimizer
         self.optimizer = torch.optim.AdamW(self.parameters, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
         self.algorithm = make_algorithm(config)
@@ -59,31 +98,155 @@ class Learner:
         self.rng = np.random.default_rng(config.run.seed + 1)
         self.policy_version = 0
 
-    def update(self, batch: list[TrainGroup]) -> LearnerMetrics:
-        """One training step on whole groups; the rollouts are fetched here, never on the controller."""
-        rollouts: list[Rollout] = ray.get([group.rollout for group in batch]) if batch else []
+    def _autocast(self) -> AbstractContextManager:
+        """bf16/fp16 compute on an unsharded rank (sharded ones get it from FSDP's MixedPrecisionPolicy)."""
+        if self.sharded or self.compute_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def update(self, batch: list[TrainGroup], shard: Shard | None = None) -> LearnerMetrics:
+        """One training step on whole groups; the rollouts are fetched here, never on the controller.
+
+        ``shard``: where these groups sit among the ranks' (LearnerGroup passes it); None: one rank
+        holds the whole batch. Each ``TrainGroup.rollout`` is an ObjectRef, or the Rollout itself in process.
+        """
+        rollouts = fetch_rollouts(batch)
+        shard = replace(shard or Shard(), network=self.model.transformer if self.sharded else None)
         self.policy_version += 1
-        return self.algorithm.update(
-            self.model, self.parameters, self.optimizer, list(zip(batch, rollouts)), self.rng, self.policy_version
-        )
+        with self._autocast():
+            metrics = self.algorithm.update(
+                self.model, self.parameters, self.optimizer, list(zip(batch, rollouts)), self.rng, self.policy_version, shard=shard
+            )
+        return global_metrics(metrics) if self.world_size > 1 else metrics
 
-    def export_weights(self) -> WeightsMessage:
-        """The weights rollout should sample with (DGPO: the fast EMA after its switch step)."""
+    def export_weights(self) -> WeightsMessage | None:
+        """The weights rollout should sample with (DGPO: the fast EMA after its switch step), in ``model.dtype``.
+
+        Every rank must call it (the shards are gathered); rank 0 returns the message, the others None.
+        """
+        state = self.sampling_state()
+        if self.rank != 0:
+            return None
+        return export_weights(_StateView(state), self.policy_version, self.synced_names)
+
+    def sampling_state(self, on_cpu: bool = True) -> dict[str, torch.Tensor]:
+        """Whole tensors of what rollout samples with, in ``model.dtype`` (LoRA: the adapter's alone); every rank gathers."""
         with self.algorithm.sampling_weights():
-            return export_weights(self.model.transformer, self.policy_version, self.synced_names)
+            return full_state_dict(self.model.transformer, self.synced_names, self.compute_dtype, on_cpu=on_cpu)
 
-    def save(self, folder: str) -> str:
-        """Write the evaluation weights (DGPO: the slow EMA) loadable by diffusers.
+    def weight_names(self) -> list[str]:
+        """Names of the tensors :meth:`sampling_state` holds, sorted (the broadcast's order)."""
+        return sorted(self.synced_names) if self.synced_names is not None else sorted(self.model.transformer.state_dict())
 
-        Full fine-tuning: ``transformer/`` via ``save_pretrained``. LoRA: ``transformer_lora/`` via
-        ``save_lora_adapter`` (the base stays the pretrained one).
+    def save(self, folder: str) -> str | None:
+        """Write the evaluation weights (DGPO: the slow EMA) loadable by diffusers; every rank calls it, rank 0 writes.
+
+        Full fine-tuning: ``transformer/`` (``unet/`` for UNet families: the adapter's
+        ``network_component``), loadable with ``from_pretrained``. LoRA: ``transformer_lora/`` (``unet_lora/``),
+        loadable with ``load_lora_adapter``; the base stays the pretrained one.
         """
         folder_path = Path(folder)
+        network, component = self.model.transformer, self.model.network_component
         with self.algorithm.evaluation_weights():
-            if self.config.model.lora is not None:
-                self.model.transformer.save_lora_adapter(folder_path / "transformer_lora")
+            if not self.sharded:
+                if self.config.model.lora is not None:
+                    network.save_lora_adapter(folder_path / f"{component}_lora")
+                else:
+                    network.save_pretrained(folder_path / component)
             else:
-                self.model.transformer.save_pretrained(folder_path / "transformer")
-        state = {"policy_version": self.policy_version, "pretrained": self.config.model.pretrained, "algorithm": self.config.algorithm.name}
+                state = full_state_dict(network, self.synced_names, None)
+                if self.rank == 0:
+                    _save_gathered(network, state, folder_path / component, lora=self.config.model.lora is not None)
+        if self.rank != 0:
+            return None
+        state = {
+            "policy_version": self.policy_version,
+            "pretrained": self.config.model.pretrained,
+            "family": self.config.model.family,
+            "algorithm": self.config.algorithm.name,
+        }
         (folder_path / "raygrpo_state.json").write_text(json.dumps(state, indent=2))
         return str(folder_path)
+
+    def save_state(self, folder: str) -> None:
+        """The full training state for an exact resume (see :mod:`raygrpo.learner.state`); every rank calls it."""
+        save_training_state(self, Path(folder))
+
+    def load_state(self, folder: str) -> int:
+        """Restore what :meth:`save_state` wrote; returns the restored policy version."""
+        load_training_state(self, Path(folder))
+        return self.policy_version
+
+
+class _StateView:
+    """Gathered full tensors presented as a module to ``weights.export_weights`` (which reads ``state_dict()``)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self._state = state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+def _save_gathered(network: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path, lora: bool) -> None:
+    """Write gathered full tensors in the layouts diffusers loads (a sharded network cannot ``save_pretrained`` itself):
+    ``folder`` is the component's folder (``<ckpt>/transformer``); a LoRA adapter goes beside it (``<ckpt>/transformer_lora``)."""
+    if lora:
+        import safetensors.torch
+        from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
+        from peft.utils import get_peft_model_state_dict
+
+        layers = get_peft_model_state_dict(network, state_dict=state, adapter_name="default")
+        config = {k: sorted(v) if isinstance(v, set) else v for k, v in network.peft_config["default"].to_dict().items()}
+        metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
+        lora_folder = folder.with_name(f"{folder.name}_lora")
+        lora_folder.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_file(
+            {k: v.contiguous() for k, v in layers.items()}, lora_folder / LORA_WEIGHT_NAME_SAFE, metadata=metadata
+        )
+        return
+    from huggingface_hub import save_torch_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    network.save_config(folder)
+    # The file names diffusers' from_pretrained looks for, sharded with an index when large.
+    save_torch_state_dict(state, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB")
+
+
+def fetch_rollouts(batch: list[TrainGroup]) -> list[Rollout]:
+    """Each group's Rollout: refs fetched in one ``ray.get``; a group spread over workers (a list of refs)
+    merged back into one (``contracts.merge_rollouts``); Rollouts given in process are used as they are."""
+    parts = [group.rollout if isinstance(group.rollout, list) else [group.rollout] for group in batch]
+    refs = [p for group_parts in parts for p in group_parts if not isinstance(p, Rollout)]
+    fetched = iter(ray.get(refs) if refs else [])
+    return [merge_rollouts([p if isinstance(p, Rollout) else next(fetched) for p in group_parts]) for group_parts in parts]
+
+
+def global_metrics(metrics: LearnerMetrics) -> LearnerMetrics:
+    """One rank's metrics combined with every other rank's (all ranks call it): means weighted by samples, maxima, sums."""
+    gathered: list[dict] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
+    torch.distributed.all_gather_object(gathered, asdict(metrics))
+    weights = np.asarray([m["samples"] for m in gathered], np.float64)
+
+    def mean(key: str, extras: bool = False) -> float:
+        values = np.asarray([(m["extras"] if extras else m)[key] for m in gathered], np.float64)
+        used = (weights > 0) & np.isfinite(values)
+        return float(np.average(values[used], weights=weights[used])) if used.any() else float("nan")
+
+    def maximum(key: str) -> float:
+        values = np.asarray([m[key] for m in gathered], np.float64)
+        return float(np.nanmax(values)) if np.isfinite(values).any() else float("nan")
+
+    return LearnerMetrics(
+        policy_version=metrics.policy_version,
+        loss=mean("loss"),
+        grad_norm=metrics.grad_norm,  # already the global norm (clip_grad_norm over DTensor shards)
+        clip_fraction=mean("clip_fraction"),
+        ratio_mean=mean("ratio_mean"),
+        ratio_max_abs_dev=maximum("ratio_max_abs_dev"),
+        first_ratio_max_abs_dev=maximum("first_ratio_max_abs_dev"),
+        optimizer_steps=metrics.optimizer_steps,
+        samples=int(weights.sum()),
+        seconds=maximum("seconds"),
+        extras={key: mean(key, extras=True) for key in metrics.extras},
+    )

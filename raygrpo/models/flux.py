@@ -136,6 +136,7 @@ class FluxModel:
     """
 
     family = "flux"
+    network_component = "transformer"  # the pipeline component the trained network is (checkpoints and export name it so)
 
     def __init__(
         self,

@@ -102,6 +102,7 @@ class HunyuanVideoModel:
     """
 
     family = "hunyuan_video"
+    network_component = "transformer"  # the pipeline component the trained network is (checkpoints and export name it so)
 
     def __init__(
         self,

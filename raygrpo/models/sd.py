@@ -74,6 +74,7 @@ class StableDiffusionModel:
     """
 
     family = "sd"
+    network_component = "unet"  # the pipeline component the trained network is (checkpoints and export name it so)
 
     def __init__(
         self,

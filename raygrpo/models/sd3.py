@@ -63,6 +63,7 @@ class SD3Model:
     """
 
     family = "sd3"
+    network_component = "transformer"  # the pipeline component the trained network is (checkpoints and export name it so)
 
     def __init__(
         self,

@@ -78,6 +78,7 @@ class WanI2VModel:
     """
 
     family = "wan_i2v"
+    network_component = "transformer"  # the pipeline component the trained network is (checkpoints and export name it so)
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import ray
 import torch
 
 from raygrpo.algorithms import RolloutSpec, rollout_spec
@@ -54,6 +55,9 @@ class RolloutWorker:
             )
         self.policy_version = message.policy_version
         return self.policy_version, crc
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
 
     def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> int:
         """Join the learner-to-rollout broadcast group (``rollout.weight_sync: collective``) as ``rank``."""

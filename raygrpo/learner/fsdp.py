@@ -1,0 +1,100 @@
+"""torch.distributed for the learner ranks: the process group, FSDP2 sharding with mixed precision, full tensors.
+
+Mixed precision follows the reference (DanceGRPO FLUX: fp32 master weights + bf16 compute, doc
+§6.4): the parameters, gradients and AdamW moments stay float32; FSDP2's ``MixedPrecisionPolicy``
+all-gathers the parameters as ``param_dtype`` (bf16) for the forward and backward and
+reduce-scatters the gradients in float32.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+from datetime import timedelta
+
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+logger = logging.getLogger(__name__)
+
+
+def rendezvous_address(loopback: bool) -> tuple[str, int]:
+    """This node's address for the other ranks (127.0.0.1 on a single machine) and a free port on it."""
+    import ray
+
+    host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return host, sock.getsockname()[1]
+
+
+def init_process_group(rank: int, world_size: int, host: str, port: int, use_cuda: bool, timeout_s: float = 600) -> None:
+    """Join the learner's process group: NCCL on GPU, gloo on CPU."""
+    if ipaddress.ip_address(host).is_loopback:
+        # gloo picks an interface by the host name otherwise, which may not be loopback (only loopback works here).
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if use_cuda:
+        torch.cuda.set_device(0)  # Ray exposes the rank's own GPU as device 0
+    torch.distributed.init_process_group(
+        "nccl" if use_cuda else "gloo",
+        init_method=f"tcp://{host}:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    logger.info("learner rank %d/%d joined %s:%d (%s)", rank, world_size, host, port, torch.distributed.get_backend())
+
+
+def transformer_blocks(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a diffusers transformer (FLUX: double + single stream; SD3: joint blocks)."""
+    blocks = []
+    for name in ("transformer_blocks", "single_transformer_blocks", "blocks"):
+        child = getattr(network, name, None)
+        if isinstance(child, torch.nn.ModuleList):
+            blocks.extend(child)
+    return blocks
+
+
+def shard_network(network: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """``fully_shard`` every block, then the root (its embeddings and output layers), in place.
+
+    Each block is one FSDP unit: its parameters are all-gathered just before its forward and freed
+    after it, so peak memory holds one block's full weights, not the network's. ``compute_dtype``
+    below float32 turns on mixed precision (parameters must be float32: they are the master copy).
+    """
+    blocks = transformer_blocks(network)
+    if not blocks:
+        logger.warning("%s has no transformer_blocks: sharding it as one unit", type(network).__name__)
+    # Only the root casts its inputs to the compute dtype, as the rollout side's adapter does. A block
+    # must not: FLUX's blocks take the rotary embedding in float32, and rounding it to bf16 would make
+    # the learner's forward differ from the rollout model's (the first ratio would leave 1).
+    for block in blocks:
+        fully_shard(block, mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False))
+    fully_shard(network, mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32))
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor from a DTensor shard (a collective: every rank calls it), or the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def full_state_dict(
+    network: torch.nn.Module, names: set[str] | None, dtype: torch.dtype | None, on_cpu: bool = True
+) -> dict[str, torch.Tensor]:
+    """The network's state as whole tensors, copies on the CPU (or where the network is); every rank gathers and gets all.
+
+    ``names``: keep only these (the LoRA adapter); ``dtype``: cast floating tensors to it (the
+    rollout side's dtype: fp32 master weights travel as the bf16 the rollout model holds).
+    """
+    state = {}
+    for name, tensor in network.state_dict().items():
+        if names is not None and name not in names:
+            continue
+        tensor = full_tensor(tensor.detach())
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        # A copy, never a view: the caller may swap other values into the network right after (EMA weights).
+        state[name] = tensor.to("cpu", copy=True) if on_cpu else tensor.clone()
+    return state

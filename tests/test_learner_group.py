@@ -1,0 +1,324 @@
+"""The multi-rank learner: 2 FSDP2 ranks on CPU (gloo) make the update one rank makes on the same batch.
+
+The numeric checks run the ranks as 2 plain torch processes (``mp.spawn``): the same ``Learner``
+class the Ray actors hold, without Ray's CPU scheduling in the way (ENVIRONMENT.md). The
+``LearnerGroup`` itself, with real Ray actors, is checked in the slow test at the end.
+
+Tolerance: parameters agree to 1e-5 absolute (they are O(0.1-1); one update moves them by up to
+lr = 5e-3 or 1e-2). The two runs do the same fp32 arithmetic except the order of the gradient sum:
+2 ranks sum their own samples' gradients and FSDP averages the two partial sums, one rank sums all
+of them in sequence. That reorders fp32 additions: absolute noise ~1e-7 of the summed terms.
+AdamW's first step moves each parameter by lr * g / (|g| + eps), which magnifies that noise where
+|g| is near eps; the tests use eps = 1e-6 instead of 1e-8 so those elements stay well behaved
+(measured max difference ~3e-7 with eps 1e-6, up to 7.5e-6 with 1e-8). Anything wrong (a missing
+factor M, a gradient not averaged, another rank's noise or timesteps) moves parameters by ~lr.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from raygrpo.algorithms.advantages import group_advantages
+from raygrpo.config import ConfigError, load_config
+from raygrpo.contracts import PromptGroup, TrainGroup
+from raygrpo.learner.fsdp import full_state_dict, init_process_group
+from raygrpo.learner.learner import Learner
+from raygrpo.learner.shard import Shard, split_batch
+from raygrpo.rollout.worker import RolloutWorker
+
+from .conftest import ROOT
+
+G = 4
+TOLERANCE = 1e-5
+
+
+def make_config(preset: str, *overrides: str):
+    base = [f"algorithm.group_size={G}", "model.max_sequence_length=16", "algorithm.groups_per_step=2", "optimizer.eps=1e-6"]
+    if preset == "tiny.yaml":
+        base += ["rollout.num_steps=6", "algorithm.grad_accum_samples=16"]  # one window: every sample of the step
+    else:
+        base += ["rollout.micro_batch_size=4"]
+    return load_config(ROOT / "cluster" / preset, [*base, *overrides])
+
+
+def make_batch(config, n_groups: int) -> list[TrainGroup]:
+    """``n_groups`` real rollouts of the tiny FLUX with made-up rewards; TrainGroup.rollout holds the Rollout (in process)."""
+    worker = RolloutWorker(config)
+    batch = []
+    for k in range(n_groups):
+        rollout, _, _ = worker.generate(PromptGroup(k, k, f"a lighthouse number {k}", G, seed=20 + k, policy_version=0))
+        rewards = np.random.default_rng(k).normal(size=(1, G))
+        ddof = config.algorithm.advantage_ddof
+        advantages = group_advantages(rewards, 5.0, config.algorithm.advantage_eps, ddof).astype(np.float32)
+        batch.append(TrainGroup(rollout, k, advantages, np.ones(1, np.float32), np.arange(G)))
+    return batch
+
+
+# name -> (preset, overrides, groups); "sync_every" re-runs dancegrpo with a gradient all-reduce on every backward
+SCENARIOS = {
+    "dancegrpo": ("tiny.yaml", [], 2),
+    "dancegrpo_sync_every": ("tiny.yaml", [], 2),
+    "dgpo": ("tiny_dgpo.yaml", [], 2),
+    "dgpo_padded": ("tiny_dgpo.yaml", [], 3),  # 3 groups on 2 ranks: rank 1 holds one real group and one padding slot
+    "dgpo_lora": ("tiny_dgpo.yaml", ["model.lora={rank: 4, alpha: 8}", "algorithm.reference=frozen", "optimizer.lr=0.05"], 2),
+    "dancegrpo_bf16": ("tiny.yaml", ["model.dtype=bfloat16"], 2),  # fp32 master weights, bf16 compute (FSDP MixedPrecisionPolicy)
+}
+
+
+def _ranks_main(rank: int, world: int, port: int, batches: dict, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    init_process_group(rank, world, "127.0.0.1", port, use_cuda=False)
+    try:
+        for name, (preset, overrides, _) in SCENARIOS.items():
+            learner = Learner(make_config(preset, *overrides, f"learner.num_ranks={world}"), rank, world)
+            assert learner.sharded and all(hasattr(p, "to_local") for p in learner.parameters)
+            groups, shard = split_batch(batches[name], world)[rank]
+            windowed, reduce_scatter, calls = Shard.gradient_sync, torch.distributed.reduce_scatter_single, []
+            if name == "dancegrpo_sync_every":
+                # The same update with FSDP reducing gradients on every backward instead of once per window.
+                Shard.gradient_sync = lambda self, enabled: self.network.set_requires_gradient_sync(True)
+            # Count FSDP's gradient reduce-scatters (it calls torch.distributed.reduce_scatter_single).
+            torch.distributed.reduce_scatter_single = _counting(reduce_scatter, calls)
+            try:
+                metrics = learner.update(groups, shard)
+            finally:
+                Shard.gradient_sync, torch.distributed.reduce_scatter_single = windowed, reduce_scatter
+            params = full_state_dict(learner.model.transformer, None, None)
+            message = learner.export_weights()
+            if name in ("dgpo", "dgpo_lora"):
+                learner.save(str(Path(out_dir) / f"{name}-saved"))  # gathered, written by rank 0
+            if rank == 0:
+                torch.save(
+                    {"params": params, "message": message, "metrics": metrics, "reduce_scatters": len(calls)}, Path(out_dir) / f"{name}.pt"
+                )
+            else:
+                assert message is None
+        _resume_on_ranks(rank, world, batches["resume"], Path(out_dir))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _counting(function, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    return counted
+
+
+def _resume_on_ranks(rank: int, world: int, batch: list[TrainGroup], out_dir: Path) -> None:
+    """A: update(b1), update(b2); B: update(b1), save_state; a new C: load_state, update(b2). A == C on every rank's shards."""
+    config = make_config("tiny_dgpo.yaml", "algorithm.slow_ema_every=1", f"learner.num_ranks={world}")
+
+    def step(learner: Learner, part: list[TrainGroup]) -> None:
+        groups, shard = split_batch(part, world)[rank]
+        learner.update(groups, shard)
+
+    a = Learner(config, rank, world)
+    step(a, batch[:2])
+    step(a, batch[2:])
+    b = Learner(config, rank, world)
+    step(b, batch[:2])
+    b.save_state(str(out_dir / "state"))
+    c = Learner(config, rank, world)
+    assert c.load_state(str(out_dir / "state")) == 1
+    step(c, batch[2:])
+    pairs = list(zip(a.parameters, c.parameters))
+    for name in ("fast_ema", "slow_ema", "frozen"):
+        pairs += list(zip(getattr(a.algorithm, name).values, getattr(c.algorithm, name).values))
+    for pa, pc in zip(a.parameters, c.parameters):
+        pairs += [(a.optimizer.state[pa][k], c.optimizer.state[pc][k]) for k in a.optimizer.state[pa]]
+    equal = all(torch.equal(_local(x), _local(y)) for x, y in pairs)
+    flags = [None] * world
+    torch.distributed.all_gather_object(flags, (equal, len(pairs), a.algorithm.optimizer_steps, c.algorithm.optimizer_steps))
+    if rank == 0:
+        torch.save(flags, out_dir / "resume.pt")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    """Every scenario's batch, its one-rank Learner after ``update(batch)``, and what the 2-rank run saved."""
+    torch.set_num_threads(1)
+    batches = {name: make_batch(make_config(preset, *overrides), n) for name, (preset, overrides, n) in SCENARIOS.items()}
+    batches["resume"] = make_batch(make_config("tiny_dgpo.yaml"), 4)
+    out = tmp_path_factory.mktemp("two-ranks")
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    mp.spawn(_ranks_main, args=(2, _free_port(), batches, str(out)), nprocs=2, join=True)
+    results = {"out": out}
+    for name, (preset, overrides, _) in SCENARIOS.items():
+        one = Learner(make_config(preset, *overrides))
+        metrics = one.update(batches[name])
+        results[name] = (one, metrics, torch.load(out / f"{name}.pt", weights_only=False))
+    return results
+
+
+def _max_param_diff(one: Learner, params: dict[str, torch.Tensor]) -> float:
+    state = one.model.transformer.state_dict()
+    assert set(state) == set(params)
+    return max(float((state[k].float() - params[k].float()).abs().max()) for k in state)
+
+
+@pytest.mark.parametrize("name", ["dancegrpo", "dgpo", "dgpo_padded"])
+def test_two_ranks_make_the_one_rank_update(two_rank_results, name):
+    one, metrics, two = two_rank_results[name]
+    start = Learner(one.config).model.transformer.state_dict()
+    moved = max(float((one.model.transformer.state_dict()[k] - v).abs().max()) for k, v in start.items())
+    assert moved > 100 * TOLERANCE  # the update did something the comparison can see
+    assert _max_param_diff(one, two["params"]) < TOLERANCE
+    # LearnerMetrics are global: both ranks' samples, the same loss and gradient norm
+    assert two["metrics"].samples == metrics.samples == SCENARIOS[name][2] * G
+    assert two["metrics"].loss == pytest.approx(metrics.loss, rel=1e-4, abs=1e-6)
+    assert two["metrics"].grad_norm == pytest.approx(metrics.grad_norm, rel=1e-4)
+
+
+def test_accumulating_without_gradient_sync_gives_the_same_update(two_rank_results):
+    """no_sync on every backward but a window's last equals reducing gradients on every backward."""
+    one, _, windowed = two_rank_results["dancegrpo"]
+    _, _, every = two_rank_results["dancegrpo_sync_every"]
+    backwards = one.config.trained_timesteps * G  # per rank: its 4 samples x 3 trained steps, one window
+    assert backwards > 1
+    diff = max(float((windowed["params"][k] - every["params"][k]).abs().max()) for k in windowed["params"])
+    assert diff < TOLERANCE
+    # and it saves the communication: one reduce-scatter per FSDP unit per window instead of per backward
+    assert windowed["reduce_scatters"] > 0 and every["reduce_scatters"] == backwards * windowed["reduce_scatters"]
+
+
+def test_lora_on_two_ranks_exports_only_the_adapter(two_rank_results):
+    one, _, two = two_rank_results["dgpo_lora"]
+    message = two["message"]
+    assert message.partial and set(message.arrays) == one.synced_names and all("lora" in n for n in message.arrays)
+    mine = one.export_weights()
+    for name, array in message.arrays.items():
+        np.testing.assert_allclose(array, mine.arrays[name], atol=TOLERANCE)
+    assert _max_param_diff(one, two["params"]) < TOLERANCE
+
+
+def test_mixed_precision_on_two_ranks_recomputes_the_bf16_rollout_exactly(two_rank_results):
+    """model.dtype bf16: fp32 master weights, bf16 compute through FSDP2; the rollout ran a pure-bf16 model.
+
+    The learner's recomputed log-probs equal the rollout's bit for bit (first ratio exactly 1), and the
+    rollout side receives bf16 weights.
+    """
+    _, _, two = two_rank_results["dancegrpo_bf16"]
+    assert two["metrics"].first_ratio_max_abs_dev == 0.0
+    assert {t.dtype for t in two["params"].values()} == {torch.float32}
+    assert set(two["message"].dtypes.values()) == {"bfloat16"}
+
+
+def test_bf16_learner_keeps_fp32_master_weights():
+    config = make_config("tiny.yaml", "model.dtype=bfloat16")
+    learner = Learner(config)
+    assert all(p.dtype == torch.float32 for p in learner.parameters)
+    batch = make_batch(config, 1)
+    metrics = learner.update(batch)
+    assert np.isfinite(metrics.loss) and learner.optimizer.state[learner.parameters[0]]["exp_avg"].dtype == torch.float32
+    message = learner.export_weights()  # the rollout side holds bf16
+    assert set(message.dtypes.values()) == {"bfloat16"}
+
+
+def test_groups_per_step_must_split_into_whole_groups_per_rank():
+    with pytest.raises(ConfigError, match="groups_per_step=3 is not a multiple of learner.num_ranks=2"):
+        make_config("tiny_dgpo.yaml", "algorithm.groups_per_step=3", "learner.num_ranks=2")
+    with pytest.raises(ConfigError, match="grad_accum_samples=3 is not a multiple"):
+        make_config("tiny.yaml", "algorithm.grad_accum_samples=3", "learner.num_ranks=2")
+
+
+def test_split_batch_gives_whole_groups_and_pads_the_last_ranks():
+    groups = [TrainGroup(None, k, np.zeros((1, G), np.float32), np.ones(1, np.float32), np.arange(G)) for k in range(5)]
+    shards = split_batch(groups, 4)
+    assert [[g.group_id for g in part] for part, _ in shards] == [[0, 1], [2, 3], [4, 4], [4, 4]]
+    assert [s.padding for _, s in shards] == [0, 0, 1, 2]
+    assert [(s.group_offset, s.sample_offset) for _, s in shards] == [(0, 0), (2, 8), (4, 16), (6, 24)]
+    assert all(s.total_groups == 5 and s.total_samples == 20 for _, s in shards)
+    assert shards[2][1].is_real(0, 2) and not shards[2][1].is_real(1, 2)
+
+
+def test_training_state_on_two_ranks_resumes_bit_exactly(two_rank_results):
+    """The sharded (DCP) state: parameters, AdamW moments, DGPO's three shadows, on both ranks' shards."""
+    flags = torch.load(two_rank_results["out"] / "resume.pt", weights_only=False)
+    assert [f[0] for f in flags] == [True, True]
+    assert all(f[1] > 0 and f[2] == f[3] == 2 for f in flags)
+
+
+def test_two_ranks_save_what_one_rank_saves_in_diffusers_layouts(two_rank_results, tmp_path):
+    """Evaluation weights gathered from the shards: the same files one unsharded rank writes, loadable by diffusers."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors import safe_open
+
+    out = two_rank_results["out"]
+    one, _, _ = two_rank_results["dgpo"]
+    one.save(str(tmp_path / "one"))
+    mine = FluxTransformer2DModel.from_pretrained(tmp_path / "one" / "transformer").state_dict()
+    theirs = FluxTransformer2DModel.from_pretrained(out / "dgpo-saved" / "transformer").state_dict()
+    assert set(mine) == set(theirs) and max(float((mine[k] - theirs[k]).abs().max()) for k in mine) < TOLERANCE
+    one_lora, _, _ = two_rank_results["dgpo_lora"]
+    one_lora.save(str(tmp_path / "one-lora"))
+    files = [
+        folder / "transformer_lora" / "pytorch_lora_weights.safetensors" for folder in (tmp_path / "one-lora", out / "dgpo_lora-saved")
+    ]
+    with safe_open(files[0], "pt") as a, safe_open(files[1], "pt") as b:
+        names = set(a.keys())
+        assert names == set(b.keys()) and a.metadata().keys() == b.metadata().keys()
+        assert all(torch.allclose(a.get_tensor(k), b.get_tensor(k), atol=TOLERANCE) for k in names)
+
+
+@pytest.mark.slow
+def test_learner_group_of_two_ray_actors(ray_cluster, tmp_path):
+    """The real thing: 2 rank actors in one placement group, gloo rendezvous on loopback, rollouts from the object store."""
+    import dataclasses
+
+    import ray
+
+    from raygrpo.learner.group import LearnerGroup
+    from raygrpo.placement import resource_plan
+
+    config = make_config("tiny_dgpo.yaml", "learner.num_ranks=2", "learner.num_cpus=1")
+    resources = next(role for role in resource_plan(config) if role.role == "learner")
+    assert resources.count == 2
+    batch = make_batch(config, 2)
+    one = Learner(make_config("tiny_dgpo.yaml"))
+    one.update(batch)
+    ray.init(address=ray_cluster.address, logging_level="WARNING")
+    group = None
+    try:
+        group = LearnerGroup(config, resources)
+        ray.get(group.ready(), timeout=300)
+        metrics = group.update([dataclasses.replace(g, rollout=ray.put(g.rollout)) for g in batch])
+        assert metrics.samples == 2 * G and metrics.policy_version == 1
+        message = ray.get(group.export_weights())
+        mine = one.export_weights()
+        assert message.policy_version == 1 and set(message.arrays) == set(mine.arrays)
+        assert max(float(np.abs(message.arrays[k] - mine.arrays[k]).max()) for k in mine.arrays) < TOLERANCE
+        # collective weight sync: rank 0 broadcasts (both ranks gather) into a real rollout worker actor
+        host, port = ray.get(group.weight_group_address(loopback=True))
+        worker = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(config)
+        ray.get([group.join_weight_group(host, port, 2), worker.join_weight_group.remote(host, port, 1, 2)])
+        names = group.weight_names()
+        assert names == sorted(mine.arrays)
+        sent, received = group.send_weights(), worker.receive_weights.remote(1, names)
+        assert ray.get(received) == ray.get(sent) and ray.get(sent)[0] == 1
+        group.save_state(str(tmp_path / "state"))
+        assert group.load_state(str(tmp_path / "state")) == 1
+        saved = group.save(str(tmp_path / "checkpoint"))
+        assert (Path(saved) / "transformer" / "config.json").is_file()
+    finally:
+        if group is not None:
+            group.shutdown()
+        ray.shutdown()
