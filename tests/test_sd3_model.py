@@ -188,17 +188,31 @@ def test_velocity_with_cfg_is_one_batched_forward_of_both_branches(model):
 
 
 def test_cfg_without_text_encoders_needs_a_negative(model, tiny_folder):
-    learner = SD3Model.from_pretrained(str(tiny_folder), load_text_encoders=False, load_vae=False)
+    learner = SD3Model.from_pretrained(str(tiny_folder), load_text_encoders=False, load_vae=False, guidance_scale=1.0)
     embeds, pooled = _conditioning(model, 1)
     latents = model.initial_noise(torch.Generator().manual_seed(2), 1)
     sigma = torch.tensor([0.6])
     with torch.no_grad():
-        learner.velocity(latents, sigma, ConditioningBatch(embeds, pooled), guidance_scale=1.0)  # no CFG: fine
+        learner.velocity(latents, sigma, ConditioningBatch(embeds, pooled))  # no CFG: fine
         with pytest.raises(RuntimeError, match="load_text_encoders=False.*set_negative_conditioning"):
-            learner.velocity(latents, sigma, ConditioningBatch(embeds, pooled))  # default 4.5: CFG
+            learner.velocity(latents, sigma, ConditioningBatch(embeds, pooled), guidance_scale=CFG)
         learner.set_negative_conditioning(model.negative_conditioning)
         torch.testing.assert_close(
-            learner.velocity(latents, sigma, ConditioningBatch(embeds, pooled)), model.velocity(latents, sigma, ConditioningBatch(embeds, pooled))
+            learner.velocity(latents, sigma, ConditioningBatch(embeds, pooled), guidance_scale=CFG),
+            model.velocity(latents, sigma, ConditioningBatch(embeds, pooled)),
+        )
+
+
+def test_a_cfg_learner_encodes_the_negative_once_and_keeps_no_text_encoder(model, tiny_folder):
+    """Training with CFG (Flow-GRPO's SD3 recipe): the learner loads without text encoders but still guides."""
+    learner = SD3Model.from_pretrained(str(tiny_folder), load_text_encoders=False, load_vae=False, guidance_scale=CFG)
+    assert learner.text_encoder is None and learner.text_encoder_2 is None and learner.text_encoder_3 is None
+    embeds, pooled = _conditioning(model, 2)
+    latents = model.initial_noise(torch.Generator().manual_seed(4), 2)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            learner.velocity(latents, torch.tensor([0.7, 0.3]), ConditioningBatch(embeds, pooled)),
+            model.velocity(latents, torch.tensor([0.7, 0.3]), ConditioningBatch(embeds, pooled)),
         )
 
 

@@ -138,6 +138,10 @@ class SD3Model:
             source = resolve_pretrained(name_or_path)
         local = Path(source).is_dir()
 
+        # CFG needs the empty prompt's encoding even where prompts are not encoded (the learner): the text
+        # encoders are then loaded on the CPU, used once for it and freed.
+        negative_only = not load_text_encoders and guidance_scale > 1.0
+
         def load(cls_, subfolder: str, **kwargs):
             if local and not (Path(source) / subfolder).is_dir():
                 raise ModelNotFoundError(
@@ -146,13 +150,14 @@ class SD3Model:
                 )
             module = cls_.from_pretrained(source, subfolder=subfolder, **kwargs)
             if isinstance(module, torch.nn.Module):
-                module = module.to(device).eval().requires_grad_(False)
+                on = "cpu" if negative_only and subfolder.startswith("text_encoder") else device
+                module = module.to(on).eval().requires_grad_(False)
             return module
 
         transformer = load(SD3Transformer2DModel, "transformer", torch_dtype=torch_dtype)
         scheduler = load(FlowMatchEulerDiscreteScheduler, "scheduler")
         text_modules = {}
-        if load_text_encoders:
+        if load_text_encoders or negative_only:
             text_modules = dict(
                 tokenizer=load(CLIPTokenizer, "tokenizer"),
                 tokenizer_2=load(CLIPTokenizer, "tokenizer_2"),
@@ -173,7 +178,7 @@ class SD3Model:
         # The pipeline's own default size is sample_size x the VAE factor (1024 px for SD3, 64 px for the
         # tiny model); raygrpo's default is 512 like FLUX's, but never above what the model was made for.
         default = min(DEFAULT_RESOLUTION, transformer.config.sample_size * vae_scale_factor)
-        return cls(
+        model = cls(
             transformer,
             vae=vae,
             scheduler=scheduler,
@@ -184,6 +189,12 @@ class SD3Model:
             max_sequence_length=max_sequence_length,
             **text_modules,
         )
+        if negative_only:
+            model.set_negative_conditioning(model.negative_conditioning)  # encode it now, then free the encoders
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+                setattr(model, name, None)
+            model._pipeline = None
+        return model
 
     # -------------------------------------------------------------------------------- properties
     @property
