@@ -1,0 +1,583 @@
+"""Scale-out benchmarks (issue #4, item 8): each raygrpo stage against a bare baseline measured in the same run.
+
+    python benchmarks/scale_out.py                        # all four parts, tiny FLUX on CPU, 3-7 minutes on 2 cores
+    python benchmarks/scale_out.py --only a,b --repeats 7
+    python benchmarks/scale_out.py --realistic --device cuda --only a,b     # FLUX.1 widths at 512x512 (untested on GPU)
+
+(a) rollout: ``RolloutWorker.generate`` in process, images/s, against a bare ``FluxPipeline`` loop on
+    the same folder, steps, group size and micro-batch (the pipeline gets the prompt embeddings once,
+    as the worker caches them). Once for the ODE sampler (DGPO preset, DPM-Solver++ 2M, no recording)
+    and once for the Dance-SDE with trajectory and log-probs (DanceGRPO preset).
+(b) learner: ``Learner.update`` in process on TrainGroups built from real rollouts, seconds per
+    update, against a bare loop on a copy of the same network: the same forwards with gradient (same
+    samples x trained timesteps, same batch shapes), a backward each, AdamW steps as often as the
+    algorithm steps. The baseline has no log-probs, no reference or EMA forwards and no clipping.
+(c) end to end: the real Controller on Ray (tiny DanceGRPO preset, 2 rollout workers) at
+    ``train.max_staleness`` 0 and 1, samples/s per step (step 1 and the last max_staleness steps skipped),
+    against the serial sum of the stages read from metrics.jsonl: rollout busy s / workers + reward s /
+    replicas + learner s + sync s; and staleness 1 against 0.
+(d) weight sync: learner export + every rollout worker's load and checksum verify (the controller's
+    ``_sync_weights``), against a raw object-store round trip of the same bytes: one actor returns the
+    same numpy arrays (a put), as many actors receive them (a get). On the tiny FLUX and on a wider one
+    (``--sync-width``, 2 + 4 blocks) whose bytes dominate.
+
+Ratios are ``value / baseline`` (above 1: more images/s, or more seconds, than the baseline). Sides
+alternate repeat by repeat so both see the same machine load; medians are reported. Results go to
+benchmarks/results/scale_out.json (override with --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray socket on 127.0.0.1
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the cluster started here is local to this script
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from raygrpo.algorithms.advantages import group_advantages
+from raygrpo.config import Config, load_config
+from raygrpo.contracts import PromptGroup, Rollout, TrainGroup
+from raygrpo.models.flux import resolve_pretrained
+
+logger = logging.getLogger("scale_out")
+PRESETS = {"dancegrpo": "cluster/tiny.yaml", "dgpo": "cluster/tiny_dgpo.yaml"}
+PARTS = ("a", "b", "c", "d")
+# --smoke: the smallest sizes that still exercise every code path (tests/test_benchmarks_smoke.py).
+SMOKE = {
+    "common": ["algorithm.group_size=2", "model.max_sequence_length=8"],
+    "dancegrpo": ["rollout.num_steps=3", "algorithm.grad_accum_samples=4"],
+    "dgpo": ["rollout.num_steps=3", "algorithm.trunc_steps=2", "algorithm.num_train_timesteps=2", "rollout.micro_batch_size=2"],
+}
+
+
+@dataclass(frozen=True)
+class Realistic:
+    """A FLUX.1-architecture transformer at FLUX.1's widths with fewer blocks (19 + 38 is too big to build here).
+
+    FLUX.1-dev: hidden 3072 = 24 heads x 128, RoPE axes (16, 56, 56), 64 input channels (16 latent x 2x2),
+    text width 4096 (T5-XXL), pooled width 768 (CLIP-L), guidance embedding; VAE 128/256/512/512 channels.
+    The text encoders have the real output widths but one layer: prompts are encoded once per text.
+    """
+
+    width: int = 3072
+    double_blocks: int = 2
+    single_blocks: int = 4
+    text_width: int = 4096
+    vae_width: int = 128
+    resolution: int = 512
+    max_sequence_length: int = 512
+
+    @property
+    def pooled_width(self) -> int:
+        return max(32, self.text_width * 3 // 16)  # 768 for T5-XXL's 4096
+
+    def folder_name(self) -> str:
+        return f"bench-flux-w{self.width}-d{self.double_blocks}-s{self.single_blocks}-t{self.text_width}-v{self.vae_width}"
+
+
+def build_realistic_flux(folder: Path, size: Realistic, device: str) -> Path:
+    """A random FLUX pipeline of ``size`` saved with save_pretrained (bf16 on cuda), so raygrpo loads it the ordinary way."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from raygrpo.models.tiny import build_clip_tokenizer, build_t5_tokenizer
+
+    if size.width % 128:
+        raise SystemExit(f"--width {size.width}: FLUX heads are 128 wide, so the width must be a multiple of 128")
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
+    torch.manual_seed(0)
+    v = size.vae_width
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=size.double_blocks, num_single_layers=size.single_blocks,
+            attention_head_dim=128, num_attention_heads=size.width // 128, joint_attention_dim=size.text_width,
+            pooled_projection_dim=size.pooled_width, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+        )  # fmt: skip
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(v, 2 * v, 4 * v, 4 * v), layers_per_block=2, latent_channels=16, norm_num_groups=min(32, v),
+            sample_size=size.resolution, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+        )  # fmt: skip
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=size.pooled_width, intermediate_size=4 * size.pooled_width, num_hidden_layers=1,
+                num_attention_heads=max(1, size.pooled_width // 64), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            )
+        )  # fmt: skip
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_2), d_model=size.text_width, d_kv=64, d_ff=size.text_width * 5 // 2, num_layers=1,
+                num_heads=max(1, size.text_width // 64), feed_forward_proj="gated-gelu", pad_token_id=tokenizer_2.pad_token_id,
+                eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=tokenizer_2.pad_token_id,
+            )
+        )  # fmt: skip
+    pipeline = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
+        vae=vae, text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer,
+    )  # fmt: skip
+    if device == "cuda":
+        pipeline.to(torch.bfloat16)
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    pipeline.save_pretrained(tmp, safe_serialization=True)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process published it first
+        if not (folder / "model_index.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------- settings
+
+
+def make_config(preset: str, args: argparse.Namespace, *extra: str) -> Config:
+    """The tiny preset, or the realistic model, with this run's overrides; nothing is checkpointed or logged to TensorBoard."""
+    overrides = [f"run.output_root={args.work}", "logging.sample_every=0", "logging.tensorboard=false", "train.checkpoint_every=0"]
+    if args.smoke:
+        overrides += SMOKE["common"] + SMOKE[preset]
+    if args.realistic:
+        size, gpu = args.size, int(args.device == "cuda")
+        overrides += [
+            f"model.pretrained={args.model_folder}", f"model.height={size.resolution}", f"model.width={size.resolution}",
+            f"model.max_sequence_length={min(size.max_sequence_length, 8 if args.smoke else 512)}",
+            f"model.dtype={'bfloat16' if gpu else 'float32'}", f"rollout.num_gpus={gpu}", f"learner.num_gpus={gpu}",
+        ]  # fmt: skip
+        if not args.smoke:
+            # The papers' FLUX rollouts: DanceGRPO 16 SDE steps, DGPO 10 DPM-Solver++ steps (the tiny presets' DGPO value).
+            overrides += ["rollout.num_steps=16"] if preset == "dancegrpo" else []
+    if args.micro_batch:
+        overrides.append(f"rollout.micro_batch_size={args.micro_batch}")
+    return load_config(ROOT / PRESETS[preset], [*overrides, *extra])
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def alternate(system: Callable[[int], None], baseline: Callable[[int], None], repeats: int, device: str) -> tuple[list, list]:
+    """Seconds of ``repeats`` calls of each, alternating (same load for both), after one warm-up call of each."""
+    times: tuple[list, list] = ([], [])
+    for r in range(-1, repeats):
+        for side, fn in enumerate((system, baseline)):
+            sync(device)
+            start = time.perf_counter()
+            fn(r + 1)
+            sync(device)
+            if r >= 0:
+                times[side].append(time.perf_counter() - start)
+    return times
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def figure(what: str, unit: str, values: list[float], baseline: list[float], baseline_what: str, **details) -> dict:
+    value, base = statistics.median(values), statistics.median(baseline)
+    return {
+        "what": what, "unit": unit, "value": value, "baseline": base, "ratio": value / base, "baseline_what": baseline_what,
+        "values": values, "baseline_values": baseline, **details,
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- (a) rollout
+
+
+def bench_rollout(preset: str, args: argparse.Namespace) -> dict:
+    from diffusers import FluxPipeline
+
+    from raygrpo.rollout.worker import RolloutWorker
+
+    config = make_config(preset, args)
+    worker = RolloutWorker(config)
+    dtype = worker.model.dtype
+    pipe = FluxPipeline.from_pretrained(resolve_pretrained(config.model.pretrained), dtype=dtype).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    torch.set_num_threads(args.threads)  # both sides alike (the worker set its own from rollout.num_cpus)
+    g, micro, steps, m = config.algorithm.group_size, config.rollout.micro_batch_size, config.rollout.num_steps, config.model
+    prompt = config.data.prompts[0]
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=args.device, max_sequence_length=m.max_sequence_length)
+
+    def system(r: int) -> None:
+        worker.generate(PromptGroup(r, 0, prompt, g, seed=r, policy_version=0))
+
+    def baseline(r: int) -> None:
+        generator = torch.Generator().manual_seed(r)
+        for lo in range(0, g, micro):
+            pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_images_per_prompt=min(micro, g - lo), num_inference_steps=steps,
+                 height=m.height, width=m.width, guidance_scale=m.guidance_scale, generator=generator, output_type="np")  # fmt: skip
+
+    seconds = alternate(system, baseline, args.repeats, args.device)
+    rate = [[g / s for s in side] for side in seconds]
+    sampler = config.algorithm.sampler
+    return figure(
+        f"RolloutWorker.generate, {sampler}{' + trajectory and log-probs' if sampler == 'dance_sde' else ''}",
+        "images/s per GPU" if args.device == "cuda" else "images/s",
+        rate[0], rate[1], f"FluxPipeline loop, num_images_per_prompt={micro}, output_type='np'",
+        group_size=g, micro_batch=micro, num_steps=steps, resolution=m.height, preset=PRESETS[preset],
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- (b) learner
+
+
+def train_batch(config: Config, worker) -> list[TrainGroup]:
+    """One step's TrainGroups from real rollouts, with advantages of random rewards (timing does not depend on them)."""
+    algo, rng = config.algorithm, np.random.default_rng(0)
+    groups = []
+    for k in range(algo.groups_per_step):
+        prompt = config.data.prompts[k % len(config.data.prompts)]
+        rollout, _, _ = worker.generate(PromptGroup(k, k, prompt, algo.group_size, seed=k, policy_version=0))
+        advantages = group_advantages(rng.normal(size=(1, algo.group_size)), algo.adv_clip_max)
+        groups.append(TrainGroup(rollout, k, advantages.astype(np.float32), np.ones(1, np.float32), np.arange(algo.group_size)))
+    return groups
+
+
+def bare_forwards(config: Config, batch: list[TrainGroup], device: str) -> tuple[list[tuple[np.ndarray, float, Rollout]], int]:
+    """(latents, sigma, rollout) of every forward with gradient the algorithm makes, and after how many of them it steps.
+
+    DanceGRPO: each sample alone at ``trained_timesteps`` of its transitions, a step every
+    ``grad_accum_samples`` samples. DGPO: each whole group at ``num_train_timesteps`` noise levels, one step.
+    """
+    algo, rng = config.algorithm, np.random.default_rng(0)
+    forwards = []
+    if algo.name == "dancegrpo":
+        for group in batch:
+            r = group.rollout
+            for member in group.members:
+                for j in rng.permutation(len(r.sigmas) - 2)[: config.trained_timesteps]:
+                    forwards.append((r.trajectory[member, j][None], float(r.sigmas[j]), r))
+        return forwards, config.trained_timesteps * algo.grad_accum_samples
+    for _ in range(algo.num_train_timesteps):
+        sigma = float(rng.uniform(0.3, 1.0))
+        for group in batch:
+            r = group.rollout
+            x0 = r.final_latents[group.members]
+            forwards.append(((1 - sigma) * x0 + sigma * rng.standard_normal(x0.shape, dtype=np.float32), sigma, r))
+    return forwards, len(forwards)
+
+
+def bench_learner(preset: str, args: argparse.Namespace) -> dict:
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    from raygrpo.learner.learner import Learner
+    from raygrpo.rollout.worker import RolloutWorker
+
+    config = make_config(preset, args)
+    batch = train_batch(config, RolloutWorker(config))
+    learner = Learner(config)
+    torch.set_num_threads(args.threads)
+    dev, opt, m = args.device, config.optimizer, config.model
+    network = FluxTransformer2DModel.from_pretrained(resolve_pretrained(m.pretrained), subfolder="transformer", dtype=torch.float32)
+    network = network.to(dev).train().requires_grad_(True)
+    adamw = torch.optim.AdamW(network.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    compute = learner.compute_dtype
+    forwards, step_every = bare_forwards(config, batch, dev)
+    _, h, w = learner.model.unpacked_latent_shape
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, dev, torch.float32)
+    inputs = []
+    for x, sigma, r in forwards:  # built once: the baseline times the network and optimizer only
+        c = r.conditioning
+        b, text = len(x), torch.as_tensor(c.prompt_embeds, device=dev)
+        inputs.append({
+            "hidden_states": torch.as_tensor(x, device=dev), "timestep": torch.full((b,), sigma, device=dev),
+            "guidance": torch.full((b,), m.guidance_scale, device=dev), "encoder_hidden_states": text[None].expand(b, -1, -1),
+            "pooled_projections": torch.as_tensor(c.pooled_prompt_embeds, device=dev)[None].expand(b, -1),
+            "txt_ids": torch.zeros(text.shape[0], 3, device=dev), "img_ids": img_ids,
+        })  # fmt: skip
+
+    def system(r: int) -> None:
+        learner.update(batch)
+
+    def baseline(r: int) -> None:
+        adamw.zero_grad(set_to_none=True)
+        for n, kwargs in enumerate(inputs):
+            with torch.autocast(dev, dtype=compute, enabled=compute != torch.float32):
+                v = network(**kwargs, return_dict=False)[0]
+            v.float().square().mean().backward()
+            if (n + 1) % step_every == 0 or n + 1 == len(inputs):
+                adamw.step()
+                adamw.zero_grad(set_to_none=True)
+
+    seconds = alternate(system, baseline, args.repeats, dev)
+    samples = sum(len(g.members) for g in batch)
+    return figure(
+        f"Learner.update ({config.algorithm.name}), one training step", "s/step", seconds[0], seconds[1],
+        "bare forward/backward/AdamW on a copy of the network, same forwards with gradient and batch shapes",
+        samples=samples, forwards_with_grad=len(inputs), batch_per_forward=len(forwards[0][0]), preset=PRESETS[preset],
+        samples_per_s=samples / statistics.median(seconds[0]), baseline_samples_per_s=samples / statistics.median(seconds[1]),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------- (c) end to end
+
+
+def serial_seconds(record: dict, config: Config) -> float:
+    """What the step would take with every stage run one after the other on the same pools."""
+    rewards = sum(record[f"time/reward/{r.name}"] / r.replicas for r in config.rewards)
+    return record["time/rollout_worker_sum"] / config.rollout.num_workers + rewards + record["time/learner"] + record["time/sync"]
+
+
+def bench_end_to_end(staleness: int, args: argparse.Namespace) -> dict:
+    from raygrpo.controller import Controller
+
+    steps = 3 if args.smoke else args.e2e_steps
+    config = make_config("dancegrpo", args, "rollout.num_workers=2", f"train.max_staleness={staleness}", f"train.steps={steps}")
+    run_dir = Path(args.work) / f"end-to-end-staleness{staleness}"
+    controller = Controller(config, run_dir, list(config.data.prompts))
+    controller.run()
+    # Step 1 pays the actors' first-call costs; the last `staleness` steps have no later generation left to overlap.
+    records = controller.metrics.records[1 : steps - staleness]
+    rate = [r["samples/generated"] / r["time/step"] for r in records]
+    serial = [r["samples/generated"] / serial_seconds(r, config) for r in records]
+    return figure(
+        f"Controller + Ray, tiny DanceGRPO, 2 rollout workers, train.max_staleness={staleness}", "samples/s", rate, serial,
+        "serial sum of the stages (rollout busy s / workers + reward s / replicas + learner s + sync s)",
+        steps_measured=len(records), samples_per_step=records[0]["samples/generated"],
+        idle={k: statistics.median(r[k] for r in records) for k in records[0] if k.startswith("idle/")},
+        median_seconds={k: statistics.median(r[k] for r in records) for k in records[0] if k.startswith("time/")},
+        staleness_max=max(r["staleness/max"] for r in records), run_dir=str(run_dir),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- (d) weight sync
+
+
+class _Source:
+    """Holds arrays like the learner's export and returns them: Ray puts the return value into the object store."""
+
+    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], str]]):
+        self.arrays = {name: np.random.default_rng(0).random(shape).astype(dtype) for name, (shape, dtype) in shapes.items()}
+
+    def publish(self) -> dict[str, np.ndarray]:
+        return self.arrays
+
+
+class _Sink:
+    def take(self, arrays: dict[str, np.ndarray]) -> int:
+        return sum(a.nbytes for a in arrays.values())
+
+
+def sync_model(args: argparse.Namespace) -> list[str]:
+    """Overrides for (d)'s second model: a FLUX of ``--sync-width`` (2 double + 4 single blocks), large enough that bytes dominate."""
+    width, blocks = (min(args.sync_width, 256), (1, 1)) if args.smoke else (args.sync_width, (2, 4))
+    size = Realistic(width, *blocks, text_width=64, vae_width=8)
+    cache = Path(os.environ.get("RAYGRPO_CACHE") or Path.home() / ".cache" / "raygrpo")
+    folder = build_realistic_flux(cache / size.folder_name(), size, "cpu")
+    return [f"model.pretrained={folder}", "model.max_sequence_length=8"]
+
+
+def bench_weight_sync(args: argparse.Namespace, *extra: str, workers: int = 2) -> dict:
+    import ray
+
+    from raygrpo.learner.learner import Learner
+    from raygrpo.rollout.worker import RolloutWorker
+
+    config = make_config("dancegrpo", args, *extra)
+    learner = ray.remote(num_cpus=1)(Learner).remote(config)
+    rollout = [ray.remote(num_cpus=0.5)(RolloutWorker).remote(config) for _ in range(workers)]
+    message = ray.get(learner.export_weights.remote())
+    shapes = {name: (a.shape, a.dtype.str) for name, a in message.arrays.items()}
+    source = ray.remote(num_cpus=0.25)(_Source).remote(shapes)
+    sinks = [ray.remote(num_cpus=0.25)(_Sink).remote() for _ in range(workers)]
+    ray.get([a.__ray_ready__.remote() for a in [learner, source, *rollout, *sinks]])
+
+    def system(r: int) -> None:
+        ref = learner.export_weights.remote()
+        reports = ray.get([w.set_weights.remote(ref) for w in rollout])
+        if len(set(reports)) != 1:
+            raise RuntimeError(f"rollout workers report different (version, checksum): {reports}")
+
+    def baseline(r: int) -> None:
+        ref = source.publish.remote()
+        ray.get([s.take.remote(ref) for s in sinks])
+
+    try:
+        seconds = alternate(system, baseline, args.repeats, "cpu")
+    finally:
+        for actor in [learner, source, *rollout, *sinks]:
+            ray.kill(actor)
+    nbytes = sum(a.nbytes for a in message.arrays.values())
+    return figure(
+        f"weight sync: Learner.export_weights + {workers} RolloutWorker.set_weights (load, checksum verify)", "s", seconds[0], seconds[1],
+        f"numpy arrays of the same shapes returned by one actor (put) and received by {workers} actors (get)",
+        bytes=nbytes, tensors=len(message.arrays), workers=workers, model=config.model.pretrained,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def start_ray(address: str | None) -> None:
+    import ray
+
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+        return
+    # One new local instance for this script ("local"), never a cluster another session started on this machine.
+    os.environ.pop("RAY_ADDRESS", None)
+    for attempt in (1, 2):
+        try:
+            ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+            return
+        except Exception as exc:  # Ray raises a bare Exception when its node is slow to come up (a busy shared machine)
+            if attempt == 2:
+                raise
+            logger.warning("local Ray did not start (%s); trying once more", exc)
+            ray.shutdown()
+
+
+def machine(device: str) -> dict:
+    import diffusers
+
+    info = {
+        "platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+        "loadavg_1_5_15": list(os.getloadavg()), "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "device": device, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }  # fmt: skip
+    try:
+        import ray
+
+        info["ray"] = ray.__version__
+    except ImportError:
+        info["ray"] = None
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", default="a,b,c,d", help="comma-separated parts to run (a rollout, b learner, c end to end, d weight sync)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per side after one warm-up (median reported)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the in-process parts (a, b), both sides")
+    p.add_argument("--micro-batch", type=int, default=None, help="rollout.micro_batch_size for both presets (default: each preset's)")
+    p.add_argument("--e2e-steps", type=int, default=8, help="training steps per end-to-end run (step 1 and the last max_staleness skipped)")
+    p.add_argument("--sync-width", type=int, default=512, help="(d): width of the second, larger FLUX whose sync is timed too")
+    p.add_argument("--realistic", action="store_true", help="FLUX.1 widths at 512x512, random weights (parts a and b)")
+    p.add_argument("--width", type=int, default=Realistic.width, help="--realistic: transformer width (multiple of 128)")
+    p.add_argument("--layers", default=f"{Realistic.double_blocks},{Realistic.single_blocks}", help="--realistic: double,single blocks")
+    p.add_argument("--text-width", type=int, default=Realistic.text_width, help="--realistic: T5 width (= joint_attention_dim)")
+    p.add_argument("--vae-width", type=int, default=Realistic.vae_width, help="--realistic: VAE base channels (x1, x2, x4, x4)")
+    p.add_argument("--resolution", type=int, default=Realistic.resolution)
+    p.add_argument("--smoke", action="store_true", help="smallest sizes (tests): group 2, 3 steps, 3 end-to-end steps, 1+1 blocks")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale_out.json")
+    p.add_argument("--work", type=Path, default=None, help="folder for run outputs and built models (default: a temporary one)")
+    args = p.parse_args(argv)
+    args.parts = [part.strip() for part in args.only.split(",") if part.strip()]
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown:
+        p.error(f"--only: unknown parts {unknown}; choose from {','.join(PARTS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+    if args.realistic and set(args.parts) & {"c", "d"}:
+        p.error("--realistic measures parts a and b (images per GPU per second, learner step); run c and d on the tiny model")
+    double, single = (int(n) for n in args.layers.split(","))
+    args.size = Realistic(args.width, double, single, args.text_width, args.vae_width, args.resolution)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import diffusers
+    import transformers
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for library in (diffusers, transformers):  # loading bars and tokenizer notices would drown the results
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="raygrpo-scale-out-") as tmp:
+        args.work = args.work or Path(tmp)
+        if args.realistic:
+            cache = Path(os.environ.get("RAYGRPO_CACHE") or Path.home() / ".cache" / "raygrpo")
+            args.model_folder = build_realistic_flux(cache / args.size.folder_name(), args.size, args.device)
+        report = {"machine": machine(args.device), "settings": {k: str(v) for k, v in vars(args).items()}, "figures": {}}
+        figures = report["figures"]
+        if "a" in args.parts:
+            for preset, name in (("dgpo", "a_rollout_ode_dgpo"), ("dancegrpo", "a_rollout_sde_dancegrpo")):
+                figures[name] = bench_rollout(preset, args)
+                logger.info("%s: %s", name, _line(figures[name]))
+        if "b" in args.parts:
+            for preset in ("dancegrpo", "dgpo"):
+                release_memory()  # the previous part's models and optimizer states (tens of GB at realistic size)
+                figures[f"b_learner_{preset}"] = bench_learner(preset, args)
+                logger.info("b_learner_%s: %s", preset, _line(figures[f"b_learner_{preset}"]))
+        if set(args.parts) & {"c", "d"}:
+            import ray
+
+            start_ray(args.ray_address)
+            try:
+                if "c" in args.parts:
+                    for staleness in (0, 1):
+                        figures[f"c_end_to_end_staleness{staleness}"] = bench_end_to_end(staleness, args)
+                        logger.info("c staleness %d: %s", staleness, _line(figures[f"c_end_to_end_staleness{staleness}"]))
+                    # Overlapped stages share the CPU cores, so their busy seconds (the serial baseline) inflate: compare the runs too.
+                    on, off = figures["c_end_to_end_staleness1"], figures["c_end_to_end_staleness0"]
+                    figures["c_staleness1_vs_staleness0"] = figure(
+                        on["what"], "samples/s", on["values"], off["values"], off["what"], steps_measured=on["steps_measured"]
+                    )
+                if "d" in args.parts:
+                    figures["d_weight_sync"] = bench_weight_sync(args)
+                    figures["d_weight_sync_large"] = bench_weight_sync(args, *sync_model(args))
+                    for name in ("d_weight_sync", "d_weight_sync_large"):
+                        logger.info("%s: %s", name, _line(figures[name]))
+            finally:
+                ray.shutdown()
+    report["machine"]["loadavg_after"] = list(os.getloadavg())
+    _check(figures)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    print(_table(figures))
+    print(f"written: {args.out}")
+    return report
+
+
+def _line(f: dict) -> str:
+    return f"{f['value']:.4g} {f['unit']} vs baseline {f['baseline']:.4g} (ratio {f['ratio']:.3f})"
+
+
+def _check(figures: dict) -> None:
+    bad = {k: f for k, f in figures.items() if not all(math.isfinite(f[x]) and f[x] > 0 for x in ("value", "baseline", "ratio"))}
+    if bad:
+        raise RuntimeError(f"non-finite or non-positive figures: {bad}")
+
+
+def _table(figures: dict) -> str:
+    rows = ["| figure | raygrpo | baseline | ratio |", "|---|---|---|---|"]
+    rows += [f"| {k} | {f['value']:.4g} {f['unit']} | {f['baseline']:.4g} | {f['ratio']:.3f} |" for k, f in figures.items()]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
