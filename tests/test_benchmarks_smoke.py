@@ -68,21 +68,17 @@ def test_realistic_path_runs_reduced_on_cpu(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_end_to_end_part_writes_both_staleness_figures(tmp_path, ray_cluster):
-    report = run_script(tmp_path, "--only", "c", "--ray-address", ray_cluster.address)
-    assert_figures(report, {"c_end_to_end_staleness0", "c_end_to_end_staleness1", "c_staleness1_vs_staleness0"})
+def test_ray_parts_write_the_staleness_and_weight_sync_figures(tmp_path, ray_cluster):
+    """Parts c and d in one script run (one driver, one set of actor imports)."""
+    report = run_script(tmp_path, "--only", "c,d", "--ray-address", ray_cluster.address)
+    assert_figures(
+        report, {"c_end_to_end_staleness0", "c_end_to_end_staleness1", "c_staleness1_vs_staleness0", "d_weight_sync", "d_weight_sync_large"}
+    )
     figures = report["figures"]
     assert figures["c_end_to_end_staleness0"]["staleness_max"] == 0.0  # strictly on-policy
     assert figures["c_end_to_end_staleness1"]["staleness_max"] == 1.0  # generation overlapped the previous update
     assert figures["c_end_to_end_staleness0"]["steps_measured"] == 2  # 3 steps, the first skipped
     assert figures["c_end_to_end_staleness1"]["steps_measured"] == 1  # and the last: nothing left to overlap with
-
-
-@pytest.mark.slow
-def test_weight_sync_part_writes_both_model_sizes(tmp_path, ray_cluster):
-    report = run_script(tmp_path, "--only", "d", "--ray-address", ray_cluster.address)
-    assert_figures(report, {"d_weight_sync", "d_weight_sync_large"})
-    figures = report["figures"]
     assert figures["d_weight_sync"]["workers"] == 2 and figures["d_weight_sync"]["bytes"] > 0
     assert figures["d_weight_sync_large"]["bytes"] > 10 * figures["d_weight_sync"]["bytes"]  # the 256-wide FLUX of --smoke
 

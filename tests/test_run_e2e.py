@@ -71,7 +71,12 @@ def test_the_same_command_runs_under_ray_job_submit(ray_cluster, tmp_path):
         "python", "-m", "raygrpo.run", "cluster/tiny.yaml", "train.steps=2", "rollout.num_workers=2", f"run.output_root={out}",
     ]  # fmt: skip
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    for _ in range(3):
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        # Right after start-up (or under load) the head's job agent may not be registered yet; Ray says to retry.
+        if "No available agent to submit job" not in proc.stderr:
+            break
+        time.sleep(10)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "succeeded" in proc.stdout
     run_dir = printed_run_dir(proc.stdout)
