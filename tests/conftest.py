@@ -27,6 +27,18 @@ os.environ.pop("RAY_ADDRESS", None)
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads run them far slower.
+    (Only this process: Ray actors and subprocesses set their own.)"""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory) -> Path:
     """Tiny models are built once per session into a private cache (never ~/.cache)."""
     cache = tmp_path_factory.mktemp("raygrpo-cache")

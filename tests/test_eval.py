@@ -20,13 +20,6 @@ CONFIG = ROOT / "cluster" / "tiny.yaml"
 OVERRIDES = ["rewards=[{name: jpeg, kind: jpeg_compressibility, weight: 1.0}, {name: bright, kind: brightness, weight: 2.0}]"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory) -> Path:

@@ -19,13 +19,6 @@ from raygrpo.models.lora import add_lora
 PROMPT = "a red car on a mountain road"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def base() -> Path:

@@ -32,14 +32,6 @@ from raygrpo.models.tiny import build_clip_tokenizer, build_t5_tokenizer
 PROMPT = "A photo of an astronaut riding a horse on the moon, highly detailed"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy CPU two threads run them ~30x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:

@@ -23,13 +23,6 @@ PROMPT = "a red fox running through a snowy forest"
 GUIDANCE = 6.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:

@@ -20,14 +20,6 @@ PROMPT = "A photo of an astronaut riding a horse on the moon, highly detailed"
 CFG = 4.5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy CPU extra threads only slow them down.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:

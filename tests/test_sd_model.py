@@ -21,14 +21,6 @@ PROMPT = "a photo of a red cat sitting on a wooden table"
 CFG = 5.0  # DanceGRPO's SD recipe, rollout and training
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models gain nothing from intra-op threads on a busy CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
