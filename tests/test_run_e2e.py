@@ -89,7 +89,7 @@ def test_the_same_command_runs_under_ray_job_submit(ray_cluster, tmp_path):
 @pytest.mark.parametrize(
     "preset, hub_id, gpus, reward_problem",
     [
-        ("flux.yaml", "black-forest-labs/FLUX.1-dev", "18", "rewards.0 (hps): reward 'hps_v2.1': parameter 'checkpoint'"),
+        ("flux.yaml", "black-forest-labs/FLUX.1-dev", "25", "rewards.0 (hps): reward 'hps_v2.1': parameter 'checkpoint'"),
         ("flux_dgpo.yaml", "black-forest-labs/FLUX.1-dev", "16", "rewards.0 (pickscore): reward 'pickscore': parameter 'model'"),
         ("sd3_dgpo.yaml", "stabilityai/stable-diffusion-3.5-medium", "7.5", "unknown reward kind 'ocr'"),
     ],
