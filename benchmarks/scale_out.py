@@ -413,7 +413,7 @@ def bench_weight_sync(args: argparse.Namespace, *extra: str, workers: int = 2) -
 
     def system(r: int) -> None:
         ref = learner.export_weights.remote()
-        reports = ray.get([w.set_weights.remote(ref) for w in rollout])
+        reports = [(r.policy_version, r.checksum) for r in ray.get([w.set_weights.remote(ref) for w in rollout])]
         if len(set(reports)) != 1:
             raise RuntimeError(f"rollout workers report different (version, checksum): {reports}")
 

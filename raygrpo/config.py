@@ -56,7 +56,8 @@ class LoraConfig(_Section):
 
 class ModelConfig(_Section):
     family: Literal["flux", "sd3", "sd", "hunyuan_video", "wan_i2v"] = "flux"
-    """Adapter (raygrpo/models/): images flux, sd3, sd; videos hunyuan_video (text-to-video), wan_i2v (image-to-video)."""
+    """Adapter (raygrpo/models/): images flux, sd3, sd; videos hunyuan_video (text-to-video), wan_i2v (image-to-video:
+    Wan 2.1 or SkyReels-V2 I2V checkpoints, told apart by the pipeline's model_index.json)."""
     pretrained: str = "tiny-random"
     """A hub id, a local folder holding a diffusers pipeline, or "tiny-random" (a tiny random instance)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -101,8 +102,12 @@ class RolloutConfig(_Section):
     weight_sync: Literal["auto", "object_store", "collective"] = "auto"
     """How new weights reach the rollout workers. object_store: one numpy message through Ray's object store,
     CRC-32 checked. collective: learner rank 0 broadcasts raw tensors in a process group of its own (NCCL on
-    GPU, gloo on CPU) straight into the workers' parameters, fingerprint checked. auto: collective when both
-    the learner and rollout have GPUs, else object_store."""
+    GPU, gloo on CPU) straight into the workers' parameters, fingerprint checked. auto: collective when the
+    learner ranks and the rollout workers each have whole GPUs (NCCL needs one device per member), else
+    object_store."""
+    weight_sync_timeout_s: float = Field(300.0, gt=0)
+    """collective: how long a member waits in a broadcast before failing (a member that died mid-broadcast
+    stops the others after this; that version then goes through the object store)."""
     spread_groups: bool = False
     """False (DanceGRPO): a group's G members are sampled by one worker. True (Flow-GRPO): they are split
     over the rollout workers (about G / num_workers each) and put back together for scoring statistics and
@@ -212,6 +217,12 @@ class DGPOConfig(_AlgorithmBase):
     slow_ema_decay: float = Field(0.9, ge=0, lt=1)
     slow_ema_every: int = Field(8, ge=1)
     """Slow EMA (evaluation and checkpoints): decay min((1+k)/(10+k), slow_ema_decay) every this many steps."""
+    micro_batch_size: int | None = Field(None, ge=1)
+    """Group members per training forward (twice the rows with CFG in training). None (or at least the
+    members trained): a whole group per forward, as the released code. Smaller bounds the learner's
+    activation memory (video models): every member's loss is first evaluated without gradients to form
+    the group's gate, then the members train in micro-batches under that gate, with the whole group's
+    gradient (raygrpo/algorithms/dgpo.py)."""
     advantage_eps: ClassVar[float] = 1e-4
     advantage_ddof: ClassVar[int] = 0
 
@@ -234,6 +245,16 @@ class LearnerConfig(_Section):
     num_gpus: float = Field(0, ge=0)
     """GPUs per rank (NCCL when > 0, gloo on CPU)."""
     num_cpus: float = Field(1, ge=0)
+    reduce_every_backward: bool = False
+    """False: gradients are reduce-scattered once per accumulation window (its last backward); the
+    backwards before it keep whole, unsharded float32 gradients on each rank (FLUX: 48 GB). True:
+    reduce-scatter on every backward (as DanceGRPO's reference does), so a rank only ever holds its
+    gradient shard: more communication, far less memory; the update is the same."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing of the trained network (diffusers' enable_gradient_checkpointing): each
+    transformer block keeps only its inputs in the forward and recomputes its activations in the backward.
+    The same gradients for about one more forward of compute; activation memory of one block instead of
+    all of them. DanceGRPO trains FLUX and HunyuanVideo so (per block); 13B/14B video models need it."""
 
 
 class DataConfig(_Section):
@@ -335,6 +356,12 @@ class Config(_Section):
             )
         if isinstance(algo, DanceGRPOConfig):
             _check_sampler_family(algo, self.model.family)
+        shared = [f"{role}.num_gpus={n:g}" for role, n in (("rollout", self.rollout.num_gpus), ("learner", self.learner.num_gpus)) if 0 < n < 1]
+        if self.rollout.weight_sync == "collective" and shared:
+            raise ValueError(
+                f"rollout.weight_sync=collective needs a whole GPU per member, but {' and '.join(shared)} shares one "
+                "(NCCL cannot put two members of a group on one device): use weight_sync: object_store or auto"
+            )
         if isinstance(algo, DanceGRPOConfig) and self.trained_timesteps < 1:
             raise ValueError(
                 f"algorithm.timestep_fraction={algo.timestep_fraction} of the "

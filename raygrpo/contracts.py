@@ -13,7 +13,7 @@ Flow of one training step (see ``controller.py``)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -89,6 +89,10 @@ class ConditioningBatch:
 
     def __len__(self) -> int:
         return len(self.prompt_embeds)
+
+    def rows(self, index: slice) -> ConditioningBatch:
+        """The conditioning of samples ``index`` (a learner micro-batch); views, no copies."""
+        return ConditioningBatch(**{f.name: None if (t := getattr(self, f.name)) is None else t[index] for f in fields(self)})
 
 
 @dataclass
@@ -233,6 +237,15 @@ class WeightsMessage:
         return sum(a.nbytes for a in self.arrays.values())
 
 
+@dataclass(frozen=True)
+class SyncReport:
+    """What a rollout worker holds after a weight sync, rollout -> controller (which compares it with the learner's)."""
+
+    policy_version: int
+    checksum: int  # of the tensors the worker now holds (CRC-32 for the object store, fingerprint for a broadcast)
+    seconds: float  # the worker's own loading time, not the time its call waited behind queued generation
+
+
 @dataclass
 class LearnerMetrics:
     """Summary of one learner update, small enough to log every step."""
@@ -247,4 +260,4 @@ class LearnerMetrics:
     optimizer_steps: int
     samples: int
     seconds: float
-    extras: dict[str, float] = field(default_factory=dict)  # algorithm-specific scalars (DGPO: gate_mean, kl)
+    extras: dict[str, float] = field(default_factory=dict)  # algorithm-specific scalars (DGPO: gate_mean, kl; DanceGRPO: approx_kl)

@@ -10,8 +10,9 @@ One training step ``t``::
                re-sends the current weights and reissues exactly the work that was lost)
     advantage: per reward, group-normalised and clipped; ``scoring.on_failure`` for missing scores
     update   : the learner fetches the Rollout refs itself and runs the algorithm's update
-    sync     : the learner exports versioned, checksummed weights once; every rollout worker loads
-               the same object and reports (version, checksum), which must agree
+    sync     : the new version reaches every rollout worker, versioned and checksummed, through the
+               object store or a collective broadcast (raygrpo/weight_sync.py); every worker reports
+               (version, checksum), which must agree with the learner's
 
 With ``train.max_staleness = 0`` this is the papers' strictly on-policy loop (nothing is generated
 before the previous update is synced). With ``k >= 1`` the groups of the next ``k`` steps are
@@ -25,35 +26,40 @@ move actor to actor through the object store.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import ray
+import yaml
 from tqdm import tqdm
 
-from raygrpo.algorithms.advantages import best_of_n_members, global_std, group_advantages
-from raygrpo.checkpoint import ControllerState, ResumePoint, load_controller_state, save_checkpoint
+from raygrpo.algorithms.advantages import advantage_statistics, best_of_n_members, global_std, group_advantages
+from raygrpo.checkpoint import (
+    ABORTED, FINAL, CheckpointError, ControllerState, ResumePoint, load_controller_state, save_checkpoint, save_weights, write_run_state,
+)  # fmt: skip
 from raygrpo.config import Config
 from raygrpo.contracts import GroupMedia, PromptGroup, RolloutInfo, Scores, TrainGroup, merge_scores
 from raygrpo.data.prompts import PromptOrder, load_prompt_images
 from raygrpo.learner.group import LearnerGroup
-from raygrpo.metrics import MetricsLog
+from raygrpo.metrics import MetricsLog, keep_steps_up_to
 from raygrpo.placement import ActorPool, resource_plan
 from raygrpo.ray_metrics import RunTelemetry
 from raygrpo.export import ExportError, export_pipeline
-from raygrpo.gallery import GalleryEntry, is_gallery_step, write_step_gallery
+from raygrpo.gallery import GalleryEntry, is_gallery_step, read_group_media, read_step_gallery, write_step_gallery
 from raygrpo.report import GridRow, plot_reward_curve, sample_grid
 from raygrpo.reward.worker import RewardWorker
 from raygrpo.rollout.worker import RolloutWorker
-from raygrpo.weights import WeightsMismatchError
+from raygrpo.weight_sync import SyncResult, WeightSync
 
 logger = logging.getLogger(__name__)
 
 RESTART_TIMEOUT_S = 600.0  # how long to wait for Ray to bring a dead actor back (model loading included)
+# Tests only: after writing this step's metrics the driver waits to be killed, so a test kills it at an exact point.
+HOLD_AFTER_STEP_ENV = "RAYGRPO_TEST_HOLD_AFTER_STEP"
 
 
 @dataclass
@@ -114,6 +120,20 @@ def _call_when_alive(call):
     return _DEAD
 
 
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (a DCP or Ray error carries pages of traceback)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _hold_if_asked(step: int) -> None:
+    if os.environ.get(HOLD_AFTER_STEP_ENV) == str(step):
+        logger.warning("%s=%d: holding here until killed", HOLD_AFTER_STEP_ENV, step)
+        while True:
+            time.sleep(60)
+
+
 class RunAborted(RuntimeError):
     """The run stopped on purpose (scoring.on_failure=abort, or no live actor of a role left); a
     checkpoint of the work so far was saved."""
@@ -130,12 +150,6 @@ class Controller:
         self.weights = np.array([r.weight for r in config.rewards], np.float32)  # [K]
         self.rng = np.random.default_rng(config.run.seed + 2)
         self.policy_version = 0
-        self.weights_ref: ray.ObjectRef | None = None  # the latest exported WeightsMessage (restarted workers get it)
-        self.weights_ref_version = -1
-        sync = config.rollout.weight_sync
-        self.collective = sync == "collective" or (sync == "auto" and config.learner.num_gpus > 0 and config.rollout.num_gpus > 0)
-        self.weight_group_stale = True  # the broadcast group is built at the first collective sync
-        self.weight_names: list[str] = []
         self.next_group_id = 0
         self.next_worker = 0
         self.next_replica = {r.name: 0 for r in config.rewards}
@@ -144,8 +158,7 @@ class Controller:
         self.trained_group_ids: list[int] = []
         self.reissued = 0  # groups generated again because their rollout worker died (whole run)
         self.rescored = 0  # scorings sent again because their reward replica died (whole run)
-        # On resume TensorBoard drops the events of steps after the checkpoint (they are computed again).
-        self.metrics = MetricsLog.for_run(run_dir, config, purge_step=resume.step + 1 if resume else None)
+        self.metrics: MetricsLog | None = None  # opened by run(): a resume writes nothing before its checkpoint has loaded
         self.telemetry = RunTelemetry(run_dir.name)
         self.gallery: dict[int, list[tuple[PromptGroup, ray.ObjectRef, np.ndarray]]] = {}
 
@@ -153,38 +166,54 @@ class Controller:
 
     def run(self) -> RunSummary:
         self._start_pools()
+        last = self.config.train.steps
         try:
-            first = self._restore() + 1 if self.resume is not None else 1
-            last = self.config.train.steps
-            for step in tqdm(range(first, last + 1), desc="training", unit="step", initial=first - 1, total=last):
+            done = self._restore() if self.resume is not None else 0
+            if self.metrics is None:
+                self.metrics = MetricsLog.for_run(self.run_dir, self.config)
+            write_run_state(self.run_dir, "running", step=done)
+            for step in tqdm(range(done + 1, last + 1), desc="training", unit="step", initial=done, total=last):
                 try:
                     self.metrics.write(self.step(step))
                 except RunAborted as exc:
-                    # Keep what was learned so far; the metrics of finished steps are already on disk.
-                    saved = self.learner.save(str(self.run_dir / "checkpoint-aborted"))
-                    raise RunAborted(f"{exc}; steps 1..{step - 1} are in {self.metrics.path}, weights in {saved}") from None
+                    self._abort(exc, step)
+                _hold_if_asked(step)
                 every = self.config.train.checkpoint_every
                 if every and step % every == 0 and step < last:
                     self._save_checkpoint(step)
-            checkpoint = self.learner.save(str(self.run_dir / "checkpoint-final"))
+            # A resumed run that redid its last steps replaces the checkpoint-final an earlier attempt left.
+            checkpoint = save_weights(self.run_dir, FINAL, lambda folder: self.learner.save(str(folder)), replace=True)
             self._write_report()
-            self._export(Path(checkpoint))
+            self._export(checkpoint)
         finally:
             self._stop_pools()
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
+            self.telemetry.close()
+        # Last of all: until this is on disk the run is unfinished, and the same command resumes it.
+        write_run_state(self.run_dir, "finished", step=last, checkpoint=FINAL)
         totals = [r["reward/total/mean"] for r in self.metrics.records]
-        return RunSummary(str(self.run_dir), len(totals), totals[0], totals[-1], str(self.metrics.path), checkpoint)
+        return RunSummary(str(self.run_dir), len(totals), totals[0], totals[-1], str(self.metrics.path), str(checkpoint))
+
+    def _abort(self, exc: RunAborted, step: int) -> None:
+        """Keep what was learned so far, in a folder no later abort overwrites; the metrics of finished steps are on disk."""
+        saved = save_weights(self.run_dir, ABORTED, lambda folder: self.learner.save(str(folder)), replace=False)
+        write_run_state(self.run_dir, "aborted", step=step - 1, checkpoint=saved.name, reason=str(exc))
+        raise RunAborted(f"{exc}; steps 1..{step - 1} are in {self.metrics.path}, weights in {saved}") from None
 
     def _start_pools(self) -> None:
         roles = {r.role: r for r in resource_plan(self.config)}
         self.rollout_pool = ActorPool(roles["rollout"], RolloutWorker, self.config, max_restarts=self.config.rollout.max_restarts)
         self.reward_pools = {
-            r.name: ActorPool(roles[f"reward:{r.name}"], RewardWorker, r, max_restarts=r.max_restarts) for r in self.config.rewards
+            r.name: ActorPool(roles[f"reward:{r.name}"], RewardWorker, r, max_restarts=r.max_restarts, out_of_order=True)
+            for r in self.config.rewards
         }
         # The learner group is fail-stop: a run whose learner dies resumes from its latest checkpoint.
         self.learner = LearnerGroup(self.config, roles["learner"])
         pools = [self.rollout_pool, *self.reward_pools.values()]
         ray.get([ref for pool in pools for ref in pool.ready()] + self.learner.ready())
+        self.worker_incarnations = [incarnation for _, incarnation in ray.get([w.status.remote() for w in self.rollout_pool.actors])]
+        self.weight_sync = WeightSync(self.config, self.learner, self.rollout_pool)
         roles_up = [f"{p.resources.role} x{p.resources.count}" for p in pools] + [f"learner x{self.learner.world_size}"]
         logger.info("actors ready: %s", ", ".join(roles_up))
 
@@ -207,6 +236,7 @@ class Controller:
         t_scored = time.perf_counter()
         kept, stats = self._collect_rewards(in_flight, scores)
         batch = self._advantages(kept)
+        stats.update(self._advantage_statistics(batch))
         rewards = np.concatenate([r.T for _, r in kept]) if kept else np.zeros((0, len(self.config.rewards)))  # [N, K]
         stats["groups/trained"] = float(len(batch))
         stats["groups/zero_std"] = float(sum(int(np.all(r.std(axis=1) == 0)) for _, r in kept))
@@ -219,8 +249,8 @@ class Controller:
         learner_metrics = self.learner.update(batch) if batch else None
         self.trained_group_ids += [g.group_id for g in batch]
         t_learned = time.perf_counter()
-        if learner_metrics is not None:
-            self._sync_weights()
+        sync = self._sync_weights() if learner_metrics is not None else None
+        t_synced = time.perf_counter()
         self._keep_for_gallery(step, in_flight, scores)
         if is_gallery_step(step, self.config.logging.sample_every, self.config.train.steps):
             self._write_gallery(step, in_flight, scores)
@@ -246,7 +276,10 @@ class Controller:
         record["time/generate"] = t_generated - start
         record["time/score_wait"] = t_scored - t_generated
         record["time/learner"] = t_learned - t_scored
-        record["time/sync"] = time.perf_counter() - t_learned
+        # The sync's own work (export + the slowest worker's load); its wall time also counts waiting for
+        # workers to finish the groups queued before it (max_staleness >= 1), which is generation, not sync.
+        record["time/sync"] = sync.seconds if sync is not None else 0.0
+        record["time/sync_wall"] = t_synced - t_learned
         record["time/step"] = time.perf_counter() - start
         record.update(self._idle_fractions(record, reward_seconds, learner_metrics))
         self.telemetry.record_step(record, queue_depth, reward_seconds)
@@ -386,13 +419,16 @@ class Controller:
         latest weights (and verified) before any work."""
         actors = self.rollout_pool.actors
         for i in [preferred, *(j for j in range(len(actors)) if j != preferred)]:
-            version = _call_when_alive(lambda i=i: actors[i].version.remote())
-            if version is _DEAD:
+            status = _call_when_alive(lambda i=i: actors[i].status.remote())
+            if status is _DEAD:
                 continue  # out of restarts, or not back in time: try the next worker
-            if version != self.policy_version:
+            version, incarnation = status
+            if incarnation != self.worker_incarnations[i]:
+                self.worker_incarnations[i] = incarnation
                 self.telemetry.restarted("rollout")
+            if version != self.policy_version:
                 logger.warning("rollout worker %d came back at version %d; sending version %d", i, version, self.policy_version)
-                self._push_weights([i])
+                self.weight_sync.push([i], self.policy_version)
             return i
         raise RunAborted(f"every rollout worker is dead (rollout.max_restarts={self.config.rollout.max_restarts} used up)")
 
@@ -408,69 +444,14 @@ class Controller:
 
     # ----- weights -----
 
-    def _sync_weights(self) -> None:
-        """Send the new version to every rollout worker and verify it; every later group is stamped with it.
-
-        object_store: the learner exports one message, every worker loads the same object. collective:
-        learner rank 0 broadcasts raw tensors into the workers' parameters (raygrpo/weight_broadcast.py).
-        """
+    def _sync_weights(self) -> SyncResult:
+        """Bring every rollout worker to the new version and verify it (raygrpo/weight_sync.py); every later
+        group is stamped with it. A worker that died meanwhile gets it once Ray has restarted it."""
         self.policy_version += 1
-        if self.collective:
-            try:
-                self._broadcast_weights()
-                return
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                # A member died mid-broadcast: this version goes through the object store, the group is rebuilt next time.
-                logger.warning("weight broadcast of version %d failed (%s); sending it through the object store", self.policy_version, exc)
-                self.weight_group_stale = True
-        lost = self._push_weights(range(len(self.rollout_pool.actors)))
-        for i in lost:
-            self._live_rollout_worker(i)  # waits for the restart, then sends this version
-
-    def _open_weight_group(self) -> None:
-        """Build the learner-to-rollout broadcast group (again, after a member was restarted)."""
-        workers = self.rollout_pool.actors
-        nodes = set(ray.get([w.node_ip.remote() for w in workers])) | {self.learner.node_ip()}
-        host, port = ray.get(self.learner.weight_group_address(len(nodes) == 1))
-        world = 1 + len(workers)
-        joins = [self.learner.join_weight_group(host, port, world)]
-        joins += [w.join_weight_group.remote(host, port, 1 + i, world) for i, w in enumerate(workers)]
-        ray.get(joins)
-        self.weight_names = self.learner.weight_names()
-        self.weight_group_stale = False
-
-    def _broadcast_weights(self) -> None:
-        if self.weight_group_stale:
-            self._open_weight_group()
-        sent = self.learner.send_weights()
-        received = [w.receive_weights.remote(self.policy_version, self.weight_names) for w in self.rollout_pool.actors]
-        version, fingerprint = ray.get(sent)
-        reports = ray.get(received)
-        if version != self.policy_version or any(report != (version, fingerprint) for report in reports):
-            raise WeightsMismatchError(
-                f"weight broadcast of version {self.policy_version}: the learner sent (version, fingerprint) "
-                f"{(version, fingerprint)}, the workers hold {reports}"
-            )
-
-    def _push_weights(self, workers) -> list[int]:
-        """Send the current version through the object store to ``workers``; check every live one reports it
-        and the same checksum (each worker also checks its checksum against the learner's). Returns the
-        workers that died."""
-        if self.weights_ref is None or self.weights_ref_version != self.policy_version:
-            self.weights_ref, self.weights_ref_version = self.learner.export_weights(), self.policy_version
-        workers = list(workers)
-        if self.collective:
-            self.weight_group_stale = True  # a restarted member left the broadcast group
-        refs = [self.rollout_pool.actors[i].set_weights.remote(self.weights_ref) for i in workers]
-        reports, lost = {}, []
-        for i, ref in zip(workers, refs):
-            try:
-                reports[i] = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                lost.append(i)
-        if any(version != self.policy_version for version, _ in reports.values()) or len({crc for _, crc in reports.values()}) > 1:
-            raise WeightsMismatchError(f"weight sync to version {self.policy_version}: workers report (version, checksum) {reports}")
-        return lost
+        result = self.weight_sync.sync(self.policy_version)
+        for i in result.lost:
+            self._live_rollout_worker(i)
+        return result
 
     def _collect_rewards(self, in_flight: list[Generated], scores: dict[int, dict[str, tuple[Scores, float]]]):
         """Rewards ``[K, G]`` of every group that is trained, after ``scoring.on_failure``; and the counts."""
@@ -517,6 +498,11 @@ class Controller:
             batch.append(TrainGroup(generated.rollout, generated.group.group_id, advantages, weights, members))
         return batch
 
+    def _advantage_statistics(self, batch: list[TrainGroup]) -> dict[str, float]:
+        """``advantage/<reward>/{mean,std,min,max}`` over the trained members (``weighted_sum``: one row, ``total``)."""
+        names = ["total"] if self.config.scoring.combine == "weighted_sum" else [r.name for r in self.config.rewards]
+        return advantage_statistics([g.advantages for g in batch], [g.members for g in batch], names)
+
     # ----- checkpoints -----
 
     def _save_checkpoint(self, step: int) -> None:
@@ -543,12 +529,28 @@ class Controller:
 
     def _restore(self) -> int:
         """Load the resume checkpoint into the learner group and this controller, send its weights to every
-        rollout worker, and keep the metrics of the steps it covers. Returns the step it was made after."""
+        rollout worker, then cut the metrics back to the steps it covers. Returns the step it was made after.
+
+        Nothing in the run folder changes before the learner state has loaded: a checkpoint that cannot be
+        loaded raises CheckpointError and leaves the folder as it was, to be resumed with the right settings.
+        """
         folder = self.resume.checkpoint
-        state = load_controller_state(folder)
-        version = self.learner.load_state(str(folder / "learner"))
+        how = (
+            f"compare this run's configuration with the checkpoint's ({folder / 'config.yaml'}), or delete {folder} to resume "
+            "from the checkpoint before it, or start afresh with run.resume=never (or another run.name)"
+        )
+        try:
+            state = load_controller_state(folder)
+            version = self.learner.load_state(str(folder / "learner"))
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            raise CheckpointError(f"cannot load the learner state of checkpoint {folder}: {_one_line(cause)}; {how}") from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"cannot read {folder / 'controller.json'}: {_one_line(exc)}; {how}") from None
         if version != state.policy_version:
-            raise RuntimeError(f"checkpoint {folder}: the learner restored version {version}, the controller saved {state.policy_version}")
+            raise CheckpointError(
+                f"checkpoint {folder}: the learner restored policy version {version}, the controller saved {state.policy_version}; {how}"
+            )
         self.policy_version = state.policy_version
         self.next_group_id, self.next_worker, self.next_replica = state.next_group_id, state.next_worker, dict(state.next_replica)
         self.order.load_state_dict(state.prompt_order)
@@ -556,30 +558,16 @@ class Controller:
         self.reissued, self.rescored = state.reissued, state.rescored
         self.trained_group_ids = list(state.trained_group_ids)
         if self.policy_version > 0:
-            self._push_weights(range(len(self.rollout_pool.actors)))
-        self.metrics.records = self._metrics_up_to(state.step)
+            self.weight_sync.push(range(len(self.rollout_pool.actors)), self.policy_version)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        (self.run_dir / f"config-resumed-{stamp}.yaml").write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+        # Lines of steps after the checkpoint move to metrics.discarded.jsonl: this run computes those steps again.
+        records = keep_steps_up_to(self.run_dir / "metrics.jsonl", state.step)
+        # TensorBoard drops its events from the first recomputed step on.
+        self.metrics = MetricsLog.for_run(self.run_dir, self.config, purge_step=state.step + 1)
+        self.metrics.records = records
         logger.info("resumed from %s: step %d, policy version %d", folder, state.step, self.policy_version)
         return state.step
-
-    def _metrics_up_to(self, step: int) -> list[dict]:
-        """The records of steps <= ``step``; lines of later steps (written after the checkpoint, before the
-        run stopped) move to metrics.discarded.jsonl, since the resumed run computes those steps again."""
-        path = self.metrics.path
-        if not path.exists():
-            return []
-        kept, discarded = [], []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                discarded.append(line)  # a line cut short by the crash
-                continue
-            (kept if record.get("step", 0) <= step else discarded).append(line)
-        if discarded:
-            with (path.parent / "metrics.discarded.jsonl").open("a") as f:
-                f.write("\n".join(discarded) + "\n")
-        path.write_text("".join(line + "\n" for line in kept))
-        return [json.loads(line) for line in kept]
 
     # ----- outputs -----
 
@@ -624,9 +612,24 @@ class Controller:
     def _write_report(self) -> None:
         plot_reward_curve(self.metrics.path, self.run_dir / "reward_curve.png")
         rows = []
-        for step, entries in sorted(self.gallery.items()):
+        for step in sorted({1, self.config.train.steps}):
+            if step not in self.gallery:
+                rows += self._grid_rows_from_gallery(step)  # a resumed run did not see that step
+                continue
+            entries = self.gallery[step]
             medias = _fetch_media([media for _, media, _ in entries])
             for (group, _, totals), media in zip(entries, medias):
                 captions = [f"{t:.3f}" for t in totals]
                 rows.append(GridRow(f"step {step}: {group.prompt}", media.images, captions))
         sample_grid(rows, self.run_dir / "samples.png")
+
+    def _grid_rows_from_gallery(self, step: int) -> list[GridRow]:
+        """The step's rows from its gallery on disk (``logging.sample_groups`` groups of it), or none when it has no gallery."""
+        gallery = read_step_gallery(self.run_dir, step)
+        if gallery is None:
+            return []
+        rows = []
+        for group in gallery.groups[: self.config.train.sample_grid_groups]:
+            captions = ["–" if s.total is None else f"{s.total:.3f}" for s in group.samples]
+            rows.append(GridRow(f"step {step}: {group.prompt}", read_group_media(gallery, group), captions))
+        return rows

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageSequence
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +218,27 @@ def read_step_gallery(run_dir: Path, step: int) -> StepGallery | None:
         logger.warning("skipping gallery %s: malformed %s (%s)", path, INDEX, exc)
         return None
     return StepGallery(step=int(index.get("step", step)), path=path, written_at=float(index.get("written_at", 0.0)), groups=groups)
+
+
+def read_group_media(gallery: StepGallery, group: GalleryGroup) -> np.ndarray:
+    """A group's samples back as arrays: ``[G, H, W, 3]`` uint8 images, or ``[G, F, H, W, 3]`` for GIF videos
+    (their frames as the GIF's palette left them)."""
+    items = []
+    for sample in group.samples:
+        with Image.open(gallery.file(sample)) as image:
+            if group.media_type != "image/gif":
+                items.append(np.asarray(image.convert("RGB")))
+                continue
+            frames, durations = [], []
+            for frame in ImageSequence.Iterator(image):
+                frames.append(np.asarray(frame.convert("RGB")))
+                durations.append(frame.info.get("duration") or 1)
+        # Pillow merged repeated frames into longer ones: sample the playback at the video's own frame count.
+        count = group.frames or len(frames)
+        starts = np.cumsum([0, *durations[:-1]])
+        times = (np.arange(count) + 0.5) * sum(durations) / count
+        items.append(np.stack(frames)[np.searchsorted(starts, times, side="right") - 1])  # [F, H, W, 3]
+    return np.stack(items)
 
 
 def read_galleries(run_dir: Path) -> list[StepGallery]:

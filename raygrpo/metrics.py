@@ -142,6 +142,39 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+def keep_steps_up_to(path: Path, step: int) -> list[dict[str, Any]]:
+    """Cut a metrics file back to the records of steps <= ``step`` (a resumed run computes the later ones
+    again) and return those records; the cut lines, and a line a crash cut short, are appended to
+    ``metrics.discarded.jsonl`` beside it.
+
+    The shortened file replaces the old one by rename, so a crash in between leaves either the old file
+    or the new one, never a truncated history (the discarded lines may then be appended twice).
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    kept, discarded = [], []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            discarded.append(line)
+            continue
+        (kept if record.get("step", 0) <= step else discarded).append(line)
+    if discarded:
+        with (path.parent / "metrics.discarded.jsonl").open("a") as f:
+            f.write("\n".join(discarded) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return [json.loads(line) for line in kept]
+
+
 def write_parquet(jsonl: Path, out: Path) -> Path | None:
     """Write the records of ``jsonl`` as a Parquet table (``step`` int64, numbers float64, text as text).
 

@@ -38,7 +38,8 @@ def resource_plan(config: Config) -> list[RoleResources]:
 
 
 def plan_totals(plan: list[RoleResources]) -> dict[str, float]:
-    return {res: sum(r.count * getattr(r, f"num_{res.lower()}s") for r in plan) for res in ("CPU", "GPU")}
+    """What the placement groups reserve (an actor asking for nothing still reserves a sliver of CPU)."""
+    return {res: sum(r.count * r.bundle.get(res, 0.0) for r in plan) for res in ("CPU", "GPU")}
 
 
 def plan_table(plan: list[RoleResources], have: dict[str, float]) -> str:
@@ -50,13 +51,54 @@ def plan_table(plan: list[RoleResources], have: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-def check_plan_fits(plan: list[RoleResources], have: dict[str, float]) -> None:
+def node_resources() -> list[dict[str, float]]:
+    """The total CPU and GPU of every alive node of the connected Ray cluster."""
+    return [
+        {res: float(node["Resources"].get(res, 0.0)) for res in ("CPU", "GPU")} | {"address": node.get("NodeManagerAddress", "?")}
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
+
+
+def unplaceable_bundles(plan: list[RoleResources], nodes: list[dict[str, float]]) -> list[str]:
+    """Roles whose actors do not fit on the nodes: first-fit of every bundle, largest first, onto the nodes'
+    totals. Each actor's bundle must fit on one node, so a cluster can have enough GPUs in all and still
+    fail (8 one-GPU nodes cannot hold a 2-GPU actor). Ray places the roles' placement groups one by one,
+    so this is a necessary condition checked before anything starts, not a guarantee."""
+    free = [dict(node) for node in nodes]
+    bundles = sorted(
+        ((r.role, r.bundle) for r in plan for _ in range(r.count)),
+        key=lambda item: (item[1].get("GPU", 0.0), item[1].get("CPU", 0.0)),
+        reverse=True,
+    )
+    failed = []
+    for role, bundle in bundles:
+        for node in free:
+            if all(node.get(res, 0.0) + 1e-9 >= amount for res, amount in bundle.items()):
+                for res, amount in bundle.items():
+                    node[res] -= amount
+                break
+        else:
+            failed.append(role)
+    return sorted(set(failed), key=failed.index)
+
+
+def check_plan_fits(plan: list[RoleResources], have: dict[str, float], nodes: list[dict[str, float]] | None = None) -> None:
+    """Fail with a need-vs-have table when the cluster cannot hold the plan: in total, or (``nodes``) node by node."""
     need = plan_totals(plan)
     short = [res for res in ("CPU", "GPU") if need[res] > have.get(res, 0) + 1e-9]
     if short:
         raise PlanError(
             f"the run needs more {' and '.join(short)} than the cluster has:\n{plan_table(plan, have)}\n"
             "Lower rollout.num_workers / the per-actor num_cpus and num_gpus, or add nodes."
+        )
+    failed = unplaceable_bundles(plan, nodes) if nodes is not None else []
+    if failed:
+        per_node = "\n".join(f"  node {n.get('address', i)}: CPU {n.get('CPU', 0):g}, GPU {n.get('GPU', 0):g}" for i, n in enumerate(nodes))
+        raise PlanError(
+            f"the cluster has enough CPU and GPU in total, but not on single nodes for every actor of {', '.join(failed)} "
+            f"(each actor's CPUs and GPUs must sit on one node):\n{plan_table(plan, have)}\n{per_node}\n"
+            "Give those actors fewer GPUs/CPUs each, or add larger nodes."
         )
 
 
@@ -65,10 +107,12 @@ class ActorPool:
 
     Construction returns as soon as the actors are scheduled; wait on :meth:`ready` (all pools at
     once, so their model loading overlaps). ``max_restarts``: how often Ray restarts a dead actor (its
-    calls in flight fail with ``RayActorError``; the caller decides what to resend).
+    calls in flight fail with ``RayActorError``; the caller decides what to resend). ``out_of_order``:
+    run each call as soon as its arguments are ready (reward replicas: a group still generating must not
+    hold up one that is done), one at a time all the same.
     """
 
-    def __init__(self, resources: RoleResources, actor_cls: type, *args, max_restarts: int = 0, **kwargs):
+    def __init__(self, resources: RoleResources, actor_cls: type, *args, max_restarts: int = 0, out_of_order: bool = False, **kwargs):
         self.resources = resources
         self.placement_group = placement_group([resources.bundle] * resources.count, strategy="PACK", name=f"raygrpo-{resources.role}")
         try:
@@ -77,7 +121,8 @@ class ActorPool:
             remove_placement_group(self.placement_group)
             raise PlanError(
                 f"placement group for {resources.role} ({resources.count} x {resources.bundle}) was not placed within 60 s: "
-                "the cluster's free resources are fragmented or held by other jobs"
+                f"the cluster's free resources are fragmented or held by other jobs:\n{plan_table([resources], ray.available_resources())}\n"
+                "(have = free now)"
             ) from None
         remote_cls = ray.remote(actor_cls)
         self.actors = [
@@ -86,6 +131,8 @@ class ActorPool:
                 num_gpus=resources.num_gpus,
                 # A restarted actor comes back in the same bundle; the controller re-sends weights and work.
                 max_restarts=max_restarts,
+                # Calls run in the order their arguments become ready rather than the order they were sent.
+                allow_out_of_order_execution=out_of_order,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
             ).remote(*args, **kwargs)
             for i in range(resources.count)

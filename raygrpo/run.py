@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from raygrpo.config import Config, ConfigError, load_config
@@ -117,7 +116,10 @@ def _local_gpu_count() -> int:
 
 
 def make_run_dir(config: Config) -> Path:
-    run_dir = Path(config.run.output_root).resolve() / f"{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """A new ``<output_root>/<name>-YYYYmmdd-HHMMSS`` (``-<pid>`` added if that exists): the names auto-resume looks for."""
+    from raygrpo.checkpoint import run_folder_name
+
+    run_dir = Path(config.run.output_root).resolve() / run_folder_name(config.run.name)
     try:
         run_dir.mkdir(parents=True, exist_ok=False)
     except FileExistsError:
@@ -127,13 +129,6 @@ def make_run_dir(config: Config) -> Path:
         raise PreflightError(f"run.output_root: cannot create {str(run_dir)!r}: {exc.strerror}") from None
     (run_dir / "config.yaml").write_text(_dump_yaml(config))
     return run_dir
-
-
-def resume_run_dir(config: Config, resume) -> Path:
-    """The run folder being continued; this invocation's config is kept beside the original one."""
-    logger.info("continuing %s from %s (step %d)", resume.run_dir, resume.checkpoint.name, resume.step)
-    (resume.run_dir / f"config-resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml").write_text(_dump_yaml(config))
-    return resume.run_dir
 
 
 def _dump_yaml(config: Config) -> str:
@@ -179,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from raygrpo.checkpoint import CheckpointError, find_resume_point
     from raygrpo.controller import Controller, RunAborted
-    from raygrpo.placement import PlanError, check_plan_fits, resource_plan
+    from raygrpo.placement import PlanError, check_plan_fits, node_resources, resource_plan
 
     try:
         resume = find_resume_point(config)
@@ -188,10 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     connect_ray(config)
     try:
-        check_plan_fits(resource_plan(config), ray.cluster_resources())
-        run_dir = resume_run_dir(config, resume) if resume else make_run_dir(config)
+        check_plan_fits(resource_plan(config), ray.cluster_resources(), node_resources())
+        if resume:
+            # Nothing is written into it until the checkpoint has loaded (the controller keeps this config beside the first one).
+            logger.info("continuing %s from %s (step %d)", resume.run_dir, resume.checkpoint.name, resume.step)
+        run_dir = resume.run_dir if resume else make_run_dir(config)
         summary = Controller(config, run_dir, prompts, resume=resume).run()
-    except (PlanError, PreflightError) as exc:
+    except (PlanError, PreflightError, CheckpointError) as exc:
         print(f"raygrpo: {exc}", file=sys.stderr)
         return 2
     except RunAborted as exc:

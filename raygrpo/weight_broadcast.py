@@ -52,7 +52,9 @@ class WeightBroadcastGroup:
         self.store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
         prefixed = dist.PrefixStore(_PREFIX, self.store)
         if self.device.type == "cuda":
-            self.group = dist.ProcessGroupNCCL(prefixed, rank, world_size)
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout  # a member that died mid-broadcast fails the others after this, not after NCCL's 10 min
+            self.group = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
         else:
             self.group = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
         logger.info("weight broadcast group: rank %d of %d on %s", rank, world_size, self.device)
@@ -62,14 +64,20 @@ class WeightBroadcastGroup:
         options.rootRank = 0
         self.group.broadcast([tensor], options).wait()
 
-    def send(self, state: dict[str, torch.Tensor]) -> int:
-        """Rank 0: broadcast every tensor (sorted by name); returns the fingerprint of what was sent."""
+    def send(self, tensors) -> int:
+        """Rank 0: broadcast ``(name, tensor)`` pairs in sorted name order, one tensor at a time (a dict works
+        too); returns the fingerprint of what was sent. Nothing beyond the tensor in flight is held."""
         if self.rank != 0:
             raise RuntimeError("only rank 0 (the learner) sends weights")
-        for name in sorted(state):
-            tensor = state[name].detach().to(self.device).contiguous()
+        items = sorted(tensors.items()) if isinstance(tensors, dict) else tensors
+        crc, last = 0, None
+        for name, tensor in items:
+            if last is not None and name <= last:
+                raise RuntimeError(f"weights must be sent in sorted name order: {name!r} came after {last!r}")
+            tensor = tensor.detach().to(self.device).contiguous()
             self._broadcast(_bytes(tensor))
-        return fingerprint(state)
+            crc, last = _fingerprint_step(crc, name, tensor), name
+        return crc
 
     @torch.no_grad()
     def receive_into(self, module: torch.nn.Module, names: list[str]) -> int:
@@ -89,6 +97,13 @@ class WeightBroadcastGroup:
         return fingerprint({n: state[n] for n in names})
 
     def close(self) -> None:
+        """Leave the group; NCCL communicators are shut down (a rebuilt group must not meet a stale one)."""
+        shutdown = getattr(self.group, "shutdown", None) if self.device.type == "cuda" else None
+        if shutdown is not None:
+            try:
+                shutdown()
+            except RuntimeError as exc:  # an aborted communicator (a member died) may refuse; it is dropped anyway
+                logger.warning("weight broadcast group shutdown: %s", exc)
         self.group = None
         self.store = None
 
@@ -107,11 +122,16 @@ def fingerprint(state: dict[str, torch.Tensor]) -> int:
     """
     crc = 0
     for name in sorted(state):
-        raw = _bytes(state[name].detach().contiguous())
-        words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
-        weights = torch.arange(1, 5, device=words.device, dtype=torch.int64)
-        total = 0
-        for k in range(4):  # strided position weights catch swapped elements without a full-size index tensor
-            total += int(words[k::4].to(torch.int64).sum()) * int(weights[k])
-        crc = zlib.crc32(f"{name}:{total}".encode(), crc)
+        crc = _fingerprint_step(crc, name, state[name])
     return crc
+
+
+@torch.no_grad()
+def _fingerprint_step(crc: int, name: str, tensor: torch.Tensor) -> int:
+    """:func:`fingerprint` extended by one tensor (tensors must come in sorted name order)."""
+    raw = _bytes(tensor.detach().contiguous())
+    words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
+    total = 0
+    for k in range(4):  # strided position weights catch swapped elements without a full-size index tensor
+        total += int(words[k::4].to(torch.int64).sum()) * (k + 1)
+    return zlib.crc32(f"{name}:{total}".encode(), crc)

@@ -12,6 +12,7 @@ silently sampling with other weights).
 
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import numpy as np
@@ -24,9 +25,12 @@ class WeightsMismatchError(RuntimeError):
     """A rollout worker's weights do not match what the learner exported (version or checksum)."""
 
 
-def _raw(tensor: torch.Tensor) -> np.ndarray:
-    """The tensor's bytes as a numpy array (bfloat16, which numpy lacks, as uint16 bit patterns)."""
-    tensor = tensor.detach().to("cpu", copy=True).contiguous()
+def _raw(tensor: torch.Tensor, copy: bool = True) -> np.ndarray:
+    """The tensor's bytes as a numpy array (bfloat16, which numpy lacks, as uint16 bit patterns).
+
+    ``copy=False`` (checksumming what a module holds): a CPU tensor's own memory, no copy."""
+    tensor = tensor.detach()
+    tensor = (tensor.to("cpu", copy=True) if copy or tensor.device.type != "cpu" else tensor).contiguous()
     return tensor.view(torch.uint16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
 
 
@@ -55,13 +59,16 @@ def load_weights(module: torch.nn.Module, message: WeightsMessage) -> int:
     """Copy the message into ``module`` in place (names and shapes must match exactly); returns the
     checksum of what the module now holds for those names, to compare with ``message.checksum``."""
     state = {}
-    for name, array in message.arrays.items():
-        tensor = torch.from_numpy(np.array(array, copy=True))
-        state[name] = tensor.view(torch.bfloat16) if message.dtypes[name] == "bfloat16" else tensor
+    with warnings.catch_warnings():
+        # The arrays are the object store's read-only memory; load_state_dict only reads them (no copy here).
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, array in message.arrays.items():
+            tensor = torch.from_numpy(array)
+            state[name] = tensor.view(torch.bfloat16) if message.dtypes[name] == "bfloat16" else tensor
     missing, unexpected = module.load_state_dict(state, strict=False)
     if unexpected or (missing and not message.partial):
         raise WeightsMismatchError(
             f"weights of version {message.policy_version} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     held = module.state_dict()
-    return checksum({name: _raw(held[name]) for name in message.arrays})
+    return checksum({name: _raw(held[name], copy=False) for name in message.arrays})

@@ -24,6 +24,8 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 # The session's own cluster runs without token auth so tests never touch ~/.ray (Ray 2.60 enables it by default).
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.pop("RAY_ADDRESS", None)
+# Ray exports application metrics every 10 s by default; the telemetry test reads them back sooner.
+os.environ["RAY_metrics_report_interval_ms"] = "2000"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -50,6 +52,7 @@ def model_cache(tmp_path_factory) -> Path:
 class RayCluster:
     address: str  # GCS address for ray.init / RAY_ADDRESS
     dashboard: str  # http address for `ray job submit`
+    metrics: str  # the head node's Prometheus endpoint (ray.util.metrics land there)
 
 
 def _free_port() -> int:
@@ -61,12 +64,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def ray_cluster(model_cache, tmp_path_factory) -> RayCluster:
     """A real `ray start --head` on loopback, started once and shared by every test that needs Ray."""
-    port, dashboard_port = _free_port(), _free_port()
+    port, dashboard_port, metrics_port = _free_port(), _free_port(), _free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     command = [
         str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4", "--num-gpus=0",
         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-        "--disable-usage-stats",
+        f"--metrics-export-port={metrics_port}", "--disable-usage-stats",
     ]  # fmt: skip
     # A process group of its own: teardown stops exactly this cluster's processes (`ray stop` would stop
     # every Ray instance on the machine, including other test sessions' and users').
@@ -75,7 +78,9 @@ def ray_cluster(model_cache, tmp_path_factory) -> RayCluster:
     if proc.returncode != 0:
         _kill_group(group)
         raise RuntimeError(f"`ray start --head` failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    cluster = RayCluster(address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard_port}")
+    cluster = RayCluster(
+        address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard_port}", metrics=f"http://127.0.0.1:{metrics_port}/metrics"
+    )
     try:
         _wait_for_dashboard(cluster.dashboard)
         yield cluster

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from raygrpo.algorithms.advantages import best_of_n_members, group_advantages
+from raygrpo.algorithms.advantages import advantage_statistics, best_of_n_members, group_advantages
 from raygrpo.algorithms.dancegrpo import clipped_surrogate, trained_steps
 
 
@@ -76,3 +76,17 @@ def test_clipped_surrogate_gradient_vanishes_outside_the_band():
     ratio = torch.tensor([1.5, 1.05], requires_grad=True)
     clipped_surrogate(ratio, torch.tensor([1.0, 1.0]), 0.1).sum().backward()
     assert ratio.grad.tolist() == [0.0, -1.0]
+
+
+def test_advantage_statistics_cover_only_the_trained_members():
+    a = np.array([[-1.0, 0.0, 1.0, 2.0], [5.0, 5.0, -5.0, -5.0]], np.float32)  # [K=2, G=4]
+    b = np.array([[3.0, -3.0, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]], np.float32)
+    stats = advantage_statistics([a, b], [np.array([0, 3]), np.arange(4)], ["jpeg", "clip"])
+    jpeg = [-1.0, 2.0, 3.0, -3.0, 0.5, 0.5]  # group a's members 1 and 2 were not trained (best-of-N)
+    assert stats["advantage/jpeg/mean"] == pytest.approx(np.mean(jpeg))
+    assert stats["advantage/jpeg/std"] == pytest.approx(np.std(jpeg))
+    assert (stats["advantage/jpeg/min"], stats["advantage/jpeg/max"]) == (-3.0, 3.0)
+    assert (stats["advantage/clip/min"], stats["advantage/clip/max"]) == (-5.0, 5.0)
+    empty = advantage_statistics([], [], ["jpeg"])  # every group dropped: the same keys, NaN
+    assert sorted(empty) == ["advantage/jpeg/max", "advantage/jpeg/mean", "advantage/jpeg/min", "advantage/jpeg/std"]
+    assert all(math.isnan(v) for v in empty.values())

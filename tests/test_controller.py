@@ -1,5 +1,7 @@
 """The controller's bookkeeping without Ray: group planning, advantages, dropped groups, best-of-N."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -61,6 +63,10 @@ def test_a_group_with_a_missing_score_is_dropped_and_counted(tmp_path):
     assert batch[0].advantages.shape == (2, 4) and np.allclose(batch[0].reward_weights, [0.7, 1.4])
     assert batch[0].rollout == "ref0" and np.all(batch[1].advantages == 0)
     assert list(batch[0].members) == [0, 1, 2, 3]
+    stats = controller._advantage_statistics(batch)
+    # groups 0 and 2 are trained: 0's rewards a and b are mirror images, 2's are equal (all advantages 0)
+    assert stats["advantage/a/max"] == stats["advantage/b/max"] > 0
+    assert stats["advantage/a/min"] == stats["advantage/b/min"] < 0 and stats["advantage/a/mean"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_on_failure_zero_trains_the_group_with_a_zero_and_counts_it(tmp_path):
@@ -89,6 +95,9 @@ def test_weighted_sum_normalises_the_combined_raw_reward_once(tmp_path):
     expected = (combined - combined.mean()) / (combined.std(ddof=1) + 1e-8)
     assert train_group.advantages.shape == (1, 4) and train_group.reward_weights.tolist() == [1.0]
     np.testing.assert_allclose(train_group.advantages[0], expected, rtol=1e-5)
+    stats = controller._advantage_statistics([train_group])  # one advantage row: the weighted total's
+    assert sorted(stats) == [f"advantage/total/{s}" for s in ("max", "mean", "min", "std")]
+    assert stats["advantage/total/max"] == pytest.approx(expected.max(), rel=1e-5)
 
 
 def test_global_std_divides_every_group_by_the_steps_std(tmp_path):
@@ -129,3 +138,29 @@ def test_merging_parts_joins_scores_in_member_order(tmp_path):
     merged = merge_scores([a, b])
     assert merged.values.tolist() == [1.0, 2.0, 3.0] and merged.valid.tolist() == [True, False, True]
     assert merged.errors == [None, "timeout", None]
+
+
+def test_each_abort_keeps_its_weights_in_a_folder_of_its_own_and_says_so_in_run_state(tmp_path):
+    import json
+
+    from raygrpo.controller import RunAborted
+    from raygrpo.metrics import MetricsLog
+
+    controller, _ = make_controller(tmp_path)
+
+    class Learner:  # what the controller asks of the learner group here: the evaluation weights into a folder
+        saves = 0
+
+        def save(self, folder: str) -> str:
+            Learner.saves += 1
+            (Path(folder) / "weights.txt").write_text(f"save {Learner.saves}")
+            return folder
+
+    controller.learner, controller.metrics = Learner(), MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (3, 5):  # a run aborted at step 3, resumed, aborted again at step 5
+        with pytest.raises(RunAborted, match=rf"no reward left; steps 1..{step - 1} are in .*metrics.jsonl, weights in"):
+            controller._abort(RunAborted("no reward left"), step)
+    assert (tmp_path / "checkpoint-aborted" / "weights.txt").read_text() == "save 1"
+    assert (tmp_path / "checkpoint-aborted-2" / "weights.txt").read_text() == "save 2"
+    state = json.loads((tmp_path / "run_state.json").read_text())
+    assert (state["status"], state["step"], state["checkpoint"], state["reason"]) == ("aborted", 4, "checkpoint-aborted-2", "no reward left")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -84,6 +85,7 @@ def test_learner_recomputes_the_rollout_log_probs_exactly(worker_and_learner):
     metrics = learner.algorithm.update(learner.model, learner.parameters, learner.optimizer, [(train_group(rollout, advantages), rollout)],
                                        np.random.default_rng(0), 1)  # fmt: skip
     assert metrics.first_ratio_max_abs_dev == 0.0
+    assert metrics.extras["approx_kl"] == 0.0  # every term on-policy: r = 0 exactly
     assert metrics.optimizer_steps == 1 and metrics.samples == G
     changed = any(not torch.equal(snapshot[k], v) for k, v in learner.model.transformer.state_dict().items())
     assert changed, "the update must change the weights"
@@ -126,6 +128,9 @@ def test_accumulation_and_best_of_n_counts(worker_and_learner):
     assert (metrics.samples, metrics.optimizer_steps) == (8, 3)
     # later windows are off-policy: their ratios move away from 1, the first window's do not
     assert metrics.first_ratio_max_abs_dev == 0.0 and metrics.ratio_max_abs_dev > 0
+    # k3 = mean(rho - 1 - log rho) over the terms: positive once off-policy, at most its value at the ratio furthest from 1
+    d = metrics.ratio_max_abs_dev
+    assert 0 < metrics.extras["approx_kl"] <= max(d - math.log1p(d), -d - math.log1p(-d))
     only_two = [(train_group(rollout, advantages, members=np.array([2, 1])), rollout)]
     metrics = learner.algorithm.update(learner.model, learner.parameters, learner.optimizer, only_two, np.random.default_rng(0), 2)
     assert metrics.samples == 2

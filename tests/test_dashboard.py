@@ -39,6 +39,11 @@ def _metrics_line(step: int) -> str:
         "reward/total/mean": reward + 0.5 * (0.3 + 0.02 * step),
         "learner/loss": 0.01 / step,
         "learner/grad_norm": None if step == 2 else 0.5,  # a non-finite value is written as null
+        "advantage/jpeg/mean": 0.0,
+        "advantage/jpeg/std": 0.9,
+        "advantage/jpeg/min": -1.2 - 0.1 * step,
+        "advantage/jpeg/max": 1.5 + 0.1 * step,
+        "groups/zero_std": float(step % 2),
         "time/generate": 0.8,
         "time/learner": 0.7 + 0.01 * step,
         "time/step": 1.6,
@@ -57,7 +62,9 @@ def _pictures(group_id: int, g: int = 4) -> np.ndarray:
     return images
 
 
-def _make_run(root: Path, name: str, steps: int, age_s: float = 0.0, checkpoint: str | None = None, galleries=(), partial=False) -> Path:
+def _make_run(
+    root: Path, name: str, steps: int, age_s: float = 0.0, checkpoint: str | None = None, galleries=(), partial=False, state=None
+) -> Path:
     run = root / name
     run.mkdir()
     (run / "config.yaml").write_text("run: {name: x}\n")
@@ -74,8 +81,10 @@ def _make_run(root: Path, name: str, steps: int, age_s: float = 0.0, checkpoint:
         write_step_gallery(run, step, entries)
     if checkpoint:
         (run / checkpoint).mkdir()
+    if state:
+        (run / "run_state.json").write_text(json.dumps(state))
     stamp = time.time() - age_s
-    for path in [run / "config.yaml", run / "metrics.jsonl"]:
+    for path in [run / "config.yaml", run / "metrics.jsonl", run / "run_state.json"]:
         if path.exists():
             os.utime(path, (stamp, stamp))
     return run
@@ -84,13 +93,19 @@ def _make_run(root: Path, name: str, steps: int, age_s: float = 0.0, checkpoint:
 @pytest.fixture(scope="module")
 def runs_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("outputs")
-    _make_run(root, "alpha-20261123-100000", 3, age_s=3 * HOUR, checkpoint="checkpoint-final", galleries=(1, 3), partial=True)
+    finished = {"status": "finished", "step": 3, "checkpoint": "checkpoint-final"}
+    alpha = {"checkpoint": "checkpoint-final", "galleries": (1, 3), "partial": True, "state": finished}
+    _make_run(root, "alpha-20261123-100000", 3, age_s=3 * HOUR, **alpha)
     _make_run(root, "beta-20261123-110000", 2, age_s=5.0)
     gamma = _make_run(root, "gamma-20261123-090000", 1, age_s=2 * HOUR, checkpoint="checkpoint-aborted")
     (gamma / "samples.png").write_bytes(_png_bytes())  # the report grid of runs from before galleries
     video = np.stack([_pictures(f, g=2) for f in range(3)], axis=1)  # [G=2, F=3, 32, 32, 3], every frame different
     write_step_gallery(gamma, 1, [GalleryEntry(1, "a video", 0, video, {"motion": np.array([0.1, 0.2], np.float32)}, np.array([0.1, 0.2]))])
     _make_run(root, "delta-20261123-080000", 2, age_s=4 * HOUR)  # died without a checkpoint
+    # Killed after its final weights but before the report: not finished, the same command resumes it.
+    _make_run(root, "epsilon-20261123-070000", 2, age_s=5 * HOUR, checkpoint="checkpoint-final", state={"status": "running", "step": 0})
+    stopped = {"status": "aborted", "step": 1, "checkpoint": "checkpoint-aborted-2", "reason": "every rollout worker is dead"}
+    _make_run(root, "zeta-20261123-060000", 1, age_s=6 * HOUR, checkpoint="checkpoint-aborted", state=stopped)
     _make_run(root, "fresh-20261123-120000", 0)  # config written, no step yet
     (root / "notes").mkdir()  # not a run
     (root / "outside.png").write_bytes(_png_bytes())  # in the root but outside every run
@@ -148,6 +163,8 @@ def test_run_list_has_status_steps_and_last_reward(server):
         "beta-20261123-110000",
         "gamma-20261123-090000",
         "delta-20261123-080000",
+        "epsilon-20261123-070000",
+        "zeta-20261123-060000",
         "fresh-20261123-120000",
     }
     assert [r["name"] for r in runs][:2] == ["fresh-20261123-120000", "beta-20261123-110000"]  # newest first
@@ -157,9 +174,17 @@ def test_run_list_has_status_steps_and_last_reward(server):
         "beta": ("running", 2),
         "gamma": ("aborted", 1),
         "delta": ("aborted", 2),
+        "epsilon": ("aborted", 2),
+        "zeta": ("aborted", 1),
         "fresh": ("running", 0),
     }
     assert "nothing written for 240 min" in by_name["delta-20261123-080000"]["status_reason"]
+    assert "not finished and nothing written for 300 min" in by_name["epsilon-20261123-070000"]["status_reason"]
+    assert by_name["zeta-20261123-060000"]["status_reason"] == (
+        "stopped after step 1: every rollout worker is dead; weights in checkpoint-aborted-2"
+    )
+    assert by_name["alpha-20261123-100000"]["status_reason"] == "finished after step 3"
+    assert by_name["gamma-20261123-090000"]["status_reason"] == "checkpoint-aborted saved"  # a run from before run_state.json
     assert by_name["alpha-20261123-100000"]["last_reward"] == pytest.approx(-3.5 + 0.5 * 0.36)
     assert by_name["fresh-20261123-120000"]["last_reward"] is None
 
@@ -290,7 +315,7 @@ def test_command_line_serves_and_refuses_a_missing_root(runs_root, tmp_path):
                 assert process.poll() is None, process.stdout.read()
                 assert time.monotonic() < deadline, "python -m services.dashboard did not answer within 60 s"
                 time.sleep(0.2)
-        assert len(runs) == 5
+        assert len(runs) == 7
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -333,11 +358,13 @@ def test_run_page_in_headless_chromium_shows_curves_and_images(server, tmp_path)
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(f"{server}/runs/alpha-20261123-100000")
             page.wait_for_selector("[data-reward=jpeg] path.series")
+            page.wait_for_selector("[data-advantage=jpeg] path.series", state="attached")  # a flat line has no height
             page.wait_for_function(
                 "() => { const i = [...document.querySelectorAll('img.sample')]; return i.length > 0 && i.every(x => x.complete && x.naturalWidth > 0); }"
             )
             images = page.eval_on_selector_all("img.sample", "xs => xs.map(x => [x.naturalWidth, x.getAttribute('src')])")
             charts = page.eval_on_selector_all("[data-chart=rewards] > div", "xs => xs.map(x => x.dataset.reward)")
+            advantage_lines = page.eval_on_selector_all("[data-advantage=jpeg] path.series", "xs => xs.length")
             curve = page.get_attribute("[data-reward=jpeg] path.series", "d")
             jpeg_box = page.locator("[data-reward=jpeg] svg").bounding_box()
             total_box = page.locator("[data-reward=total] svg").bounding_box()
@@ -347,6 +374,7 @@ def test_run_page_in_headless_chromium_shows_curves_and_images(server, tmp_path)
             browser.close()
     assert not errors, errors
     assert charts == ["total", "color", "jpeg"]  # one chart per reward, the weighted total first
+    assert advantage_lines == 4  # mean, std, min, max of the jpeg advantages
     assert curve.count("L") == 2  # three steps drawn as one line
     # The newest gallery (step 3) is shown: 2 groups x 4 samples, each a decoded 32x32 PNG served by the run.
     assert len(images) == 8 and all(width == 32 for width, _ in images)

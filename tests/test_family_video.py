@@ -1,5 +1,6 @@
 """Video families end to end on CPU through `python -m raygrpo.run` (HunyuanVideo text-to-video, Wan 2.1
-image-to-video), plus the image-to-video data path: prompt files with conditioning images and their preflight."""
+image-to-video, each with both algorithms), SkyReels-V2 image-to-video in process, plus the image-to-video data
+path: prompt files with conditioning images, their preflight, and the conditioning a rollout carries."""
 
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ from .conftest import ROOT
 from .test_run_e2e import printed_run_dir, run_raygrpo
 
 DGPO = "algorithm={name: dgpo, group_size: 4, groups_per_step: 2, sampler: dpmpp_2m, trunc_steps: 6, num_train_timesteps: 2}"
+
+
+def wan_rollout_bytes(group_size: int, num_steps: int, trajectory: bool) -> float:
+    """Bytes per sample of a tiny Wan i2v rollout (32 px, 5 frames, 32 tokens): the latents of each sample, and
+    once per group the sigma grid and the conditioning: UMT5 states [32, 32], CLIP image states [17, 16], and
+    the 4 first-frame mask channels + the image's VAE latents [4 + 8, 2, 4, 4], all float32."""
+    latent = 8 * 2 * 4 * 4 * 4  # [C, F_lat, h, w]
+    per_sample = latent + ((num_steps + 1) * latent + num_steps * 4 if trajectory else 0)  # + trajectory and log-probs
+    per_group = (num_steps + 1) * 4 + (32 * 32 + 17 * 16 + 12 * 2 * 4 * 4) * 4
+    return per_sample + per_group / group_size
 
 
 def _records(stdout: str) -> tuple[list[dict], object]:
@@ -117,6 +128,68 @@ def test_num_frames_is_checked_in_the_config():
         load_config(ROOT / "cluster" / "tiny.yaml", ["model.num_frames=5"])
 
 
+def test_a_wan_rollout_carries_its_image_conditioning_once_per_group():
+    """In process: the group's first frame rides in the rollout as CLIP states and mask + VAE latents, and steers the samples."""
+    import torch
+
+    from raygrpo.contracts import PromptGroup
+    from raygrpo.rollout.worker import RolloutWorker
+
+    torch.set_num_threads(1)
+    dgpo = DGPO.replace("group_size: 4", "group_size: 2")
+    config = load_config(ROOT / "cluster" / "tiny_wan_i2v.yaml", [dgpo, "rollout.micro_batch_size=2"])
+    prompts, images = load_prompts(config.data), load_prompt_images(config.data)
+    worker = RolloutWorker(config)
+    rollout, media, info = worker.generate(PromptGroup(0, 0, prompts[0], 2, seed=5, policy_version=0, image=images[0]))
+    cond = rollout.conditioning
+    assert cond.prompt_embeds.shape == (32, 32) and cond.image_embeds.shape == (17, 16)
+    assert cond.image_latents.shape == (4 + 8, 2, 4, 4) and rollout.final_latents.shape == (2, 8, 2, 4, 4)
+    assert (cond.image_latents[:4, 0] == 1).all() and (cond.image_latents[:4, 1:] == 0).all()  # the mask marks frame 0
+    expected = worker.model.encode_prompt(prompts[0], images[0])
+    np.testing.assert_array_equal(cond.image_latents, expected.image_latents)
+    np.testing.assert_array_equal(cond.image_embeds, expected.image_embeds)
+    assert info.rollout_bytes == rollout.nbytes == wan_rollout_bytes(2, config.rollout.num_steps, trajectory=False) * 2
+    assert media.images.shape == (2, 5, 32, 32, 3)
+    # Another first frame, same prompt and noise seed: other videos.
+    other = next(image for image in images if not np.array_equal(image, images[0]))
+    moved, _, _ = worker.generate(PromptGroup(1, 0, prompts[0], 2, seed=5, policy_version=0, image=other))
+    assert np.abs(moved.final_latents - rollout.final_latents).max() > 1e-3
+
+
+def test_a_dgpo_step_on_tiny_skyreels_v2_i2v(tmp_path):
+    """SkyReels-V2 I2V through the wan_i2v family in process: rollout, DGPO update, weight sync, checkpoint in its own class."""
+    import torch
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    from raygrpo.algorithms.advantages import group_advantages
+    from raygrpo.contracts import PromptGroup, TrainGroup
+    from raygrpo.learner.learner import Learner
+    from raygrpo.models import tiny_model_folder
+    from raygrpo.rollout.worker import RolloutWorker
+    from raygrpo.weights import load_weights
+
+    torch.set_num_threads(1)
+    folder = tiny_model_folder("skyreels_v2_i2v")
+    dgpo = DGPO.replace("group_size: 4", "group_size: 2").replace("num_train_timesteps: 2}", "num_train_timesteps: 2, micro_batch_size: 1}")
+    config = load_config(ROOT / "cluster" / "tiny_wan_i2v.yaml", [f"model.pretrained={folder}", dgpo, "rollout.micro_batch_size=2"])
+    worker, learner = RolloutWorker(config), Learner(config)
+    assert type(worker.model.transformer) is SkyReelsV2Transformer3DModel and worker.model.variant.name == "SkyReels-V2"
+    prompts, images = load_prompts(config.data), load_prompt_images(config.data)
+    rollout, media, _ = worker.generate(PromptGroup(0, 0, prompts[0], 2, seed=0, policy_version=0, image=images[0]))
+    assert media.images.shape == (2, 5, 32, 32, 3) and rollout.conditioning.image_latents.shape == (12, 2, 4, 4)
+    advantages = group_advantages(np.array([[0.2, 0.8]]), 5.0, 1e-4, 0).astype(np.float32)
+    start = [p.detach().clone() for p in learner.parameters]
+    metrics = learner.update([TrainGroup(rollout, 0, advantages, np.ones(1, np.float32), np.arange(2))])
+    assert np.isfinite(metrics.loss) and metrics.samples == 2
+    assert max(float((p.detach() - p0).abs().max()) for p, p0 in zip(learner.parameters, start)) > 1e-4
+    load_weights(worker.model.transformer, learner.export_weights())
+    for (name, mine), theirs in zip(learner.model.transformer.state_dict().items(), worker.model.transformer.state_dict().values()):
+        torch.testing.assert_close(theirs, mine, msg=name)
+    learner.save(str(tmp_path / "checkpoint"))
+    saved = SkyReelsV2Transformer3DModel.from_pretrained(tmp_path / "checkpoint" / "transformer")
+    assert saved.config.image_dim == 16 and not saved.config.inject_sample_info
+
+
 def test_image_rewards_refuse_videos_with_a_pointer_to_frame_average():
     from raygrpo.contracts import GroupMedia, PromptGroup
     from raygrpo.reward.builtin import accepts_video, make_reward, score_group
@@ -178,8 +251,29 @@ def test_dancegrpo_on_tiny_wan_i2v(ray_cluster, tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     assert all(np.isfinite(r["reward/jpeg/mean"]) and np.isfinite(r["learner/loss"]) for r in records)
     assert all(r["learner/first_ratio_max_abs_dev"] == 0.0 for r in records), "on-policy ratio must be exactly 1"
-    # The conditioning rides in the rollout: image latents [4 + 8, 2, 4, 4] and CLIP states [17, 16], once per group.
-    assert records[0]["rollout/bytes_per_sample"] > (12 * 2 * 4 * 4 + 17 * 16) * 4 / 4
+    # Exactly the trajectories plus, once per group, the text and the image conditioning (the image alone: 656 bytes a sample).
+    assert records[0]["rollout/bytes_per_sample"] == wan_rollout_bytes(4, 8, trajectory=True)
+    from diffusers import WanTransformer3DModel
+
+    assert WanTransformer3DModel.from_pretrained(run_dir / "checkpoint-final" / "transformer").config.image_dim == 16
+
+
+@pytest.mark.slow
+def test_dgpo_on_tiny_wan_i2v(ray_cluster, tmp_path):
+    """DGPO on the same tiny Wan 2.1 I2V: ODE rollouts of image-conditioned groups, CFG in rollout and training, the
+    learner in micro-batches of 2 of each group's 4 members with activation checkpointing (the video presets' knobs)."""
+    dgpo = DGPO.replace("num_train_timesteps: 2}", "num_train_timesteps: 2, micro_batch_size: 2}")
+    proc = run_raygrpo(
+        "cluster/tiny_wan_i2v.yaml", "train.steps=2", dgpo, "rollout.micro_batch_size=4", "learner.gradient_checkpointing=true",
+        f"run.output_root={tmp_path}", ray_address=ray_cluster.address,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records, run_dir = _records(proc.stdout)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["reward/jpeg/mean"]) and np.isfinite(r["learner/loss"]) for r in records)
+    assert all(0 <= r["learner/gate_mean"] <= 1 and r["learner/samples"] == 2 * 4 for r in records)
+    # Final latents only, and the conditioning once per group: about 2.7 kB a sample (without the image, 2.1 kB).
+    assert records[0]["rollout/bytes_per_sample"] == wan_rollout_bytes(4, 8, trajectory=False)
     from diffusers import WanTransformer3DModel
 
     assert WanTransformer3DModel.from_pretrained(run_dir / "checkpoint-final" / "transformer").config.image_dim == 16

@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from raygrpo.config import ConfigError, LoggingConfig, load_config
-from raygrpo.gallery import GalleryEntry, gallery_steps, is_gallery_step, read_galleries, read_step_gallery, write_step_gallery
+from raygrpo.gallery import (
+    GalleryEntry, gallery_steps, is_gallery_step, read_galleries, read_group_media, read_step_gallery, write_step_gallery,
+)  # fmt: skip
 
 
 def _images(g: int = 3, seed: int = 0) -> np.ndarray:
@@ -137,3 +139,18 @@ def test_logging_section_defaults_and_validation(tmp_path):
     path.write_text(base + "logging: {sample_groups: 0}\n")
     with pytest.raises(ConfigError, match="sample_groups"):
         load_config(path)
+
+
+def test_a_gallery_reads_back_as_arrays_for_the_report(tmp_path):
+    """What samples.png shows of a step a resumed run did not see: the PNGs exactly, GIF videos at their frame count."""
+    images = _images(3, seed=4)
+    write_step_gallery(tmp_path, 1, [_entry(2, images)])
+    gallery = read_step_gallery(tmp_path, 1)
+    np.testing.assert_array_equal(read_group_media(gallery, gallery.groups[0]), images)
+    video = np.zeros((2, 6, 8, 8, 3), np.uint8)  # [G, F, H, W, 3]; frames 0-2 and 3-5 equal, so Pillow merges them
+    video[:, 3:] = 200
+    write_step_gallery(tmp_path, 2, [_entry(3, video)])
+    gallery = read_step_gallery(tmp_path, 2)
+    back = read_group_media(gallery, gallery.groups[0])
+    assert back.shape == video.shape
+    np.testing.assert_allclose(back.astype(int), video.astype(int), atol=8)  # the GIF palette may shift a grey level

@@ -116,6 +116,17 @@ def test_incomplete_folder_is_a_clear_error(tiny_folder, tmp_path):
         HunyuanVideoModel.from_pretrained(str(partial / "transformer"))
 
 
+def test_learner_view_of_a_vae_config_without_compression_ratios(tiny_folder, tmp_path):
+    """A vae/config.json without the compression ratios (left to the class defaults) still gives the learner its geometry."""
+    folder = tmp_path / "trimmed"
+    shutil.copytree(tiny_folder, folder)
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    del config["spatial_compression_ratio"], config["temporal_compression_ratio"]
+    (folder / "vae" / "config.json").write_text(json.dumps(config))
+    learner = HunyuanVideoModel.from_pretrained(str(folder), load_text_encoders=False, load_vae=False, num_frames=9, height=64, width=48)
+    assert (learner.spatial_compression, learner.temporal_compression) == (8, 4) and learner.latent_shape == (4, 3, 8, 6)
+
+
 def test_encode_prompt_matches_pipeline_and_is_cached(model, pipe, template):
     first = model.encode_prompt(PROMPT)
     assert model.encode_prompt(PROMPT) is first

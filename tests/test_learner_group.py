@@ -64,11 +64,18 @@ def make_batch(config, n_groups: int) -> list[TrainGroup]:
 # name -> (preset, overrides, groups); "sync_every" re-runs dancegrpo with a gradient all-reduce on every backward
 SCENARIOS = {
     "dancegrpo": ("tiny.yaml", [], 2),
-    "dancegrpo_sync_every": ("tiny.yaml", [], 2),
+    "dancegrpo_sync_every": ("tiny.yaml", ["learner.reduce_every_backward=true"], 2),
     "dgpo": ("tiny_dgpo.yaml", [], 2),
     "dgpo_padded": ("tiny_dgpo.yaml", [], 3),  # 3 groups on 2 ranks: rank 1 holds one real group and one padding slot
     "dgpo_lora": ("tiny_dgpo.yaml", ["model.lora={rank: 4, alpha: 8}", "algorithm.reference=frozen", "optimizer.lr=0.05"], 2),
     "dancegrpo_bf16": ("tiny.yaml", ["model.dtype=bfloat16"], 2),  # fp32 master weights, bf16 compute (FSDP MixedPrecisionPolicy)
+    # dgpo_lora one member per forward, with activation checkpointing inside the FSDP units
+    "dgpo_micro_checkpointed": (
+        "tiny_dgpo.yaml",
+        ["model.lora={rank: 4, alpha: 8}", "algorithm.reference=frozen", "optimizer.lr=0.05", "algorithm.micro_batch_size=1",
+         "learner.gradient_checkpointing=true"],
+        2,
+    ),  # fmt: skip
 }
 
 
@@ -80,16 +87,13 @@ def _ranks_main(rank: int, world: int, port: int, batches: dict, out_dir: str) -
             learner = Learner(make_config(preset, *overrides, f"learner.num_ranks={world}"), rank, world)
             assert learner.sharded and all(hasattr(p, "to_local") for p in learner.parameters)
             groups, shard = split_batch(batches[name], world)[rank]
-            windowed, reduce_scatter, calls = Shard.gradient_sync, torch.distributed.reduce_scatter_single, []
-            if name == "dancegrpo_sync_every":
-                # The same update with FSDP reducing gradients on every backward instead of once per window.
-                Shard.gradient_sync = lambda self, enabled: self.network.set_requires_gradient_sync(True)
+            reduce_scatter, calls = torch.distributed.reduce_scatter_single, []
             # Count FSDP's gradient reduce-scatters (it calls torch.distributed.reduce_scatter_single).
             torch.distributed.reduce_scatter_single = _counting(reduce_scatter, calls)
             try:
                 metrics = learner.update(groups, shard)
             finally:
-                Shard.gradient_sync, torch.distributed.reduce_scatter_single = windowed, reduce_scatter
+                torch.distributed.reduce_scatter_single = reduce_scatter
             params = full_state_dict(learner.model.transformer, None, None)
             message = learner.export_weights()
             if name in ("dgpo", "dgpo_lora"):
@@ -175,7 +179,7 @@ def _max_param_diff(one: Learner, params: dict[str, torch.Tensor]) -> float:
     return max(float((state[k].float() - params[k].float()).abs().max()) for k in state)
 
 
-@pytest.mark.parametrize("name", ["dancegrpo", "dgpo", "dgpo_padded"])
+@pytest.mark.parametrize("name", ["dancegrpo", "dgpo", "dgpo_padded", "dgpo_micro_checkpointed"])
 def test_two_ranks_make_the_one_rank_update(two_rank_results, name):
     one, metrics, two = two_rank_results[name]
     start = Learner(one.config).model.transformer.state_dict()
@@ -189,7 +193,7 @@ def test_two_ranks_make_the_one_rank_update(two_rank_results, name):
 
 
 def test_accumulating_without_gradient_sync_gives_the_same_update(two_rank_results):
-    """no_sync on every backward but a window's last equals reducing gradients on every backward."""
+    """no_sync on every backward but a window's last equals learner.reduce_every_backward (a reduce-scatter per backward)."""
     one, _, windowed = two_rank_results["dancegrpo"]
     _, _, every = two_rank_results["dancegrpo_sync_every"]
     backwards = one.config.trained_timesteps * G  # per rank: its 4 samples x 3 trained steps, one window
@@ -198,6 +202,15 @@ def test_accumulating_without_gradient_sync_gives_the_same_update(two_rank_resul
     assert diff < TOLERANCE
     # and it saves the communication: one reduce-scatter per FSDP unit per window instead of per backward
     assert windowed["reduce_scatters"] > 0 and every["reduce_scatters"] == backwards * windowed["reduce_scatters"]
+
+
+def test_dgpo_micro_batches_still_reduce_once_per_update(two_rank_results):
+    """Micro-batches of one member (a backward per member instead of per group) and recomputed blocks: the
+    gradients still cross the ranks once per update, on its last backward, as for whole groups."""
+    _, _, whole = two_rank_results["dgpo_lora"]
+    one, _, micro = two_rank_results["dgpo_micro_checkpointed"]
+    assert one.model.transformer.gradient_checkpointing and one.config.algorithm.micro_batch_size == 1
+    assert micro["reduce_scatters"] == whole["reduce_scatters"] > 0
 
 
 def test_lora_on_two_ranks_exports_only_the_adapter(two_rank_results):
@@ -313,7 +326,8 @@ def test_learner_group_of_two_ray_actors(ray_cluster, tmp_path):
         names = group.weight_names()
         assert names == sorted(mine.arrays)
         sent, received = group.send_weights(), worker.receive_weights.remote(1, names)
-        assert ray.get(received) == ray.get(sent) and ray.get(sent)[0] == 1
+        report = ray.get(received)
+        assert (report.policy_version, report.checksum) == ray.get(sent) and ray.get(sent)[0] == 1
         group.save_state(str(tmp_path / "state"))
         assert group.load_state(str(tmp_path / "state")) == 1
         saved = group.save(str(tmp_path / "checkpoint"))

@@ -8,6 +8,7 @@ algorithm shadows (DGPO's EMAs) and counters, and generators (torch.equal, not a
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -81,3 +82,14 @@ def test_a_state_that_does_not_fit_fails_clearly(three_learners, tmp_path):
     state = json.loads((folder / STATE_FILE).read_text())
     assert state["policy_version"] == 1 and state["world_size"] == 1
     assert np.isfinite(a.update(make_batch(a.config, 1)).loss)  # a failed load leaves the learner usable
+
+
+def test_tensors_that_do_not_load_say_so_in_one_line(three_learners, tmp_path):
+    """DCP's own error is a page of per-rank tracebacks; the learner reports the first cause as a TrainingStateError."""
+    a, _, folder = three_learners
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    for shard in (broken / "tensors").glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # cut short, as by a full disk
+    with pytest.raises(TrainingStateError, match=r"^the tensors in .*broken/tensors do not load into this learner: [^\n]+$"):
+        Learner(a.config).load_state(str(broken))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import types
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from raygrpo.config import load_config
-from raygrpo.metrics import MetricsLog, WandbOptions, read_metrics
+from raygrpo.metrics import MetricsLog, WandbOptions, keep_steps_up_to, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,3 +133,24 @@ def test_for_run_follows_the_logging_section(tmp_path, monkeypatch, tensorboard)
     assert log.path == tmp_path / "metrics.jsonl"
     assert (tmp_path / "tensorboard").is_dir() == tensorboard
     assert (tmp_path / "metrics.parquet").is_file()
+
+
+def test_a_resume_cuts_the_history_back_by_replacing_the_file_never_rewriting_it(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps(_record(step)) for step in (1, 2, 3, 4)]
+    path.write_text("\n".join(lines) + "\n" + lines[0][:20])  # steps 3-4 after the checkpoint, and a torn line
+    original = path.read_bytes()
+
+    def crash(*args):
+        raise OSError("killed while replacing")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        keep_steps_up_to(path, 2)
+    assert path.read_bytes() == original, "a crash while cutting the history back loses nothing"
+    monkeypatch.undo()
+    (tmp_path / "metrics.discarded.jsonl").unlink()
+    records = keep_steps_up_to(path, 2)
+    assert [r["step"] for r in records] == [1, 2] and path.read_text() == "\n".join(lines[:2]) + "\n"
+    assert (tmp_path / "metrics.discarded.jsonl").read_text().splitlines() == [lines[2], lines[3], lines[0][:20]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.discarded.jsonl", "metrics.jsonl"]

@@ -14,9 +14,9 @@ from .conftest import ROOT
 
 @pytest.fixture(scope="module")
 def ray_driver(ray_cluster):
-    """This test process as a Ray driver of the session cluster (the controller runs in process)."""
+    """This test process as a Ray driver of the session cluster (the controller runs in process); yields the metrics URL."""
     ray.init(address=ray_cluster.address, logging_level="WARNING")
-    yield
+    yield ray_cluster.metrics
     ray.shutdown()
 
 
@@ -52,7 +52,11 @@ def test_max_staleness_one_overlaps_generation_with_training(ray_driver, tmp_pat
 
 
 class KillingController(Controller):
-    """Kills rollout worker 0 and the reward replica right after step 2's groups are submitted."""
+    """Kills rollout worker 0 and the reward replica right after step 2's groups are submitted; with
+    ``metrics_url`` set, reads Ray's metrics endpoint after the last step, while the run is still live."""
+
+    metrics_url: str | None = None
+    metrics_checked = False
 
     def _fill_queue(self, step: int) -> None:
         super()._fill_queue(step)
@@ -60,20 +64,61 @@ class KillingController(Controller):
             ray.kill(self.rollout_pool.actors[0], no_restart=False)
             ray.kill(self.reward_pools["jpeg"].actors[0], no_restart=False)
 
+    def _write_report(self) -> None:
+        if self.metrics_url:
+            _check_ray_metrics(self.metrics_url)
+            self.metrics_checked = True
+        super()._write_report()
+
 
 @pytest.mark.slow
-def test_killed_rollout_and_reward_actors_restart_and_no_group_is_lost_or_trained_twice(ray_driver, tmp_path):
-    config = tiny_config(tmp_path, "train.steps=4", "rollout.num_workers=2", "rollout.max_restarts=1", "rewards.0.max_restarts=1")
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_killed_rollout_and_reward_actors_restart_and_no_group_is_lost_or_trained_twice(ray_driver, tmp_path, max_staleness):
+    """Worker 0 and the reward replica die right after step 2's submissions (with max_staleness 1: step 3's groups)."""
+    config = tiny_config(
+        tmp_path, "train.steps=4", "rollout.num_workers=2", "rollout.max_restarts=1", "rewards.0.max_restarts=1",
+        f"train.max_staleness={max_staleness}",
+    )  # fmt: skip
     controller = KillingController(config, tmp_path / "run", list(config.data.prompts))
+    controller.metrics_url = ray_driver if max_staleness else None
     records = run_controller(controller)
+    assert controller.metrics_checked == bool(max_staleness)
     assert sorted(controller.trained_group_ids) == list(range(8)), "every requested group is trained exactly once"
     assert [r["groups/trained"] for r in records] == [2.0] * 4
-    assert records[1]["groups/reissued"] >= 1  # worker 0 held one of step 2's two groups
-    assert controller.reissued + controller.rescored >= 2
+    # Worker 0 held one of the two groups submitted just before the kill: step 2's on-policy, step 3's with
+    # max_staleness 1 (step 2's were submitted a step earlier and may be done: finished work is never redone).
+    assert records[1 + max_staleness]["groups/reissued"] >= 1
+    assert controller.rescored >= 1  # the reward replica died with scorings in flight
     assert [r["policy_version"] for r in records] == [1, 2, 3, 4]
-    # The restarted worker got the current weights: strictly on-policy samples keep the first ratio at exactly 1.
-    assert all(r["learner/first_ratio_max_abs_dev"] == 0.0 for r in records)
     assert all(np.isfinite(r["reward/jpeg/mean"]) for r in records)
+    if not max_staleness:
+        # The restarted worker got the current weights: strictly on-policy samples keep the first ratio at exactly 1.
+        assert all(r["learner/first_ratio_max_abs_dev"] == 0.0 for r in records)
+    else:
+        assert all(r["staleness/max"] <= 1 for r in records)
+
+
+def _check_ray_metrics(metrics_url: str) -> None:
+    """The run's ray.util.metrics as Ray's Prometheus endpoint on the head serves them (exported every 2 s here;
+    the gauges are re-set every few seconds, so they are there however long ago the last step set them)."""
+    import time
+
+    import httpx
+
+    wanted = [
+        "ray_raygrpo_queue_depth", "ray_raygrpo_staleness", "ray_raygrpo_idle_fraction", "ray_raygrpo_weight_sync_seconds",
+        "ray_raygrpo_reward_latency_seconds_bucket", "ray_raygrpo_actor_restarts_total",
+    ]  # fmt: skip
+    deadline, seen = time.monotonic() + 30, {}
+    while time.monotonic() < deadline:
+        lines = [line for line in httpx.get(metrics_url, timeout=10).text.splitlines() if line.startswith("ray_raygrpo_")]
+        seen = {name: [line for line in lines if line.startswith(name + "{")] for name in wanted}
+        if all(seen.values()):
+            break
+        time.sleep(1)
+    assert all(seen.values()), {name: bool(found) for name, found in seen.items()}
+    assert any('role="rollout"' in line for line in seen["ray_raygrpo_actor_restarts_total"])  # the killed worker
+    assert any('role="reward/jpeg"' in line for line in seen["ray_raygrpo_idle_fraction"])
 
 
 @pytest.mark.slow
@@ -120,4 +165,5 @@ def test_collective_weight_sync_broadcasts_each_version_and_survives_a_restart(r
     assert [r["policy_version"] for r in records] == [1, 2, 3]
     assert sorted(controller.trained_group_ids) == list(range(6))
     assert all(r["learner/first_ratio_max_abs_dev"] == 0.0 for r in records), "rollout sampled with exactly the learner's weights"
-    assert controller.weight_names and not controller.weight_group_stale  # rebuilt after the restart, used for step 3
+    sync = controller.weight_sync
+    assert sync.collective and sync.names and not sync.group_stale  # rebuilt after the restart, used for step 3

@@ -1,7 +1,9 @@
-"""The Wan 2.1 image-to-video adapter and its tiny random build, checked against diffusers' WanImageToVideoPipeline."""
+"""The Wan 2.1 image-to-video adapter and its tiny random build, checked against diffusers' WanImageToVideoPipeline;
+its SkyReels-V2 I2V variant against SkyReelsV2ImageToVideoPipeline."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -214,3 +216,77 @@ def test_euler_sampling_with_cfg_and_decode_match_the_pipeline(model, tiny_folde
     assert videos.shape == (2, 5, 32, 32, 3) and videos.dtype == np.uint8
     expected = (np.asarray(reference) * 255).round().astype(np.uint8)
     assert np.abs(videos.astype(int) - expected.astype(int)).max() <= 1
+
+
+# ------------------------------------------------------------------------------- VAE configs of older diffusers
+
+
+def test_a_wan21_vae_config_without_scale_factors_loads(tiny_folder, tmp_path):
+    """The Wan 2.1 Diffusers repositories' vae/config.json predate scale_factor_spatial/_temporal: the learner
+    view (no VAE weights) derives them from the architecture."""
+    from raygrpo.models.wan import vae_compression
+
+    folder = tmp_path / "wan21"
+    shutil.copytree(tiny_folder, folder)
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    del config["scale_factor_spatial"], config["scale_factor_temporal"]
+    (folder / "vae" / "config.json").write_text(json.dumps(config))
+    learner = WanI2VModel.from_pretrained(str(folder), load_text_encoders=False, load_vae=False, num_frames=9, height=64, width=32)
+    assert (learner.spatial_compression, learner.temporal_compression) == (8, 4) and learner.latent_shape == (8, 3, 8, 4)
+    # Other geometries follow too: no temporal halving in the first two blocks, a patchifying VAE (Wan 2.2's).
+    assert vae_compression({"dim_mult": [1, 2, 4, 4], "temperal_downsample": [False, False, True]}) == (8, 2)
+    assert vae_compression({"dim_mult": [1, 2, 4], "temperal_downsample": [True, True], "patch_size": 2}) == (8, 4)
+    assert vae_compression({}) == (8, 4)  # diffusers' defaults: Wan 2.1's [1, 2, 4, 4] and [False, True, True]
+    assert vae_compression({"scale_factor_spatial": 16, "scale_factor_temporal": 4, "dim_mult": [1, 2]}) == (16, 4)
+
+
+# ------------------------------------------------------------------------------- SkyReels-V2 image-to-video
+
+
+@pytest.fixture(scope="module")
+def skyreels_folder(cache_dir) -> Path:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAYGRPO_CACHE", str(cache_dir))
+        return tiny_model_folder("skyreels_v2_i2v")
+
+
+def test_skyreels_v2_i2v_is_served_by_the_wan_adapter(skyreels_folder, tmp_path):
+    """A SkyReels-V2 I2V folder loads its own classes, conditions as its pipeline does, and the image steers it."""
+    from diffusers import SkyReelsV2ImageToVideoPipeline, SkyReelsV2Transformer3DModel
+    from transformers import CLIPVisionModelWithProjection
+
+    sizes = {"num_frames": 5, "height": 32, "width": 32, "max_sequence_length": 32}
+    model = WanI2VModel.from_pretrained(str(skyreels_folder), **sizes)
+    assert model.variant.name == "SkyReels-V2" and model.latent_shape == (8, 2, 4, 4)
+    assert type(model.transformer) is SkyReelsV2Transformer3DModel and type(model.image_encoder) is CLIPVisionModelWithProjection
+    pipe = SkyReelsV2ImageToVideoPipeline.from_pretrained(skyreels_folder)
+    image = _image(6)
+    cond = model.encode_prompt(PROMPT, image)
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False, max_sequence_length=32)
+        image_embeds = pipe.encode_image(Image.fromarray(image), "cpu")  # through its CLIPProcessor
+        pixels = pipe.video_processor.preprocess(Image.fromarray(image), height=32, width=32).float()
+        _, condition = pipe.prepare_latents(pixels, 1, 8, 32, 32, 5, torch.float32, "cpu", None, torch.zeros(1, 8, 2, 4, 4))
+    np.testing.assert_allclose(cond.prompt_embeds, embeds[0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(cond.image_embeds, image_embeds[0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(cond.image_latents, condition[0].numpy(), atol=1e-6)
+    latents = model.initial_noise(torch.Generator().manual_seed(3), 2)
+    sigmas = torch.tensor([0.8, 0.4])
+    learner = WanI2VModel.from_pretrained(str(skyreels_folder), load_text_encoders=False, load_vae=False, **sizes)
+    with torch.no_grad():
+        guided = model.velocity(latents, sigmas, ConditioningBatch.of(cond, 2))
+        other_image = model.velocity(latents, sigmas, _batch(model, 2, _image(7)))
+        torch.testing.assert_close(learner.velocity(latents, sigmas, ConditioningBatch.of(cond, 2)), guided)
+    assert guided.shape == (2, 8, 2, 4, 4) and not torch.allclose(guided, other_image, atol=1e-4)
+    # The diffusion-forcing variants and SkyReels-V1 (HunyuanVideo-based) are refused before any weights load.
+    for name, message in [("SkyReelsV2DiffusionForcingImageToVideoPipeline", "diffusion forcing"),
+                          ("HunyuanSkyreelsImageToVideoPipeline", "HunyuanVideo-based")]:  # fmt: skip
+        other = tmp_path / name
+        shutil.copytree(skyreels_folder, other)
+        index = json.loads((other / "model_index.json").read_text())
+        (other / "model_index.json").write_text(json.dumps({**index, "_class_name": name}))
+        with pytest.raises(ModelNotFoundError, match=message):
+            WanI2VModel.from_pretrained(str(other))
+    fps = SkyReelsV2Transformer3DModel.from_config({**model.transformer.config, "inject_sample_info": True})
+    with pytest.raises(ValueError, match="diffusion-forcing"):
+        WanI2VModel(fps, num_frames=5, height=32, width=32)

@@ -52,3 +52,22 @@ def test_a_partial_message_checksums_only_its_tensors():
     assert message.partial and set(message.arrays) == {"bias"}
     assert load_weights(target, message) == message.checksum
     assert not torch.equal(target.weight, source.weight)  # the rest is kept
+
+
+def test_a_bf16_wan_rollout_worker_holds_exactly_what_the_learner_sends():
+    """diffusers keeps Wan's time embedder, norms and scale-shift tables in float32 when loading in bf16;
+    the rollout worker holds them in model.dtype like everything else, as the learner computes them, so
+    the checksummed sync of the full network goes through (it used to fail on those tensors)."""
+    from raygrpo.config import load_config
+    from raygrpo.learner.learner import Learner
+    from raygrpo.rollout.worker import RolloutWorker
+
+    from .conftest import ROOT
+
+    config = load_config(ROOT / "cluster" / "tiny_wan_i2v.yaml", ["model.dtype=bfloat16"])
+    worker = RolloutWorker(config)
+    assert {t.dtype for t in worker.model.transformer.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+    message = Learner(config).export_weights()
+    assert set(message.dtypes.values()) == {"bfloat16"}
+    report = worker.set_weights(message)
+    assert (report.policy_version, report.checksum) == (0, message.checksum)

@@ -58,3 +58,18 @@ def best_of_n_members(advantages: np.ndarray, weights: np.ndarray, n: int, rng: 
     order = np.argsort(combined, kind="stable")  # ascending
     chosen = np.concatenate([order[-(n // 2) :], order[: n // 2]])  # [n]: top then bottom
     return rng.permutation(chosen).astype(np.int64)
+
+
+def advantage_statistics(advantages: list[np.ndarray], members: list[np.ndarray], names: list[str]) -> dict[str, float]:
+    """``advantage/<name>/{mean,std,min,max}`` over the trained members of a step's groups.
+
+    ``advantages``: per group ``[K, G]``; ``members``: per group the trained member indices; ``names``:
+    the K rows' names. Without a trained member every value is NaN, so each step has the same keys.
+    """
+    trained = [a[:, m] for a, m in zip(advantages, members)]  # each [K, n]
+    values = np.concatenate(trained, axis=1) if trained else np.zeros((len(names), 0))  # [K, N]
+    stats = {}
+    for name, row in zip(names, values.astype(np.float64)):
+        for stat, fn in (("mean", np.mean), ("std", np.std), ("min", np.min), ("max", np.max)):
+            stats[f"advantage/{name}/{stat}"] = float(fn(row)) if row.size else float("nan")
+    return stats

@@ -20,6 +20,16 @@ floor((T - 1) * timestep_fraction) are kept. ``backward`` runs once per (sample,
 optimizer steps every ``grad_accum_samples`` samples, after clipping the gradient norm. No KL and
 no reference model (DanceGRPO has none).
 
+Logged beside the loss, as a diagnostic only (it is no term of the loss and has no gradient):
+``approx_kl``, the k3 estimator of KL(pi_old || pi_theta) over the trained transitions, with
+r_ij = log pi_theta - log pi_old as above::
+
+    approx_kl = mean_ij( exp(r_ij) - 1 - r_ij )        (>= 0, unbiased on samples of pi_old)
+
+Since log pi is the element mean, this is the KL per latent element. Within one update it grows as
+the optimizer steps move pi_theta away from the sampling policy; with ``max_staleness`` >= 1 it also
+measures how far behind the samples were.
+
 Defaults follow the DanceGRPO FLUX recipe (group 12, 16 steps, eta 0.3, shift 3, fraction 0.6,
 clip 1e-4, AdamW lr 1e-5 wd 1e-4, grad norm 1.0). Deviations:
 
@@ -120,7 +130,7 @@ class DanceGRPO:
         usable = len(batch[0][1].sigmas) - 1
         draws = [trained_steps(usable, algo.timestep_fraction, rng) for _ in range(shard.total_samples or len(samples))]
         chosen = shard.pick(draws, shard.sample_offset, len(samples))
-        losses, ratios, grad_norms, clipped_terms, first_dev = [], [], [], 0, 0.0
+        losses, ratios, log_ratios, grad_norms, clipped_terms, first_dev = [], [], [], [], 0, 0.0
         optimizer.zero_grad(set_to_none=True)
         for n, (group, rollout, member) in enumerate(samples):
             sigmas = as_tensor(rollout.sigmas, device)  # [T+1]
@@ -140,7 +150,8 @@ class DanceGRPO:
                 v = policy.velocity(x, sigmas[j].reshape(1), cond)  # [1, ...]
                 step = step_transition(self.spec.sampler, self.spec.noise_level, x, v, sigmas, int(j))
                 log_prob = step.log_prob(x_next)  # [1]
-                ratio = torch.exp(log_prob - float(rollout.log_probs[member, j]))  # [1]
+                log_ratio = log_prob - float(rollout.log_probs[member, j])  # [1]
+                ratio = torch.exp(log_ratio)  # [1]
                 per_reward = clipped_surrogate(ratio.expand_as(advantages), advantages, algo.clip_range)  # [K]
                 term = (weights * per_reward).sum()
                 (term * scale / (window * n_steps)).backward()
@@ -151,12 +162,15 @@ class DanceGRPO:
                     first_dev = max(first_dev, abs(ratio_value - 1.0))
                 losses.append(float(term.detach()))
                 ratios.append(ratio_value)
+                log_ratios.append(float(log_ratio.detach()))
                 clipped_terms += abs(ratio_value - 1.0) > algo.clip_range
             if window_ends:
                 grad_norms.append(clip_grad_norm(parameters, opt.max_grad_norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         ratios_np = np.asarray(ratios or [np.nan])  # a rank holding only padding has no terms
+        r = np.asarray(log_ratios, np.float64)  # [n_terms]
+        approx_kl = float(np.mean(np.expm1(r) - r)) if len(r) else float("nan")  # k3: exp(r) - 1 - r
         return LearnerMetrics(
             policy_version=policy_version,
             loss=float(np.mean(losses)) if losses else float("nan"),
@@ -168,4 +182,5 @@ class DanceGRPO:
             optimizer_steps=len(grad_norms),
             samples=sum(real),
             seconds=time.perf_counter() - start,
+            extras={"approx_kl": approx_kl},
         )

@@ -24,6 +24,21 @@ switchable: the velocity-space KL against the frozen base, and a PPO-style clip 
 loss: with ratio_i = exp(l_old_i - l_i) against the fast-EMA ("old") policy, l_i is detached when
 A_i > 0 and ratio_i > 1 + eps, or A_i < 0 and ratio_i < 1 - eps (``clip_kl`` detaches the KL too).
 
+Micro-batches (``micro_batch_size`` m below the group's G members; the learner's memory on video
+models). Once the gate and the clip mask are fixed, the surrogate's gradient is a sum over members,
+``sigmoid(S_g) / G * sum_i A_i grad l_i  (+ kl_beta / G * sum_i grad kl_i)``, so it splits over
+micro-batches; but S_g needs every member's l_i before the first backward. A split group therefore
+runs, at each sigma: (1) without gradients, one micro-batch per forward, l_ref_i, l_old_i, v_base and
+the policy's own l_i for all G members, then the detached sigmoid(S_g) and clip mask; (2) per
+micro-batch b a forward with gradients and the backward of ``sum_{i in b} [sigmoid(S_g) A_i l_i +
+kl_beta kl_i] / G`` (l_i, kl_i detached where the clip mask says so). The micro-batches' gradients
+add up to the whole group's, equal up to float rounding (the same per-member numbers, summed in
+another order), and the loss normalisation and the single gradient sync per update (its last
+backward, ``Shard.gradient_sync``) are unchanged. The price is one more no-gradient forward of the
+policy per member; a group trained whole (m >= G, or None) takes its l_i from its one forward.
+Reference and base outputs are held for one group at a time (latent-sized), activations for one
+micro-batch (2m rows with CFG in training); the shadows are swapped in once per group and sigma.
+
 Timesteps (the "timestep clip"): each update draws M = num_train_timesteps distinct indices from
 {0..trunc_steps} of the rollout grid (the released code's truncated grid: 6 of 10 steps keeps sigma
 above shift_3(0.3)), or, with ``trunc_steps: null``, M values t ~ U[t_min, 1] in unshifted time,
@@ -126,6 +141,23 @@ class _Group:
     cond: ConditioningBatch  # expanded to G
 
 
+@dataclass
+class _Terms:
+    """One real group's statistics at one sigma (the update's metrics average them)."""
+
+    loss: float  # the group's surrogate, gate * A * l plus the KL term, mean over its members
+    gate: float  # sigmoid(S_g)
+    kl: float  # mean over members of ||v_theta - v_base||^2
+    clipped: list[bool]  # per member: its denoising loss was detached by the PPO clip
+    ratios: list[float]  # per member exp(l_old - l); empty without the clip
+
+
+def _micro_batches(size: int, micro_batch_size: int | None) -> list[slice]:
+    """The member slices of a group of ``size``: one slice for None (the whole group)."""
+    step = micro_batch_size or size
+    return [slice(i, min(i + step, size)) for i in range(0, size, step)]
+
+
 class DGPO:
     """The learner half. ``setup`` creates the shadows (fast/slow EMA, frozen snapshot) once."""
 
@@ -157,13 +189,6 @@ class DGPO:
     def evaluation_weights(self) -> AbstractContextManager:
         return self.slow_ema.swapped()
 
-    def _velocities(self, weights: AbstractContextManager, groups: list[_Group], x_t: list[torch.Tensor], sigma: torch.Tensor):
-        with torch.no_grad(), weights:
-            return [self._velocity(g, x, sigma) for g, x in zip(groups, x_t)]
-
-    def _velocity(self, group: _Group, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return self.model.velocity(x_t, sigma.expand(len(x_t)), group.cond)
-
     def update(
         self,
         policy,
@@ -184,66 +209,109 @@ class DGPO:
         noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         # Terms of the whole step over every rank; each rank scales its own by M (FSDP averages gradients).
         n_terms = shard.global_sum(sum(real)) * len(sigmas)
-        needs_old = algo.clip_dsm or algo.clip_kl
-        stats: dict[str, list[float]] = {"loss": [], "gate": [], "kl": [], "ratio": [], "clipped": []}
+        terms: list[_Terms] = []
         optimizer.zero_grad(set_to_none=True)
         for t_index, sigma in enumerate(sigmas):
             # One noise per group at this sigma, shared by its members (paper §3: variance reduction), drawn
             # for every group slot of the step in order so that M ranks draw what one rank draws.
             drawn = [torch.randn((1, *groups[0].x0.shape[1:]), generator=noise_gen) for _ in range(shard.total_groups or len(groups))]
             noise = [eps.to(device).expand_as(g.x0) for g, eps in zip(groups, shard.pick(drawn, shard.group_offset, len(groups)))]
-            x_t = [(1 - sigma) * g.x0 + sigma * eps for g, eps in zip(groups, noise)]  # each [G, ...]
-            targets = [eps - g.x0 for g, eps in zip(groups, noise)]
-            v_ref = self._velocities(self._reference(), groups, x_t, sigma)
-            if not needs_old:
-                v_old = None
-            elif algo.reference == "fast_ema":
-                v_old = v_ref  # the old policy of the clip is the reference itself: one evaluation
-            else:
-                v_old = self._velocities(self.fast_ema.swapped(), groups, x_t, sigma)
-            v_base = v_ref if algo.reference == "frozen" or algo.kl_beta == 0 else self._velocities(self._frozen_base(), groups, x_t, sigma)
             for k, group in enumerate(groups):
-                v = self._velocity(group, x_t[k], sigma)  # [G, ...] with gradient
-                loss = denoising_loss(v, targets[k])  # [G]
-                loss_ref = denoising_loss(v_ref[k], targets[k])  # [G]
-                gate = torch.sigmoid(group_gate_logit(group.advantages, loss, loss_ref, algo.beta))
-                clipped = torch.zeros_like(loss, dtype=torch.bool)
-                if needs_old:
-                    loss_old = denoising_loss(v_old[k], targets[k])
-                    clipped = ppo_clip_mask(group.advantages, loss, loss_old, algo.clip_range)
-                    stats["ratio"] += torch.exp(loss_old - loss.detach()).tolist()
-                used = torch.where(clipped, loss.detach(), loss) if algo.clip_dsm else loss
-                kl = ((v - v_base[k].float()) ** 2).flatten(1).mean(dim=1)  # [G]
-                if algo.clip_kl:
-                    kl = torch.where(clipped, kl.detach(), kl)
-                total = (gate * group.advantages * used).mean() + algo.kl_beta * kl.mean()
-                # One reduce-scatter per update: only the last backward syncs gradients over the ranks.
-                shard.gradient_sync(t_index == len(sigmas) - 1 and k == len(groups) - 1)
-                (total * shard.loss_scale(real[k]) / n_terms).backward()
-                if not real[k]:
-                    continue
-                stats["loss"].append(float(total.detach()))
-                stats["gate"].append(float(gate))
-                stats["kl"].append(float(kl.detach().mean()))
-                stats["clipped"] += clipped.tolist()
+                x_t = (1 - sigma) * group.x0 + sigma * noise[k]  # [G, ...]
+                target = noise[k] - group.x0  # [G, ...] v* = eps - x0
+                last = t_index == len(sigmas) - 1 and k == len(groups) - 1
+                term = self._train_group(group, x_t, target, sigma, shard.loss_scale(real[k]) / n_terms, shard, last)
+                if real[k]:
+                    terms.append(term)
         grad_norm = clip_grad_norm(parameters, self.config.optimizer.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self._after_optimizer_step()
-        ratios = np.asarray(stats["ratio"] or [1.0])
+        ratios = np.asarray([r for t in terms for r in t.ratios] or [1.0])
         return LearnerMetrics(
             policy_version=policy_version,
-            loss=_mean(stats["loss"]),
+            loss=_mean([t.loss for t in terms]),
             grad_norm=grad_norm,
-            clip_fraction=_mean(stats["clipped"]),
+            clip_fraction=_mean([c for t in terms for c in t.clipped]),
             ratio_mean=float(ratios.mean()),
             ratio_max_abs_dev=float(np.abs(ratios - 1).max()),
             first_ratio_max_abs_dev=float("nan"),  # no log-probs: DGPO has no on-policy ratio to check
             optimizer_steps=1,
             samples=sum(len(g.x0) for g, is_real in zip(groups, real) if is_real),
             seconds=time.perf_counter() - start,
-            extras={"gate_mean": _mean(stats["gate"]), "kl": _mean(stats["kl"]), "sigma_min": float(sigmas.min())},
+            extras={"gate_mean": _mean([t.gate for t in terms]), "kl": _mean([t.kl for t in terms]), "sigma_min": float(sigmas.min())},
         )
+
+    def _train_group(
+        self, group: _Group, x_t: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, scale: float, shard: Shard, last: bool
+    ) -> _Terms:
+        """One group at one sigma: its reference terms, the detached gate and clip mask, then its backward(s).
+
+        ``scale`` multiplies the group's loss before backward (rank factor over the step's term count,
+        0 for padding); ``last``: this group's last backward is the update's last (the one that syncs).
+        """
+        algo = self.algo
+        size = len(group.x0)
+        slices = _micro_batches(size, algo.micro_batch_size)
+        loss_ref, v_ref = self._evaluate(self._reference(), group, x_t, target, sigma, slices)  # [G], [G, ...]
+        needs_old = algo.clip_dsm or algo.clip_kl
+        if not needs_old:
+            loss_old = None
+        elif algo.reference == "fast_ema":
+            loss_old = loss_ref  # the old policy of the clip is the reference itself: one evaluation
+        else:
+            loss_old, _ = self._evaluate(self.fast_ema.swapped(), group, x_t, target, sigma, slices)
+        if algo.reference == "frozen" or algo.kl_beta == 0:
+            v_base = v_ref
+        else:
+            _, v_base = self._evaluate(self._frozen_base(), group, x_t, target, sigma, slices)
+        # The gate needs every member's l_i before any backward: a group trained in one forward gets them from
+        # that forward; a split group from a no-gradient pass of the policy first (module docstring).
+        whole = self._policy(group, x_t, target, sigma, slices[0]) if len(slices) == 1 else None
+        loss = whole[1].detach() if whole is not None else self._evaluate(nullcontext(), group, x_t, target, sigma, slices)[0]
+        gate = torch.sigmoid(group_gate_logit(group.advantages, loss, loss_ref, algo.beta))
+        clipped = torch.zeros_like(loss, dtype=torch.bool)  # [G]
+        if needs_old:
+            clipped = ppo_clip_mask(group.advantages, loss, loss_old, algo.clip_range)
+        total, kl_sum = 0.0, 0.0
+        for j, rows in enumerate(slices):
+            v, loss_b = whole if whole is not None else self._policy(group, x_t, target, sigma, rows)  # [b, ...], [b]
+            used = torch.where(clipped[rows], loss_b.detach(), loss_b) if algo.clip_dsm else loss_b
+            kl = ((v - v_base[rows]) ** 2).flatten(1).mean(dim=1)  # [b]
+            if algo.clip_kl:
+                kl = torch.where(clipped[rows], kl.detach(), kl)
+            # Sums over the micro-batch divided by G: a group's micro-batches add up to its mean over members.
+            part = (gate * group.advantages[rows] * used).sum() / size + algo.kl_beta * (kl.sum() / size)
+            # One reduce-scatter per update: only the last backward syncs gradients over the ranks.
+            shard.gradient_sync(last and j == len(slices) - 1)
+            (part * scale).backward()
+            total += float(part.detach())
+            kl_sum += float(kl.detach().sum())
+        ratios = torch.exp(loss_old - loss).tolist() if needs_old else []
+        return _Terms(loss=total, gate=float(gate), kl=kl_sum / size, clipped=clipped.tolist(), ratios=ratios)
+
+    def _evaluate(
+        self,
+        weights: AbstractContextManager,
+        group: _Group,
+        x_t: torch.Tensor,
+        target: torch.Tensor,
+        sigma: torch.Tensor,
+        slices: list[slice],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(l [G], v [G, ...])`` under ``weights`` without gradients, one micro-batch per forward."""
+        with torch.no_grad(), weights:
+            v = torch.cat([self._velocity(group, x_t, sigma, rows) for rows in slices])
+        return denoising_loss(v, target), v
+
+    def _policy(self, group: _Group, x_t: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, rows: slice):
+        """``(v [b, ...], l [b])`` of the trained weights on micro-batch ``rows``, with gradients."""
+        v = self._velocity(group, x_t, sigma, rows)
+        return v, denoising_loss(v, target[rows])
+
+    def _velocity(self, group: _Group, x_t: torch.Tensor, sigma: torch.Tensor, rows: slice) -> torch.Tensor:
+        x = x_t[rows]
+        return self.model.velocity(x, sigma.expand(len(x)), group.cond.rows(rows))
 
     def _after_optimizer_step(self) -> None:
         self.optimizer_steps += 1

@@ -80,21 +80,35 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def full_state_dict(
-    network: torch.nn.Module, names: set[str] | None, dtype: torch.dtype | None, on_cpu: bool = True
-) -> dict[str, torch.Tensor]:
-    """The network's state as whole tensors, copies on the CPU (or where the network is); every rank gathers and gets all.
+def gathered_tensors(network: torch.nn.Module, names: set[str] | None, dtype: torch.dtype | None):
+    """``(name, whole tensor)`` of the network's state one at a time, in sorted name order.
 
-    ``names``: keep only these (the LoRA adapter); ``dtype``: cast floating tensors to it (the
-    rollout side's dtype: fp32 master weights travel as the bf16 the rollout model holds).
+    Gathering a DTensor is a collective: every rank must iterate the generator to its end, in step.
+    One whole tensor exists at a time, so a rank never holds a second full copy of the network (an
+    8-rank FLUX learner would otherwise hold 8 x 24 GB of gathered bf16 weights). ``names``: keep only
+    these (the LoRA adapter); ``dtype``: cast floating tensors to it (what the rollout side holds).
     """
-    state = {}
-    for name, tensor in network.state_dict().items():
+    state = network.state_dict()  # references to the local shards, no copies
+    for name in sorted(state):
         if names is not None and name not in names:
             continue
-        tensor = full_tensor(tensor.detach())
+        tensor = full_tensor(state[name].detach())
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        # A copy, never a view: the caller may swap other values into the network right after (EMA weights).
-        state[name] = tensor.to("cpu", copy=True) if on_cpu else tensor.clone()
+        yield name, tensor
+
+
+def full_state_dict(
+    network: torch.nn.Module, names: set[str] | None, dtype: torch.dtype | None, on_cpu: bool = True, keep: bool = True
+) -> dict[str, torch.Tensor]:
+    """The network's state as whole tensors, copies on the CPU (or where the network is); every rank gathers.
+
+    ``keep=False``: this rank joins the gathers and keeps nothing (ranks other than the one writing or
+    sending), so only one rank pays the memory of a full copy. See :func:`gathered_tensors`.
+    """
+    state = {}
+    for name, tensor in gathered_tensors(network, names, dtype):
+        if keep:
+            # A copy, never a view: the caller may swap other values into the network right after (EMA weights).
+            state[name] = tensor.to("cpu", copy=True) if on_cpu else tensor.clone()
     return state

@@ -71,17 +71,22 @@ class LearnerRank:
     def weight_names(self) -> list[str]:
         return self.learner.weight_names()
 
-    def join_weight_group(self, host: str, port: int, world_size: int) -> int:
-        """Rank 0 only: join the learner-to-rollout broadcast group as its sender (its rank 0)."""
-        self.weight_group = WeightBroadcastGroup(host, port, 0, world_size, self.learner.device)
+    def join_weight_group(self, host: str, port: int, world_size: int, timeout_s: float = 600.0) -> int:
+        """Rank 0 only: join the learner-to-rollout broadcast group as its sender (its rank 0), leaving an older one."""
+        if getattr(self, "weight_group", None) is not None:
+            self.weight_group.close()
+        self.weight_group = WeightBroadcastGroup(host, port, 0, world_size, self.learner.device, timeout_s=timeout_s)
         return 0
 
     def send_weights(self) -> tuple[int, int] | None:
-        """Every rank gathers the sampling weights; rank 0 broadcasts them and returns ``(policy_version, fingerprint)``."""
-        state = self.learner.sampling_state(on_cpu=False)
-        if self.learner.rank != 0:
-            return None
-        return self.learner.policy_version, self.weight_group.send(state)
+        """Every rank gathers the sampling weights tensor by tensor; rank 0 broadcasts each as it is gathered
+        and returns ``(policy_version, fingerprint)``. No rank holds a second whole copy of the network."""
+        with self.learner.sampling_tensors() as tensors:
+            if self.learner.rank != 0:
+                for _ in tensors:  # join every gather
+                    pass
+                return None
+            return self.learner.policy_version, self.weight_group.send(tensors)
 
     def save_state(self, folder: str) -> None:
         self.learner.save_state(folder)
@@ -133,9 +138,9 @@ class LearnerGroup:
         """Ref to ``(host, port)`` on rank 0's node for the learner-to-rollout broadcast group's store."""
         return self.ranks[0].rendezvous.remote(loopback)
 
-    def join_weight_group(self, host: str, port: int, world_size: int) -> ray.ObjectRef:
+    def join_weight_group(self, host: str, port: int, world_size: int, timeout_s: float = 600.0) -> ray.ObjectRef:
         """Rank 0 joins the broadcast group as its sender; resolves once every member joined (start theirs first)."""
-        return self.ranks[0].join_weight_group.remote(host, port, world_size)
+        return self.ranks[0].join_weight_group.remote(host, port, world_size, timeout_s)
 
     def weight_names(self) -> list[str]:
         """The tensors every broadcast sends, in its order (the receivers pass them to ``receive_weights``)."""

@@ -14,13 +14,19 @@ in float32, so there it may not.
 Sharding: FSDP2 ``fully_shard`` on every transformer block and the root whenever a process group is
 up (every LearnerGroup rank) and there is more than one rank, a GPU, or a compute dtype below
 float32; one float32 CPU rank runs unsharded, as does ``Learner(config)`` without a process group.
+
+Activation checkpointing (``learner.gradient_checkpointing``, DanceGRPO's per-block checkpointing,
+reference doc §9.1): diffusers' own ``enable_gradient_checkpointing`` on the trained network, so each
+block's forward runs under non-reentrant ``torch.utils.checkpoint`` (it works with frozen inputs and a
+LoRA adapter's parameters alike). The backward recomputes one block at a time: the gradients are
+those of the plain forward (identical on CPU in tests/test_gradient_checkpointing.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -31,7 +37,7 @@ import torch
 from raygrpo.algorithms import make_algorithm
 from raygrpo.config import Config
 from raygrpo.contracts import LearnerMetrics, Rollout, TrainGroup, WeightsMessage, merge_rollouts
-from raygrpo.learner.fsdp import full_state_dict, shard_network
+from raygrpo.learner.fsdp import full_state_dict, gathered_tensors, shard_network
 from raygrpo.learner.shard import Shard
 from raygrpo.learner.state import load_training_state, save_training_state
 from raygrpo.models import load_model
@@ -87,6 +93,10 @@ class Learner:
             network.requires_grad_(True)
         # With LoRA only the adapter travels to the rollout side; full fine-tuning sends everything.
         self.synced_names = {n for n, p in network.named_parameters() if p.requires_grad} if config.model.lora else None
+        if config.learner.gradient_checkpointing:
+            # Before sharding: each block is then both the checkpointed function and the FSDP unit, and FSDP2
+            # skips its unshard/reshard hooks while the backward recomputes a block (the gather is already done).
+            network.enable_gradient_checkpointing()
         if self.sharded:
             shard_network(network, self.compute_dtype)  # parameters become DTensor shards, names unchanged
         self.parameter_names = [n for n, p in network.named_parameters() if p.requires_grad]
@@ -111,7 +121,11 @@ class Learner:
         holds the whole batch. Each ``TrainGroup.rollout`` is an ObjectRef, or the Rollout itself in process.
         """
         rollouts = fetch_rollouts(batch)
-        shard = replace(shard or Shard(), network=self.model.transformer if self.sharded else None)
+        shard = replace(
+            shard or Shard(),
+            network=self.model.transformer if self.sharded else None,
+            reduce_every_backward=self.config.learner.reduce_every_backward,
+        )
         self.policy_version += 1
         with self._autocast():
             metrics = self.algorithm.update(
@@ -124,18 +138,21 @@ class Learner:
 
         Every rank must call it (the shards are gathered); rank 0 returns the message, the others None.
         """
-        state = self.sampling_state()
+        with self.algorithm.sampling_weights():
+            state = full_state_dict(self.model.transformer, self.synced_names, self.compute_dtype, keep=self.rank == 0)
         if self.rank != 0:
             return None
         return export_weights(_StateView(state), self.policy_version, self.synced_names)
 
-    def sampling_state(self, on_cpu: bool = True) -> dict[str, torch.Tensor]:
-        """Whole tensors of what rollout samples with, in ``model.dtype`` (LoRA: the adapter's alone); every rank gathers."""
+    @contextmanager
+    def sampling_tensors(self):
+        """``(name, whole tensor)`` of what rollout samples with, one at a time in sorted name order, where the
+        network is, in ``model.dtype`` (LoRA: the adapter's alone); every rank must consume it to the end."""
         with self.algorithm.sampling_weights():
-            return full_state_dict(self.model.transformer, self.synced_names, self.compute_dtype, on_cpu=on_cpu)
+            yield gathered_tensors(self.model.transformer, self.synced_names, self.compute_dtype)
 
     def weight_names(self) -> list[str]:
-        """Names of the tensors :meth:`sampling_state` holds, sorted (the broadcast's order)."""
+        """Names of the tensors :meth:`sampling_tensors` yields, sorted (the broadcast's order)."""
         return sorted(self.synced_names) if self.synced_names is not None else sorted(self.model.transformer.state_dict())
 
     def save(self, folder: str) -> str | None:
@@ -154,7 +171,7 @@ class Learner:
                 else:
                     network.save_pretrained(folder_path / component)
             else:
-                state = full_state_dict(network, self.synced_names, None)
+                state = full_state_dict(network, self.synced_names, None, keep=self.rank == 0)
                 if self.rank == 0:
                     _save_gathered(network, state, folder_path / component, lora=self.config.model.lora is not None)
         if self.rank != 0:

@@ -11,6 +11,13 @@ samples, ``L = sum_terms l / N``. FSDP averages gradients over the ranks (``redu
 ``sum_r sum_{terms on r} l / N``: the same gradient as one rank holding every term. The counts
 ``N`` are global (:meth:`Shard.global_sum`).
 
+Accumulation windows (DanceGRPO's ``grad_accum_samples`` = A). Each rank's window is its next A / M
+samples, so the M ranks' windows together hold A samples per optimizer step, as one rank's do. With
+one window per step (the tests' setting) M ranks make exactly the one-rank update. With several, the
+samples are grouped into windows differently (rank r's window k is not one rank's samples
+[kA, (k+1)A)): each optimizer step sees A samples of the same step, the same in expectation, as the
+reference's per-rank accumulation, but not bit-for-bit the one-rank sequence of steps.
+
 Random draws (DanceGRPO's timesteps, DGPO's noise) are made for every real group (sample) of the
 step in order on every rank, and each rank keeps its own slice (:meth:`Shard.pick`), so M ranks draw
 exactly what one rank draws for the same groups and every rank's generator stays in the same state.
@@ -36,6 +43,7 @@ class Shard:
     total_samples: int | None = None  # real samples over every rank; None: this rank's alone
     padding: int = 0  # this rank's trailing slots that are padding (loss weight 0)
     network: torch.nn.Module | None = None  # the FSDP-sharded network (None: no gradient collectives)
+    reduce_every_backward: bool = False  # learner.reduce_every_backward: no unsharded gradients between backwards
 
     def is_real(self, local_group: int, local_groups: int) -> bool:
         """Whether local slot ``local_group`` (of ``local_groups``) holds a real group, not padding."""
@@ -65,9 +73,10 @@ class Shard:
 
         FSDP2's ``set_requires_gradient_sync(False)`` keeps unsharded gradients local on the
         micro-steps before the last, so a window of K backwards costs one reduce-scatter, not K.
+        With ``reduce_every_backward`` every backward reduces (memory over communication).
         """
         if self.network is not None:
-            self.network.set_requires_gradient_sync(enabled)
+            self.network.set_requires_gradient_sync(enabled or self.reduce_every_backward)
 
 
 def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> float:

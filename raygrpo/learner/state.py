@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from raygrpo.learner.ema import ParameterShadow
@@ -118,8 +119,14 @@ def load_training_state(learner: Learner, folder: Path) -> None:
     if not rng_file.is_file():
         raise TrainingStateError(f"{rng_file} is missing: the checkpoint is incomplete")
     tensors = _tensor_state(learner)
-    with _quiet_single_process():
-        dcp.load(tensors, checkpoint_id=str(folder / "tensors"), no_dist=not _distributed())
+    try:
+        with _quiet_single_process():
+            dcp.load(tensors, checkpoint_id=str(folder / "tensors"), no_dist=not _distributed())
+    except CheckpointException as exc:
+        # DCP wraps each rank's error with its traceback; the first one says what is wrong (shape, key, file).
+        first = next(iter(exc.failures.values()), None)
+        cause = first[0] if isinstance(first, tuple) else exc
+        raise TrainingStateError(f"the tensors in {folder / 'tensors'} do not load into this learner: {cause}") from None
     set_state_dict(
         learner.model.transformer,
         learner.optimizer,

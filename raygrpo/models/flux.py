@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from raygrpo.contracts import Conditioning, ConditioningBatch
+from raygrpo.models.network import network_device, network_dtype
 from raygrpo.models.tiny import tiny_model_folder
 from raygrpo.sampling import sigma_grid
 
@@ -240,11 +241,11 @@ class FluxModel:
     # -------------------------------------------------------------------------------- properties
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        return network_device(self.transformer)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        return network_dtype(self.transformer)
 
     @property
     def num_latent_channels(self) -> int:

@@ -26,6 +26,7 @@ video at a time by default with the VAE's tiling on (the 3-D VAE's activations a
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
 
 from raygrpo.contracts import Conditioning, ConditioningBatch
 from raygrpo.models.flux import TINY_RANDOM, ModelNotFoundError, quantize_timestep, resolve_pretrained
+from raygrpo.models.network import network_device, network_dtype
 from raygrpo.models.tiny import tiny_model_folder
 from raygrpo.models.tiny_video import TINY_NUM_FRAMES, TINY_VIDEO_RESOLUTION
 from raygrpo.sampling import sigma_grid
@@ -70,6 +72,20 @@ def load_component(source: str, cls_: type, subfolder: str, device: str | torch.
     if isinstance(module, torch.nn.Module):
         module = module.to(device).eval().requires_grad_(False)
     return module
+
+
+def init_defaults(cls_: type) -> dict[str, Any]:
+    """The keyword defaults of ``cls_.__init__``: what ``from_pretrained`` uses for keys a config file lacks."""
+    return {name: p.default for name, p in inspect.signature(cls_.__init__).parameters.items() if p.default is not p.empty}
+
+
+def component_config(source: str, cls_: type, subfolder: str) -> dict[str, Any]:
+    """A component's ``config.json`` completed with ``cls_``'s defaults: the arguments ``from_pretrained`` builds it with.
+
+    ``load_config`` returns only what the file holds, and files written by older diffusers lack the
+    arguments added since (the learner reads the VAE's geometry without loading the VAE).
+    """
+    return {**init_defaults(cls_), **cls_.load_config(source, subfolder=subfolder)}
 
 
 def tiny_stamp(source: str) -> dict[str, Any]:
@@ -186,7 +202,7 @@ class HunyuanVideoModel:
         if vae is not None and vae_tiling:
             vae.enable_tiling()
         # Latent geometry depends on the VAE even where its weights are not loaded (the learner).
-        vae_config = vae.config if vae is not None else AutoencoderKLHunyuanVideo.load_config(source, subfolder="vae")
+        vae_config = vae.config if vae is not None else component_config(source, AutoencoderKLHunyuanVideo, "vae")
         default_size = TINY_VIDEO_RESOLUTION if tiny else DEFAULT_RESOLUTION
         return cls(
             transformer,
@@ -206,11 +222,11 @@ class HunyuanVideoModel:
     # -------------------------------------------------------------------------------- properties
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        return network_device(self.transformer)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        return network_dtype(self.transformer)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:

@@ -43,6 +43,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from raygrpo.contracts import Conditioning, ConditioningBatch
 from raygrpo.models.flux import DEFAULT_RESOLUTION, TINY_RANDOM, ModelNotFoundError, resolve_pretrained
+from raygrpo.models.network import network_device, network_dtype
 from raygrpo.models.tiny import tiny_model_folder
 from raygrpo.sampling.ddim import alpha_bar_to_sigma, sigma_to_alpha_bar
 
@@ -188,11 +189,11 @@ class StableDiffusionModel:
     # -------------------------------------------------------------------------------- properties
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return network_device(self.unet)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return network_dtype(self.unet)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

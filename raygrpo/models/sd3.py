@@ -33,6 +33,7 @@ from raygrpo.models.flux import (
     quantize_timestep,
     resolve_pretrained,
 )
+from raygrpo.models.network import network_device, network_dtype
 from raygrpo.models.tiny import tiny_model_folder
 from raygrpo.sampling import sigma_grid
 
@@ -199,11 +200,11 @@ class SD3Model:
     # -------------------------------------------------------------------------------- properties
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        return network_device(self.transformer)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        return network_dtype(self.transformer)
 
     @property
     def num_latent_channels(self) -> int:

@@ -1,7 +1,7 @@
-"""Tiny, randomly initialised video pipelines of the real HunyuanVideo and Wan 2.1 image-to-video architectures.
+"""Tiny, randomly initialised video pipelines of the real HunyuanVideo, Wan 2.1 and SkyReels-V2 image-to-video architectures.
 
 As :mod:`raygrpo.models.tiny`: built offline from the same diffusers/transformers classes as the
-real checkpoints (``HunyuanVideoPipeline``, ``WanImageToVideoPipeline``), saved with
+real checkpoints (``HunyuanVideoPipeline``, ``WanImageToVideoPipeline``, ``SkyReelsV2ImageToVideoPipeline``), saved with
 ``save_pretrained`` and used only through ``from_pretrained``. Sizes are chosen so that a whole
 rollout of a group runs in well under a second on one CPU core: 5 frames (2 latent frames, the
 VAEs' real 4x temporal compression) at 32x32 px (the real 8x spatial compression, 4x4 latents).
@@ -23,7 +23,7 @@ import torch
 
 from raygrpo.models.tiny import _BUILD_LOCK, _WORDS, _publish, build_clip_tokenizer, build_t5_tokenizer
 
-TINY_VIDEO_VERSIONS = {"hunyuan_video": "v1", "wan_i2v": "v1"}
+TINY_VIDEO_VERSIONS = {"hunyuan_video": "v1", "wan_i2v": "v1", "skyreels_v2_i2v": "v1"}
 TINY_NUM_FRAMES = 5  # 4k+1 frames; 5 -> 2 latent frames through the 4x temporal compression
 TINY_VIDEO_RESOLUTION = 32  # px; 4x4 latents through the 8x spatial compression
 
@@ -161,15 +161,16 @@ def _build_hunyuan_pipeline(seed: int):
     return pipeline, {"prompt_template": {"template": template, "crop_start": template_crop_start(tokenizer, template)}}
 
 
-def _build_wan_i2v_pipeline(seed: int):
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+def _wan_i2v_components(seed: int, transformer_cls: type, image_encoder_cls: type) -> dict:
+    """Every component of a tiny Wan 2.1-architecture image-to-video pipeline but its scheduler."""
+    from diffusers import AutoencoderKLWan
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, UMT5Config, UMT5EncoderModel
 
     tokenizer = build_t5_tokenizer()
     z_dim, text_width, image_width = 8, 32, 16
 
     torch.manual_seed(seed)
-    transformer = WanTransformer3DModel(
+    transformer = transformer_cls(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=8,
@@ -215,7 +216,7 @@ def _build_wan_i2v_pipeline(seed: int):
     ).eval()
 
     torch.manual_seed(seed + 3)
-    image_encoder = CLIPVisionModel(
+    image_encoder = image_encoder_cls(
         CLIPVisionConfig(
             hidden_size=image_width,
             intermediate_size=37,
@@ -234,16 +235,34 @@ def _build_wan_i2v_pipeline(seed: int):
         image_std=[0.26862954, 0.26130258, 0.27577711],
     )
 
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "vae": vae,
+        "image_processor": image_processor,
+        "image_encoder": image_encoder,
+        "transformer": transformer,
+    }
+
+
+def _build_wan_i2v_pipeline(seed: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPVisionModel
+
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # Wan 2.1 480p's shift
-    return WanImageToVideoPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=scheduler,
-        image_processor=image_processor,
-        image_encoder=image_encoder,
-        transformer=transformer,
-    ), {}
+    return WanImageToVideoPipeline(scheduler=scheduler, **_wan_i2v_components(seed, WanTransformer3DModel, CLIPVisionModel)), {}
+
+
+def _build_skyreels_v2_i2v_pipeline(seed: int):
+    """SkyReels-V2-I2V's layout: its transformer class, the CLIP vision encoder with projection behind a
+    CLIPProcessor, a UniPC flow scheduler (shift 5, its I2V setting); the rest as the tiny Wan."""
+    from diffusers import SkyReelsV2ImageToVideoPipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+    from transformers import CLIPProcessor, CLIPVisionModelWithProjection
+
+    parts = _wan_i2v_components(seed, SkyReelsV2Transformer3DModel, CLIPVisionModelWithProjection)
+    parts["image_processor"] = CLIPProcessor(image_processor=parts["image_processor"], tokenizer=build_clip_tokenizer())
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    return SkyReelsV2ImageToVideoPipeline(scheduler=scheduler, **parts), {}
 
 
 def _build(folder: str | Path, seed: int, family: str, make) -> Path:
@@ -281,7 +300,22 @@ def build_tiny_wan_i2v(folder: str | Path, seed: int = 0) -> Path:
     return _build(folder, seed, "wan_i2v", _build_wan_i2v_pipeline)
 
 
-TINY_VIDEO_BUILDERS = {"hunyuan_video": build_tiny_hunyuan_video, "wan_i2v": build_tiny_wan_i2v}
+def build_tiny_skyreels_v2_i2v(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny random SkyReels-V2 image-to-video pipeline into ``folder`` (kept if already built).
+
+    The sizes of :func:`build_tiny_wan_i2v` in SkyReels-V2-I2V's classes (``SkyReelsV2Transformer3DModel``,
+    ``CLIPVisionModelWithProjection``, ``CLIPProcessor``, ``UniPCMultistepScheduler``); model.family
+    wan_i2v loads it (``model.pretrained`` = the folder). Deterministic given ``seed``.
+    """
+    return _build(folder, seed, "skyreels_v2_i2v", _build_skyreels_v2_i2v_pipeline)
+
+
+# Keyed by tiny build; "skyreels_v2_i2v" is a variant of the wan_i2v family, not a family of its own.
+TINY_VIDEO_BUILDERS = {
+    "hunyuan_video": build_tiny_hunyuan_video,
+    "wan_i2v": build_tiny_wan_i2v,
+    "skyreels_v2_i2v": build_tiny_skyreels_v2_i2v,
+}
 
 __all__ = [
     "TINY_NUM_FRAMES",
@@ -289,6 +323,7 @@ __all__ = [
     "TINY_VIDEO_RESOLUTION",
     "TINY_VIDEO_VERSIONS",
     "build_llama_tokenizer",
+    "build_tiny_skyreels_v2_i2v",
     "build_tiny_hunyuan_video",
     "build_tiny_wan_i2v",
     "hunyuan_prompt_template",

@@ -24,30 +24,52 @@ The transformer's timestep is ``quantize_timestep(sigma) * 1000`` (the pipeline 
 scheduler's ``sigma * 1000``), shared with every other family so that sampler and learner see
 bit-identical timesteps. Latents are ``[B, C, F_lat, h, w]`` as the pipeline draws them.
 
-SkyReels: SkyReels-V1 image-to-video, which DanceGRPO trains, is a HunyuanVideo derivative
-(diffusers' ``HunyuanSkyreelsImageToVideoPipeline``), not a Wan model; SkyReels-V2 has its own
-diffusers classes. Neither loads here: only Wan 2.1 image-to-video checkpoints (e.g.
-``Wan-AI/Wan2.1-I2V-14B-480P-Diffusers``). Wan 2.2's two-expert and expanded-timestep pipelines
-are refused with a clear error.
+Variants (:data:`VARIANTS`, chosen by the ``_class_name`` of the folder's ``model_index.json``):
+
+- Wan 2.1 image-to-video, ``WanImageToVideoPipeline`` (e.g. ``Wan-AI/Wan2.1-I2V-14B-480P-Diffusers``);
+- SkyReels-V2 image-to-video, ``SkyReelsV2ImageToVideoPipeline`` (e.g. ``Skywork/SkyReels-V2-I2V-14B-540P-Diffusers``):
+  Wan 2.1's architecture fine-tuned by Skywork. Its ``SkyReelsV2Transformer3DModel`` takes the same
+  inputs (noisy + image latents along the channels, UMT5 states, CLIP image states through an image
+  cross-attention, the timestep on 0..1000), and its pipeline's ``encode_prompt``, ``encode_image``
+  and ``prepare_latents`` are copies of Wan's; only the classes differ (the CLIP vision encoder with
+  its projection, whose penultimate hidden states are the same; a UniPC scheduler, config only here).
+  Its fps embedding (``inject_sample_info``) and causal block attention (``num_frame_per_block > 1``)
+  belong to the diffusion-forcing models and are refused, as are those pipelines.
+
+Not loaded, with a clear error: SkyReels-V1 image-to-video, which DanceGRPO trains, is a
+HunyuanVideo derivative (``HunyuanSkyreelsImageToVideoPipeline``: first-frame latents concatenated
+to HunyuanVideo's input channels, Llama + CLIP text conditioning, CFG), which would be an adapter on
+:mod:`raygrpo.models.hunyuan_video` rather than this one; Wan 2.2's two-expert and expanded-timestep
+pipelines; the diffusion-forcing SkyReels-V2 pipelines (per-frame noise levels).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    FlowMatchEulerDiscreteScheduler,
+    SkyReelsV2ImageToVideoPipeline,
+    SkyReelsV2Transformer3DModel,
+    UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
+    WanTransformer3DModel,
+)
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from PIL import Image
-from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, CLIPVisionModelWithProjection, UMT5EncoderModel
 
 from raygrpo.contracts import Conditioning, ConditioningBatch
 from raygrpo.models.flux import TINY_RANDOM, ModelNotFoundError, quantize_timestep, resolve_pretrained
-from raygrpo.models.hunyuan_video import check_num_frames, load_component, to_uint8_video
+from raygrpo.models.hunyuan_video import check_num_frames, init_defaults, load_component, to_uint8_video
+from raygrpo.models.network import network_device, network_dtype
 from raygrpo.models.tiny import tiny_model_folder
 from raygrpo.models.tiny_video import TINY_NUM_FRAMES, TINY_VIDEO_RESOLUTION
 from raygrpo.sampling import sigma_grid
@@ -59,19 +81,38 @@ NEGATIVE_PROMPT = ""  # the pipeline's default negative prompt
 _IMAGE_CACHE = 32  # encoded conditioning images kept per process (prompts repeat every epoch)
 
 
+@dataclass(frozen=True)
+class Variant:
+    """The classes of one image-to-video pipeline layout the adapter serves (see the module docstring)."""
+
+    name: str
+    pipeline: type  # for its encode_prompt / encode_image / prepare_latents
+    transformer: type
+    image_encoder: type
+    scheduler: type  # config only: raygrpo samples on its own sigma grid
+
+
+WAN_21 = Variant("Wan 2.1", WanImageToVideoPipeline, WanTransformer3DModel, CLIPVisionModel, FlowMatchEulerDiscreteScheduler)
+SKYREELS_V2 = Variant(
+    "SkyReels-V2", SkyReelsV2ImageToVideoPipeline, SkyReelsV2Transformer3DModel, CLIPVisionModelWithProjection, UniPCMultistepScheduler
+)
+VARIANTS = {"WanImageToVideoPipeline": WAN_21, "SkyReelsV2ImageToVideoPipeline": SKYREELS_V2}
+
+
 class WanI2VModel:
-    """A Wan 2.1 image-to-video model as rollout and learner use it.
+    """A Wan 2.1 (or SkyReels-V2) image-to-video model as rollout and learner use it.
 
-    Components (diffusers / transformers types):
+    Components (diffusers / transformers types; SkyReels-V2's where they differ):
 
-    - ``transformer``: :class:`~diffusers.WanTransformer3DModel` with an image cross-attention
-      (``image_dim`` set), the trainable velocity network;
+    - ``transformer``: :class:`~diffusers.WanTransformer3DModel` (:class:`~diffusers.SkyReelsV2Transformer3DModel`)
+      with an image cross-attention (``image_dim`` set), the trainable velocity network;
     - ``vae``: :class:`~diffusers.AutoencoderKLWan` (x8 space, x4 time, per-channel latent
       statistics); encodes the conditioning image and decodes samples;
     - ``text_encoder`` / ``tokenizer``: :class:`~transformers.UMT5EncoderModel` and its tokenizer;
-    - ``image_encoder`` / ``image_processor``: :class:`~transformers.CLIPVisionModel` /
-      :class:`~transformers.CLIPImageProcessor` (ViT-H/14 for the real model);
-    - ``scheduler``: :class:`~diffusers.FlowMatchEulerDiscreteScheduler`, config only.
+    - ``image_encoder`` / ``image_processor``: :class:`~transformers.CLIPVisionModel`
+      (``CLIPVisionModelWithProjection``) / :class:`~transformers.CLIPImageProcessor` (ViT-H/14 for the real model);
+    - ``scheduler``: :class:`~diffusers.FlowMatchEulerDiscreteScheduler` (``UniPCMultistepScheduler``), config only;
+    - ``variant``: the :class:`Variant` these classes came from.
 
     The learner loads the transformer alone: it never encodes (the conditioning arrives with each
     rollout), except the empty prompt that CFG needs, see :attr:`negative_conditioning`.
@@ -82,7 +123,7 @@ class WanI2VModel:
 
     def __init__(
         self,
-        transformer: WanTransformer3DModel,
+        transformer: WanTransformer3DModel | SkyReelsV2Transformer3DModel,
         *,
         vae: AutoencoderKLWan | None = None,
         text_encoder: UMT5EncoderModel | None = None,
@@ -98,12 +139,10 @@ class WanI2VModel:
         guidance_scale: float = DEFAULT_GUIDANCE,
         max_sequence_length: int = 512,
         source: str | None = None,
+        variant: Variant = WAN_21,
     ):
-        if transformer.config.image_dim is None:
-            raise ValueError(
-                "this WanTransformer3DModel has no image cross-attention (image_dim is None): it is a text-to-video "
-                "checkpoint; wan_i2v needs a Wan 2.1 image-to-video one (e.g. Wan-AI/Wan2.1-I2V-14B-480P-Diffusers)"
-            )
+        _check_transformer(transformer)
+        self.variant = variant
         self.transformer = transformer
         self.vae = vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
@@ -123,7 +162,7 @@ class WanI2VModel:
         self._text_cache: dict[str, np.ndarray] = {}
         self._image_cache: OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._negative: Conditioning | None = None
-        self._pipeline: WanImageToVideoPipeline | None = None
+        self._pipeline: WanImageToVideoPipeline | SkyReelsV2ImageToVideoPipeline | None = None
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -149,48 +188,51 @@ class WanI2VModel:
         """
         tiny = str(name_or_path) == TINY_RANDOM
         source = str(tiny_model_folder("wan_i2v")) if tiny else resolve_pretrained(name_or_path)
-        _refuse_wan22(source)
+        variant = pipeline_variant(source)
 
         def load(cls_, subfolder: str, **kwargs):
             return load_component(source, cls_, subfolder, device, **kwargs)
 
-        transformer = load(WanTransformer3DModel, "transformer", torch_dtype=torch_dtype)
-        scheduler = load(FlowMatchEulerDiscreteScheduler, "scheduler")
+        transformer = load(variant.transformer, "transformer", torch_dtype=torch_dtype)
+        scheduler = load(variant.scheduler, "scheduler")
         encoders = {}
         if load_text_encoders:
             encoders = {
                 "tokenizer": load(AutoTokenizer, "tokenizer"),
                 # transformers 5 names the argument ``dtype``; ``torch_dtype`` only warns.
                 "text_encoder": load(UMT5EncoderModel, "text_encoder", dtype=torch_dtype),
+                # SkyReels-V2 saves a CLIPProcessor here; its image half is this processor's config.
                 "image_processor": load(CLIPImageProcessor, "image_processor"),
-                "image_encoder": load(CLIPVisionModel, "image_encoder", dtype=torch_dtype),
+                "image_encoder": load(variant.image_encoder, "image_encoder", dtype=torch_dtype),
             }
         vae = load(AutoencoderKLWan, "vae", torch_dtype=torch_dtype) if load_vae else None
-        vae_config = vae.config if vae is not None else AutoencoderKLWan.load_config(source, subfolder="vae")
+        # From the file on both sides, so that rollout (VAE loaded) and learner (not loaded) agree.
+        spatial, temporal = vae_compression(AutoencoderKLWan.load_config(source, subfolder="vae"))
         default_size = TINY_VIDEO_RESOLUTION if tiny else DEFAULT_RESOLUTION
         return cls(
             transformer,
             vae=vae,
             scheduler=scheduler,
-            spatial_compression=vae_config["scale_factor_spatial"],
-            temporal_compression=vae_config["scale_factor_temporal"],
+            spatial_compression=spatial,
+            temporal_compression=temporal,
             height=height or default_size,
             width=width or default_size,
             num_frames=num_frames or (TINY_NUM_FRAMES if tiny else DEFAULT_NUM_FRAMES),
             guidance_scale=guidance_scale,
             max_sequence_length=max_sequence_length,
             source=source,
+            variant=variant,
             **encoders,
         )
 
     # -------------------------------------------------------------------------------- properties
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        return network_device(self.transformer)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        return network_dtype(self.transformer)
 
     @property
     def num_latent_channels(self) -> int:
@@ -204,10 +246,10 @@ class WanI2VModel:
         return self.num_latent_channels, frames, self.height // s, self.width // s
 
     @property
-    def pipeline(self) -> WanImageToVideoPipeline:
-        """A WanImageToVideoPipeline over the loaded components, for its encoders and latent preparation."""
+    def pipeline(self) -> WanImageToVideoPipeline | SkyReelsV2ImageToVideoPipeline:
+        """The variant's pipeline over the loaded components, for its encoders and latent preparation."""
         if self._pipeline is None:
-            self._pipeline = WanImageToVideoPipeline(
+            self._pipeline = self.variant.pipeline(
                 tokenizer=self.tokenizer,
                 text_encoder=self.text_encoder,
                 vae=self.vae,
@@ -297,6 +339,7 @@ class WanI2VModel:
         tokenizer = load_component(self.source, AutoTokenizer, "tokenizer", "cpu")
         text_encoder = load_component(self.source, UMT5EncoderModel, "text_encoder", "cpu", dtype=self.dtype)
         with torch.inference_mode():
+            # SkyReels-V2's encode_prompt is a copy of this one; Wan's pipeline needs no image parts to run it.
             pipeline = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, scheduler=self.scheduler)
             embeds, _ = pipeline.encode_prompt(
                 prompt=NEGATIVE_PROMPT, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length, device="cpu"
@@ -388,8 +431,8 @@ class WanI2VModel:
     def __repr__(self) -> str:
         loaded = [name for name in ("vae", "text_encoder", "image_encoder") if getattr(self, name) is not None]
         return (
-            f"WanI2VModel({self.num_frames}x{self.height}x{self.width}, cfg={self.guidance_scale}, dtype={self.dtype}, "
-            f"device={self.device}, loaded={['transformer', *loaded]})"
+            f"WanI2VModel({self.variant.name}, {self.num_frames}x{self.height}x{self.width}, cfg={self.guidance_scale}, "
+            f"dtype={self.dtype}, device={self.device}, loaded={['transformer', *loaded]})"
         )
 
 
@@ -400,17 +443,63 @@ def _check_image(image: Any) -> np.ndarray:
     return image
 
 
-def _refuse_wan22(source: str) -> None:
-    """Wan 2.2 pipelines (two experts, or per-token timesteps) condition differently; fail before loading weights."""
+def pipeline_variant(source: str) -> Variant:
+    """The :class:`Variant` of the pipeline in ``source`` (its ``model_index.json``); unsupported layouts fail
+    here, before any weights load. A folder without a readable index is taken for Wan 2.1 (the component
+    loads then report what is missing)."""
     try:
-        config = WanImageToVideoPipeline.load_config(source)
-    except OSError:  # an index that cannot be read is reported by the component loads, with their clearer errors
-        return
-    if config.get("boundary_ratio") is not None or config.get("expand_timesteps") or (config.get("transformer_2") or [None])[0]:
+        index = WanImageToVideoPipeline.load_config(source)
+    except OSError:
+        return WAN_21
+    name = index.get("_class_name")
+    if index.get("boundary_ratio") is not None or index.get("expand_timesteps") or (index.get("transformer_2") or [None])[0]:
         raise ModelNotFoundError(
             f"{source} is a Wan 2.2 pipeline (two experts or expanded timesteps); wan_i2v supports Wan 2.1 image-to-video "
             "checkpoints such as Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
         )
+    if name in VARIANTS:
+        return VARIANTS[name]
+    if name == "HunyuanSkyreelsImageToVideoPipeline":
+        hint = "SkyReels-V1 is HunyuanVideo-based, not Wan-based, and has no adapter here (README, model families)"
+    elif name and name.startswith("SkyReelsV2DiffusionForcing"):
+        hint = "diffusion forcing (a noise level per frame) does not fit the one-sigma-per-sample samplers; use SkyReels-V2-I2V"
+    elif name in ("WanPipeline", "SkyReelsV2Pipeline"):
+        hint = "a text-to-video pipeline; use an image-to-video checkpoint"
+    else:
+        hint = "not an image-to-video pipeline this adapter knows"
+    raise ModelNotFoundError(f"{source} holds a {name}: {hint}. model.family wan_i2v loads {sorted(VARIANTS)}")
 
 
-__all__ = ["NEGATIVE_PROMPT", "WanI2VModel"]
+def _check_transformer(transformer: torch.nn.Module) -> None:
+    config = transformer.config
+    if config.image_dim is None:
+        raise ValueError(
+            f"this {type(transformer).__name__} has no image cross-attention (image_dim is None): it is a text-to-video "
+            "checkpoint; wan_i2v needs an image-to-video one (e.g. Wan-AI/Wan2.1-I2V-14B-480P-Diffusers)"
+        )
+    # SkyReels-V2's diffusion-forcing additions: an fps embedding the I2V pipeline never feeds, causal frame blocks.
+    if getattr(config, "inject_sample_info", False) or getattr(config, "num_frame_per_block", 1) > 1:
+        raise ValueError(
+            f"this {type(transformer).__name__} has inject_sample_info={config.inject_sample_info} and num_frame_per_block="
+            f"{config.num_frame_per_block}: a diffusion-forcing model; wan_i2v trains the image-to-video ones (SkyReels-V2-I2V)"
+        )
+
+
+def vae_compression(vae_config: dict[str, Any]) -> tuple[int, int]:
+    """``(spatial, temporal)`` compression of an ``AutoencoderKLWan`` from its ``vae/config.json``.
+
+    Configs written by diffusers before ``scale_factor_spatial`` and ``scale_factor_temporal`` existed
+    (those of the Wan 2.1 Diffusers repositories) lack them; then they follow from the architecture as
+    ``WanEncoder3d`` builds it: every block but the last halves height and width, and halves time where
+    ``temperal_downsample`` is set; a ``patch_size`` patchifies space on top. Wan 2.1's
+    ``dim_mult`` [1, 2, 4, 4] and ``temperal_downsample`` [False, True, True] give 8 and 4 (diffusers'
+    defaults for the missing keys, and the SkyReels-V2 pipeline's own derivation).
+    """
+    config = {**init_defaults(AutoencoderKLWan), **vae_config}
+    downsamples = len(config["dim_mult"]) - 1
+    spatial = 2**downsamples * (config["patch_size"] or 1)
+    temporal = 2 ** sum(bool(t) for t in config["temperal_downsample"][:downsamples])
+    return vae_config.get("scale_factor_spatial") or spatial, vae_config.get("scale_factor_temporal") or temporal
+
+
+__all__ = ["NEGATIVE_PROMPT", "SKYREELS_V2", "VARIANTS", "WAN_21", "Variant", "WanI2VModel", "pipeline_variant", "vae_compression"]

@@ -8,6 +8,7 @@ the :class:`Rollout` (latents, trajectory, log-probs) to the learner, the decode
 from __future__ import annotations
 
 import time
+import uuid
 
 import numpy as np
 import ray
@@ -15,7 +16,7 @@ import torch
 
 from raygrpo.algorithms import RolloutSpec, rollout_spec
 from raygrpo.config import Config
-from raygrpo.contracts import Conditioning, ConditioningBatch, GroupMedia, PromptGroup, Rollout, RolloutInfo, WeightsMessage
+from raygrpo.contracts import Conditioning, ConditioningBatch, GroupMedia, PromptGroup, Rollout, RolloutInfo, SyncReport, WeightsMessage
 from raygrpo.models import load_model
 from raygrpo.models.lora import add_lora
 from raygrpo.runtime import set_torch_threads, torch_dtype
@@ -41,39 +42,52 @@ class RolloutWorker:
             max_sequence_length=config.model.max_sequence_length,
             num_frames=config.model.num_frames,
         )
+        # One dtype for every tensor of the network, as the learner computes it (FSDP2 all-gathers every
+        # parameter as model.dtype). diffusers keeps some modules in float32 (Wan: time embedder, norms,
+        # scale-shift tables); left so, rollout would sample with other numerics than the learner
+        # recomputes (the first ratio would leave 1) and hold tensors the sync does not send in that dtype.
+        # Those modules still compute in float32 where diffusers upcasts (FP32LayerNorm, temb.float()).
+        # nn.Module.to, not diffusers' override of it, which warns about exactly this cast on every start.
+        torch.nn.Module.to(self.model.transformer, torch_dtype(config.model.dtype))
         self.model.transformer.eval()
         if config.model.lora is not None:
             add_lora(self.model.transformer, config.model.lora)  # the learner sends the adapter's tensors only
         self.policy_version = 0
+        self.incarnation = uuid.uuid4().hex
 
-    def set_weights(self, message: WeightsMessage) -> tuple[int, int]:
-        """Load a version; returns ``(policy_version, checksum of the loaded tensors)`` for the controller to verify."""
+    def set_weights(self, message: WeightsMessage) -> SyncReport:
+        """Load a version; reports the version and the checksum of the loaded tensors for the controller to verify."""
+        start = time.perf_counter()
         crc = load_weights(self.model.transformer, message)
         if crc != message.checksum:
             raise WeightsMismatchError(
                 f"rollout worker loaded version {message.policy_version} with checksum {crc:#010x}, the learner sent {message.checksum:#010x}"
             )
         self.policy_version = message.policy_version
-        return self.policy_version, crc
+        return SyncReport(self.policy_version, crc, time.perf_counter() - start)
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
 
-    def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> int:
-        """Join the learner-to-rollout broadcast group (``rollout.weight_sync: collective``) as ``rank``."""
-        self.weight_group = WeightBroadcastGroup(host, port, rank, world_size, self.device)
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, timeout_s: float = 600.0) -> int:
+        """Join the learner-to-rollout broadcast group (``rollout.weight_sync: collective``) as ``rank``, leaving an older one."""
+        if getattr(self, "weight_group", None) is not None:
+            self.weight_group.close()
+        self.weight_group = WeightBroadcastGroup(host, port, rank, world_size, self.device, timeout_s=timeout_s)
         return rank
 
-    def receive_weights(self, policy_version: int, names: list[str]) -> tuple[int, int]:
-        """Receive version ``policy_version`` from the broadcast group into the network, in place;
-        returns ``(policy_version, fingerprint of the received tensors)`` for the controller to compare."""
+    def receive_weights(self, policy_version: int, names: list[str]) -> SyncReport:
+        """Receive version ``policy_version`` from the broadcast group into the network, in place; reports the
+        version and the fingerprint of the received tensors for the controller to compare with the learner's."""
+        start = time.perf_counter()
         crc = self.weight_group.receive_into(self.model.transformer, names)
         self.policy_version = policy_version
-        return self.policy_version, crc
+        return SyncReport(self.policy_version, crc, time.perf_counter() - start)
 
-    def version(self) -> int:
-        """The policy version this worker samples with (0 after a restart until weights are pushed again)."""
-        return self.policy_version
+    def status(self) -> tuple[int, str]:
+        """``(policy version it samples with, incarnation)``: the version is 0 after a restart until weights are
+        pushed again; the incarnation is new for every start of the actor, so the controller can tell a restart."""
+        return self.policy_version, self.incarnation
 
     @torch.no_grad()
     def generate(self, group: PromptGroup) -> tuple[Rollout, GroupMedia, RolloutInfo]:

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         "--stale-after",
         type=float,
         default=STALE_AFTER_S,
-        help="seconds without a new metrics line after which a run without checkpoint-final counts as aborted",
+        help="seconds without a new metrics line after which an unfinished run counts as aborted",
     )
     args = parser.parse_args(argv)
     root = Path(args.root)

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 MEDIA_TYPES = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
-STALE_AFTER_S = 600.0  # a run with no checkpoint-final and no new metrics line for this long counts as aborted
+STALE_AFTER_S = 600.0  # an unfinished run with no new metrics line for this long counts as aborted
 
 
 def create_app(root: Path, stale_after_s: float = STALE_AFTER_S) -> FastAPI:

@@ -1,12 +1,16 @@
 """Reading run folders under an output root, safely while runs are still writing them.
 
 A run folder is a direct child of the root holding ``config.yaml`` or ``metrics.jsonl`` (what
-``python -m raygrpo.run`` writes: ``<output_root>/<name>-<YYYYmmdd-HHMMSS>``). Its status:
+``python -m raygrpo.run`` writes: ``<output_root>/<name>-<YYYYmmdd-HHMMSS>``). Its status comes from
+its ``run_state.json`` (raygrpo/checkpoint.py), which the controller replaces atomically:
 
-* ``finished``: ``checkpoint-final`` exists;
-* ``aborted``: ``checkpoint-aborted`` exists, or nothing was written for ``stale_after_s`` seconds
-  (the driver died without saving: a killed job, a lost node);
+* ``finished``: run_state says so (written after the final weights, report and export);
+* ``aborted``: run_state says so (the run stopped on purpose and saved ``checkpoint-aborted[-N]``),
+  or nothing was written for ``stale_after_s`` seconds (the driver died without saving: a killed
+  job, a lost node; resubmitting the same command resumes it);
 * ``running``: otherwise.
+
+Folders from before run_state.json: ``checkpoint-final`` means finished, ``checkpoint-aborted`` aborted.
 
 ``metrics.jsonl`` is appended one line per step; the last line may be half-written while we read it,
 and such a line (or any line that is not a JSON object with a ``step``) is skipped.
@@ -21,11 +25,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from raygrpo.checkpoint import ABORTED, FINAL, RUN_STATE, read_run_state
+
 logger = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
-FINAL, ABORTED = "checkpoint-final", "checkpoint-aborted"
 TOTAL_REWARD = "reward/total/mean"
 
 
@@ -87,20 +92,26 @@ def run_info(folder: Path, stale_after_s: float, now: float | None = None) -> Ru
     now = time.time() if now is None else now
     records = read_records(folder / METRICS)
     started = _mtime(folder / CONFIG) or _mtime(folder) or 0.0
-    updated = max(_mtime(folder / METRICS) or 0.0, started)
+    updated = max(_mtime(folder / METRICS) or 0.0, _mtime(folder / RUN_STATE) or 0.0, started)
     last = _finite(records[-1].get(TOTAL_REWARD)) if records else None
     status, reason = _status(folder, updated, now, stale_after_s)
     return RunInfo(folder.name, started, updated, len(records), last, status, reason)
 
 
 def _status(folder: Path, updated: float, now: float, stale_after_s: float) -> tuple[str, str]:
-    if (folder / FINAL).exists():
-        return "finished", f"{FINAL} saved"
-    if (folder / ABORTED).exists():
-        return "aborted", f"{ABORTED} saved"
+    state = read_run_state(folder)
+    if state is None:  # a run from before run_state.json
+        if (folder / FINAL).exists():
+            return "finished", f"{FINAL} saved"
+        if (folder / ABORTED).exists():
+            return "aborted", f"{ABORTED} saved"
+    elif state.get("status") == "finished":
+        return "finished", f"finished after step {state.get('step')}"
+    elif state.get("status") == "aborted":
+        return "aborted", f"stopped after step {state.get('step')}: {state.get('reason', '')}; weights in {state.get('checkpoint')}"
     idle = now - updated
     if idle > stale_after_s:
-        return "aborted", f"no {FINAL} and nothing written for {idle / 60:.0f} min"
+        return "aborted", f"not finished and nothing written for {idle / 60:.0f} min"
     return "running", f"last written {idle:.0f} s ago"
 
 

@@ -152,6 +152,25 @@ const Dashboard = (() => {
     container.replaceChildren(...(cells.length ? cells : [el("p", { class: "muted" }, "no learner metrics yet")]));
   }
 
+  // One chart per reward: mean, std, min and max of the trained members' advantages; then the groups whose rewards were all equal.
+  function drawAdvantages(container, metrics) {
+    const names = Object.keys(metrics.series).map((k) => /^advantage\/(.+)\/mean$/.exec(k)).filter(Boolean).map((x) => x[1]).sort();
+    const cells = names.map((name) => {
+      const series = ["mean", "std", "min", "max"].filter((stat) => metrics.series[`advantage/${name}/${stat}`])
+        .map((stat, i) => ({ name: stat, values: metrics.series[`advantage/${name}/${stat}`], color: COLORS[i % COLORS.length] }));
+      const cell = el("div", { "data-advantage": name });
+      cell.append(el("h3", {}, name), lineChart(metrics.steps, series, { width: 300, height: 130, compact: true }), legend(series));
+      return cell;
+    });
+    const zero = metrics.series["groups/zero_std"];
+    if (cells.length && zero) {
+      const cell = el("div");
+      cell.append(el("h3", {}, "groups with equal rewards"), lineChart(metrics.steps, [{ name: "zero_std", values: zero, color: COLORS[0] }], { width: 300, height: 130, compact: true }));
+      cells.push(cell);
+    }
+    container.replaceChildren(...(cells.length ? cells : [el("p", { class: "muted" }, "no advantage statistics yet")]));
+  }
+
   // ----- gallery -----
 
   function drawGallery(container, gallery) {
@@ -228,6 +247,7 @@ const Dashboard = (() => {
       drawRewards(document.getElementById("chart-rewards"), metrics);
       draw(document.getElementById("chart-timings"), metrics.steps, prefixed(metrics, "time/"), { width: 900, height: 220 });
       drawLearner(document.getElementById("chart-learner"), metrics);
+      drawAdvantages(document.getElementById("chart-advantages"), metrics);
       const steps = info.sample_steps.slice().reverse();  // newest first
       if (select.options.length !== steps.length) {
         const keep = select.value;

@@ -1,0 +1,123 @@
+"""Weight sync, learner -> rollout workers: one new policy version per update, versioned and checksummed.
+
+The controller calls :meth:`WeightSync.sync` once per update, and :meth:`WeightSync.push` to bring a
+restarted rollout worker (which comes back at version 0) up to the current version. Two transports
+(``rollout.weight_sync``):
+
+* ``object_store``: the learner group exports one :class:`~raygrpo.contracts.WeightsMessage` (numpy,
+  CRC-32, raygrpo/weights.py); every worker loads the same object and reports what it now holds.
+* ``collective``: learner rank 0 broadcasts raw tensors, one at a time as the ranks gather them, in a
+  process group of its own straight into the workers' parameters (raygrpo/weight_broadcast.py); sender
+  and receivers compare fingerprints. ``auto`` picks it when learner ranks and rollout workers have
+  whole GPUs. A broadcast that fails (a member died, or ``rollout.weight_sync_timeout_s`` passed) sends
+  that version through the object store, and the group is rebuilt at the next sync.
+
+Every worker's report (version, checksum) must match the learner's, or :class:`WeightsMismatchError`
+stops the run: a worker never silently samples with other weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from raygrpo.config import Config
+from raygrpo.learner.group import LearnerGroup
+from raygrpo.placement import ActorPool
+from raygrpo.weights import WeightsMismatchError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    seconds: float  # learner export + the slowest worker's load (object store), or the broadcast's wall time
+    lost: list[int] = field(default_factory=list)  # rollout workers that died during it: the caller waits for their restart
+
+
+def get_all(refs: list, timeout_s: float) -> list:
+    """``ray.get(refs)``, but the first failure raises at once instead of after every other ref resolved
+    (a broadcast's sender waits for receivers that may be dead); GetTimeoutError after ``timeout_s``."""
+    deadline, pending = time.monotonic() + timeout_s, list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
+        if not ready:
+            raise ray.exceptions.GetTimeoutError(f"{len(pending)} of {len(refs)} calls not done after {timeout_s:g} s")
+        ray.get(ready)  # raises the call's error now
+    return ray.get(refs)
+
+
+class WeightSync:
+    def __init__(self, config: Config, learner: LearnerGroup, rollout_pool: ActorPool):
+        self.learner, self.workers = learner, rollout_pool.actors
+        self.timeout_s = config.rollout.weight_sync_timeout_s
+        mode = config.rollout.weight_sync
+        # auto: NCCL wants a whole device per member; shared (fractional) GPUs go through the object store.
+        self.collective = mode == "collective" or (mode == "auto" and config.learner.num_gpus >= 1 and config.rollout.num_gpus >= 1)
+        self.group_stale = True  # the broadcast group is built at the first collective sync
+        self.names: list[str] = []  # what every broadcast sends, in its order
+        self._message: ray.ObjectRef | None = None  # the latest exported WeightsMessage (restarted workers get it too)
+        self._message_version = -1
+
+    def sync(self, version: int) -> SyncResult:
+        """Bring every rollout worker to ``version`` (the learner's, just updated) and verify it."""
+        if self.collective:
+            try:
+                return SyncResult(self._broadcast(version))
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError) as exc:
+                logger.warning("weight broadcast of version %d failed (%s); sending it through the object store", version, exc)
+                self.group_stale = True
+        return self.push(range(len(self.workers)), version)
+
+    def push(self, workers, version: int) -> SyncResult:
+        """Send ``version`` through the object store to ``workers``; every live one must report it and the
+        same checksum (each worker also checks its checksum against the learner's)."""
+        export = 0.0
+        if self._message is None or self._message_version != version:
+            start = time.perf_counter()
+            self._message, self._message_version = self.learner.export_weights(), version
+            ray.wait([self._message], fetch_local=False)
+            export = time.perf_counter() - start
+        workers = list(workers)
+        if self.collective:
+            self.group_stale = True  # a restarted member left the broadcast group
+        refs = [self.workers[i].set_weights.remote(self._message) for i in workers]
+        reports, lost = {}, []
+        for i, ref in zip(workers, refs):
+            try:
+                reports[i] = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                lost.append(i)
+        held = {i: (r.policy_version, r.checksum) for i, r in reports.items()}
+        if any(v != version for v, _ in held.values()) or len({crc for _, crc in held.values()}) > 1:
+            raise WeightsMismatchError(f"weight sync to version {version}: workers report (version, checksum) {held}")
+        return SyncResult(export + max((r.seconds for r in reports.values()), default=0.0), lost)
+
+    def _open_group(self) -> None:
+        """Build the learner-to-rollout broadcast group (again, after a member was restarted)."""
+        nodes = set(ray.get([w.node_ip.remote() for w in self.workers])) | {self.learner.node_ip()}
+        host, port = ray.get(self.learner.weight_group_address(len(nodes) == 1))
+        world = 1 + len(self.workers)
+        joins = [self.learner.join_weight_group(host, port, world, self.timeout_s)]
+        joins += [w.join_weight_group.remote(host, port, 1 + i, world, self.timeout_s) for i, w in enumerate(self.workers)]
+        get_all(joins, self.timeout_s)
+        self.names = self.learner.weight_names()
+        self.group_stale = False
+
+    def _broadcast(self, version: int) -> float:
+        if self.group_stale:
+            self._open_group()
+        start = time.perf_counter()
+        sent = self.learner.send_weights()
+        received = [w.receive_weights.remote(version, self.names) for w in self.workers]
+        # Together: a receiver that fails must not leave the controller waiting on the sender's broadcast.
+        (sent_version, fingerprint), *reports = get_all([sent, *received], self.timeout_s)
+        if sent_version != version or any((r.policy_version, r.checksum) != (version, fingerprint) for r in reports):
+            raise WeightsMismatchError(
+                f"weight broadcast of version {version}: the learner sent (version, fingerprint) {(sent_version, fingerprint)}, "
+                f"the workers hold {[(r.policy_version, r.checksum) for r in reports]}"
+            )
+        return time.perf_counter() - start
