@@ -36,8 +36,9 @@ add up to the whole group's, equal up to float rounding (the same per-member num
 another order), and the loss normalisation and the single gradient sync per update (its last
 backward, ``Shard.gradient_sync``) are unchanged. The price is one more no-gradient forward of the
 policy per member; a group trained whole (m >= G, or None) takes its l_i from its one forward.
-Reference and base outputs are held for one group at a time (latent-sized), activations for one
-micro-batch (2m rows with CFG in training); the shadows are swapped in once per group and sigma.
+Each shadow (reference, fast EMA, frozen base) is swapped in once per sigma for all of the rank's
+groups: for full fine-tuning a swap copies every trainable parameter twice, while the outputs it
+yields are latent-sized. Activations are held for one micro-batch (2m rows with CFG in training).
 
 Timesteps (the "timestep clip"): each update draws M = num_train_timesteps distinct indices from
 {0..trunc_steps} of the rollout grid (the released code's truncated grid: 6 of 10 steps keeps sigma
@@ -216,11 +217,13 @@ class DGPO:
             # for every group slot of the step in order so that M ranks draw what one rank draws.
             drawn = [torch.randn((1, *groups[0].x0.shape[1:]), generator=noise_gen) for _ in range(shard.total_groups or len(groups))]
             noise = [eps.to(device).expand_as(g.x0) for g, eps in zip(groups, shard.pick(drawn, shard.group_offset, len(groups)))]
+            x_t = [(1 - sigma) * g.x0 + sigma * eps for g, eps in zip(groups, noise)]  # each [G, ...]
+            targets = [eps - g.x0 for g, eps in zip(groups, noise)]  # each [G, ...] v* = eps - x0
+            references = self._reference_terms(groups, x_t, targets, sigma)
             for k, group in enumerate(groups):
-                x_t = (1 - sigma) * group.x0 + sigma * noise[k]  # [G, ...]
-                target = noise[k] - group.x0  # [G, ...] v* = eps - x0
                 last = t_index == len(sigmas) - 1 and k == len(groups) - 1
-                term = self._train_group(group, x_t, target, sigma, shard.loss_scale(real[k]) / n_terms, shard, last)
+                scale = shard.loss_scale(real[k]) / n_terms
+                term = self._train_group(group, x_t[k], targets[k], sigma, *references[k], scale, shard, last)
                 if real[k]:
                     terms.append(term)
         grad_norm = clip_grad_norm(parameters, self.config.optimizer.max_grad_norm)
@@ -242,10 +245,38 @@ class DGPO:
             extras={"gate_mean": _mean([t.gate for t in terms]), "kl": _mean([t.kl for t in terms]), "sigma_min": float(sigmas.min())},
         )
 
+    def _reference_terms(
+        self, groups: list[_Group], x_t: list[torch.Tensor], targets: list[torch.Tensor], sigma: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """Per group ``(l_ref [G], l_old [G] or None, v_base [G, ...])``, each shadow swapped in once for every group."""
+        algo = self.algo
+        refs = self._evaluate(self._reference(), groups, x_t, targets, sigma)
+        if not (algo.clip_dsm or algo.clip_kl):
+            olds = [None] * len(groups)
+        elif algo.reference == "fast_ema":
+            olds = [loss for loss, _ in refs]  # the old policy of the clip is the reference itself: one evaluation
+        else:
+            olds = [loss for loss, _ in self._evaluate(self.fast_ema.swapped(), groups, x_t, targets, sigma)]
+        if algo.reference == "frozen" or algo.kl_beta == 0:
+            bases = [v for _, v in refs]
+        else:
+            bases = [v for _, v in self._evaluate(self._frozen_base(), groups, x_t, targets, sigma)]
+        return [(loss_ref, loss_old, v_base) for (loss_ref, _), loss_old, v_base in zip(refs, olds, bases)]
+
     def _train_group(
-        self, group: _Group, x_t: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, scale: float, shard: Shard, last: bool
+        self,
+        group: _Group,
+        x_t: torch.Tensor,
+        target: torch.Tensor,
+        sigma: torch.Tensor,
+        loss_ref: torch.Tensor,
+        loss_old: torch.Tensor | None,
+        v_base: torch.Tensor,
+        scale: float,
+        shard: Shard,
+        last: bool,
     ) -> _Terms:
-        """One group at one sigma: its reference terms, the detached gate and clip mask, then its backward(s).
+        """One group at one sigma, given its reference terms: the detached gate and clip mask, then its backward(s).
 
         ``scale`` multiplies the group's loss before backward (rank factor over the step's term count,
         0 for padding); ``last``: this group's last backward is the update's last (the one that syncs).
@@ -253,22 +284,11 @@ class DGPO:
         algo = self.algo
         size = len(group.x0)
         slices = _micro_batches(size, algo.micro_batch_size)
-        loss_ref, v_ref = self._evaluate(self._reference(), group, x_t, target, sigma, slices)  # [G], [G, ...]
-        needs_old = algo.clip_dsm or algo.clip_kl
-        if not needs_old:
-            loss_old = None
-        elif algo.reference == "fast_ema":
-            loss_old = loss_ref  # the old policy of the clip is the reference itself: one evaluation
-        else:
-            loss_old, _ = self._evaluate(self.fast_ema.swapped(), group, x_t, target, sigma, slices)
-        if algo.reference == "frozen" or algo.kl_beta == 0:
-            v_base = v_ref
-        else:
-            _, v_base = self._evaluate(self._frozen_base(), group, x_t, target, sigma, slices)
+        needs_old = loss_old is not None
         # The gate needs every member's l_i before any backward: a group trained in one forward gets them from
         # that forward; a split group from a no-gradient pass of the policy first (module docstring).
         whole = self._policy(group, x_t, target, sigma, slices[0]) if len(slices) == 1 else None
-        loss = whole[1].detach() if whole is not None else self._evaluate(nullcontext(), group, x_t, target, sigma, slices)[0]
+        loss = whole[1].detach() if whole is not None else self._evaluate(nullcontext(), [group], [x_t], [target], sigma)[0][0]
         gate = torch.sigmoid(group_gate_logit(group.advantages, loss, loss_ref, algo.beta))
         clipped = torch.zeros_like(loss, dtype=torch.bool)  # [G]
         if needs_old:
@@ -293,16 +313,18 @@ class DGPO:
     def _evaluate(
         self,
         weights: AbstractContextManager,
-        group: _Group,
-        x_t: torch.Tensor,
-        target: torch.Tensor,
+        groups: list[_Group],
+        x_t: list[torch.Tensor],
+        targets: list[torch.Tensor],
         sigma: torch.Tensor,
-        slices: list[slice],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(l [G], v [G, ...])`` under ``weights`` without gradients, one micro-batch per forward."""
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per group ``(l [G], v [G, ...])`` under ``weights`` (swapped in once) without gradients, a micro-batch per forward."""
         with torch.no_grad(), weights:
-            v = torch.cat([self._velocity(group, x_t, sigma, rows) for rows in slices])
-        return denoising_loss(v, target), v
+            vs = [
+                torch.cat([self._velocity(g, x, sigma, rows) for rows in _micro_batches(len(g.x0), self.algo.micro_batch_size)])
+                for g, x in zip(groups, x_t)
+            ]
+        return [(denoising_loss(v, target), v) for v, target in zip(vs, targets)]
 
     def _policy(self, group: _Group, x_t: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, rows: slice):
         """``(v [b, ...], l [b])`` of the trained weights on micro-batch ``rows``, with gradients."""
