@@ -112,7 +112,7 @@ def save_checkpoint(run_dir: Path, state: ControllerState, config: Config, write
     tmp.mkdir(parents=True)
     write_learner(tmp / "learner")
     (tmp / "controller.json").write_text(json.dumps(asdict(state), indent=1))
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    (tmp / "config.yaml").write_text(config.to_yaml())
     sizes, hashes = _sync_tree(tmp, hash_files=True)
     _write_synced(tmp / MANIFEST, json.dumps({"step": state.step, "files": sizes, "sha256": hashes}, indent=1))
     _fsync_path(tmp)

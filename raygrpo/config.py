@@ -356,7 +356,8 @@ class Config(_Section):
             )
         if isinstance(algo, DanceGRPOConfig):
             _check_sampler_family(algo, self.model.family)
-        shared = [f"{role}.num_gpus={n:g}" for role, n in (("rollout", self.rollout.num_gpus), ("learner", self.learner.num_gpus)) if 0 < n < 1]
+        gpus = {"rollout": self.rollout.num_gpus, "learner": self.learner.num_gpus}
+        shared = [f"{role}.num_gpus={n:g}" for role, n in gpus.items() if 0 < n < 1]
         if self.rollout.weight_sync == "collective" and shared:
             raise ValueError(
                 f"rollout.weight_sync=collective needs a whole GPU per member, but {' and '.join(shared)} shares one "
@@ -381,6 +382,10 @@ class Config(_Section):
     def trained_timesteps(self) -> int:
         """DanceGRPO: floor((N - 1) * fraction), it drops the last transition then keeps a random fraction."""
         return math.floor((self.rollout.num_steps - 1) * getattr(self.algorithm, "timestep_fraction", 0.0))
+
+    def to_yaml(self) -> str:
+        """The whole configuration as YAML, every default filled in: a run folder's and a checkpoint's config.yaml."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
 def apply_override(tree: dict[str, Any], dotted: str) -> None:

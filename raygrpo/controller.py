@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import yaml
 from tqdm import tqdm
 
 from raygrpo.algorithms.advantages import advantage_statistics, best_of_n_members, global_std, group_advantages
 from raygrpo.checkpoint import (
-    ABORTED, FINAL, CheckpointError, ControllerState, ResumePoint, load_controller_state, save_checkpoint, save_weights, write_run_state,
+    ABORTED, FINAL, RUN_STAMP, CheckpointError, ControllerState, ResumePoint,
+    load_controller_state, save_checkpoint, save_weights, write_run_state,
 )  # fmt: skip
 from raygrpo.config import Config
 from raygrpo.contracts import GroupMedia, PromptGroup, RolloutInfo, Scores, TrainGroup, merge_scores
@@ -559,8 +559,7 @@ class Controller:
         self.trained_group_ids = list(state.trained_group_ids)
         if self.policy_version > 0:
             self.weight_sync.push(range(len(self.rollout_pool.actors)), self.policy_version)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        (self.run_dir / f"config-resumed-{stamp}.yaml").write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+        (self.run_dir / f"config-resumed-{time.strftime(RUN_STAMP)}.yaml").write_text(self.config.to_yaml())
         # Lines of steps after the checkpoint move to metrics.discarded.jsonl: this run computes those steps again.
         records = keep_steps_up_to(self.run_dir / "metrics.jsonl", state.step)
         # TensorBoard drops its events from the first recomputed step on.

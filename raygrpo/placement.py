@@ -51,8 +51,8 @@ def plan_table(plan: list[RoleResources], have: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-def node_resources() -> list[dict[str, float]]:
-    """The total CPU and GPU of every alive node of the connected Ray cluster."""
+def node_resources() -> list[dict]:
+    """The total CPU and GPU of every alive node of the connected Ray cluster, and its ``address``."""
     return [
         {res: float(node["Resources"].get(res, 0.0)) for res in ("CPU", "GPU")} | {"address": node.get("NodeManagerAddress", "?")}
         for node in ray.nodes()
@@ -60,7 +60,7 @@ def node_resources() -> list[dict[str, float]]:
     ]
 
 
-def unplaceable_bundles(plan: list[RoleResources], nodes: list[dict[str, float]]) -> list[str]:
+def unplaceable_bundles(plan: list[RoleResources], nodes: list[dict]) -> list[str]:
     """Roles whose actors do not fit on the nodes: first-fit of every bundle, largest first, onto the nodes'
     totals. Each actor's bundle must fit on one node, so a cluster can have enough GPUs in all and still
     fail (8 one-GPU nodes cannot hold a 2-GPU actor). Ray places the roles' placement groups one by one,
@@ -83,7 +83,7 @@ def unplaceable_bundles(plan: list[RoleResources], nodes: list[dict[str, float]]
     return sorted(set(failed), key=failed.index)
 
 
-def check_plan_fits(plan: list[RoleResources], have: dict[str, float], nodes: list[dict[str, float]] | None = None) -> None:
+def check_plan_fits(plan: list[RoleResources], have: dict[str, float], nodes: list[dict] | None = None) -> None:
     """Fail with a need-vs-have table when the cluster cannot hold the plan: in total, or (``nodes``) node by node."""
     need = plan_totals(plan)
     short = [res for res in ("CPU", "GPU") if need[res] > have.get(res, 0) + 1e-9]
@@ -121,8 +121,8 @@ class ActorPool:
             remove_placement_group(self.placement_group)
             raise PlanError(
                 f"placement group for {resources.role} ({resources.count} x {resources.bundle}) was not placed within 60 s: "
-                f"the cluster's free resources are fragmented or held by other jobs:\n{plan_table([resources], ray.available_resources())}\n"
-                "(have = free now)"
+                "the cluster's free resources are fragmented or held by other jobs (have = free now):\n"
+                + plan_table([resources], ray.available_resources())
             ) from None
         remote_cls = ray.remote(actor_cls)
         self.actors = [

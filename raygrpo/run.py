@@ -127,14 +127,8 @@ def make_run_dir(config: Config) -> Path:
         run_dir.mkdir(parents=True)
     except OSError as exc:
         raise PreflightError(f"run.output_root: cannot create {str(run_dir)!r}: {exc.strerror}") from None
-    (run_dir / "config.yaml").write_text(_dump_yaml(config))
+    (run_dir / "config.yaml").write_text(config.to_yaml())
     return run_dir
-
-
-def _dump_yaml(config: Config) -> str:
-    import yaml
-
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
 def connect_ray(config: Config) -> None:

@@ -98,10 +98,8 @@ def gathered_tensors(network: torch.nn.Module, names: set[str] | None, dtype: to
         yield name, tensor
 
 
-def full_state_dict(
-    network: torch.nn.Module, names: set[str] | None, dtype: torch.dtype | None, on_cpu: bool = True, keep: bool = True
-) -> dict[str, torch.Tensor]:
-    """The network's state as whole tensors, copies on the CPU (or where the network is); every rank gathers.
+def full_state_dict(network: torch.nn.Module, names: set[str] | None, dtype: torch.dtype | None, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The network's state as whole tensors, copied to the CPU; every rank gathers.
 
     ``keep=False``: this rank joins the gathers and keeps nothing (ranks other than the one writing or
     sending), so only one rank pays the memory of a full copy. See :func:`gathered_tensors`.
@@ -110,5 +108,5 @@ def full_state_dict(
     for name, tensor in gathered_tensors(network, names, dtype):
         if keep:
             # A copy, never a view: the caller may swap other values into the network right after (EMA weights).
-            state[name] = tensor.to("cpu", copy=True) if on_cpu else tensor.clone()
+            state[name] = tensor.to("cpu", copy=True)
     return state
