@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   - install what is missing, then run the tiny DanceGRPO job on a local Ray instance
-#   make test   - install what is missing, then run the test suite
+#   make demo     - install what is missing, then run the tiny DanceGRPO job on a local Ray instance
+#   make test     - install what is missing, then run the test suite
+#   make figures  - measure every figure the README quotes again (docs/figures.json, the README's figure blocks)
 VENV ?= .venv
 VLLM_VENV ?= .venv-vllm
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-vllm demo test clean
+.PHONY: install install-vllm demo test figures clean
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
@@ -26,6 +27,9 @@ install-vllm:
 
 test: install install-vllm
 	$(PY) -m pytest $(ARGS)
+
+figures: install
+	$(PY) scripts/figures.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache

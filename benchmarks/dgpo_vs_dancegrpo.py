@@ -8,7 +8,8 @@ excluded, the same for both), samples are the images generated up to that step.
 
     python benchmarks/dgpo_vs_dancegrpo.py --seeds 0 1 2 --target -3.0
 
-Writes benchmarks/results/dgpo_vs_dancegrpo.json and prints a table.
+Writes ``--out`` (default outputs/benchmarks/dgpo_vs_dancegrpo.json, untracked) and prints a table;
+``make figures`` runs it and puts the numbers the README quotes into docs/figures.json.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -25,22 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from raygrpo.local_cluster import start_local_cluster
+
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"dancegrpo": "cluster/tiny.yaml", "dgpo": "cluster/tiny_dgpo.yaml"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_cluster(env: dict) -> str:
-    port = free_port()
-    ray = str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
-                    "--include-dashboard=false", "--disable-usage-stats"], check=True, env=env, capture_output=True)  # fmt: skip
-    return f"127.0.0.1:{port}"
 
 
 def run_once(algorithm: str, seed: int, steps: int, out: Path, env: dict) -> Path:
@@ -77,19 +65,22 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--target", type=float, default=-3.0)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-dgpo-vs-dancegrpo")
+    parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "bench-dgpo-vs-dancegrpo", help="the runs' output root")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "benchmarks" / "dgpo_vs_dancegrpo.json",
+                        help="the results file (outside tracked files unless you say so)")  # fmt: skip
     args = parser.parse_args()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    env["RAY_ADDRESS"] = start_cluster(env)
+    cluster = start_local_cluster(num_cpus=4, env=env, dashboard=False)  # stops only itself, never other Ray instances
+    env["RAY_ADDRESS"] = cluster.address
     results: dict[str, list[dict]] = {name: [] for name in PRESETS}
     try:
         for seed in args.seeds:
             for name in PRESETS:  # interleaved, so both see the same machine load
                 started = time.time()
-                results[name].append({"seed": seed, **reach(run_once(name, seed, args.steps, args.out, env), args.target)})
+                results[name].append({"seed": seed, **reach(run_once(name, seed, args.steps, args.work, env), args.target)})
                 print(f"{name:10s} seed {seed}: {results[name][-1]} ({time.time() - started:.0f} s)", flush=True)
     finally:
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=env, capture_output=True)
+        cluster.stop()
     summary = {}
     for name, runs in results.items():
         ok = [r for r in runs if r["reached"]]
@@ -107,7 +98,7 @@ def main() -> None:
                   "samples_dancegrpo_over_dgpo": d["median_samples"] / g["median_samples"]}  # fmt: skip
     ratios["bytes_per_sample_dancegrpo_over_dgpo"] = d["bytes_per_sample"] / g["bytes_per_sample"]
     report = {"target": args.target, "seeds": args.seeds, "steps": args.steps, "summary": summary, "ratios": ratios, "runs": results}
-    path = ROOT / "benchmarks" / "results" / "dgpo_vs_dancegrpo.json"
+    path = args.out
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     print(json.dumps({"summary": summary, "ratios": ratios}, indent=2))

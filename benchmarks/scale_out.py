@@ -23,7 +23,7 @@
 
 Ratios are ``value / baseline`` (above 1: more images/s, or more seconds, than the baseline). Sides
 alternate repeat by repeat so both see the same machine load; medians are reported. Results go to
-benchmarks/results/scale_out.json (override with --out).
+outputs/benchmarks/scale_out.json (untracked; override with --out). ``make figures`` runs it for the README.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ if str(ROOT) not in sys.path:
 from raygrpo.algorithms.advantages import group_advantages
 from raygrpo.config import Config, load_config
 from raygrpo.contracts import PromptGroup, Rollout, TrainGroup
-from raygrpo.models.flux import resolve_pretrained
+from raygrpo.models import resolve_pretrained
 
 logger = logging.getLogger("scale_out")
 PRESETS = {"dancegrpo": "cluster/tiny.yaml", "dgpo": "cluster/tiny_dgpo.yaml"}
@@ -290,6 +290,7 @@ def bench_learner(preset: str, args: argparse.Namespace) -> dict:
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     from raygrpo.learner.learner import Learner
+    from raygrpo.learner.shard import RankBatch
     from raygrpo.rollout.worker import RolloutWorker
 
     config = make_config(preset, args)
@@ -315,8 +316,10 @@ def bench_learner(preset: str, args: argparse.Namespace) -> dict:
             "txt_ids": torch.zeros(text.shape[0], 3, device=dev), "img_ids": img_ids,
         })  # fmt: skip
 
+    part = RankBatch.whole(batch)
+
     def system(r: int) -> None:
-        learner.update(batch)
+        learner.update(part)
 
     def baseline(r: int) -> None:
         adamw.zero_grad(set_to_none=True)
@@ -492,7 +495,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=Realistic.resolution)
     p.add_argument("--smoke", action="store_true", help="smallest sizes (tests): group 2, 3 steps, 3 end-to-end steps, 1+1 blocks")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale_out.json")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "benchmarks" / "scale_out.json")
     p.add_argument("--work", type=Path, default=None, help="folder for run outputs and built models (default: a temporary one)")
     args = p.parse_args(argv)
     args.parts = [part.strip() for part in args.only.split(",") if part.strip()]

@@ -31,6 +31,9 @@ class RunConfig(_Section):
     """Each run writes to ``<output_root>/<name>-<timestamp>``. Use an absolute, shared path on a cluster
     (every learner rank writes its checkpoint shards there)."""
     seed: int = 0
+    in_process: bool = False
+    """Run every role (rollout, rewards, learner) as objects in the driver process, without Ray: the same
+    step, under a debugger or in tests (one learner rank; the metrics equal a Ray run of the same seed on CPU)."""
     resume: str = "auto"
     """auto: continue the newest unfinished run of this name under output_root from its newest checkpoint
     (a resubmitted Ray job continues instead of restarting); never: always start a new run; or the path
@@ -137,9 +140,24 @@ class RewardConfig(_Section):
 
 
 class ScoringConfig(_Section):
-    on_failure: Literal["drop_group", "zero", "abort"] = "drop_group"
-    """A member without a score: drop its whole group from training, count it as reward 0, or stop the
-    run (after saving a checkpoint). Every such event is counted in the metrics (rewards/<name>/missing)."""
+    on_failure: Literal["drop_group", "group_min", "abort"] = "drop_group"
+    """A member without a score: drop its whole group from training; give it the lowest score that reward
+    gave a member of the same group (group_min: a failure never scores better than a real sample, so it
+    never gets a positive advantage; a group without any valid score of a reward is dropped); or abort the
+    run. Every such event is counted in the metrics (rewards/<name>/missing, groups/dropped)."""
+    max_empty_steps: int = Field(2, ge=1)
+    """Abort the run (exit 3) after this many consecutive steps that trained no group (every group dropped,
+    e.g. a reward server that stopped answering); the message says which rewards failed and how often."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_zero(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("on_failure") == "zero":
+            raise ValueError(
+                "on_failure: zero was removed: a 0 is the best score of a negative reward (JPEG compressibility), so a "
+                "failed sample would get the top advantage. Use group_min (the group's lowest score), drop_group or abort"
+            )
+        return data
     combine: Literal["per_reward", "weighted_sum"] = "per_reward"
     """per_reward (DanceGRPO): a group-normalised advantage per reward, losses weighted by reward.weight.
     weighted_sum (Flow-GRPO): sum_k weight_k * r_k of the raw rewards, normalised once."""
@@ -358,6 +376,13 @@ class Config(_Section):
             _check_sampler_family(algo, self.model.family)
         gpus = {"rollout": self.rollout.num_gpus, "learner": self.learner.num_gpus}
         shared = [f"{role}.num_gpus={n:g}" for role, n in gpus.items() if 0 < n < 1]
+        if self.run.in_process and ranks > 1:
+            raise ValueError(
+                f"run.in_process runs one learner rank in the driver process, but learner.num_ranks={ranks}: "
+                "set learner.num_ranks=1 or run on Ray (run.in_process=false)"
+            )
+        if self.run.in_process and self.rollout.weight_sync == "collective":
+            raise ValueError("run.in_process has no broadcast group: set rollout.weight_sync to auto or object_store")
         if self.rollout.weight_sync == "collective" and shared:
             raise ValueError(
                 f"rollout.weight_sync=collective needs a whole GPU per member, but {' and '.join(shared)} shares one "

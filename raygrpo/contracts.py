@@ -166,13 +166,16 @@ class GroupMedia:
 
 @dataclass
 class Scores:
-    """One reward model's verdict on one group."""
+    """One reward model's verdict on one group, and how getting it went."""
 
     group_id: int
     reward_name: str
     values: np.ndarray  # [G] float32; meaningless where valid is False
     valid: np.ndarray  # [G] bool
     errors: list[str | None] = field(default_factory=list)  # [G], why an item has no score
+    retries: int = 0  # attempts repeated after a transient failure (transport error, timeout, 429, 5xx)
+    failures: int = 0  # calls that ended without usable scores (failed after all attempts, or the reward raised)
+    fatal: str | None = None  # set when retrying can never help for the rest of the run (e.g. 401/403); names reward, URL, fix
 
     def __post_init__(self) -> None:
         if not self.errors:
@@ -182,7 +185,10 @@ class Scores:
 
 
 def merge_scores(parts: list[Scores]) -> Scores:
-    """One reward's Scores of a whole group from the Scores of its parts, in member order."""
+    """One reward's Scores of a whole group from the Scores of its parts, in member order.
+
+    Retries and failures add up; the first fatal error is kept.
+    """
     if len(parts) == 1:
         return parts[0]
     return Scores(
@@ -191,6 +197,9 @@ def merge_scores(parts: list[Scores]) -> Scores:
         values=np.concatenate([p.values for p in parts]),
         valid=np.concatenate([p.valid for p in parts]),
         errors=[e for p in parts for e in p.errors],
+        retries=sum(p.retries for p in parts),
+        failures=sum(p.failures for p in parts),
+        fatal=next((p.fatal for p in parts if p.fatal is not None), None),
     )
 
 
@@ -207,6 +216,26 @@ class TrainGroup:
     advantages: np.ndarray  # [K, G] float32, one row per reward (already clipped)
     reward_weights: np.ndarray  # [K] float32, the loss weight of each reward's advantage
     members: np.ndarray  # [M] int64, indices of the members to train on (all, or best-of-N)
+
+
+@dataclass
+class ScoredGroup:
+    """A whole group back from rollout and from every reward (the rollout scheduler's answer to the controller).
+
+    Refs stay refs: the controller never fetches a Rollout; it fetches media only for galleries.
+    """
+
+    group: PromptGroup  # the whole group (member_offset 0)
+    rollout: object  # ref to its Rollout, or a list of its parts' refs in member order (spread_groups)
+    media: object  # likewise for its GroupMedia
+    infos: list[RolloutInfo]  # one per part
+    scores: dict[str, Scores]  # reward name -> every member's scores
+    seconds: dict[str, float]  # reward name -> seconds its replicas spent scoring it
+
+    @property
+    def policy_version(self) -> int:
+        """The version that sampled it (a group's oldest part decides)."""
+        return min(info.policy_version for info in self.infos)
 
 
 @dataclass

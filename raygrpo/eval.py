@@ -47,7 +47,7 @@ from raygrpo.contracts import ConditioningBatch
 from raygrpo.data.prompts import PromptFileError, load_prompts
 from raygrpo.export import LORA_WEIGHT_NAME, ExportError, TrainedCheckpoint, check_network_config, read_checkpoint
 from raygrpo.report import GridRow, sample_grid
-from raygrpo.reward.builtin import Reward, make_reward
+from raygrpo.reward import Reward, make_reward
 from raygrpo.runtime import torch_dtype
 from raygrpo.sampling import ODE_SOLVERS, make_ode_solver
 

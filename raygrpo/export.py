@@ -90,9 +90,7 @@ def resolve_pipeline_folder(pretrained: str, family: str | None = None) -> Path:
     ``"tiny-random"`` is the cached tiny model of ``family`` (default flux); a hub id not fully on
     disk is downloaded with ``snapshot_download`` (the export needs every component).
     """
-    from raygrpo.models import ModelNotFoundError, resolve_pretrained
-    from raygrpo.models.flux import TINY_RANDOM
-    from raygrpo.models.tiny import tiny_model_folder
+    from raygrpo.models import TINY_RANDOM, ModelNotFoundError, resolve_pretrained, tiny_model_folder
 
     try:
         if pretrained == TINY_RANDOM:
@@ -216,7 +214,7 @@ def export_pipeline(
             "pretrained_folder": str(base.resolve()),
             "checkpoint": str(checkpoint.folder.resolve()),
             "component": checkpoint.component,
-            **{k: v for k, v in checkpoint.state.items() if k in ("policy_version", "algorithm", "family")},
+            **{k: v for k, v in checkpoint.state.items() if k in ("policy_version", "algorithm", "family", "generation")},
         }
         (tmp / EXPORT_FILE).write_text(json.dumps(provenance, indent=2))
         if out.exists():

@@ -12,7 +12,7 @@ appends to it). Mirrors, each optional and each unable to stop a run:
 The controller uses it as::
 
     metrics = MetricsLog.for_run(run_dir, config)   # or MetricsLog(path, tensorboard_dir=..., wandb=...)
-    metrics.write(record)                           # every step
+    metrics.write(step_record(outcome, config))     # every step (what a step produced -> one flat record)
     metrics.close()                                 # at the end, also after a failure
 """
 
@@ -22,9 +22,17 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from raygrpo.algorithms.advantages import StepBatch
+from raygrpo.contracts import LearnerMetrics, ScoredGroup
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -32,6 +40,96 @@ if TYPE_CHECKING:
     from raygrpo.config import Config
 
 logger = logging.getLogger(__name__)
+
+
+class PhaseTimer:
+    """Wall seconds of a step's phases: ``with timer("generate"): ...``; ``timer.total()`` since it was made."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - begin
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+@dataclass
+class StepOutcome:
+    """What one training step produced, as the controller hands it to :func:`step_record`."""
+
+    step: int
+    policy_version: int  # after the step's update (the version rollout samples with next)
+    groups: list[ScoredGroup]  # every group generated for the step, trained or not
+    batch: StepBatch  # what was trained, and what became of the rewards
+    staleness: np.ndarray  # [trained groups] policy versions between sampling and training
+    learner: LearnerMetrics | None  # None when no group was trained
+    sync_seconds: float  # the sync's own work (export + the slowest worker's load); 0 without an update
+    queue_depth: int  # groups (parts) in flight when the step began waiting
+    reissued: int  # groups generated again this step (a rollout worker died)
+    rescored: int  # scorings sent again this step (a reward replica died)
+    timer: PhaseTimer
+    actors: dict[str, int]  # role -> actors ("rollout", "reward/<name>")
+
+
+def step_record(outcome: StepOutcome, config: Any) -> dict[str, float]:
+    """One flat record of metrics (the keys of metrics.jsonl, TensorBoard and the dashboard) for a step."""
+    o, names = outcome, [r.name for r in config.rewards]
+    weights = np.array([r.weight for r in config.rewards], np.float64)
+    rewards = o.batch.rewards  # [N, K]
+    samples = len(o.groups) * config.algorithm.group_size
+    record: dict[str, float] = {"step": o.step, "policy_version": o.policy_version, **o.batch.stats}
+    record["groups/reissued"], record["groups/rescored"] = float(o.reissued), float(o.rescored)
+    reward_seconds = {n: [g.seconds[n] for g in o.groups] for n in names}
+    for k, name in enumerate(names):
+        record[f"reward/{name}/mean"] = float(np.mean(rewards[:, k])) if len(rewards) else float("nan")
+        record[f"reward/{name}/std"] = float(np.std(rewards[:, k])) if len(rewards) else float("nan")
+        record[f"time/reward/{name}"] = float(sum(reward_seconds[name]))
+    record["reward/total/mean"] = float(np.mean(rewards @ weights)) if len(rewards) else float("nan")
+    if o.learner is not None:
+        fields = asdict(o.learner)
+        extras = fields.pop("extras")
+        record.update({f"learner/{k}": float(v) for k, v in {**fields, **extras}.items()})
+    record["samples/generated"] = float(samples)
+    record["rollout/bytes_per_sample"] = float(sum(i.rollout_bytes for g in o.groups for i in g.infos)) / max(samples, 1)
+    record["staleness/mean"] = float(o.staleness.mean()) if len(o.staleness) else float("nan")
+    record["staleness/max"] = float(o.staleness.max()) if len(o.staleness) else float("nan")
+    record["queue/groups_in_flight"] = float(o.queue_depth)
+    record["time/rollout_worker_sum"] = float(sum(i.seconds for g in o.groups for i in g.infos))
+    for phase in ("generate", "score_wait", "learner"):
+        record[f"time/{phase}"] = o.timer.seconds.get(phase, 0.0)
+    # The sync's own work (export + the slowest worker's load); its wall time also counts waiting for
+    # workers to finish the groups queued before it (max_staleness >= 1), which is generation, not sync.
+    record["time/sync"] = o.sync_seconds
+    record["time/sync_wall"] = o.timer.seconds.get("sync", 0.0)
+    record["time/step"] = o.timer.total()
+    record.update(_idle_fractions(record, reward_seconds, o.learner, o.actors))
+    return record
+
+
+def _idle_fractions(record: dict[str, float], reward_seconds: dict[str, list[float]], learner: LearnerMetrics | None, actors: dict[str, int]):
+    """Per role, 1 - (busy seconds of the work trained this step) / (actors x the step's wall time).
+
+    With max_staleness >= 1 part of that work ran during the previous step's window, so single
+    steps can be off; averaged over steps it is the share of time a role's actors had nothing to do.
+    """
+    wall = max(record["time/step"], 1e-9)
+
+    def idle(busy: float, count: int) -> float:
+        return float(np.clip(1.0 - busy / (max(count, 1) * wall), 0.0, 1.0))
+
+    fractions = {"idle/rollout": idle(record["time/rollout_worker_sum"], actors["rollout"])}
+    for name, seconds in reward_seconds.items():
+        fractions[f"idle/reward/{name}"] = idle(sum(seconds), actors[f"reward/{name}"])
+    fractions["idle/learner"] = idle(learner.seconds if learner is not None else 0.0, 1)
+    return fractions
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Resource plan and actor pools: one placement group per role, checked against the cluster first."""
+"""The resource plan: what each role asks of the cluster, checked against it before any actor starts
+(each role then gets one placement group of its own: :class:`raygrpo.actor_group.ActorGroup`)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import logging
 from dataclasses import dataclass
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raygrpo.config import Config
 
@@ -100,49 +99,3 @@ def check_plan_fits(plan: list[RoleResources], have: dict[str, float], nodes: li
             f"(each actor's CPUs and GPUs must sit on one node):\n{plan_table(plan, have)}\n{per_node}\n"
             "Give those actors fewer GPUs/CPUs each, or add larger nodes."
         )
-
-
-class ActorPool:
-    """``count`` actors of one class in their own placement group (packed onto as few nodes as possible).
-
-    Construction returns as soon as the actors are scheduled; wait on :meth:`ready` (all pools at
-    once, so their model loading overlaps). ``max_restarts``: how often Ray restarts a dead actor (its
-    calls in flight fail with ``RayActorError``; the caller decides what to resend). ``out_of_order``:
-    run each call as soon as its arguments are ready (reward replicas: a group still generating must not
-    hold up one that is done), one at a time all the same.
-    """
-
-    def __init__(self, resources: RoleResources, actor_cls: type, *args, max_restarts: int = 0, out_of_order: bool = False, **kwargs):
-        self.resources = resources
-        self.placement_group = placement_group([resources.bundle] * resources.count, strategy="PACK", name=f"raygrpo-{resources.role}")
-        try:
-            ray.get(self.placement_group.ready(), timeout=60)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self.placement_group)
-            raise PlanError(
-                f"placement group for {resources.role} ({resources.count} x {resources.bundle}) was not placed within 60 s: "
-                "the cluster's free resources are fragmented or held by other jobs (have = free now):\n"
-                + plan_table([resources], ray.available_resources())
-            ) from None
-        remote_cls = ray.remote(actor_cls)
-        self.actors = [
-            remote_cls.options(
-                num_cpus=resources.num_cpus,
-                num_gpus=resources.num_gpus,
-                # A restarted actor comes back in the same bundle; the controller re-sends weights and work.
-                max_restarts=max_restarts,
-                # Calls run in the order their arguments become ready rather than the order they were sent.
-                allow_out_of_order_execution=out_of_order,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
-            ).remote(*args, **kwargs)
-            for i in range(resources.count)
-        ]
-
-    def ready(self) -> list[ray.ObjectRef]:
-        """Refs that resolve once every actor's ``__init__`` (model loading) has finished, or raise its error."""
-        return [actor.__ray_ready__.remote() for actor in self.actors]
-
-    def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
-        remove_placement_group(self.placement_group)

@@ -77,3 +77,16 @@ class RunTelemetry:
         """Stop refreshing the gauges (they age out of Prometheus as a finished run's should)."""
         self._stop.set()
         self._refresher.join(timeout=5)
+
+
+class NullTelemetry:
+    """The telemetry of an in-process run (``run.in_process``): no Ray, no Prometheus; metrics.jsonl has it all."""
+
+    def record_step(self, record: dict[str, float], queue_depth: int, reward_seconds: dict[str, list[float]]) -> None:
+        pass
+
+    def restarted(self, role: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -102,12 +102,13 @@ class GridRow:
     def __post_init__(self) -> None:
         if self.images.ndim not in (4, 5) or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
             raise ValueError(
-                f"GridRow {self.title!r}: images must be uint8 [N, H, W, 3] (or videos [N, F, H, W, 3]), got {self.images.dtype} {self.images.shape}"
+                f"GridRow {self.title[:80]!r}: images must be uint8 [N, H, W, 3] (or videos [N, F, H, W, 3]), "
+                f"got {self.images.dtype} {self.images.shape}"
             )
         if self.images.ndim == 5:
             self.images = np.stack([frame_strip(video) for video in self.images])  # [N, H, k*W + gaps, 3]
         if self.captions and len(self.captions) != len(self.images):
-            raise ValueError(f"GridRow {self.title!r}: {len(self.captions)} captions for {len(self.images)} images")
+            raise ValueError(f"GridRow {self.title[:80]!r}: {len(self.captions)} captions for {len(self.images)} images")
 
 
 def sample_grid(rows: list[GridRow], out_png: Path, max_cols: int = 8) -> Path:
@@ -205,9 +206,27 @@ def _upscale(image: np.ndarray) -> Image.Image:
 
 
 def _fit(draw: ImageDraw.ImageDraw, font: _Font, text: str, width: int) -> str:
-    """``text`` cut short with "..." so that it fits in ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
+    """``text`` on one line, cut short with "..." so that it fits in ``width`` pixels.
+
+    Prompts can be long (100k characters have been seen) and hold line breaks, which ``textlength``
+    refuses and ``text`` would draw over the tiles below. So: a glyph that takes room takes at least
+    one pixel, hence no more than ``width`` characters can fit and the rest is dropped unmeasured;
+    whitespace runs and unprintable characters become one space; and the longest prefix that fits
+    with "..." is found by bisection. Cost: O(log width) measurements of at most ``width``
+    characters, whatever the length of ``text`` (cutting one character per measurement was
+    quadratic in it: hours for a 100k-character prompt).
+    """
+    visible = "".join(c if c.isprintable() else " " for c in text[: width + 1])
+    line = " ".join(visible.split())
+    dropped = text[width + 1 :]
+    if (not dropped or dropped.isspace()) and draw.textlength(line, font=font) <= width:
+        return line
+    # Largest k with line[:k] + "..." fitting; widths grow with k, so bisect on k.
+    low, high = 0, len(line)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if draw.textlength(line[:middle].rstrip() + "...", font=font) <= width:
+            low = middle
+        else:
+            high = middle - 1
+    return line[:low].rstrip() + "..."

@@ -1,13 +1,18 @@
-"""Entry point: ``python -m raygrpo.run CONFIG [key.path=value ...]``.
+"""Entry point: ``python -m raygrpo.run CONFIG [key.path=value ...] [--skip-reward-check]``.
 
-1. Load and validate the config; run the preflight checks (weights reachable, rewards known, prompts
-   present, enough GPUs on this machine when no cluster is given). Everything here fails before Ray
-   starts, naming the field to fix.
+1. Load and validate the config; run the preflight checks (weights reachable and their folders readable,
+   rewards known, every HTTP-backed reward's server answering and accepting the token, prompts present,
+   enough GPUs on this machine when no cluster is given). Everything here fails before Ray starts,
+   naming the field to fix.
 2. Join the Ray cluster named by ``ray.address`` or ``RAY_ADDRESS`` (``ray job submit`` sets it), or
-   start a local instance bound to loopback.
+   start a local instance bound to loopback; with ``run.in_process=true`` no Ray at all.
 3. Check the resource plan against the cluster, then hand over to the :class:`Controller`, in a new
    run folder or, when an unfinished run of the same name has a checkpoint (``run.resume: auto``), in
    that folder from its newest checkpoint (raygrpo/checkpoint.py).
+
+Exit codes: 0 finished; 2 the run cannot start (config, preflight, plan, checkpoint); 3 aborted (a
+reward rejecting the token, steps that trained nothing, an export that failed, no live actor of a role);
+130 / 143 stopped by Ctrl-C / SIGTERM (``ray job stop``) with a resumable checkpoint: the same command continues.
 """
 
 from __future__ import annotations
@@ -27,22 +32,30 @@ class PreflightError(RuntimeError):
     """Problems found before any actor starts, one per line, each naming its field."""
 
 
-def preflight(config: Config) -> list[str]:
-    """Check what can be checked on the driver; return the prompts. Raises PreflightError listing every problem."""
+def preflight(config: Config, check_rewards: bool = True) -> list[str]:
+    """Check what can be checked on the driver; return the prompts. Raises PreflightError listing every problem.
+
+    ``check_rewards``: contact the server of every HTTP-backed reward (health, then an authenticated info);
+    ``--skip-reward-check`` turns it off for servers that come up after the run starts.
+    """
     from raygrpo.data.prompts import PromptFileError, load_prompts
-    from raygrpo.models import VIDEO_FAMILIES, ModelNotFoundError, resolve_pretrained
+    from raygrpo.models import VIDEO_FAMILIES, ModelNotFoundError, check_pretrained
     from raygrpo.placement import plan_totals, resource_plan
-    from raygrpo.reward.builtin import VIDEO_HINT, accepts_video, make_reward
+    from raygrpo.reward import VIDEO_HINT, RewardServiceError, accepts_video, check_reward_service, make_reward
 
     problems, prompts = [], []
     try:
-        if config.model.pretrained != "tiny-random":  # tiny models are built locally, per family, by the actors
-            resolve_pretrained(config.model.pretrained)
+        check_pretrained(config.model.family, config.model.pretrained)  # folder readable, JSON parses; tiny-random is built here
     except ModelNotFoundError as exc:
         problems.append(f"model.pretrained: {exc}")
     for i, reward in enumerate(config.rewards):
         try:
-            make_reward(reward.kind, reward.params)
+            if check_rewards:
+                check_reward_service(reward.name, reward.kind, reward.params)
+            else:
+                make_reward(reward.kind, reward.params)
+        except RewardServiceError as exc:
+            problems.append(f"rewards.{i}: {exc} (start the server, fix the URL or token; --skip-reward-check if it comes up later)")
         except (ValueError, TypeError) as exc:
             problems.append(f"rewards.{i} ({reward.name}): {exc}")
         if config.model.family in VIDEO_FAMILIES and not accepts_video(reward.kind, reward.params):
@@ -58,7 +71,11 @@ def preflight(config: Config) -> list[str]:
     problem = _unwritable(Path(config.run.output_root))
     if problem:
         problems.append(f"run.output_root: {problem}")
-    if not _cluster_address(config):
+    if config.run.in_process:
+        need_gpus = max(config.rollout.num_gpus, config.learner.num_gpus, *(r.num_gpus for r in config.rewards))
+        if need_gpus and not _local_gpu_count():
+            problems.append("run.in_process: the roles ask for GPUs and this machine has none; set their num_gpus to 0")
+    elif not _cluster_address(config):
         need_gpus = plan_totals(resource_plan(config))["GPU"]
         have_gpus = _local_gpu_count()
         if need_gpus > have_gpus:
@@ -155,45 +172,63 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raygrpo.run", description=__doc__.split("\n")[0])
     parser.add_argument("config", help="YAML run config, e.g. cluster/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=3 rollout.num_workers=2")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--skip-reward-check", action="store_true", help="do not contact reward servers before the run (for servers that come up later)"
+    )
+    args = parser.parse_intermixed_args(argv)  # the flag may stand anywhere among the overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.overrides)
-        prompts = preflight(config)
+        prompts = preflight(config, check_rewards=not args.skip_reward_check)
     except (ConfigError, PreflightError) as exc:
         print(f"raygrpo: {exc}", file=sys.stderr)
         return 2
 
-    import ray
-
     from raygrpo.checkpoint import CheckpointError, find_resume_point
-    from raygrpo.controller import Controller, RunAborted
-    from raygrpo.placement import PlanError, check_plan_fits, node_resources, resource_plan
+    from raygrpo.controller import Controller
+    from raygrpo.errors import RunAborted, RunStopped
+    from raygrpo.placement import PlanError
 
     try:
         resume = find_resume_point(config)
     except CheckpointError as exc:
         print(f"raygrpo: {exc}", file=sys.stderr)
         return 2
-    connect_ray(config)
     try:
-        check_plan_fits(resource_plan(config), ray.cluster_resources(), node_resources())
+        if not config.run.in_process:
+            connect_ray(config)
+            check_cluster(config)
         if resume:
             # Nothing is written into it until the checkpoint has loaded (the controller keeps this config beside the first one).
             logger.info("continuing %s from %s (step %d)", resume.run_dir, resume.checkpoint.name, resume.step)
         run_dir = resume.run_dir if resume else make_run_dir(config)
-        summary = Controller(config, run_dir, prompts, resume=resume).run()
+        summary = Controller(config, run_dir, prompts, resume=resume, check_rewards=not args.skip_reward_check).run()
     except (PlanError, PreflightError, CheckpointError) as exc:
         print(f"raygrpo: {exc}", file=sys.stderr)
         return 2
     except RunAborted as exc:
         print(f"raygrpo: run aborted: {exc}", file=sys.stderr)
         return 3
+    except RunStopped as exc:
+        print(f"raygrpo: run {exc}", file=sys.stderr)
+        return 128 + exc.signal_number
     finally:
-        ray.shutdown()
+        if not config.run.in_process:
+            import ray
+
+            ray.shutdown()
     print(f"reward (weighted total, mean over the step): first step {summary.first_reward:.4f} -> last step {summary.last_reward:.4f}")
     print(f"outputs: {summary.run_dir}")
     return 0
+
+
+def check_cluster(config: Config) -> None:
+    """The resource plan against the connected cluster, in total and node by node; PlanError with a table if it cannot fit."""
+    import ray
+
+    from raygrpo.placement import check_plan_fits, node_resources, resource_plan
+
+    check_plan_fits(resource_plan(config), ray.cluster_resources(), node_resources())
 
 
 if __name__ == "__main__":

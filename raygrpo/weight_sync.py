@@ -22,11 +22,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import ray
-
+from raygrpo.actor_group import ActorGroup, LocalGroup, get, lost_actor, wait_until_done
 from raygrpo.config import Config
 from raygrpo.learner.group import LearnerGroup
-from raygrpo.placement import ActorPool
 from raygrpo.weights import WeightsMismatchError
 
 logger = logging.getLogger(__name__)
@@ -41,6 +39,8 @@ class SyncResult:
 def get_all(refs: list, timeout_s: float) -> list:
     """``ray.get(refs)``, but the first failure raises at once instead of after every other ref resolved
     (a broadcast's sender waits for receivers that may be dead); GetTimeoutError after ``timeout_s``."""
+    import ray
+
     deadline, pending = time.monotonic() + timeout_s, list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
@@ -51,15 +51,17 @@ def get_all(refs: list, timeout_s: float) -> list:
 
 
 class WeightSync:
-    def __init__(self, config: Config, learner: LearnerGroup, rollout_pool: ActorPool):
-        self.learner, self.workers = learner, rollout_pool.actors
+    def __init__(self, config: Config, learner: LearnerGroup, rollout: ActorGroup | LocalGroup):
+        self.learner, self.rollout = learner, rollout
         self.timeout_s = config.rollout.weight_sync_timeout_s
         mode = config.rollout.weight_sync
         # auto: NCCL wants a whole device per member; shared (fractional) GPUs go through the object store.
-        self.collective = mode == "collective" or (mode == "auto" and config.learner.num_gpus >= 1 and config.rollout.num_gpus >= 1)
+        # In process there is nothing to broadcast to: the workers are objects beside the learner.
+        whole_gpus = config.learner.num_gpus >= 1 and config.rollout.num_gpus >= 1
+        self.collective = not config.run.in_process and (mode == "collective" or (mode == "auto" and whole_gpus))
         self.group_stale = True  # the broadcast group is built at the first collective sync
         self.names: list[str] = []  # what every broadcast sends, in its order
-        self._message: ray.ObjectRef | None = None  # the latest exported WeightsMessage (restarted workers get it too)
+        self._message = None  # the latest exported WeightsMessage (restarted workers get it too)
         self._message_version = -1
 
     def sync(self, version: int) -> SyncResult:
@@ -67,10 +69,10 @@ class WeightSync:
         if self.collective:
             try:
                 return SyncResult(self._broadcast(version))
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError) as exc:
+            except Exception as exc:  # noqa: BLE001 - a dead member, a failed call or a timeout: the object store still works
                 logger.warning("weight broadcast of version %d failed (%s); sending it through the object store", version, exc)
                 self.group_stale = True
-        return self.push(range(len(self.workers)), version)
+        return self.push(range(len(self.rollout)), version)
 
     def push(self, workers, version: int) -> SyncResult:
         """Send ``version`` through the object store to ``workers``; every live one must report it and the
@@ -79,17 +81,19 @@ class WeightSync:
         if self._message is None or self._message_version != version:
             start = time.perf_counter()
             self._message, self._message_version = self.learner.export_weights(), version
-            ray.wait([self._message], fetch_local=False)
+            wait_until_done([self._message])
             export = time.perf_counter() - start
         workers = list(workers)
         if self.collective:
             self.group_stale = True  # a restarted member left the broadcast group
-        refs = [self.workers[i].set_weights.remote(self._message) for i in workers]
+        refs = [self.rollout.call(i, "set_weights", self._message) for i in workers]
         reports, lost = {}, []
         for i, ref in zip(workers, refs):
             try:
-                reports[i] = ray.get(ref)
-            except ray.exceptions.RayActorError:
+                reports[i] = get(ref)
+            except Exception as exc:
+                if not lost_actor(exc):
+                    raise
                 lost.append(i)
         held = {i: (r.policy_version, r.checksum) for i, r in reports.items()}
         if any(v != version for v, _ in held.values()) or len({crc for _, crc in held.values()}) > 1:
@@ -98,11 +102,11 @@ class WeightSync:
 
     def _open_group(self) -> None:
         """Build the learner-to-rollout broadcast group (again, after a member was restarted)."""
-        nodes = set(ray.get([w.node_ip.remote() for w in self.workers])) | {self.learner.node_ip()}
-        host, port = ray.get(self.learner.weight_group_address(len(nodes) == 1))
-        world = 1 + len(self.workers)
+        nodes = set(self.rollout.foreach("node_ip")) | {self.learner.node_ip()}
+        host, port = get(self.learner.weight_group_address(len(nodes) == 1))
+        world = 1 + len(self.rollout)
         joins = [self.learner.join_weight_group(host, port, world, self.timeout_s)]
-        joins += [w.join_weight_group.remote(host, port, 1 + i, world, self.timeout_s) for i, w in enumerate(self.workers)]
+        joins += [self.rollout.call(i, "join_weight_group", host, port, 1 + i, world, self.timeout_s) for i in range(len(self.rollout))]
         get_all(joins, self.timeout_s)
         self.names = self.learner.weight_names()
         self.group_stale = False
@@ -112,7 +116,7 @@ class WeightSync:
             self._open_group()
         start = time.perf_counter()
         sent = self.learner.send_weights()
-        received = [w.receive_weights.remote(version, self.names) for w in self.workers]
+        received = [self.rollout.call(i, "receive_weights", version, self.names) for i in range(len(self.rollout))]
         # Together: a receiver that fails must not leave the controller waiting on the sender's broadcast.
         (sent_version, fingerprint), *reports = get_all([sent, *received], self.timeout_s)
         if sent_version != version or any((r.policy_version, r.checksum) != (version, fingerprint) for r in reports):

@@ -1,8 +1,8 @@
 """Template reward server for raygrpo (protocol ``raygrpo.reward/v1``): copy this file, edit ``score_images``.
 
-Self-contained on purpose: it needs only FastAPI, uvicorn, pydantic, Pillow and numpy, and never
-imports raygrpo, so it can run in whatever environment your reward model needs (its own venv, its
-own machine, its own CUDA). Run it::
+It needs FastAPI, uvicorn, pydantic, Pillow and numpy, and the file ``protocol_guard.py`` from the
+same folder (copy both), never raygrpo itself, so it can run in whatever environment your reward
+model needs (its own venv, its own machine, its own CUDA). Run it::
 
     python template_server.py --port 8000                              # loopback only, no token
     MY_REWARD_TOKEN=... python template_server.py --token-env MY_REWARD_TOKEN --port 8000
@@ -19,28 +19,33 @@ The protocol (do not change the endpoints or fields: raygrpo's client relies on 
     POST /v1/score  {"protocol": "raygrpo.reward/v1", "request_id", "policy_version",
                      "items": [{"id", "prompt", "media_type", "data": base64 PNG, "metadata"}]}
                  -> {"request_id", "results": [{"id", "score": float | null, "error": str | null, "details": {}}]}
+
+``protocol_guard`` bounds what a request can cost before it is paid (token, body size and time,
+JSON depth, decoded pixels; ``--help`` lists the flags); see its docstring.
 """
 
 import argparse
-import base64
-import binascii
-import io
-import json
 import math
-import os
-import secrets
+import sys
 import threading
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from PIL import Image
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+
+# protocol_guard.py lives next to this file: importable however this file is run or loaded.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import protocol_guard as guard
 
 SERVER_NAME = "template-brightness"  # shown by /v1/info; name it after your model
 MAX_BATCH = 32  # most items per request; size it to what your model fits in memory at once
-MAX_REQUEST_BYTES = 64 << 20  # largest request body (64 MiB)
 
 
 # =============================================================================================
@@ -49,11 +54,11 @@ MAX_REQUEST_BYTES = 64 << 20  # largest request body (64 MiB)
 # =============================================================================================
 
 
-def score_images(images: list[Image.Image], prompts: list[str]) -> list[float]:
+def score_images(images: list[Image.Image], prompts: list[str]) -> list[float | str]:
     """One score per image, higher is better. ``images`` are RGB PIL images, ``prompts`` their prompts.
 
     The example scores mean brightness in [0, 1]. Raise to fail the whole batch (every item gets
-    the message); return ``float("nan")`` for an item you cannot score (it gets an error).
+    the message); put a string in place of a score to fail that item with the string as its error.
     """
     return [float(np.asarray(image, dtype=np.float64).mean() / 255.0) for image in images]
 
@@ -62,8 +67,8 @@ def score_images(images: list[Image.Image], prompts: list[str]) -> list[float]:
 # Protocol plumbing below: no need to edit.
 # =============================================================================================
 
-PROTOCOL = "raygrpo.reward/v1"
 MEDIA_TYPES = ["image/png"]
+ScoreFn = Callable[[list[Image.Image], list[str]], list[float | str]]
 
 # Requests may arrive concurrently; most models are not safe to call from several threads at once.
 _MODEL_LOCK = threading.Lock()
@@ -84,9 +89,17 @@ class ScoreRequest(BaseModel):
     items: list[ScoreItem]
 
 
-def create_app(*, token: str | None = None, max_batch: int = MAX_BATCH, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
+def create_app(
+    *,
+    token: str | None = None,
+    max_batch: int = MAX_BATCH,
+    limits: guard.Limits | None = None,
+    name: str = SERVER_NAME,
+    score_fn: ScoreFn = score_images,
+) -> FastAPI:
     """The app; ``token`` is the bearer token ``POST /v1/score`` requires (None: no auth)."""
-    app = FastAPI(title=SERVER_NAME)
+    limits = limits or guard.Limits()
+    app = FastAPI(title=name)
 
     @app.get("/v1/health")
     async def health() -> dict[str, str]:
@@ -94,62 +107,48 @@ def create_app(*, token: str | None = None, max_batch: int = MAX_BATCH, max_requ
 
     @app.get("/v1/info")
     async def info() -> dict[str, Any]:
-        return {"name": SERVER_NAME, "media_types": MEDIA_TYPES, "max_batch": max_batch}
+        return {"name": name, "media_types": MEDIA_TYPES, "max_batch": max_batch}
 
     @app.post("/v1/score")
     async def score(request: Request) -> dict[str, Any]:
-        # Refused requests are still read to the end: answering while a client is still sending
-        # makes it see a connection reset instead of the status.
-        if token is not None:
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.encode()):
-                await _read_body(request, max_request_bytes)
-                raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-        body = await _read_body(request, max_request_bytes)
-        if len(body) > max_request_bytes:
-            raise HTTPException(413, f"request body exceeds this server's limit of {max_request_bytes} bytes")
-        try:
-            payload = json.loads(body)
-        except ValueError as exc:
-            raise HTTPException(400, f"request body is not JSON: {exc}") from None
-        if not isinstance(payload, dict) or payload.get("protocol") != PROTOCOL:
-            got = payload.get("protocol") if isinstance(payload, dict) else None
-            raise HTTPException(400, f"unsupported protocol {got!r}; this server speaks {PROTOCOL!r}")
-        if isinstance(payload.get("items"), list) and len(payload["items"]) > max_batch:
-            raise HTTPException(413, f"batch of {len(payload['items'])} items exceeds max_batch {max_batch} (see GET /v1/info)")
-        try:
-            req = ScoreRequest.model_validate(payload)
-        except ValidationError as exc:
-            raise HTTPException(422, [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()[:20]]) from None
-        if len({item.id for item in req.items}) != len(req.items):
-            raise HTTPException(400, "item ids must be unique within a request")
-        results = await run_in_threadpool(_score_items, req.items)
+        req = await guard.read_score_request(request, ScoreRequest, token=token, max_batch=max_batch, limits=limits)
+        results = await run_in_threadpool(_score_items, req.items, limits, score_fn)
         return {"request_id": req.request_id, "results": results}
 
     return app
 
 
-def _score_items(items: list[ScoreItem]) -> list[dict[str, Any]]:
+def _score_items(items: list[ScoreItem], limits: guard.Limits, score_fn: ScoreFn) -> list[dict[str, Any]]:
     """One result per item, ids echoed; a bad item gets an error, never a 500 for the batch."""
-    errors: dict[str, str] = {}
+    opened = guard.open_items(items, MEDIA_TYPES, limits)  # a 413 comes from here, before any decoding
+    errors = {item_id: media for item_id, media in opened.items() if isinstance(media, str)}
     images, prompts, ids = [], [], []
     for item in items:
+        if item.id in errors:
+            continue
         try:
-            images.append(_decode(item))
-            prompts.append(item.prompt)
-            ids.append(item.id)
+            images.append(Image.fromarray(opened[item.id].decode()))
         except ValueError as exc:
             errors[item.id] = str(exc)
+            continue
+        prompts.append(item.prompt)
+        ids.append(item.id)
     scores: dict[str, float] = {}
     if images:
+        fn_name = getattr(score_fn, "__name__", type(score_fn).__name__)
         try:
             with _MODEL_LOCK:
-                values = list(score_images(images, prompts))
+                values = list(score_fn(images, prompts))
             if len(values) != len(images):
-                raise ValueError(f"score_images returned {len(values)} scores for {len(images)} images")
-            scores = dict(zip(ids, (float(v) for v in values)))
+                raise ValueError(f"{fn_name} returned {len(values)} scores for {len(images)} images")
+            values = [value if isinstance(value, str) else float(value) for value in values]
         except Exception as exc:  # noqa: BLE001 - the batch fails as data, the server lives on
-            errors.update({i: f"score_images raised {type(exc).__name__}: {exc}" for i in ids})
+            values = [f"{fn_name} raised {type(exc).__name__}: {exc}"] * len(ids)
+        for item_id, value in zip(ids, values):
+            if isinstance(value, str):
+                errors[item_id] = value
+            else:
+                scores[item_id] = value
     results = []
     for item in items:
         value = scores.get(item.id)
@@ -160,46 +159,13 @@ def _score_items(items: list[ScoreItem]) -> list[dict[str, Any]]:
     return results
 
 
-def _decode(item: ScoreItem) -> Image.Image:
-    if item.media_type not in MEDIA_TYPES:
-        raise ValueError(f"unsupported media_type {item.media_type!r}; this server accepts {MEDIA_TYPES}")
-    try:
-        raw = base64.b64decode(item.data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"data is not valid base64: {exc}") from None
-    try:
-        with Image.open(io.BytesIO(raw), formats=["PNG"]) as image:
-            return image.convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
-        raise ValueError(f"cannot decode PNG: {type(exc).__name__}: {exc}") from None
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, or ``limit + 1`` bytes of it when it is larger (the rest is read and dropped)."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        if size <= limit:
-            chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)[: limit + 1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="raygrpo reward server template (protocol raygrpo.reward/v1)")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--token-env", help="NAME of an environment variable holding the bearer token clients must send")
-    parser.add_argument("--max-batch", type=int, default=MAX_BATCH)
+    guard.add_server_flags(parser, max_batch=MAX_BATCH)
     args = parser.parse_args()
-    token = None
-    if args.token_env:
-        token = os.environ.get(args.token_env)
-        if not token:
-            parser.error(f"environment variable {args.token_env!r} is not set or empty")
-
-    import uvicorn
-
-    uvicorn.run(create_app(token=token, max_batch=args.max_batch), host=args.host, port=args.port)
+    token = guard.token_from_flags(parser, args)
+    app = create_app(token=token, max_batch=args.max_batch, limits=guard.limits_from_flags(parser, args))
+    guard.run(app, args, token=token)
 
 
 if __name__ == "__main__":

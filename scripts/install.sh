@@ -35,6 +35,15 @@ echo "install: keeping $(cat "$constraints"); installing raygrpo[test]"
 pip install -c "$constraints" -e ".[test]"
 "$PY" -c "import raygrpo, ray, diffusers, torch; print('install: ok (torch', torch.__version__, ', ray', ray.__version__, ', diffusers', diffusers.__version__ + ')')"
 
+# The OCR reward server's engine (reward_servers/ocr_server.py, the SD3 DGPO preset's reward; about 20 s, 250 MB).
+# A step of its own: where its wheels do not install, everything else still does and the OCR tests skip, saying why.
+pip install -c "$constraints" -e ".[ocr]"
+if "$PY" -c "import rapidocr, onnxruntime" 2>/dev/null; then
+  echo "install: OCR engine ok (rapidocr on onnxruntime)"
+else
+  echo "install: the OCR engine (pip install -e '.[ocr]') did not install; the OCR reward server and its tests need it" >&2
+fi
+
 # Chromium for the dashboard's browser test (tests/test_dashboard.py; it skips without one). The system package:
 # playwright only drives it and never downloads a browser. Best effort: no apt, no root or no network just means a skip.
 if [ -z "${RAYGRPO_SKIP_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from raygrpo.local_cluster import LocalCluster, start_local_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -48,81 +45,46 @@ def model_cache(tmp_path_factory) -> Path:
     return cache
 
 
-@dataclass(frozen=True)
-class RayCluster:
-    address: str  # GCS address for ray.init / RAY_ADDRESS
-    dashboard: str  # http address for `ray job submit`
-    metrics: str  # the head node's Prometheus endpoint (ray.util.metrics land there)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
-def ray_cluster(model_cache, tmp_path_factory) -> RayCluster:
-    """A real `ray start --head` on loopback, started once and shared by every test that needs Ray."""
-    port, dashboard_port, metrics_port = _free_port(), _free_port(), _free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    command = [
-        str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4", "--num-gpus=0",
-        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-        f"--metrics-export-port={metrics_port}", "--disable-usage-stats",
-    ]  # fmt: skip
-    # A process group of its own: teardown stops exactly this cluster's processes (`ray stop` would stop
-    # every Ray instance on the machine, including other test sessions' and users').
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, start_new_session=True)
-    group = _process_group_of(port)
-    if proc.returncode != 0:
-        _kill_group(group)
-        raise RuntimeError(f"`ray start --head` failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    cluster = RayCluster(
-        address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard_port}", metrics=f"http://127.0.0.1:{metrics_port}/metrics"
-    )
+def ray_cluster(model_cache, tmp_path_factory) -> LocalCluster:
+    """A real `ray start --head` on loopback, started once and shared by every test that needs Ray.
+
+    A process group of its own: teardown stops exactly this cluster's processes (`ray stop` would stop
+    every Ray instance on the machine, including other test sessions' and users')."""
+    cluster = start_local_cluster(num_cpus=4)
     try:
-        _wait_for_dashboard(cluster.dashboard)
         yield cluster
     finally:
-        _kill_group(group)
+        cluster.stop()
 
 
-def _process_group_of(port: int) -> int | None:
-    """The process group of the GCS server listening on ``port`` (every process `ray start` launched shares it)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if args and args[0].endswith(b"gcs_server") and f"--gcs_server_port={port}".encode() in args:
-            return os.getpgid(int(entry.name))
-    return None
+def load_script(path: Path, name: str):
+    """A script of the repository (reward_servers/*.py, scripts/*.py, benchmarks/*.py: folders of scripts, not
+    packages) loaded as a module named ``name``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # pydantic and dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
 
 
-def _kill_group(group: int | None) -> None:
-    if group is None:
-        return
-    try:
-        os.killpg(group, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def wait_healthy(url: str, timeout_s: float = 10, process=None) -> None:
+    """Until ``url`` answers 200 (a server coming up); RuntimeError after ``timeout_s`` or when ``process`` exits."""
+    import time
 
-
-def _wait_for_dashboard(url: str, timeout_s: float = 180) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (process is None or process.poll() is None):
         try:
-            if httpx.get(f"{url}/api/version", timeout=2).status_code == 200:
+            if httpx.get(url, timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(1)
-    raise RuntimeError(f"Ray dashboard at {url} did not come up in {timeout_s} s")
+        time.sleep(0.02)
+    raise RuntimeError(f"server at {url} did not come up")
 
 
 def ray_cli() -> str:

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from raygrpo.algorithms.advantages import group_advantages
-from raygrpo.algorithms.dancegrpo import DanceGRPO
 from raygrpo.config import load_config
 from raygrpo.contracts import ConditioningBatch, PromptGroup, Rollout, TrainGroup, as_tensor
 from raygrpo.learner.learner import Learner
+from raygrpo.learner.shard import RankBatch
 from raygrpo.rollout.worker import RolloutWorker
 from raygrpo.sampling import step_transition
 from raygrpo.weights import load_weights
@@ -37,7 +37,11 @@ def worker_and_learner():
 
 def train_group(rollout: Rollout, advantages: np.ndarray, weights=(1.0,), members=None) -> TrainGroup:
     members = np.arange(G) if members is None else members
-    return TrainGroup(None, rollout.group.group_id, advantages.astype(np.float32), np.asarray(weights, np.float32), members)
+    return TrainGroup(rollout, rollout.group.group_id, advantages.astype(np.float32), np.asarray(weights, np.float32), members)
+
+
+def update(learner: Learner, *groups: TrainGroup):
+    return learner.update(RankBatch.whole(list(groups)))
 
 
 def test_rollout_records_a_consistent_trajectory(worker_and_learner):
@@ -82,8 +86,7 @@ def test_learner_recomputes_the_rollout_log_probs_exactly(worker_and_learner):
     # and through the learner's update: the ratio before the first optimizer step is exactly 1
     advantages = group_advantages(np.array([[0.1, 0.4, 0.2, 0.3]]), 5.0)
     snapshot = copy.deepcopy(learner.model.transformer.state_dict())
-    metrics = learner.algorithm.update(learner.model, learner.parameters, learner.optimizer, [(train_group(rollout, advantages), rollout)],
-                                       np.random.default_rng(0), 1)  # fmt: skip
+    metrics = update(learner, train_group(rollout, advantages))
     assert metrics.first_ratio_max_abs_dev == 0.0
     assert metrics.extras["approx_kl"] == 0.0  # every term on-policy: r = 0 exactly
     assert metrics.optimizer_steps == 1 and metrics.samples == G
@@ -95,9 +98,9 @@ def _sgd_delta(config, rollout, advantages, weights, seed=0):
     """Parameter change of one DanceGRPO update with plain SGD (linear in the gradient)."""
     learner = Learner(config)
     before = [p.detach().clone() for p in learner.parameters]
-    optimizer = torch.optim.SGD(learner.parameters, lr=1.0)
-    DanceGRPO(config).update(learner.model, learner.parameters, optimizer, [(train_group(rollout, advantages, weights), rollout)],
-                             np.random.default_rng(seed), 1)  # fmt: skip
+    learner.optimizer = torch.optim.SGD(learner.parameters, lr=1.0)
+    learner.rng = np.random.default_rng(seed)
+    update(learner, train_group(rollout, advantages, weights))
     return torch.cat([(p.detach() - b).flatten() for p, b in zip(learner.parameters, before)])
 
 
@@ -123,16 +126,14 @@ def test_accumulation_and_best_of_n_counts(worker_and_learner):
     load_weights(worker.model.transformer, learner.export_weights())
     rollout, _, _ = worker.generate(PromptGroup(5, 3, "a city at night", G, seed=9, policy_version=worker.policy_version))
     advantages = group_advantages(np.array([[0.3, 0.1, 0.5, 0.2]]), 5.0)
-    batch = [(train_group(rollout, advantages), rollout)] * 2  # 8 samples, an optimizer step every 3 -> 3 steps
-    metrics = learner.algorithm.update(learner.model, learner.parameters, learner.optimizer, batch, np.random.default_rng(0), 1)
+    metrics = update(learner, *[train_group(rollout, advantages)] * 2)  # 8 samples, an optimizer step every 3 -> 3 steps
     assert (metrics.samples, metrics.optimizer_steps) == (8, 3)
     # later windows are off-policy: their ratios move away from 1, the first window's do not
     assert metrics.first_ratio_max_abs_dev == 0.0 and metrics.ratio_max_abs_dev > 0
     # k3 = mean(rho - 1 - log rho) over the terms: positive once off-policy, at most its value at the ratio furthest from 1
     d = metrics.ratio_max_abs_dev
     assert 0 < metrics.extras["approx_kl"] <= max(d - math.log1p(d), -d - math.log1p(-d))
-    only_two = [(train_group(rollout, advantages, members=np.array([2, 1])), rollout)]
-    metrics = learner.algorithm.update(learner.model, learner.parameters, learner.optimizer, only_two, np.random.default_rng(0), 2)
+    metrics = update(learner, train_group(rollout, advantages, members=np.array([2, 1])))
     assert metrics.samples == 2
 
 

@@ -44,6 +44,12 @@ def _metrics_line(step: int) -> str:
         "advantage/jpeg/min": -1.2 - 0.1 * step,
         "advantage/jpeg/max": 1.5 + 0.1 * step,
         "groups/zero_std": float(step % 2),
+        "rewards/color/missing": float(step - 1),  # a reward server failing more each step
+        "rewards/color/retries": 2.0 * step,
+        "rewards/color/errors": float(step - 1),
+        "rewards/jpeg/missing": 0.0,
+        "groups/dropped": float(step - 1),
+        "groups/trained": float(3 - step),
         "time/generate": 0.8,
         "time/learner": 0.7 + 0.01 * step,
         "time/step": 1.6,
@@ -365,6 +371,7 @@ def test_run_page_in_headless_chromium_shows_curves_and_images(server, tmp_path)
             images = page.eval_on_selector_all("img.sample", "xs => xs.map(x => [x.naturalWidth, x.getAttribute('src')])")
             charts = page.eval_on_selector_all("[data-chart=rewards] > div", "xs => xs.map(x => x.dataset.reward)")
             advantage_lines = page.eval_on_selector_all("[data-advantage=jpeg] path.series", "xs => xs.length")
+            failures = page.eval_on_selector_all("[data-chart=failures] > div", "xs => xs.map(x => [x.dataset.failures, x.querySelectorAll('path.series').length])")
             curve = page.get_attribute("[data-reward=jpeg] path.series", "d")
             jpeg_box = page.locator("[data-reward=jpeg] svg").bounding_box()
             total_box = page.locator("[data-reward=total] svg").bounding_box()
@@ -375,6 +382,8 @@ def test_run_page_in_headless_chromium_shows_curves_and_images(server, tmp_path)
     assert not errors, errors
     assert charts == ["total", "color", "jpeg"]  # one chart per reward, the weighted total first
     assert advantage_lines == 4  # mean, std, min, max of the jpeg advantages
+    # beside them, per reward: samples without a score, retries and failed requests; then groups dropped and trained
+    assert failures == [["color", 3], ["jpeg", 1], ["groups", 2]]
     assert curve.count("L") == 2  # three steps drawn as one line
     # The newest gallery (step 3) is shown: 2 groups x 4 samples, each a decoded 32x32 PNG served by the run.
     assert len(images) == 8 and all(width == 32 for width, _ in images)

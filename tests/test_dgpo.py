@@ -19,6 +19,7 @@ from raygrpo.config import load_config
 from raygrpo.contracts import ConditioningBatch, PromptGroup, TrainGroup
 from raygrpo.learner.ema import fast_ema_decay, slow_ema_decay
 from raygrpo.learner.learner import Learner
+from raygrpo.learner.shard import RankBatch
 from raygrpo.rollout.worker import RolloutWorker
 from raygrpo.sampling import dpm_flow_sigmas, shift_sigmas
 from raygrpo.weights import load_weights
@@ -114,7 +115,7 @@ def dgpo_pair():
 def rollout_and_group(worker, group_id=0, seed=3, rewards=(0.1, 0.5, 0.2, 0.9)):
     rollout, media, _ = worker.generate(PromptGroup(group_id, 0, "a lighthouse at dawn", G, seed, worker.policy_version))
     advantages = group_advantages(np.array([rewards]), 5.0, 1e-4, 0)
-    return rollout, TrainGroup(None, group_id, advantages, np.array([1.0], np.float32), np.arange(G))
+    return rollout, TrainGroup(rollout, group_id, advantages, np.array([1.0], np.float32), np.arange(G))
 
 
 def test_a_dgpo_rollout_carries_final_latents_only(dgpo_pair):
@@ -139,7 +140,7 @@ def test_every_group_shares_one_noise_and_the_update_shares_its_timesteps(dgpo_p
         return original(latents, sigmas, *args, **kwargs)
 
     monkeypatch.setattr(learner.model, "velocity", recording)
-    learner.algorithm.update(learner.model, learner.parameters, learner.optimizer, [(g, r) for r, g in batch], np.random.default_rng(0), 1)
+    learner.update(RankBatch.whole([g for _, g in batch]))
     sigmas_used = set()
     for latents, sigmas in calls:
         assert len(set(sigmas.tolist())) == 1  # one t for every member of the forward
@@ -170,7 +171,7 @@ def test_lora_reference_is_the_base_with_the_adapter_off_and_sync_is_lora_only()
         base_before = learner.model.velocity(x, torch.tensor([0.7, 0.7]), ConditioningBatch(embeds, pooled))
     for step in range(2):
         rollout, group = rollout_and_group(worker, step, seed=step)
-        learner.algorithm.update(learner.model, learner.parameters, learner.optimizer, [(group, rollout)], np.random.default_rng(step), step + 1)
+        learner.update(RankBatch.whole([group]))
         message = learner.export_weights()
         assert message.partial and set(message.arrays) == learner.synced_names
         load_weights(worker.model.transformer, message)
@@ -192,7 +193,7 @@ def test_ema_schedules_and_which_weights_go_where(dgpo_pair):
     start = [p.detach().clone() for p in learner.parameters]
     for step in range(3):
         rollout, group = rollout_and_group(worker, step, seed=step)
-        learner.algorithm.update(learner.model, learner.parameters, learner.optimizer, [(group, rollout)], np.random.default_rng(step), step + 1)
+        learner.update(RankBatch.whole([group]))
     live = [p.detach().clone() for p in learner.parameters]
     exported = learner.export_weights()
     fast = learner.algorithm.fast_ema.values
@@ -224,7 +225,7 @@ def test_sd3_rolls_out_with_cfg_and_trains_without(monkeypatch):
         monkeypatch.setattr(model.transformer, "forward", recording)
     rollout, group = rollout_and_group(worker)
     assert rollout.final_latents.shape == (G, 16, 8, 8)  # SD3 latents are unpacked [C, h, w]
-    metrics = learner.algorithm.update(learner.model, learner.parameters, learner.optimizer, [(group, rollout)], np.random.default_rng(0), 1)
+    metrics = learner.update(RankBatch.whole([group]))
     assert set(batch_sizes["rollout"]) == {2 * G}  # CFG: [uncond; cond] in one forward
     assert set(batch_sizes["learner"]) == {G}  # no CFG in training
     assert np.isfinite(metrics.loss) and metrics.samples == G
@@ -297,11 +298,13 @@ def test_micro_batches_give_the_whole_group_gradient(dgpo_pair, monkeypatch, ove
     """
     _, worker, _ = dgpo_pair
     rollouts = [rollout_and_group(worker, k, seed=30 + k, rewards=tuple(np.random.default_rng(k).normal(size=G))) for k in range(2)]
-    batch = [(group, rollout) for rollout, group in rollouts]
+    batch = RankBatch.whole([group for _, group in rollouts])
     # A fast EMA that lags the policy by 30% after one step: the clip's old policy and the reference differ from it.
     learner = Learner(dgpo_config("algorithm.fast_ema_decay_rate=0.3", *overrides))
     algorithm, recorder = learner.algorithm, _GradientRecorder(learner.parameters)
-    algorithm.update(learner.model, learner.parameters, torch.optim.SGD(learner.parameters, lr=1.0), batch, np.random.default_rng(0), 1)
+    learner.optimizer = torch.optim.SGD(learner.parameters, lr=1.0)
+    learner.update(batch)
+    learner.optimizer = recorder
     start = [t.detach().clone() for t in _state(learner)]
     velocity = learner.model.velocity
     results = {}
@@ -313,7 +316,8 @@ def test_micro_batches_give_the_whole_group_gradient(dgpo_pair, monkeypatch, ove
         algorithm.algo = learner.config.algorithm.model_copy(update={"micro_batch_size": size})
         rows = []
         monkeypatch.setattr(learner.model, "velocity", lambda x, *a, **k: rows.append(len(x)) or velocity(x, *a, **k))
-        metrics = algorithm.update(learner.model, learner.parameters, recorder, batch, np.random.default_rng(1), 2)
+        learner.rng = np.random.default_rng(1)
+        metrics = learner.update(batch)
         assert set(rows) == {size or G}  # every forward, with or without gradients, is one micro-batch
         results[size] = metrics, recorder.grads
     whole, whole_grads = results[None]

@@ -164,6 +164,7 @@ def test_a_dgpo_step_on_tiny_skyreels_v2_i2v(tmp_path):
     from raygrpo.algorithms.advantages import group_advantages
     from raygrpo.contracts import PromptGroup, TrainGroup
     from raygrpo.learner.learner import Learner
+    from raygrpo.learner.shard import RankBatch
     from raygrpo.models import tiny_model_folder
     from raygrpo.rollout.worker import RolloutWorker
     from raygrpo.weights import load_weights
@@ -179,7 +180,7 @@ def test_a_dgpo_step_on_tiny_skyreels_v2_i2v(tmp_path):
     assert media.images.shape == (2, 5, 32, 32, 3) and rollout.conditioning.image_latents.shape == (12, 2, 4, 4)
     advantages = group_advantages(np.array([[0.2, 0.8]]), 5.0, 1e-4, 0).astype(np.float32)
     start = [p.detach().clone() for p in learner.parameters]
-    metrics = learner.update([TrainGroup(rollout, 0, advantages, np.ones(1, np.float32), np.arange(2))])
+    metrics = learner.update(RankBatch.whole([TrainGroup(rollout, 0, advantages, np.ones(1, np.float32), np.arange(2))]))
     assert np.isfinite(metrics.loss) and metrics.samples == 2
     assert max(float((p.detach() - p0).abs().max()) for p, p0 in zip(learner.parameters, start)) > 1e-4
     load_weights(worker.model.transformer, learner.export_weights())
@@ -192,7 +193,7 @@ def test_a_dgpo_step_on_tiny_skyreels_v2_i2v(tmp_path):
 
 def test_image_rewards_refuse_videos_with_a_pointer_to_frame_average():
     from raygrpo.contracts import GroupMedia, PromptGroup
-    from raygrpo.reward.builtin import accepts_video, make_reward, score_group
+    from raygrpo.reward import accepts_video, make_reward, score_group
 
     videos = np.zeros((2, 5, 16, 16, 3), np.uint8)
     media = GroupMedia(PromptGroup(0, 0, "a red ball", 2, 0, 0), videos)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from raygrpo.learner.learner import Learner
+from raygrpo.learner.shard import RankBatch
 
 from .test_learner_group import make_batch, make_config
 
@@ -31,7 +32,7 @@ def test_checkpointed_blocks_recompute_and_give_the_same_update(preset, override
         calls = []
         hook = network.transformer_blocks[0].register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
         try:
-            metrics = learner.update(batch)
+            metrics = learner.update(RankBatch.whole(batch))
         finally:
             hook.remove()
         flags = {m.gradient_checkpointing for m in network.modules() if hasattr(m, "gradient_checkpointing")}

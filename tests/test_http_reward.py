@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import io
 import json
 import logging
@@ -23,33 +22,27 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 
 from raygrpo.config import RewardConfig
 from raygrpo.contracts import GroupMedia, PromptGroup
-from raygrpo.reward import make_reward
+from raygrpo.reward import RewardServiceError, check_reward_service, make_reward
 from raygrpo.reward.http import PROTOCOL, HttpReward, encode_png
 from raygrpo.reward.worker import RewardWorker
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT, load_script, wait_healthy
 FAST = {"backoff_s": 0.01, "timeout_s": 5.0}  # retries in milliseconds, so the suite stays quick
 
 
 def _load(name: str):
-    """reward_servers/ is a folder of scripts, not a package: load a file as a module."""
-    spec = importlib.util.spec_from_file_location(f"reward_servers_{name}", ROOT / "reward_servers" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # pydantic resolves the models' annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "reward_servers" / f"{name}.py", f"reward_servers_{name}")
 
 
 serve_builtin = _load("serve_builtin")
@@ -101,7 +94,7 @@ class LiveServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
-        _wait_healthy(f"{self.url}/v1/health" if _has_root_health(app) else f"{self.url}/ok/v1/health")
+        wait_healthy(f"{self.url}/v1/health" if _has_root_health(app) else f"{self.url}/ok/v1/health")
         self.recorder.requests.clear()
 
     def close(self) -> None:
@@ -112,17 +105,6 @@ class LiveServer:
 def _has_root_health(app) -> bool:
     return any(getattr(route, "path", None) == "/v1/health" for route in app.routes)
 
-
-def _wait_healthy(url: str, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.02)
-    raise RuntimeError(f"server at {url} did not come up")
 
 
 def _free_port() -> int:
@@ -144,13 +126,27 @@ def chaos_app(state: Counter) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/{mode}/v1/info")
-    async def info(mode: str):
+    async def info(mode: str, request: Request):
+        if mode == "authinfo" and request.headers.get("authorization") != f"Bearer {CHAOS_TOKEN}":
+            return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
+        if mode == "forbidden":
+            return JSONResponse({"detail": "not for you"}, status_code=403)
+        if mode == "noinfo":
+            return {"name": mode, "max_batch": "four"}
         return {"name": mode, "media_types": ["video/mp4"] if mode == "videoonly" else ["image/png"], "max_batch": 4}
 
     @app.post("/{mode}/v1/score")
     async def score(mode: str, request: Request):
         state[mode] += 1
         calls = state[mode]
+        if mode in ("forbidden", "unauthorized"):
+            return JSONResponse({"detail": "go away"}, status_code=403 if mode == "forbidden" else 401)
+        if mode == "deep":
+            return Response(b"[" * 100_000, media_type="application/json")
+        if mode == "badutf8":
+            return Response(b'{"request_id": "\xff\xfe"}', media_type="application/json")
+        if mode == "endless":
+            return StreamingResponse(_endless_json(), media_type="application/json")
         body = await request.json()
         items = body["items"]
         results = [{"id": it["id"], "score": 10.0 + int(it["id"]), "error": None, "details": {"raw": 1.0}} for it in items]
@@ -182,6 +178,12 @@ def chaos_app(state: Counter) -> FastAPI:
             results[1].update(score=None, error=None)
         if mode == "wrongid":
             answer["request_id"] = "someone-else"
+        if mode == "strscore":
+            results[0]["score"] = "0.5"
+        if mode == "boolscore":
+            results[1]["score"] = True
+        if mode == "padded":  # 20 kB of an extra field per item: within 4 MiB, over 10 kB per item
+            answer["padding"] = "x" * (20_000 * len(items))
         if mode == "slow" and calls == 1 or mode == "slowalways":
             await asyncio.sleep(1.0)
         if mode == "slowok":
@@ -189,6 +191,17 @@ def chaos_app(state: Counter) -> FastAPI:
         return answer
 
     return app
+
+
+CHAOS_TOKEN = "chaos-token"
+
+
+async def _endless_json():
+    # A body that never ends: the client must stop reading at its cap, not buffer until it times out.
+    yield b'{"request_id": "'
+    while True:
+        yield b"x" * 65536
+        await asyncio.sleep(0)
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +257,7 @@ def test_wire_is_json_with_base64_png_never_pickle(builtin_server):
     builtin_server.recorder.requests.clear()
     images = images_of(2, seed=2)
     reward = http_reward(builtin_server.url, batch_size=2)
-    reward.score_with_errors(images, ["a red car", "a cat"], policy_version=7, metadata=[{"seed": 1}, {"seed": 2}])
+    reward.score_outcome(images, ["a red car", "a cat"], policy_version=7, metadata=[{"seed": 1}, {"seed": 2}])
     (record,) = [r for r in builtin_server.recorder.requests if r["path"] == "/v1/score"]
     assert record["headers"][b"content-type"] == b"application/json"
     body = bytes(record["body"])
@@ -362,7 +375,7 @@ def test_builtin_server_cli_with_token(monkeypatch):
                "--params", '{"quality": 90}', "--port", str(port), "--token-env", "CLI_REWARD_TOKEN", "--log-level", "warning"]  # fmt: skip
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}/v1/health", timeout_s=30)
+        wait_healthy(f"http://127.0.0.1:{port}/v1/health", timeout_s=30)
         monkeypatch.setenv("CLI_REWARD_TOKEN", "cli-secret")
         images = images_of(3, seed=5)
         values, valid, _ = http_reward(f"http://127.0.0.1:{port}", token_env="CLI_REWARD_TOKEN").score_with_errors(images, ["a"] * 3)
@@ -537,7 +550,8 @@ def test_async_api_and_sync_api_inside_a_running_loop(chaos):
     reward = http_reward(f"{chaos.url}/ok")
 
     async def main():
-        values, valid, _ = await reward.ascore_with_errors(images_of(2), ["p"] * 2)
+        outcome = await reward.ascore_outcome(images_of(2), ["p"] * 2)
+        values, valid = outcome.values, outcome.valid
         # The sync API must not try to nest event loops when called from async code.
         sync_values, sync_valid, _ = reward.score_with_errors(images_of(2), ["p"] * 2)
         return values, valid, sync_values, sync_valid
@@ -563,3 +577,172 @@ def test_the_reward_worker_sends_the_groups_policy_version(builtin_server):
     scores, _ = worker.score(GroupMedia(PromptGroup(3, 0, "a cat", 2, 0, policy_version=12), images_of(2, seed=5)))
     assert scores.valid.all() and scores.reward_name == "remote"
     assert [body["policy_version"] for body in builtin_server.recorder.bodies("/v1/score")] == [12]
+
+
+# ------------------------------------------------------------------------------------------------
+# Strict reading of answers: every problem is a batch error naming the URL, never an exception
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mode, field, problem",
+    [
+        ("strscore", "results.0.score", "valid number"),  # "0.5" is not coerced
+        ("boolscore", "results.1.score", "valid number"),  # nor is true
+        ("deep", "(body)", "recursion limit"),  # 100k '[' would be a RecursionError for json.loads
+        ("badutf8", "(body)", "Invalid JSON"),
+    ],
+)
+def test_answers_are_read_strictly(chaos, mode, field, problem):
+    outcome = http_reward(f"{chaos.url}/{mode}").score_outcome(images_of(3), ["p"] * 3)
+    assert not outcome.valid.any() and np.isnan(outcome.values).all()
+    error = outcome.errors[0]
+    assert f"{chaos.url}/{mode}/v1/score" in error and "malformed" in error and field in error and problem in error, error
+    assert outcome.failures == 1 and outcome.retries == 0 and outcome.fatal is None
+    assert chaos.recorder.count(f"/{mode}/v1/score") == 1  # a malformed answer is not retried
+
+
+def test_an_endless_answer_stops_at_the_size_cap(chaos):
+    start = time.monotonic()
+    reward = http_reward(f"{chaos.url}/endless", max_response_bytes_per_item=100_000, batch_size=3, max_attempts=1)
+    outcome = reward.score_outcome(images_of(3), ["p"] * 3)
+    elapsed = time.monotonic() - start
+    assert not outcome.valid.any() and outcome.failures == 1
+    # Stopped at 3 x 100 kB, not timed out after buffering for timeout_s (5 s).
+    assert all("exceeds the limit of 300000 bytes" in e and f"{chaos.url}/endless/v1/score" in e for e in outcome.errors), outcome.errors
+    assert "max_response_bytes_per_item" in outcome.errors[0] and elapsed < 3.0
+
+
+def test_the_size_cap_scales_with_the_batch(chaos):
+    # 20 kB of padding per item: over a 10 kB-per-item cap, well within the default.
+    padded = f"{chaos.url}/padded"
+    outcome = http_reward(padded, batch_size=2, max_response_bytes_per_item=10_000).score_outcome(images_of(4), ["p"] * 4)
+    assert not outcome.valid.any() and outcome.failures == 2 and "20000 bytes" in outcome.errors[0]
+    outcome = http_reward(padded, batch_size=2).score_outcome(images_of(4), ["p"] * 4)
+    assert outcome.valid.all() and list(outcome.values) == [10.0, 11.0, 12.0, 13.0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Retries, failures and fatal errors are counted in the outcome
+# ------------------------------------------------------------------------------------------------
+
+
+def test_retries_and_failures_are_counted(chaos):
+    outcome = http_reward(f"{chaos.url}/s500", batch_size=3).score_outcome(images_of(3), ["p"] * 3)
+    assert outcome.valid.all() and (outcome.retries, outcome.failures, outcome.fatal) == (1, 0, None)
+    outcome = http_reward(f"{chaos.url}/always503", max_attempts=3, batch_size=2).score_outcome(images_of(3), ["p"] * 3)
+    assert not outcome.valid.any() and (outcome.retries, outcome.failures, outcome.fatal) == (4, 2, None)  # 2 batches x 2 retries
+    outcome = http_reward(f"{chaos.url}/unhealthy", max_attempts=2).score_outcome(images_of(2), ["p"] * 2)
+    assert (outcome.retries, outcome.failures) == (1, 1)  # the readiness check failed once, after one retry
+    outcome = http_reward(f"{chaos.url}/nullscore").score_outcome(images_of(3), ["p"] * 3)
+    assert (outcome.retries, outcome.failures) == (0, 0)  # a per-item error is not a failed call
+
+
+def test_a_dead_server_counts_retries_and_one_failure():
+    url = f"http://127.0.0.1:{_free_port()}"
+    outcome = http_reward(url, max_attempts=3).score_outcome(images_of(2), ["p"] * 2)
+    assert (outcome.retries, outcome.failures, outcome.fatal) == (2, 1, None)
+    assert "nothing is listening" in outcome.errors[0]
+
+
+@pytest.mark.parametrize("mode, status", [("unauthorized", 401), ("forbidden", 403)])
+def test_401_and_403_are_fatal_and_not_retried(chaos, mode, status, monkeypatch):
+    monkeypatch.setenv("RAYGRPO_TEST_TOKEN", "stale")
+    reward = http_reward(f"{chaos.url}/{mode}", batch_size=2, check_health=False, token_env="RAYGRPO_TEST_TOKEN")
+    outcome = reward.score_outcome(images_of(2), ["p"] * 2)
+    assert not outcome.valid.any() and chaos.recorder.count(f"/{mode}/v1/score") == 1
+    assert outcome.failures == 1 and outcome.retries == 0
+    assert f"{chaos.url}/{mode}/v1/score" in outcome.fatal and f"HTTP {status}" in outcome.fatal
+    assert "'RAYGRPO_TEST_TOKEN' (params.token_env)" in outcome.fatal and "retrying cannot help" in outcome.fatal
+    # Without a token configured, the fix is to configure one.
+    outcome = http_reward(f"{chaos.url}/{mode}", batch_size=2, check_health=False).score_outcome(images_of(2), ["p"] * 2)
+    assert "set params.token_env" in outcome.fatal
+
+
+def test_an_unauthorised_info_is_fatal_too(chaos):
+    outcome = http_reward(f"{chaos.url}/authinfo").score_outcome(images_of(2), ["p"] * 2)
+    assert not outcome.valid.any() and "HTTP 401" in outcome.fatal and "/authinfo/v1/info" in outcome.fatal
+    assert chaos.recorder.count("/v1/score") == 0
+
+
+def test_the_reward_worker_files_counts_and_a_named_fatal(chaos):
+    group = PromptGroup(group_id=3, prompt_id=0, prompt="a cat", group_size=2, seed=0, policy_version=0)
+    worker = RewardWorker(RewardConfig(name="remote", kind="http", params={"url": f"{chaos.url}/s500", **FAST}))
+    scores, _ = worker.score(GroupMedia(group=group, images=images_of(2)))
+    assert scores.valid.all() and (scores.retries, scores.failures, scores.fatal) == (1, 0, None)
+    worker = RewardWorker(RewardConfig(name="remote", kind="http", params={"url": f"{chaos.url}/forbidden", "batch_size": 2, **FAST}))
+    scores, _ = worker.score(GroupMedia(group=group, images=images_of(2)))
+    assert not scores.valid.any() and scores.failures == 1
+    assert scores.fatal.startswith("reward 'remote': http reward POST") and "HTTP 403" in scores.fatal
+
+
+# ------------------------------------------------------------------------------------------------
+# Service check (the run's preflight): health, then info with the token
+# ------------------------------------------------------------------------------------------------
+
+
+def test_service_check_passes_for_healthy_servers(chaos, builtin_server):
+    http_reward(f"{chaos.url}/ok").check_service()
+    assert chaos.recorder.count("/ok/v1/health") == 1 and chaos.recorder.count("/ok/v1/info") == 1
+    check_reward_service("jpeg", "http", {"url": builtin_server.url})
+    # The token goes to /v1/info (servers may guard it as they guard /v1/score).
+    os.environ["RAYGRPO_CHAOS_TOKEN"] = CHAOS_TOKEN
+    try:
+        http_reward(f"{chaos.url}/authinfo", token_env="RAYGRPO_CHAOS_TOKEN").check_service()
+    finally:
+        del os.environ["RAYGRPO_CHAOS_TOKEN"]
+
+
+def test_service_check_of_a_dead_server_fails_fast():
+    url = f"http://127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    with pytest.raises(RewardServiceError, match="reward 'judge'") as info:
+        check_reward_service("judge", "http", {"url": url})  # default timeout and attempts of the preflight
+    elapsed = time.monotonic() - start
+    print(f"\nservice check of a dead server failed in {elapsed:.2f} s")
+    assert f"{url}/v1/health" in str(info.value) and "nothing is listening" in str(info.value)
+    assert elapsed < 15.0
+
+
+def test_service_check_of_a_server_that_never_answers_fails_within_its_budget():
+    with socket.socket() as listener:  # accepts connections (the kernel's backlog) and never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(RewardServiceError, match="did not answer within 0.5 s"):
+            http_reward(url).check_service(timeout_s=0.5)
+        assert time.monotonic() - start < 2 * 0.5 + 1.0  # two attempts of 0.5 s, with a short wait between
+
+
+@pytest.mark.parametrize(
+    "mode, token, expected",
+    [
+        ("authinfo", None, "HTTP 401: the server wants a bearer token and none is configured"),
+        ("authinfo", "wrong", "HTTP 401: the server rejected the token; check the bearer token in environment variable 'RAYGRPO_TEST"),
+        ("forbidden", CHAOS_TOKEN, "HTTP 403: the server rejected the token"),
+        ("noinfo", None, "(not raygrpo.reward/v1's ServerInfo): media_types: Field required; max_batch: Input should be a valid integer"),
+        ("videoonly", None, "server 'videoonly' accepts ['video/mp4'], not 'image/png' (params.media_type)"),
+        ("notok", None, "status 'loading', not 'ok'"),
+        ("not/a/reward/server", None, "HTTP 404: no such endpoint; is params.url the base URL of a raygrpo.reward/v1 server?"),
+    ],
+)
+def test_service_check_names_url_and_cause(chaos, monkeypatch, mode, token, expected):
+    params = {"url": f"{chaos.url}/{mode}"}
+    if token is not None:
+        monkeypatch.setenv("RAYGRPO_TEST_TOKEN", token)
+        params["token_env"] = "RAYGRPO_TEST_TOKEN"
+    start = time.monotonic()
+    with pytest.raises(RewardServiceError) as info:
+        check_reward_service("scorer", "http", params)
+    message = str(info.value)
+    assert message.startswith(f"reward 'scorer': http reward GET {chaos.url}/{mode}/v1/") and expected in message, message
+    assert time.monotonic() - start < 2.0
+    assert chaos.recorder.count("/v1/score") == 0
+
+
+def test_service_check_does_not_hide_bad_params():
+    with pytest.raises(ValueError, match="parameter 'url'") as info:
+        check_reward_service("scorer", "http", {"url": "localhost:8000"})
+    assert not isinstance(info.value, RewardServiceError)
+    check_reward_service("local", "brightness", {})  # nothing to check

@@ -30,7 +30,7 @@ from raygrpo.config import ConfigError, load_config
 from raygrpo.contracts import PromptGroup, TrainGroup
 from raygrpo.learner.fsdp import full_state_dict, init_process_group
 from raygrpo.learner.learner import Learner
-from raygrpo.learner.shard import Shard, split_batch
+from raygrpo.learner.shard import RankBatch, split_batch
 from raygrpo.rollout.worker import RolloutWorker
 
 from .conftest import ROOT
@@ -86,12 +86,12 @@ def _ranks_main(rank: int, world: int, port: int, batches: dict, out_dir: str) -
         for name, (preset, overrides, _) in SCENARIOS.items():
             learner = Learner(make_config(preset, *overrides, f"learner.num_ranks={world}"), rank, world)
             assert learner.sharded and all(hasattr(p, "to_local") for p in learner.parameters)
-            groups, shard = split_batch(batches[name], world)[rank]
+            part = split_batch(batches[name], world)[rank]
             reduce_scatter, calls = torch.distributed.reduce_scatter_single, []
             # Count FSDP's gradient reduce-scatters (it calls torch.distributed.reduce_scatter_single).
             torch.distributed.reduce_scatter_single = _counting(reduce_scatter, calls)
             try:
-                metrics = learner.update(groups, shard)
+                metrics = learner.update(part)
             finally:
                 torch.distributed.reduce_scatter_single = reduce_scatter
             params = full_state_dict(learner.model.transformer, None, None)
@@ -122,8 +122,7 @@ def _resume_on_ranks(rank: int, world: int, batch: list[TrainGroup], out_dir: Pa
     config = make_config("tiny_dgpo.yaml", "algorithm.slow_ema_every=1", f"learner.num_ranks={world}")
 
     def step(learner: Learner, part: list[TrainGroup]) -> None:
-        groups, shard = split_batch(part, world)[rank]
-        learner.update(groups, shard)
+        learner.update(split_batch(part, world)[rank])
 
     a = Learner(config, rank, world)
     step(a, batch[:2])
@@ -168,7 +167,7 @@ def two_rank_results(tmp_path_factory):
     results = {"out": out}
     for name, (preset, overrides, _) in SCENARIOS.items():
         one = Learner(make_config(preset, *overrides))
-        metrics = one.update(batches[name])
+        metrics = one.update(RankBatch.whole(batches[name]))
         results[name] = (one, metrics, torch.load(out / f"{name}.pt", weights_only=False))
     return results
 
@@ -240,7 +239,7 @@ def test_bf16_learner_keeps_fp32_master_weights():
     learner = Learner(config)
     assert all(p.dtype == torch.float32 for p in learner.parameters)
     batch = make_batch(config, 1)
-    metrics = learner.update(batch)
+    metrics = learner.update(RankBatch.whole(batch))
     assert np.isfinite(metrics.loss) and learner.optimizer.state[learner.parameters[0]]["exp_avg"].dtype == torch.float32
     message = learner.export_weights()  # the rollout side holds bf16
     assert set(message.dtypes.values()) == {"bfloat16"}
@@ -255,12 +254,12 @@ def test_groups_per_step_must_split_into_whole_groups_per_rank():
 
 def test_split_batch_gives_whole_groups_and_pads_the_last_ranks():
     groups = [TrainGroup(None, k, np.zeros((1, G), np.float32), np.ones(1, np.float32), np.arange(G)) for k in range(5)]
-    shards = split_batch(groups, 4)
-    assert [[g.group_id for g in part] for part, _ in shards] == [[0, 1], [2, 3], [4, 4], [4, 4]]
-    assert [s.padding for _, s in shards] == [0, 0, 1, 2]
-    assert [(s.group_offset, s.sample_offset) for _, s in shards] == [(0, 0), (2, 8), (4, 16), (6, 24)]
-    assert all(s.total_groups == 5 and s.total_samples == 20 for _, s in shards)
-    assert shards[2][1].is_real(0, 2) and not shards[2][1].is_real(1, 2)
+    parts = split_batch(groups, 4)
+    assert [[g.group_id for g in part.groups] for part in parts] == [[0, 1], [2, 3], [4, 4], [4, 4]]
+    assert [part.shard.padding for part in parts] == [0, 0, 1, 2]
+    assert [part.shard.group_offset for part in parts] == [0, 2, 4, 6]
+    assert all(part.shard.total_groups == 5 for part in parts)
+    assert parts[2].is_real(0) and not parts[2].is_real(1)
 
 
 def test_training_state_on_two_ranks_resumes_bit_exactly(two_rank_results):
@@ -307,7 +306,7 @@ def test_learner_group_of_two_ray_actors(ray_cluster, tmp_path):
     assert resources.count == 2
     batch = make_batch(config, 2)
     one = Learner(make_config("tiny_dgpo.yaml"))
-    one.update(batch)
+    one.update(RankBatch.whole(batch))
     ray.init(address=ray_cluster.address, logging_level="WARNING")
     group = None
     try:

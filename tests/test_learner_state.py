@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from raygrpo.learner.learner import Learner
+from raygrpo.learner.shard import RankBatch
 from raygrpo.learner.state import STATE_FILE, TrainingStateError
 
 from .test_learner_group import make_batch, make_config
@@ -37,16 +38,16 @@ def three_learners(request, tmp_path_factory):
     batches = make_batch(config, 4)
     b1, b2 = batches[:2], batches[2:]
     a = Learner(config)
-    a.update(b1)
-    a.update(b2)
+    a.update(RankBatch.whole(b1))
+    a.update(RankBatch.whole(b2))
     b = Learner(config)
-    b.update(b1)
+    b.update(RankBatch.whole(b1))
     folder = tmp_path_factory.mktemp(f"state-{request.param}")
     b.save_state(str(folder))
     c = Learner(config)
     version = c.load_state(str(folder))
     assert version == 1
-    c.update(b2)
+    c.update(RankBatch.whole(b2))
     return a, c, folder
 
 
@@ -81,7 +82,7 @@ def test_a_state_that_does_not_fit_fails_clearly(three_learners, tmp_path):
         a.load_state(str(tmp_path))
     state = json.loads((folder / STATE_FILE).read_text())
     assert state["policy_version"] == 1 and state["world_size"] == 1
-    assert np.isfinite(a.update(make_batch(a.config, 1)).loss)  # a failed load leaves the learner usable
+    assert np.isfinite(a.update(RankBatch.whole(make_batch(a.config, 1))).loss)  # a failed load leaves the learner usable
 
 
 def test_tensors_that_do_not_load_say_so_in_one_line(three_learners, tmp_path):

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-from raygrpo.report import CAPTION_H, MIN_TILE, PAD, STRIP_GAP, TITLE_H, GridRow, frame_strip, plot_reward_curve, sample_grid, save_gif
+from raygrpo.report import (
+    CAPTION_H,
+    MIN_TILE,
+    PAD,
+    STRIP_GAP,
+    TITLE_H,
+    GridRow,
+    _fit,
+    frame_strip,
+    plot_reward_curve,
+    sample_grid,
+    save_gif,
+)
 
 
 def write_metrics(path, records):
@@ -142,3 +155,38 @@ def test_save_gif_round_trips_frames(tmp_path):
         save_gif(video.astype(np.float32), tmp_path / "bad.gif")
     with pytest.raises(ValueError, match="fps"):
         save_gif(video, tmp_path / "bad.gif", fps=0)
+
+
+def _draw_and_font():
+    return ImageDraw.Draw(Image.new("RGB", (1, 1))), ImageFont.load_default()
+
+
+def test_fit_keeps_short_text_and_cuts_long_text_at_the_last_fitting_character():
+    draw, font = _draw_and_font()
+    assert _fit(draw, font, "a red apple", 500) == "a red apple"
+    text = "an astronaut riding a horse on the moon, " * 2500  # 102,500 characters
+    fitted = _fit(draw, font, text, 300)
+    assert fitted.endswith("...") and text.startswith(fitted[:-3])
+    assert draw.textlength(fitted, font=font) <= 300
+    # maximal: one more character of the prompt would not fit (bar a space, which the cut drops)
+    longer = text[: len(fitted) - 3 + 1].rstrip() + "..."
+    assert longer == fitted or draw.textlength(longer, font=font) > 300
+
+
+def test_fit_puts_line_breaks_and_control_characters_on_one_line():
+    draw, font = _draw_and_font()
+    assert _fit(draw, font, "a red\napple\r\n\tin a\x00bowl", 500) == "a red apple in a bowl"
+    # a prompt that is long only because of trailing whitespace is not marked as cut
+    assert _fit(draw, font, "a red apple" + " " * 5000 + "\n", 500) == "a red apple"
+
+
+def test_sample_grid_with_a_100k_character_prompt_is_fast_and_stays_in_its_title_line(tmp_path):
+    prompt = "a very\nlong prompt " * 6000 + "END"  # ~108k characters with line breaks, as a .jsonl can hold
+    images = np.zeros((3, 64, 64, 3), dtype=np.uint8)
+    start = time.perf_counter()
+    out = sample_grid([GridRow(f"step 1: {prompt}", images, [prompt] * 3)], tmp_path / "grid.png")
+    assert time.perf_counter() - start < 2.0  # was hours: one full-length measurement per dropped character
+    with Image.open(out) as image:
+        pixels = np.asarray(image.convert("L"))
+    assert pixels[PAD : PAD + TITLE_H].min() < 128  # the title is drawn
+    assert (pixels[PAD + TITLE_H : PAD + TITLE_H + PAD] == 255).all()  # and only on its line: nothing between it and the tiles

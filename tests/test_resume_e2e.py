@@ -1,4 +1,5 @@
-"""Exact resume: 2N steps in one go equal N steps, a kill, and the same command run again (auto-resume).
+"""Exact resume on Ray: 2N steps in one go equal N steps, a kill, and the same command run again (auto-resume);
+and the same run in process (``run.in_process=true``) equals the Ray run, metrics and weights bit for bit.
 
 The killed run stops at a fixed point: the controller holds after writing step 3's metrics (a test-only
 hook), one step past the step-2 checkpoint, and is then SIGKILLed; step 3 is discarded and computed
@@ -139,3 +140,12 @@ def _kill_resume_and_compare(ray_cluster, tmp_path, env, straight) -> None:
     assert expected_weights.keys() == got_weights.keys()
     different = [name for name in expected_weights if not torch.equal(expected_weights[name], got_weights[name])]
     assert not different, f"resumed weights differ from the uninterrupted run in {different[:5]}"
+
+    # The same command with every role in this process instead of Ray actors: the same run, number for number.
+    local = run_raygrpo(*ARGS, "run.in_process=true", f"run.output_root={tmp_path / 'in-process'}", ray_address=None)
+    assert local.returncode == 0, local.stderr[-3000:]
+    local_dir = printed_run_dir(local.stdout)
+    clock = [{k: v for k, v in r.items() if k != "learner/seconds"} for r in comparable_records(local_dir)]
+    assert clock == [{k: v for k, v in r.items() if k != "learner/seconds"} for r in expected], "in process differs from Ray"
+    local_weights = trained_weights(local_dir)
+    assert all(torch.equal(local_weights[name], expected_weights[name]) for name in expected_weights)

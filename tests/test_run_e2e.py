@@ -1,4 +1,6 @@
-"""The entry point end to end: a tiny run that learns, the same command under `ray job submit`, and fast failures."""
+"""The entry point on Ray: the same command under `ray job submit`, a plan that does not fit the cluster, and
+fast failures of the real-model presets on a machine without their weights or GPUs. (The tiny runs that learn,
+and the reward failures, run in process: tests/test_run_in_process.py.)"""
 
 from __future__ import annotations
 
@@ -10,9 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from .conftest import ROOT, ray_cli
 
@@ -29,37 +29,6 @@ def printed_run_dir(stdout: str) -> Path:
     match = re.search(r"^outputs: (.+)$", stdout, re.MULTILINE)
     assert match, f"the run must print its output folder; stdout was:\n{stdout[-2000:]}"
     return Path(match.group(1))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tiny.yaml", "tiny_dgpo.yaml"])
-def test_tiny_run_learns_and_writes_its_outputs(ray_cluster, tmp_path, preset):
-    """The tiny presets as shipped (30 steps): rollout, reward and learner actors; the reward clearly improves."""
-    proc = run_raygrpo(f"cluster/{preset}", f"run.output_root={tmp_path}", ray_address=ray_cluster.address)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run_dir = printed_run_dir(proc.stdout)
-    assert run_dir.parent == tmp_path
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 31))
-    assert [r["policy_version"] for r in records] == list(range(1, 31))  # one versioned sync per step
-    if preset == "tiny.yaml":
-        assert all(r["learner/first_ratio_max_abs_dev"] == 0.0 for r in records), "on-policy ratio must be exactly 1"
-        assert records[0]["rollout/bytes_per_sample"] > 8 * 4 * 16 * 16  # trajectory of T+1 = 9 packed latents
-    else:
-        assert all(0 <= r["learner/gate_mean"] <= 1 for r in records)
-        assert records[0]["rollout/bytes_per_sample"] < 2 * 4 * 16 * 16 + 1000  # one latent + its share of the conditioning
-    rewards = np.array([r["reward/jpeg/mean"] for r in records])
-    first, last = rewards[:5].mean(), rewards[-5:].mean()
-    spread = np.mean([r["reward/jpeg/std"] for r in records[:5]])
-    assert last - first > 5 * spread, f"reward did not clearly improve: {first:.3f} -> {last:.3f} (within-step std {spread:.3f})"
-    for png in ("reward_curve.png", "samples.png"):
-        with Image.open(run_dir / png) as image:
-            assert image.size[0] > 200 and np.asarray(image.convert("L")).std() > 1
-    from diffusers import FluxTransformer2DModel
-
-    trained = FluxTransformer2DModel.from_pretrained(run_dir / "checkpoint-final" / "transformer")
-    assert sum(p.numel() for p in trained.parameters()) > 0
-    assert json.loads((run_dir / "checkpoint-final" / "raygrpo_state.json").read_text())["policy_version"] == 30
 
 
 @pytest.mark.slow
@@ -91,7 +60,7 @@ def test_the_same_command_runs_under_ray_job_submit(ray_cluster, tmp_path):
     [
         ("flux.yaml", "black-forest-labs/FLUX.1-dev", "25", "rewards.0 (hps): reward 'hps_v2.1': parameter 'checkpoint'"),
         ("flux_dgpo.yaml", "black-forest-labs/FLUX.1-dev", "16", "rewards.0 (pickscore): reward 'pickscore': parameter 'model'"),
-        ("sd3_dgpo.yaml", "stabilityai/stable-diffusion-3.5-medium", "7.5", "unknown reward kind 'ocr'"),
+        ("sd3_dgpo.yaml", "stabilityai/stable-diffusion-3.5-medium", "7", "rewards.0: reward 'ocr': http reward GET http://127.0.0.1:8010/v1/health failed"),
     ],
 )
 def test_real_model_presets_fail_fast_without_weights_or_gpus(tmp_path, preset, hub_id, gpus, reward_problem):
@@ -118,45 +87,3 @@ def test_a_plan_that_does_not_fit_the_cluster_names_need_and_have(ray_cluster, t
     assert "needs more GPU than the cluster has" in proc.stderr
     assert re.search(r"rollout\s+3\s+0.5\s+1", proc.stderr) and re.search(r"need\s+2.75\s+3", proc.stderr), proc.stderr
     assert re.search(r"have\s+4\s+0", proc.stderr), proc.stderr
-
-
-@pytest.mark.slow
-def test_two_rewards_one_served_over_http(ray_cluster, tmp_path):
-    """cluster/tiny_two_rewards.yaml: a reward actor plus a protocol-v1 server in its own process on loopback."""
-    import socket
-
-    import httpx
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "reward_servers/serve_builtin.py", "--kind", "color", "--params", '{"target": "red"}', "--port", str(port)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        proc = run_raygrpo("cluster/tiny_two_rewards.yaml", "train.steps=3", f"rewards.1.params.url=http://127.0.0.1:{port}",
-                           f"run.output_root={tmp_path}", ray_address=ray_cluster.address)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        records = [json.loads(line) for line in (printed_run_dir(proc.stdout) / "metrics.jsonl").read_text().splitlines()]
-        assert all(r["rewards/red/missing"] == 0 and r["groups/trained"] == 2 for r in records)
-        assert all(0 <= r["reward/red/mean"] <= 1 and r["reward/jpeg/mean"] < 0 for r in records)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    # With the server gone every sample of the HTTP reward is missing: the groups are dropped and counted.
-    proc = run_raygrpo("cluster/tiny_two_rewards.yaml", "train.steps=2", f"rewards.1.params.url=http://127.0.0.1:{port}",
-                       "rewards.1.params.max_attempts=2", "rewards.1.params.check_health=false", f"run.output_root={tmp_path}",
-                       ray_address=ray_cluster.address)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    records = [json.loads(line) for line in (printed_run_dir(proc.stdout) / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["groups/dropped"] == 2 and r["groups/trained"] == 0 and r["rewards/red/missing"] == 16 for r in records)

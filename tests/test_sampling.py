@@ -50,18 +50,43 @@ def test_dance_sde_matches_danceGRPO_two_part_form(xv):
     torch.testing.assert_close(step.std.expand_as(x), torch.full_like(x, eta * math.sqrt(sigma - sigma_next)))
 
 
-def test_flow_sde_matches_flowGRPO_form_and_uses_sigma_max_at_one(xv):
+def test_flow_sde_matches_flowGRPO_form(xv):
+    """Flow-GRPO writes the mean as x (1 + g^2 dsigma / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dsigma;
+    at sigma = 1 only the denominator of g = a sqrt(sigma / (1 - sigma)) takes sigma_max."""
     x, v = xv
     a, sigma_max = 0.7, 0.93
     for sigma, sigma_next in [(0.6, 0.45), (1.0, 0.93)]:
-        s_for_g = sigma_max if sigma == 1.0 else sigma
-        g = a * math.sqrt(s_for_g / (1 - s_for_g))
+        g = a * math.sqrt(sigma / (1 - (sigma_max if sigma == 1.0 else sigma)))
         dsigma = sigma_next - sigma
         expected = x * (1 + g**2 * dsigma / (2 * sigma)) + v * (1 + g**2 * (1 - sigma) / (2 * sigma)) * dsigma
         step = flow_sde_transition(x, v, sigma, sigma_next, a, sigma_max)
         torch.testing.assert_close(step.mean, expected, rtol=1e-5, atol=1e-5)
-        assert torch.allclose(step.std, torch.tensor(g * math.sqrt(-dsigma)))
-        assert torch.isfinite(step.mean).all()
+        torch.testing.assert_close(step.std.flatten(), torch.full((3,), g * math.sqrt(-dsigma)))
+
+
+def test_flow_sde_hand_computed_first_and_later_step():
+    """a = 0.7 on the grid [1, 0.75, 0.5, 0], x = 1, v = 2 (dsigma = -0.25 at both steps).
+
+    Step 0, sigma = 1: g = 0.7 sqrt(1 / (1 - 0.75)) = 1.4 (numerator 1, denominator from sigma_max = 0.75),
+    std = 1.4 * 0.5 = 0.7, mean = 1 - 0.25 (2 + 1.96 / 2 * (1 + 0 * 2)) = 0.255.
+    Step 1, sigma = 0.75: g^2 = 0.49 * 3 = 1.47, std = sqrt(1.47) * 0.5 = 0.35 sqrt(3),
+    mean = 1 - 0.25 (2 + 1.47 / 1.5 * (1 + 0.25 * 2)) = 0.1325.
+    (sigma_max in the numerator too, the old bug, gave step 0 a std of 0.7 sqrt(0.75) = 0.606.)
+    """
+    sigmas = torch.tensor([1.0, 0.75, 0.5, 0.0])
+    x, v = torch.ones(2, 1), torch.full((2, 1), 2.0)  # [B, D]
+    expected = {0: (0.255, 0.7), 1: (0.1325, 0.35 * math.sqrt(3))}
+    for index, (mean, std) in expected.items():
+        step = step_transition("flow_sde", 0.7, x, v, sigmas, index)
+        torch.testing.assert_close(step.mean, torch.full((2, 1), mean), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(step.std, torch.full((2, 1), std), rtol=1e-6, atol=1e-6)
+    # the log-density at the mean is -log std - log(2 pi) / 2: -log 0.7 - 0.918939 at step 0
+    first = step_transition("flow_sde", 0.7, x, v, sigmas, 0)
+    torch.testing.assert_close(first.log_prob(first.mean), torch.full((2,), -math.log(0.7) - 0.5 * math.log(2 * math.pi)))
+    # samples at different steps in one batch (the learner's random subsets) get each their own g
+    mixed = step_transition("flow_sde", 0.7, x, v, sigmas, torch.tensor([0, 1]))
+    torch.testing.assert_close(mixed.mean.flatten(), torch.tensor([0.255, 0.1325]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mixed.std.flatten(), torch.tensor([0.7, 0.35 * math.sqrt(3)]), rtol=1e-6, atol=1e-6)
 
 
 def test_zero_noise_sde_equals_ode(xv):

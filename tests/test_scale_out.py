@@ -1,4 +1,5 @@
-"""The controller against real Ray actors: bounded staleness, and lost work reissued exactly once after actor deaths."""
+"""The controller's scheduling: bounded staleness and spread groups (in process), and against real Ray actors
+lost work reissued exactly once after actor deaths, and the collective weight sync."""
 
 from __future__ import annotations
 
@@ -35,10 +36,9 @@ def run_controller(controller: Controller) -> list[dict]:
     return controller.metrics.records
 
 
-@pytest.mark.slow
-def test_max_staleness_one_overlaps_generation_with_training(ray_driver, tmp_path):
+def test_max_staleness_one_overlaps_generation_with_training(tmp_path):
     """Steps t+1's groups are generated with the weights before update t: staleness 0 at step 1, then exactly 1."""
-    config = tiny_config(tmp_path, "train.steps=4", "train.max_staleness=1")
+    config = tiny_config(tmp_path, "train.steps=4", "train.max_staleness=1", "run.in_process=true")
     controller = Controller(config, tmp_path / "run", list(config.data.prompts))
     records = run_controller(controller)
     assert [r["staleness/max"] for r in records] == [0.0, 1.0, 1.0, 1.0]
@@ -58,17 +58,24 @@ class KillingController(Controller):
     metrics_url: str | None = None
     metrics_checked = False
 
-    def _fill_queue(self, step: int) -> None:
-        super()._fill_queue(step)
-        if step == 2:
-            ray.kill(self.rollout_pool.actors[0], no_restart=False)
-            ray.kill(self.reward_pools["jpeg"].actors[0], no_restart=False)
+    def _start(self) -> None:
+        super()._start()
+        submit, write_report = self.scheduler.submit_through, self.outputs.write_report
 
-    def _write_report(self) -> None:
-        if self.metrics_url:
-            _check_ray_metrics(self.metrics_url)
-            self.metrics_checked = True
-        super()._write_report()
+        def submit_then_kill(step: int, version: int) -> None:
+            submit(step, version)
+            if step == 2:
+                ray.kill(self.rollout.actors[0], no_restart=False)
+                ray.kill(self.rewards["jpeg"].actors[0], no_restart=False)
+
+        def check_metrics_then_report() -> None:
+            if self.metrics_url:
+                _check_ray_metrics(self.metrics_url)
+                self.metrics_checked = True
+            write_report()
+
+        self.scheduler.submit_through = submit_then_kill
+        self.outputs.write_report = check_metrics_then_report
 
 
 @pytest.mark.slow
@@ -88,7 +95,7 @@ def test_killed_rollout_and_reward_actors_restart_and_no_group_is_lost_or_traine
     # Worker 0 held one of the two groups submitted just before the kill: step 2's on-policy, step 3's with
     # max_staleness 1 (step 2's were submitted a step earlier and may be done: finished work is never redone).
     assert records[1 + max_staleness]["groups/reissued"] >= 1
-    assert controller.rescored >= 1  # the reward replica died with scorings in flight
+    assert controller.scheduler.rescored >= 1  # the reward replica died with scorings in flight
     assert [r["policy_version"] for r in records] == [1, 2, 3, 4]
     assert all(np.isfinite(r["reward/jpeg/mean"]) for r in records)
     if not max_staleness:
@@ -121,10 +128,11 @@ def _check_ray_metrics(metrics_url: str) -> None:
     assert any('role="reward/jpeg"' in line for line in seen["ray_raygrpo_idle_fraction"])
 
 
-@pytest.mark.slow
-def test_spread_groups_split_members_over_workers_and_normalise_over_the_whole_group(ray_driver, tmp_path):
+def test_spread_groups_split_members_over_workers_and_normalise_over_the_whole_group(tmp_path):
     """Flow-GRPO style: each group's 4 members come from 2 workers; the learner trains whole, merged groups."""
-    config = tiny_config(tmp_path, "train.steps=2", "rollout.num_workers=2", "rollout.spread_groups=true", "logging.sample_every=1")
+    config = tiny_config(
+        tmp_path, "train.steps=2", "rollout.num_workers=2", "rollout.spread_groups=true", "logging.sample_every=1", "run.in_process=true"
+    )
     controller = Controller(config, tmp_path / "run", list(config.data.prompts))
     records = run_controller(controller)
     assert [r["groups/trained"] for r in records] == [2.0, 2.0]

@@ -28,7 +28,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from raygrpo.reward import make_reward
+from raygrpo.reward import RewardServiceError, check_reward_service, make_reward
 from raygrpo.reward.vlm_judge import VlmJudgeReward, expected_digit, parse_judgement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +84,8 @@ def _fake_app() -> tuple[FastAPI, list[dict]]:
             return _completion("9", _top({"9": 1.0}))
         if "BADREQ" in text:
             return JSONResponse({"error": "bad"}, status_code=400)
+        if "AUTH" in text:
+            return JSONResponse({"error": "invalid api key"}, status_code=401)
         return _completion("0", _top({"0": 1.0}))
 
     return app, seen
@@ -152,6 +154,50 @@ def test_fake_server_scores_and_failures(fake_server):
     assert body["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
     with pytest.raises(RuntimeError, match="got no score"):
         reward.score(images, prompts)
+
+
+def test_retries_failures_and_fatal_are_counted(fake_server):
+    url, _ = fake_server
+    reward = make_reward("vlm_judge", {"url": url, "model_name": "fake-judge", "backoff_s": 0.01, "timeout_s": 5})
+    outcome = reward.score_outcome(np.stack([_image(0), _image(1), _image(2)]), ["FLAKY", "BADREQ", "GARBAGE"])
+    # FLAKY: 503, then an answer (one retry); BADREQ: a 400 ends its request (one failure);
+    # GARBAGE: answered, so only that item's error, not a failed call.
+    assert list(outcome.valid) == [True, False, False]
+    assert (outcome.retries, outcome.failures, outcome.fatal) == (1, 1, None)
+    outcome = reward.score_outcome(np.stack([_image(0), _image(1)]), ["AUTH", "EXPECT"])
+    assert list(outcome.valid) == [False, True] and outcome.failures == 1
+    assert f"POST {url}/v1/chat/completions: HTTP 401" in outcome.fatal and "--api-key" in outcome.fatal
+
+
+def test_service_check_of_a_url_judge(fake_server):
+    url, _ = fake_server
+    make_reward("vlm_judge", {"url": url}).check_service()  # no model_name: any served model will do
+    make_reward("vlm_judge", {"url": url + "/v1", "model_name": "fake-judge"}).check_service()
+    with pytest.raises(RewardServiceError) as info:
+        check_reward_service("judge", "vlm_judge", {"url": url, "model_name": "other-judge"})
+    assert str(info.value) == (
+        f"reward 'judge': vlm_judge GET {url}/v1/models: the server serves ['fake-judge'], not 'other-judge' (params.model_name)"
+    )
+
+
+def test_service_check_of_a_dead_judge_fails_fast():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(RewardServiceError, match=rf"reward 'judge': vlm_judge GET http://127.0.0.1:{port}/health .*nothing is listening"):
+        check_reward_service("judge", "vlm_judge", {"url": f"http://127.0.0.1:{port}"})
+    assert time.monotonic() - start < 15.0
+
+
+def test_service_check_of_a_launched_judge_starts_it_only_when_allowed():
+    params = {"serve": {"model": "m", "python": "/nonexistent/bin/python"}}
+    check_reward_service("judge", "vlm_judge", params)  # the driver's preflight never launches vLLM
+    reward = make_reward("vlm_judge", params)
+    reward.check_service(start_server=False)
+    assert reward.server_pid is None
+    with pytest.raises(RewardServiceError, match="could not start the vLLM server: serve.python '/nonexistent/bin/python' not found"):
+        reward.check_service()  # as the reward actor does, once it is up
 
 
 def test_bad_url_gives_invalid_items_not_an_exception():
@@ -239,6 +285,10 @@ def test_real_judge_question_without_prompt_placeholder(judge):
         values, valid, errors = fixed.score_with_errors(np.stack([_image(7, size=size), _image(8, size=size)]), ["x", "y"])
         assert valid.all(), errors
         assert ((values >= 0) & (values <= 1)).all()
+
+
+def test_real_judge_passes_its_service_check(judge):
+    judge.check_service()  # vLLM's /health, and /v1/models lists the served name "vlm-judge"
 
 
 def test_real_judge_single_image_and_score(judge):

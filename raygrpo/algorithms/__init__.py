@@ -1,16 +1,17 @@
-"""Algorithms: each file holds one algorithm's rollout spec and learner update, its math in the docstring."""
+"""Algorithms: each file holds one algorithm's rollout spec and loss, its math in the docstring (``base.py``: the protocol)."""
 
 from __future__ import annotations
 
 from raygrpo.algorithms import dancegrpo, dgpo
-from raygrpo.algorithms.dancegrpo import DanceGRPO, RolloutSpec
+from raygrpo.algorithms.base import Algorithm, LossTerm, RolloutSpec, StepDraws, WindowGroup
+from raygrpo.algorithms.dancegrpo import DanceGRPO
 from raygrpo.algorithms.dgpo import DGPO
 from raygrpo.config import Config
 
 _ALGORITHMS = {"dancegrpo": (DanceGRPO, dancegrpo.rollout_spec), "dgpo": (DGPO, dgpo.rollout_spec)}
 
 
-def make_algorithm(config: Config) -> DanceGRPO | DGPO:
+def make_algorithm(config: Config) -> Algorithm:
     """The learner half of ``config.algorithm.name``."""
     return _ALGORITHMS[config.algorithm.name][0](config)
 
@@ -20,4 +21,4 @@ def rollout_spec(config: Config) -> RolloutSpec:
     return _ALGORITHMS[config.algorithm.name][1](config)
 
 
-__all__ = ["DGPO", "DanceGRPO", "RolloutSpec", "make_algorithm", "rollout_spec"]
+__all__ = ["DGPO", "Algorithm", "DanceGRPO", "LossTerm", "RolloutSpec", "StepDraws", "WindowGroup", "make_algorithm", "rollout_spec"]

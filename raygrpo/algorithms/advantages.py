@@ -10,11 +10,24 @@ rewards are all equal gets A = 0 (the numerator is 0), so it contributes no grad
 
 Best-of-N (§5.4): rank a group by the combined advantage sum_k w_k A_k, keep the top n/2 and the
 bottom n/2, shuffle them, and train on those only; advantages are *not* renormalised afterwards.
+
+:func:`build_batch` is the whole path from a step's scored groups to what the learner trains, as one
+pure function: missing scores (``scoring.on_failure``), the combination of rewards, the advantages,
+best-of-N, and the counts the metrics show.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
+
 import numpy as np
+
+from raygrpo.config import Config
+from raygrpo.contracts import ScoredGroup, TrainGroup
+from raygrpo.errors import RunAborted
+
+logger = logging.getLogger(__name__)
 
 
 def group_advantages(
@@ -73,3 +86,85 @@ def advantage_statistics(advantages: list[np.ndarray], members: list[np.ndarray]
         for stat, fn in (("mean", np.mean), ("std", np.std), ("min", np.min), ("max", np.max)):
             stats[f"advantage/{name}/{stat}"] = float(fn(row)) if row.size else float("nan")
     return stats
+
+
+@dataclass
+class StepBatch:
+    """What one step trains, and what became of its groups' rewards."""
+
+    groups: list[TrainGroup]  # whole groups to train, in the step's order
+    rewards: np.ndarray  # [N, K] raw scores of the trained members' groups (every member), after on_failure
+    stats: dict[str, float]  # rewards/<name>/{missing,retries,errors}, groups/{dropped,trained,zero_std}, advantage/...
+    errors: dict[str, dict[str, int]] = field(default_factory=dict)  # reward name -> error message -> items this step
+
+
+def build_batch(scored: list[ScoredGroup], config: Config, rng: np.random.Generator) -> StepBatch:
+    """From scored groups to trained groups: ``scoring.on_failure``, advantages, best-of-N, and the counts.
+
+    Raises :class:`RunAborted` when a reward reports a fatal error (a server that rejects the token) or
+    when ``on_failure: abort`` meets a missing score.
+    """
+    rewards = config.rewards
+    names = [r.name for r in rewards]
+    weights = np.array([r.weight for r in rewards], np.float32)  # [K]
+    stats = {f"rewards/{n}/{what}": 0.0 for n in names for what in ("missing", "retries", "errors")} | {"groups/dropped": 0.0}
+    errors: dict[str, dict[str, int]] = {}
+    kept: list[tuple[ScoredGroup, np.ndarray]] = []
+    for item in scored:
+        per_reward = [item.scores[n] for n in names]
+        for s in per_reward:
+            if s.fatal:
+                raise RunAborted(s.fatal if s.reward_name in s.fatal else f"reward {s.reward_name!r}: {s.fatal}")
+            stats[f"rewards/{s.reward_name}/missing"] += float((~s.valid).sum())
+            stats[f"rewards/{s.reward_name}/retries"] += float(s.retries)
+            stats[f"rewards/{s.reward_name}/errors"] += float(s.failures)
+            for e in s.errors:
+                if e:
+                    errors.setdefault(s.reward_name, {})[e] = errors.get(s.reward_name, {}).get(e, 0) + 1
+        values = _apply_on_failure(item, per_reward, config.scoring.on_failure)
+        if values is None:
+            stats["groups/dropped"] += 1
+            continue
+        kept.append((item, values))
+    groups = _advantages(kept, config, weights, rng)
+    row_names = ["total"] if config.scoring.combine == "weighted_sum" else names
+    stats.update(advantage_statistics([g.advantages for g in groups], [g.members for g in groups], row_names))
+    stats["groups/trained"] = float(len(groups))
+    stats["groups/zero_std"] = float(sum(int(np.all(values.std(axis=1) == 0)) for _, values in kept))
+    raw = np.concatenate([values.T for _, values in kept]) if kept else np.zeros((0, len(names)), np.float32)  # [N, K]
+    return StepBatch(groups, raw, stats, errors)
+
+
+def _apply_on_failure(item: ScoredGroup, per_reward: list, policy: str) -> np.ndarray | None:
+    """``[K, G]`` rewards of a group to train, or None when it is dropped."""
+    if all(s.valid.all() for s in per_reward):
+        return np.stack([s.values for s in per_reward]).astype(np.float32)
+    group = item.group
+    problems = {s.reward_name: sorted({e for e in s.errors if e}) for s in per_reward if not s.valid.all()}
+    if policy == "abort":
+        raise RunAborted(f"group {group.group_id} ({group.prompt[:80]!r}) has samples without a score: {problems} (scoring.on_failure=abort)")
+    if policy == "group_min" and all(s.valid.any() for s in per_reward):
+        # The lowest real score of the group: a failed sample can never get a positive advantage.
+        logger.warning("group %d: samples without a score take their group's lowest score: %s", group.group_id, problems)
+        return np.stack([np.where(s.valid, s.values, s.values[s.valid].min()) for s in per_reward]).astype(np.float32)
+    logger.warning("dropping group %d: samples without a score %s", group.group_id, problems)
+    return None
+
+
+def _advantages(kept: list[tuple[ScoredGroup, np.ndarray]], config: Config, weights: np.ndarray, rng: np.random.Generator) -> list[TrainGroup]:
+    """Group advantages in the configured combination; best-of-N picks the members to train."""
+    algo = config.algorithm
+    if config.scoring.combine == "weighted_sum":
+        # Flow-GRPO: one reward, the weighted sum of the raw ones, normalised once.
+        kept = [(item, (weights @ values)[None]) for item, values in kept]  # [1, G]
+        weights = np.ones(1, np.float32)
+    std = global_std([values for _, values in kept], algo.advantage_ddof) if algo.global_std and kept else None
+    batch = []
+    for item, values in kept:
+        advantages = group_advantages(values, algo.adv_clip_max, algo.advantage_eps, algo.advantage_ddof, std)  # [K, G]
+        if algo.best_of_n:
+            members = best_of_n_members(advantages, weights, algo.best_of_n, rng)
+        else:
+            members = np.arange(algo.group_size, dtype=np.int64)
+        batch.append(TrainGroup(item.rollout, item.group.group_id, advantages, weights, members))
+    return batch

@@ -16,9 +16,9 @@ Loss, for each sample i, reward k and trained step j (reference doc §6.1, §5.3
 where log pi is the element-mean Gaussian log-density (so eps = 1e-4 is meaningful). The trained
 steps of each sample are a fresh random subset: a random permutation of the first T - 1
 transitions (DanceGRPO always drops the last, near-data one), of which the first
-floor((T - 1) * timestep_fraction) are kept. ``backward`` runs once per (sample, step) and the
-optimizer steps every ``grad_accum_samples`` samples, after clipping the gradient norm. No KL and
-no reference model (DanceGRPO has none).
+floor((T - 1) * timestep_fraction) are kept. ``backward`` runs once per (sample, step) (one :class:`LossTerm`
+each) and the optimizer steps every ``grad_accum_samples`` samples (the learner's window, after it
+clips the gradient norm). No KL and no reference model (DanceGRPO has none).
 
 Logged beside the loss, as a diagnostic only (it is no term of the loss and has no gradient):
 ``approx_kl``, the k3 estimator of KL(pi_old || pi_theta) over the trained transitions, with
@@ -36,40 +36,23 @@ clip 1e-4, AdamW lr 1e-5 wd 1e-4, grad norm 1.0). Deviations:
 * Rewards that fail for a group member drop the whole group (DanceGRPO substitutes -1).
 * ``grad_accum_samples`` counts samples across the groups of a step; DanceGRPO counts per rank.
   With M learner ranks each rank accumulates ``grad_accum_samples / M`` of its own samples per
-  optimizer step and only the window's last backward all-reduces (DanceGRPO syncs every backward).
+  optimizer step (:meth:`DanceGRPO.window_samples`) and only the window's last backward all-reduces
+  (DanceGRPO syncs every backward; ``learner.reduce_every_backward`` does that too).
 """
 
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 
+from raygrpo.algorithms.base import LossTerm, RolloutSpec, StepDraws, WindowGroup
 from raygrpo.config import Config
-from raygrpo.contracts import ConditioningBatch, LearnerMetrics, Rollout, TrainGroup, as_tensor
-from raygrpo.learner.shard import Shard, clip_grad_norm
+from raygrpo.contracts import ConditioningBatch, Rollout, as_tensor
 from raygrpo.sampling import step_transition
-
-
-@dataclass(frozen=True)
-class RolloutSpec:
-    """What rollout must record for this algorithm."""
-
-    sampler: str  # one of raygrpo.sampling.SAMPLERS
-    noise_level: float  # eta (dance_sde) or a (flow_sde)
-    shared_noise: bool  # one initial noise per group
-    record_trajectory: bool  # keep x_0..x_T and the per-step log-probs
-
-
-class VelocityModel(Protocol):
-    """What the algorithm needs of the policy network (e.g. ``raygrpo.models.FluxModel``)."""
-
-    def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: ConditioningBatch) -> torch.Tensor: ...
 
 
 def rollout_spec(config: Config) -> RolloutSpec:
@@ -91,14 +74,28 @@ def trained_steps(num_steps: int, fraction: float, rng: np.random.Generator) -> 
 
 
 class DanceGRPO:
-    """The learner half: one update from a batch of whole groups."""
+    """The learner half: the clipped surrogate of every trained (sample, step), one term per backward."""
+
+    on_policy_ratio = True  # rho = pi_theta / pi_old of the recorded transition: exactly 1 before the first step
 
     def __init__(self, config: Config):
         self.config = config
+        self.algo = config.algorithm
         self.spec = rollout_spec(config)
 
     def setup(self, model, parameters: list[torch.nn.Parameter], lora: bool) -> None:
-        """Nothing to prepare: no reference model, no EMA."""
+        """No reference model and no EMA: only where the tensors go."""
+        self.device = parameters[0].device
+
+    def window_samples(self, world_size: int) -> int:
+        # Each rank accumulates its 1/M share of a window; the M shares together are one window.
+        return max(1, self.algo.grad_accum_samples // world_size)
+
+    def draw(self, rng: np.random.Generator, total_groups: int, members: int, example: Rollout) -> StepDraws:
+        """Every trained member's timesteps, group by group in the step's order."""
+        usable = len(example.sigmas) - 1
+        fraction = self.algo.timestep_fraction
+        return StepDraws([[trained_steps(usable, fraction, rng) for _ in range(members)] for _ in range(total_groups)])
 
     def sampling_weights(self) -> AbstractContextManager:
         return nullcontext()  # rollout samples with the current weights
@@ -106,81 +103,35 @@ class DanceGRPO:
     def evaluation_weights(self) -> AbstractContextManager:
         return nullcontext()
 
-    def update(
-        self,
-        policy: VelocityModel,
-        parameters: list[torch.nn.Parameter],
-        optimizer: torch.optim.Optimizer,
-        batch: list[tuple[TrainGroup, Rollout]],
-        rng: np.random.Generator,
-        policy_version: int,
-        shard: Shard | None = None,
-    ) -> LearnerMetrics:
-        """``shard``: this rank's part of the step (None: one rank holds the whole batch; see ``learner/shard.py``)."""
-        algo, opt = self.config.algorithm, self.config.optimizer
-        shard = shard or Shard()
-        start = time.perf_counter()
-        device = parameters[0].device
-        samples = [(group, rollout, int(i)) for group, rollout in batch for i in group.members]
-        real = [shard.is_real(k, len(batch)) for k, (group, _) in enumerate(batch) for _ in group.members]  # padding: False
-        # Each rank accumulates its 1/M share of a window; the M shares together are one window.
-        accum = max(1, algo.grad_accum_samples // shard.world_size)
-        n_steps = self.config.trained_timesteps
-        # Every sample's timesteps in the step's global order, so M ranks draw what one rank draws.
-        usable = len(batch[0][1].sigmas) - 1
-        draws = [trained_steps(usable, algo.timestep_fraction, rng) for _ in range(shard.total_samples or len(samples))]
-        chosen = shard.pick(draws, shard.sample_offset, len(samples))
-        losses, ratios, log_ratios, grad_norms, clipped_terms, first_dev = [], [], [], [], 0, 0.0
-        optimizer.zero_grad(set_to_none=True)
-        for n, (group, rollout, member) in enumerate(samples):
+    def after_optimizer_step(self) -> None:
+        """Nothing follows the weights."""
+
+    def loss_terms(self, policy, window: list[WindowGroup], draws: StepDraws) -> Iterator[LossTerm]:
+        """One term per (sample, trained step j): ``sum_k w_k L_k,ij / n_steps`` (the module docstring's L)."""
+        device, clip = self.device, self.algo.clip_range
+        for wg in window:
+            rollout = wg.rollout
             sigmas = as_tensor(rollout.sigmas, device)  # [T+1]
             cond = ConditioningBatch.of(rollout.conditioning, 1, device)
-            advantages = torch.as_tensor(group.advantages[:, member], device=device)  # [K]
-            weights = torch.as_tensor(group.reward_weights, device=device)  # [K]
-            if n % accum == 0:
-                # The window's real samples over every rank (its last chunk is smaller), so every window averages.
-                window = shard.global_sum(sum(real[n : n + accum]))
-            scale = shard.loss_scale(real[n])  # M (FSDP averages the M ranks' gradients), 0 for padding
-            window_ends = (n + 1) % accum == 0 or n + 1 == len(samples)
-            for s, j in enumerate(chosen[n]):
-                # One reduce-scatter per window: only its last backward syncs gradients over the ranks.
-                shard.gradient_sync(window_ends and s == len(chosen[n]) - 1)
-                x = as_tensor(rollout.trajectory[member, j], device)[None]  # [1, S, D]
-                x_next = as_tensor(rollout.trajectory[member, j + 1], device)[None]  # [1, S, D]
-                v = policy.velocity(x, sigmas[j].reshape(1), cond)  # [1, ...]
-                step = step_transition(self.spec.sampler, self.spec.noise_level, x, v, sigmas, int(j))
-                log_prob = step.log_prob(x_next)  # [1]
-                log_ratio = log_prob - float(rollout.log_probs[member, j])  # [1]
-                ratio = torch.exp(log_ratio)  # [1]
-                per_reward = clipped_surrogate(ratio.expand_as(advantages), advantages, algo.clip_range)  # [K]
-                term = (weights * per_reward).sum()
-                (term * scale / (window * n_steps)).backward()
-                if not real[n]:
-                    continue
-                ratio_value = float(ratio.detach())
-                if not grad_norms:
-                    first_dev = max(first_dev, abs(ratio_value - 1.0))
-                losses.append(float(term.detach()))
-                ratios.append(ratio_value)
-                log_ratios.append(float(log_ratio.detach()))
-                clipped_terms += abs(ratio_value - 1.0) > algo.clip_range
-            if window_ends:
-                grad_norms.append(clip_grad_norm(parameters, opt.max_grad_norm))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        ratios_np = np.asarray(ratios or [np.nan])  # a rank holding only padding has no terms
-        r = np.asarray(log_ratios, np.float64)  # [n_terms]
-        approx_kl = float(np.mean(np.expm1(r) - r)) if len(r) else float("nan")  # k3: exp(r) - 1 - r
-        return LearnerMetrics(
-            policy_version=policy_version,
-            loss=float(np.mean(losses)) if losses else float("nan"),
-            grad_norm=float(np.mean(grad_norms)),
-            clip_fraction=clipped_terms / max(len(ratios), 1),
-            ratio_mean=float(ratios_np.mean()),
-            ratio_max_abs_dev=float(np.abs(ratios_np - 1).max()),
-            first_ratio_max_abs_dev=first_dev,
-            optimizer_steps=len(grad_norms),
-            samples=sum(real),
-            seconds=time.perf_counter() - start,
-            extras={"approx_kl": approx_kl},
-        )
+            weights = torch.as_tensor(wg.train.reward_weights, device=device)  # [K]
+            for r, row in enumerate(wg.rows):
+                member = int(wg.train.members[row])
+                advantages = torch.as_tensor(wg.train.advantages[:, member], device=device)  # [K]
+                steps = wg.draw[row]
+                for s, j in enumerate(steps):
+                    x = as_tensor(rollout.trajectory[member, j], device)[None]  # [1, S, D]
+                    x_next = as_tensor(rollout.trajectory[member, j + 1], device)[None]  # [1, S, D]
+                    v = policy.velocity(x, sigmas[j].reshape(1), cond)  # [1, ...]
+                    step = step_transition(self.spec.sampler, self.spec.noise_level, x, v, sigmas, int(j))
+                    log_ratio = step.log_prob(x_next) - float(rollout.log_probs[member, j])  # [1]
+                    ratio = torch.exp(log_ratio)  # [1]
+                    per_reward = clipped_surrogate(ratio.expand_as(advantages), advantages, clip)  # [K]
+                    value, r_log = float(ratio.detach()), float(log_ratio.detach())
+                    yield LossTerm(
+                        loss=(weights * per_reward).sum() / len(steps),
+                        slot=wg.slot,
+                        final=wg is window[-1] and r == len(wg.rows) - 1 and s == len(steps) - 1,
+                        ratios=[value],
+                        clipped=[abs(value - 1.0) > clip],
+                        extras={"approx_kl": math.expm1(r_log) - r_log},  # k3, see the module docstring
+                    )

@@ -30,11 +30,12 @@ models). Once the gate and the clip mask are fixed, the surrogate's gradient is 
 micro-batches; but S_g needs every member's l_i before the first backward. A split group therefore
 runs, at each sigma: (1) without gradients, one micro-batch per forward, l_ref_i, l_old_i, v_base and
 the policy's own l_i for all G members, then the detached sigmoid(S_g) and clip mask; (2) per
-micro-batch b a forward with gradients and the backward of ``sum_{i in b} [sigmoid(S_g) A_i l_i +
-kl_beta kl_i] / G`` (l_i, kl_i detached where the clip mask says so). The micro-batches' gradients
-add up to the whole group's, equal up to float rounding (the same per-member numbers, summed in
-another order), and the loss normalisation and the single gradient sync per update (its last
-backward, ``Shard.gradient_sync``) are unchanged. The price is one more no-gradient forward of the
+micro-batch b a forward with gradients and one loss term (one backward) of ``sum_{i in b}
+[sigmoid(S_g) A_i l_i + kl_beta kl_i] / M`` (l_i, kl_i detached where the clip mask says so; the
+learner divides by the step's sample count). The micro-batches' gradients add up to the whole
+group's, equal up to float rounding (the same per-member numbers, summed in another order), and the
+loss normalisation and the single gradient sync per update (the learner's, on the last term) are
+unchanged. The price is one more no-gradient forward of the
 policy per member; a group trained whole (m >= G, or None) takes its l_i from its one forward.
 Each shadow (reference, fast EMA, frozen base) is swapped in once per sigma for all of the rank's
 groups: for full fine-tuning a swap copies every trainable parameter twice, while the outputs it
@@ -61,18 +62,17 @@ local; ``group_gate_logit(process_group=...)`` covers groups spread over ranks.
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from raygrpo.algorithms.dancegrpo import RolloutSpec
+from raygrpo.algorithms.base import LossTerm, RolloutSpec, StepDraws, WindowGroup
 from raygrpo.config import Config, DGPOConfig
-from raygrpo.contracts import ConditioningBatch, LearnerMetrics, Rollout, TrainGroup, as_tensor
+from raygrpo.contracts import ConditioningBatch, Rollout, as_tensor
 from raygrpo.learner.ema import ParameterShadow, fast_ema_decay, slow_ema_decay
-from raygrpo.learner.shard import Shard, clip_grad_norm
 from raygrpo.sampling import shift_sigmas
 
 
@@ -142,17 +142,6 @@ class _Group:
     cond: ConditioningBatch  # expanded to G
 
 
-@dataclass
-class _Terms:
-    """One real group's statistics at one sigma (the update's metrics average them)."""
-
-    loss: float  # the group's surrogate, gate * A * l plus the KL term, mean over its members
-    gate: float  # sigmoid(S_g)
-    kl: float  # mean over members of ||v_theta - v_base||^2
-    clipped: list[bool]  # per member: its denoising loss was detached by the PPO clip
-    ratios: list[float]  # per member exp(l_old - l); empty without the clip
-
-
 def _micro_batches(size: int, micro_batch_size: int | None) -> list[slice]:
     """The member slices of a group of ``size``: one slice for None (the whole group)."""
     step = micro_batch_size or size
@@ -162,6 +151,8 @@ def _micro_batches(size: int, micro_batch_size: int | None) -> list[slice]:
 class DGPO:
     """The learner half. ``setup`` creates the shadows (fast/slow EMA, frozen snapshot) once."""
 
+    on_policy_ratio = False  # its ratios exp(l_old - l) compare with the fast EMA, not with the sampling policy
+
     def __init__(self, config: Config):
         self.config = config
         self.algo: DGPOConfig = config.algorithm
@@ -169,7 +160,7 @@ class DGPO:
         self.optimizer_steps = 0
 
     def setup(self, model, parameters: list[torch.nn.Parameter], lora: bool) -> None:
-        self.model = model
+        self.model, self.device = model, parameters[0].device
         self.fast_ema = ParameterShadow(parameters)
         self.slow_ema = ParameterShadow(parameters)
         # With LoRA the base is the network with the adapter switched off; otherwise keep the start.
@@ -190,60 +181,42 @@ class DGPO:
     def evaluation_weights(self) -> AbstractContextManager:
         return self.slow_ema.swapped()
 
-    def update(
-        self,
-        policy,
-        parameters: list[torch.nn.Parameter],
-        optimizer: torch.optim.Optimizer,
-        batch: list[tuple[TrainGroup, Rollout]],
-        rng: np.random.Generator,
-        policy_version: int,
-        shard: Shard | None = None,
-    ) -> LearnerMetrics:
-        """``shard``: this rank's part of the step (None: one rank holds the whole batch; see ``learner/shard.py``)."""
-        algo, start = self.algo, time.perf_counter()
-        shard = shard or Shard()
-        device = parameters[0].device
-        groups = [self._group(train_group, rollout, device) for train_group, rollout in batch]
-        real = [shard.is_real(k, len(groups)) for k in range(len(groups))]  # padding slots: False
-        sigmas = training_sigmas(algo, as_tensor(batch[0][1].sigmas), self.config.rollout.shift, rng).to(device)  # [M]
+    def window_samples(self, world_size: int) -> None:
+        return None  # one optimizer step per update: the whole step is one window
+
+    def draw(self, rng: np.random.Generator, total_groups: int, members: int, example: Rollout) -> StepDraws:
+        """The update's M sigmas, then at each sigma one noise per group slot of the step, in order.
+
+        One noise per group at each sigma, shared by its members (paper §3: variance reduction).
+        ``per_group[k][t]`` is group k's ``[1, ...]`` noise at sigma t.
+        """
+        sigmas = training_sigmas(self.algo, as_tensor(example.sigmas), self.config.rollout.shift, rng)  # [M]
         noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        # Terms of the whole step over every rank; each rank scales its own by M (FSDP averages gradients).
-        n_terms = shard.global_sum(sum(real)) * len(sigmas)
-        terms: list[_Terms] = []
-        optimizer.zero_grad(set_to_none=True)
+        shape = (1, *example.final_latents.shape[1:])
+        at_sigma = [[torch.randn(shape, generator=noise_gen) for _ in range(total_groups)] for _ in range(len(sigmas))]
+        per_group = [[at_sigma[t][k] for t in range(len(sigmas))] for k in range(total_groups)]
+        return StepDraws(per_group, shared=sigmas, extras={"sigma_min": float(sigmas.min())})
+
+    def loss_terms(self, policy, window: list[WindowGroup], draws: StepDraws) -> Iterator[LossTerm]:
+        """At each sigma, every group's terms (one per micro-batch), each shadow swapped in once per sigma."""
+        device = self.device
+        sigmas = draws.shared.to(device)  # [M]
+        groups = [self._group(wg, device) for wg in window]
         for t_index, sigma in enumerate(sigmas):
-            # One noise per group at this sigma, shared by its members (paper §3: variance reduction), drawn
-            # for every group slot of the step in order so that M ranks draw what one rank draws.
-            drawn = [torch.randn((1, *groups[0].x0.shape[1:]), generator=noise_gen) for _ in range(shard.total_groups or len(groups))]
-            noise = [eps.to(device).expand_as(g.x0) for g, eps in zip(groups, shard.pick(drawn, shard.group_offset, len(groups)))]
+            noise = [wg.draw[t_index].to(device).expand_as(g.x0) for wg, g in zip(window, groups)]
             x_t = [(1 - sigma) * g.x0 + sigma * eps for g, eps in zip(groups, noise)]  # each [G, ...]
             targets = [eps - g.x0 for g, eps in zip(groups, noise)]  # each [G, ...] v* = eps - x0
             references = self._reference_terms(groups, x_t, targets, sigma)
-            for k, group in enumerate(groups):
+            for k, (wg, group) in enumerate(zip(window, groups)):
                 last = t_index == len(sigmas) - 1 and k == len(groups) - 1
-                scale = shard.loss_scale(real[k]) / n_terms
-                term = self._train_group(group, x_t[k], targets[k], sigma, *references[k], scale, shard, last)
-                if real[k]:
-                    terms.append(term)
-        grad_norm = clip_grad_norm(parameters, self.config.optimizer.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        self._after_optimizer_step()
-        ratios = np.asarray([r for t in terms for r in t.ratios] or [1.0])
-        return LearnerMetrics(
-            policy_version=policy_version,
-            loss=_mean([t.loss for t in terms]),
-            grad_norm=grad_norm,
-            clip_fraction=_mean([c for t in terms for c in t.clipped]),
-            ratio_mean=float(ratios.mean()),
-            ratio_max_abs_dev=float(np.abs(ratios - 1).max()),
-            first_ratio_max_abs_dev=float("nan"),  # no log-probs: DGPO has no on-policy ratio to check
-            optimizer_steps=1,
-            samples=sum(len(g.x0) for g, is_real in zip(groups, real) if is_real),
-            seconds=time.perf_counter() - start,
-            extras={"gate_mean": _mean([t.gate for t in terms]), "kl": _mean([t.kl for t in terms]), "sigma_min": float(sigmas.min())},
-        )
+                yield from self._group_terms(group, wg.slot, x_t[k], targets[k], sigma, *references[k], len(sigmas), last)
+
+    def after_optimizer_step(self) -> None:
+        self.optimizer_steps += 1
+        k, algo = self.optimizer_steps, self.algo
+        self.fast_ema.update(fast_ema_decay(k, algo.fast_ema_max_decay, algo.fast_ema_decay_rate))
+        if k % algo.slow_ema_every == 0:
+            self.slow_ema.update(slow_ema_decay(k, algo.slow_ema_decay))
 
     def _reference_terms(
         self, groups: list[_Group], x_t: list[torch.Tensor], targets: list[torch.Tensor], sigma: torch.Tensor
@@ -263,27 +236,26 @@ class DGPO:
             bases = [v for _, v in self._evaluate(self._frozen_base(), groups, x_t, targets, sigma)]
         return [(loss_ref, loss_old, v_base) for (loss_ref, _), loss_old, v_base in zip(refs, olds, bases)]
 
-    def _train_group(
+    def _group_terms(
         self,
         group: _Group,
+        slot: int,
         x_t: torch.Tensor,
         target: torch.Tensor,
         sigma: torch.Tensor,
         loss_ref: torch.Tensor,
         loss_old: torch.Tensor | None,
         v_base: torch.Tensor,
-        scale: float,
-        shard: Shard,
+        n_sigmas: int,
         last: bool,
-    ) -> _Terms:
-        """One group at one sigma, given its reference terms: the detached gate and clip mask, then its backward(s).
+    ) -> Iterator[LossTerm]:
+        """One group at one sigma, given its reference terms: the detached gate and clip mask, then a term per
+        micro-batch, ``sum_{i in b} [sigmoid(S_g) A_i l_i + kl_beta kl_i] / M`` (l_i, kl_i detached where clipped).
 
-        ``scale`` multiplies the group's loss before backward (rank factor over the step's term count,
-        0 for padding); ``last``: this group's last backward is the update's last (the one that syncs).
+        ``last``: this group is the update's last at its last sigma, so its last term is the window's final one.
         """
         algo = self.algo
-        size = len(group.x0)
-        slices = _micro_batches(size, algo.micro_batch_size)
+        slices = _micro_batches(len(group.x0), algo.micro_batch_size)
         needs_old = loss_old is not None
         # The gate needs every member's l_i before any backward: a group trained in one forward gets them from
         # that forward; a split group from a no-gradient pass of the policy first (module docstring).
@@ -293,22 +265,21 @@ class DGPO:
         clipped = torch.zeros_like(loss, dtype=torch.bool)  # [G]
         if needs_old:
             clipped = ppo_clip_mask(group.advantages, loss, loss_old, algo.clip_range)
-        total, kl_sum = 0.0, 0.0
+        ratios = torch.exp(loss_old - loss) if needs_old else None  # [G]
         for j, rows in enumerate(slices):
             v, loss_b = whole if whole is not None else self._policy(group, x_t, target, sigma, rows)  # [b, ...], [b]
             used = torch.where(clipped[rows], loss_b.detach(), loss_b) if algo.clip_dsm else loss_b
             kl = ((v - v_base[rows]) ** 2).flatten(1).mean(dim=1)  # [b]
             if algo.clip_kl:
                 kl = torch.where(clipped[rows], kl.detach(), kl)
-            # Sums over the micro-batch divided by G: a group's micro-batches add up to its mean over members.
-            part = (gate * group.advantages[rows] * used).sum() / size + algo.kl_beta * (kl.sum() / size)
-            # One reduce-scatter per update: only the last backward syncs gradients over the ranks.
-            shard.gradient_sync(last and j == len(slices) - 1)
-            (part * scale).backward()
-            total += float(part.detach())
-            kl_sum += float(kl.detach().sum())
-        ratios = torch.exp(loss_old - loss).tolist() if needs_old else []
-        return _Terms(loss=total, gate=float(gate), kl=kl_sum / size, clipped=clipped.tolist(), ratios=ratios)
+            yield LossTerm(
+                loss=((gate * group.advantages[rows] * used).sum() + algo.kl_beta * kl.sum()) / n_sigmas,
+                slot=slot,
+                final=last and j == len(slices) - 1,
+                ratios=ratios[rows].tolist() if ratios is not None else [],
+                clipped=clipped[rows].tolist(),
+                extras={"gate_mean": float(gate), "kl": float(kl.detach().mean())},
+            )
 
     def _evaluate(
         self,
@@ -335,24 +306,12 @@ class DGPO:
         x = x_t[rows]
         return self.model.velocity(x, sigma.expand(len(x)), group.cond.rows(rows))
 
-    def _after_optimizer_step(self) -> None:
-        self.optimizer_steps += 1
-        k, algo = self.optimizer_steps, self.algo
-        self.fast_ema.update(fast_ema_decay(k, algo.fast_ema_max_decay, algo.fast_ema_decay_rate))
-        if k % algo.slow_ema_every == 0:
-            self.slow_ema.update(slow_ema_decay(k, algo.slow_ema_decay))
-
-    def _group(self, train_group: TrainGroup, rollout: Rollout, device) -> _Group:
-        members = train_group.members
-        x0 = as_tensor(rollout.final_latents[members], device)  # [G, ...]
-        weighted = (train_group.reward_weights[:, None] * train_group.advantages[:, members]).sum(axis=0)  # [G]
-        cond = ConditioningBatch.of(rollout.conditioning, len(members), device)
+    def _group(self, wg: WindowGroup, device) -> _Group:
+        members = wg.train.members[wg.rows]
+        x0 = as_tensor(wg.rollout.final_latents[members], device)  # [G, ...]
+        weighted = (wg.train.reward_weights[:, None] * wg.train.advantages[:, members]).sum(axis=0)  # [G]
+        cond = ConditioningBatch.of(wg.rollout.conditioning, len(members), device)
         return _Group(x0, torch.as_tensor(weighted, dtype=torch.float32, device=device), cond)
-
-
-def _mean(values: list) -> float:
-    """Mean of a statistic; NaN for a rank that holds only padding (the learner group weights ranks by samples)."""
-    return float(np.mean(values)) if values else float("nan")
 
 
 class _adapters_disabled(AbstractContextManager):

@@ -1,7 +1,20 @@
-"""The learner rank: owns the trainable network (full, or a LoRA adapter) and its optimizer, runs the algorithm's update.
+"""The learner rank: owns the trainable network (full, or a LoRA adapter), its optimizer and the update loop.
 
-One rank of :class:`~raygrpo.learner.group.LearnerGroup` (a Ray actor there), or in process for
-tests and benchmarks (``Learner(config)``: one rank, no process group).
+Each rank is a Ray actor of :class:`~raygrpo.learner.group.LearnerGroup` (built with the group's
+rendezvous address, it joins the process group before it loads the model), or an object in this
+process (``run.in_process``, tests, benchmarks: ``Learner(config)``, one rank, no process group).
+
+One update (:meth:`Learner.update`) on this rank's group slots::
+
+    draws   = algorithm.draw(rng, every group of the step)          # the same draws on every rank
+    for window in windows of algorithm.window_samples() samples:    # one optimizer step each
+        N = real samples of the window, over every rank
+        for term in algorithm.loss_terms(model, window, draws):     # one forward each
+            backward(term.loss * (M if real else 0) / N)            # FSDP syncs on term.final only
+        clip the gradient norm; optimizer step; algorithm.after_optimizer_step()
+
+The algorithm computes losses (raygrpo/algorithms/); windows, padding, normalisation, gradient sync and
+optimizer steps are the learner's (raygrpo/learner/shard.py says why each is the way it is).
 
 Precision (reference doc §6.4, DanceGRPO FLUX: "fp32 master weights + bf16 autocast"): the
 network, its gradients and the AdamW moments are always float32 here. With ``model.dtype``
@@ -26,23 +39,25 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 
-from raygrpo.algorithms import make_algorithm
+from raygrpo.actor_group import get
+from raygrpo.algorithms import LossTerm, WindowGroup, make_algorithm
 from raygrpo.config import Config
 from raygrpo.contracts import LearnerMetrics, Rollout, TrainGroup, WeightsMessage, merge_rollouts
-from raygrpo.learner.fsdp import full_state_dict, gathered_tensors, shard_network
-from raygrpo.learner.shard import Shard
+from raygrpo.learner.fsdp import full_state_dict, gathered_tensors, init_process_group, rendezvous_address, shard_network
+from raygrpo.learner.shard import RankBatch, clip_grad_norm, global_sum, pick
 from raygrpo.learner.state import load_training_state, save_training_state
 from raygrpo.models import load_model
 from raygrpo.models.lora import add_lora
 from raygrpo.runtime import set_torch_threads, torch_dtype
+from raygrpo.weight_broadcast import WeightBroadcastGroup
 from raygrpo.weights import export_weights
 
 logger = logging.getLogger(__name__)
@@ -57,8 +72,11 @@ class Learner:
     seeds; identical on every rank), ``policy_version``.
     """
 
-    def __init__(self, config: Config, rank: int = 0, world_size: int = 1):
+    def __init__(self, config: Config, rank: int = 0, world_size: int = 1, rendezvous: tuple[str, int] | None = None):
         set_torch_threads(config.learner.num_cpus)
+        if rendezvous is not None:
+            # First: FSDP needs the process group when the network is sharded below.
+            init_process_group(rank, world_size, *rendezvous, use_cuda=config.learner.num_gpus > 0)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if world_size > 1 and not distributed:
             raise RuntimeError(f"a learner rank of {world_size} needs torch.distributed initialised first (LearnerGroup does it)")
@@ -114,24 +132,55 @@ class Learner:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
-    def update(self, batch: list[TrainGroup], shard: Shard | None = None) -> LearnerMetrics:
-        """One training step on whole groups; the rollouts are fetched here, never on the controller.
+    def update(self, part: RankBatch) -> LearnerMetrics:
+        """One training step on this rank's group slots; the rollouts are fetched here, never on the controller.
 
-        ``shard``: where these groups sit among the ranks' (LearnerGroup passes it); None: one rank
-        holds the whole batch. Each ``TrainGroup.rollout`` is an ObjectRef, or the Rollout itself in process.
+        Every rank of the group calls it at once with its own part (:func:`~raygrpo.learner.shard.split_batch`);
+        an in-process learner takes ``RankBatch.whole(groups)``.
         """
-        rollouts = fetch_rollouts(batch)
-        shard = replace(
-            shard or Shard(),
-            network=self.model.transformer if self.sharded else None,
-            reduce_every_backward=self.config.learner.reduce_every_backward,
-        )
+        start = time.perf_counter()
+        rollouts = fetch_rollouts(part.groups)
+        shard, algorithm = part.shard, self.algorithm
+        draws = algorithm.draw(self.rng, shard.total_groups or len(part.groups), len(part.groups[0].members), rollouts[0])
+        mine = pick(draws.per_group, shard.group_offset, len(part.groups))
         self.policy_version += 1
+        tally = _Tally()
+        self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            metrics = self.algorithm.update(
-                self.model, self.parameters, self.optimizer, list(zip(batch, rollouts)), self.rng, self.policy_version, shard=shard
-            )
+            for window in self._windows(part, rollouts, mine):
+                n_real = global_sum(sum(len(wg.rows) for wg in window if part.is_real(wg.slot)), self.world_size)
+                window_loss = 0.0
+                for term in algorithm.loss_terms(self.model, window, draws):
+                    real = part.is_real(term.slot)
+                    if self.sharded:
+                        # One reduce-scatter per window: only its last backward syncs gradients over the ranks.
+                        self.model.transformer.set_requires_gradient_sync(term.final or self.config.learner.reduce_every_backward)
+                    # M per real term undoes FSDP's average over the ranks; padding weighs 0 (learner/shard.py).
+                    (term.loss * ((self.world_size if real else 0.0) / n_real)).backward()
+                    if real:
+                        window_loss += float(term.loss.detach()) / n_real
+                        tally.add(term, first_window=not tally.grad_norms)
+                tally.losses.append(window_loss)
+                tally.grad_norms.append(clip_grad_norm(self.parameters, self.config.optimizer.max_grad_norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                algorithm.after_optimizer_step()
+        samples = sum(len(g.members) for k, g in enumerate(part.groups) if part.is_real(k))
+        metrics = tally.metrics(self.policy_version, samples, time.perf_counter() - start, algorithm.on_policy_ratio, draws.extras)
         return global_metrics(metrics) if self.world_size > 1 else metrics
+
+    def _windows(self, part: RankBatch, rollouts: list[Rollout], draws: list):
+        """This rank's samples (slot by slot, member by member) cut into the algorithm's windows, as WindowGroups."""
+        samples = [(slot, row) for slot, group in enumerate(part.groups) for row in range(len(group.members))]
+        size = self.algorithm.window_samples(self.world_size) or len(samples)
+        for lo in range(0, len(samples), size):
+            rows_by_slot: dict[int, list[int]] = {}
+            for slot, row in samples[lo : lo + size]:
+                rows_by_slot.setdefault(slot, []).append(row)
+            yield [
+                WindowGroup(slot, part.groups[slot], rollouts[slot], np.asarray(rows, np.int64), draws[slot])
+                for slot, rows in rows_by_slot.items()
+            ]
 
     def export_weights(self) -> WeightsMessage | None:
         """The weights rollout should sample with (DGPO: the fast EMA after its switch step), in ``model.dtype``.
@@ -176,14 +225,48 @@ class Learner:
                     _save_gathered(network, state, folder_path / component, lora=self.config.model.lora is not None)
         if self.rank != 0:
             return None
+        model, rollout = self.config.model, self.config.rollout
         state = {
             "policy_version": self.policy_version,
-            "pretrained": self.config.model.pretrained,
-            "family": self.config.model.family,
+            "pretrained": model.pretrained,
+            "family": model.family,
             "algorithm": self.config.algorithm.name,
-        }
+            # How the run sampled: what the exported pipeline's README snippet generates with.
+            "generation": {
+                "height": model.height, "width": model.width, "num_inference_steps": rollout.num_steps,
+                "guidance_scale": model.guidance_scale, "num_frames": model.num_frames, "shift": rollout.shift,
+            },
+        }  # fmt: skip
         (folder_path / "raygrpo_state.json").write_text(json.dumps(state, indent=2))
         return str(folder_path)
+
+    # ----- as a Ray actor of the learner group -----
+
+    def node_ip(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    def rendezvous(self, loopback: bool) -> tuple[str, int]:
+        """An address on this node and a free port there (rank 0: for the learner-to-rollout broadcast group)."""
+        return rendezvous_address(loopback)
+
+    def join_weight_group(self, host: str, port: int, world_size: int, timeout_s: float = 600.0) -> int:
+        """Rank 0 only: join the learner-to-rollout broadcast group as its sender (its rank 0), leaving an older one."""
+        if getattr(self, "weight_group", None) is not None:
+            self.weight_group.close()
+        self.weight_group = WeightBroadcastGroup(host, port, 0, world_size, self.device, timeout_s=timeout_s)
+        return 0
+
+    def send_weights(self) -> tuple[int, int] | None:
+        """Every rank gathers the sampling weights tensor by tensor; rank 0 broadcasts each as it is gathered
+        and returns ``(policy_version, fingerprint)``. No rank holds a second whole copy of the network."""
+        with self.sampling_tensors() as tensors:
+            if self.rank != 0:
+                for _ in tensors:  # join every gather
+                    pass
+                return None
+            return self.policy_version, self.weight_group.send(tensors)
 
     def save_state(self, folder: str) -> None:
         """The full training state for an exact resume (see :mod:`raygrpo.learner.state`); every rank calls it."""
@@ -231,12 +314,49 @@ def _save_gathered(network: torch.nn.Module, state: dict[str, torch.Tensor], fol
 
 
 def fetch_rollouts(batch: list[TrainGroup]) -> list[Rollout]:
-    """Each group's Rollout: refs fetched in one ``ray.get``; a group spread over workers (a list of refs)
-    merged back into one (``contracts.merge_rollouts``); Rollouts given in process are used as they are."""
+    """Each group's Rollout: refs fetched in one call; a group spread over workers (a list of refs) merged
+    back into one (``contracts.merge_rollouts``); Rollouts given as they are (tests) are used as they are."""
     parts = [group.rollout if isinstance(group.rollout, list) else [group.rollout] for group in batch]
     refs = [p for group_parts in parts for p in group_parts if not isinstance(p, Rollout)]
-    fetched = iter(ray.get(refs) if refs else [])
+    fetched = iter(get(refs) if refs else [])
     return [merge_rollouts([p if isinstance(p, Rollout) else next(fetched) for p in group_parts]) for group_parts in parts]
+
+
+@dataclass
+class _Tally:
+    """The statistics of one update's real loss terms, summarised by :meth:`metrics`."""
+
+    losses: list[float] = field(default_factory=list)  # per window: sum of its real terms' loss / its real samples
+    grad_norms: list[float] = field(default_factory=list)  # per window, before clipping
+    ratios: list[float] = field(default_factory=list)
+    first_ratios: list[float] = field(default_factory=list)  # ratios of the first window (before any optimizer step)
+    clipped: list[bool] = field(default_factory=list)
+    extras: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, term: LossTerm, first_window: bool) -> None:
+        self.ratios += term.ratios
+        if first_window:
+            self.first_ratios += term.ratios
+        self.clipped += term.clipped
+        for key, value in term.extras.items():
+            self.extras.setdefault(key, []).append(value)
+
+    def metrics(self, version: int, samples: int, seconds: float, on_policy_ratio: bool, step_extras: dict[str, float]) -> LearnerMetrics:
+        ratios = np.asarray(self.ratios or [np.nan])  # a rank holding only padding, or an algorithm without ratios
+        first = np.asarray(self.first_ratios or [np.nan])
+        return LearnerMetrics(
+            policy_version=version,
+            loss=float(np.mean(self.losses)),
+            grad_norm=float(np.mean(self.grad_norms)),
+            clip_fraction=float(np.mean(self.clipped)) if self.clipped else float("nan"),
+            ratio_mean=float(ratios.mean()),
+            ratio_max_abs_dev=float(np.abs(ratios - 1).max()),
+            first_ratio_max_abs_dev=float(np.abs(first - 1).max()) if on_policy_ratio else float("nan"),
+            optimizer_steps=len(self.grad_norms),
+            samples=samples,
+            seconds=seconds,
+            extras={key: float(np.mean(values)) for key, values in self.extras.items()} | step_extras,
+        )
 
 
 def global_metrics(metrics: LearnerMetrics) -> LearnerMetrics:
@@ -256,7 +376,7 @@ def global_metrics(metrics: LearnerMetrics) -> LearnerMetrics:
 
     return LearnerMetrics(
         policy_version=metrics.policy_version,
-        loss=mean("loss"),
+        loss=float(sum(m["loss"] for m in gathered)),  # each rank's share of the window objectives (divided by every rank's N)
         grad_norm=metrics.grad_norm,  # already the global norm (clip_grad_norm over DTensor shards)
         clip_fraction=mean("clip_fraction"),
         ratio_mean=mean("ratio_mean"),

@@ -24,17 +24,31 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from raygrpo.config import Config
 from raygrpo.learner.ema import ParameterShadow
 
-if TYPE_CHECKING:
-    from raygrpo.learner.learner import Learner
+
+class Learner(Protocol):
+    """What of a learner rank (raygrpo/learner/learner.py) its training state is made of."""
+
+    config: Config
+    rank: int
+    world_size: int
+    model: Any  # the family's adapter; ``model.transformer`` is the trained network
+    optimizer: torch.optim.Optimizer
+    parameters: list[torch.nn.Parameter]
+    parameter_names: list[str]
+    algorithm: Any  # its ParameterShadow and int attributes are state
+    rng: np.random.Generator
+    policy_version: int
 
 logger = logging.getLogger(__name__)
 

@@ -1,13 +1,16 @@
-"""Model adapters: one class per image-generator family, plus tiny random builds for tests."""
+"""Model adapters: one class per generator family (the contract: :class:`~raygrpo.models.base.ModelAdapter`),
+where models come from (:mod:`raygrpo.models.hub`), and tiny random builds for tests."""
 
-from raygrpo.models.flux import FluxModel, ModelNotFoundError, quantize_timestep, resolve_pretrained
+from raygrpo.models.base import ModelAdapter, quantize_timestep
+from raygrpo.models.flux import FluxModel
+from raygrpo.models.hub import TINY_RANDOM, ModelFolderError, ModelNotFoundError, check_pretrained, resolve_pretrained, tiny_model_folder
 from raygrpo.models.hunyuan_video import HunyuanVideoModel
 from raygrpo.models.sd import StableDiffusionModel
 from raygrpo.models.sd3 import SD3Model
-from raygrpo.models.tiny import build_tiny_flux, build_tiny_sd3, tiny_model_folder
+from raygrpo.models.tiny import build_tiny_flux, build_tiny_sd3
 from raygrpo.models.wan import WanI2VModel
 
-MODEL_FAMILIES = {
+MODEL_FAMILIES: dict[str, type[ModelAdapter]] = {
     "flux": FluxModel,
     "sd3": SD3Model,
     "sd": StableDiffusionModel,
@@ -18,7 +21,7 @@ VIDEO_FAMILIES = {"hunyuan_video", "wan_i2v"}  # latents [C, F_lat, h, w]; decod
 IMAGE_CONDITIONED_FAMILIES = {"wan_i2v"}  # encode_prompt(prompt, image): each prompt group carries its image
 
 
-def load_model(family: str, name_or_path: str, **kwargs):
+def load_model(family: str, name_or_path: str, **kwargs) -> ModelAdapter:
     """``MODEL_FAMILIES[family].from_pretrained(name_or_path, **kwargs)``, with a clear error for unknown families."""
     if family not in MODEL_FAMILIES:
         raise ValueError(f"unknown model family {family!r}; known families: {sorted(MODEL_FAMILIES)}")
@@ -34,15 +37,19 @@ def load_model(family: str, name_or_path: str, **kwargs):
 __all__ = [
     "IMAGE_CONDITIONED_FAMILIES",
     "MODEL_FAMILIES",
+    "TINY_RANDOM",
     "VIDEO_FAMILIES",
     "FluxModel",
     "HunyuanVideoModel",
+    "ModelAdapter",
+    "ModelFolderError",
     "ModelNotFoundError",
     "SD3Model",
     "StableDiffusionModel",
     "WanI2VModel",
     "build_tiny_flux",
     "build_tiny_sd3",
+    "check_pretrained",
     "load_model",
     "quantize_timestep",
     "resolve_pretrained",

@@ -9,9 +9,7 @@ that outputs match the pipeline's.
 
 from __future__ import annotations
 
-import os
-import re
-from pathlib import Path
+import logging
 
 import numpy as np
 import torch
@@ -21,104 +19,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from raygrpo.contracts import Conditioning, ConditioningBatch
-from raygrpo.models.network import network_device, network_dtype
-from raygrpo.models.tiny import tiny_model_folder
-from raygrpo.sampling import sigma_grid
+from raygrpo.models.base import ModelAdapter, PromptTruncation, TokenLimit, quantize_timestep, to_uint8_images
+from raygrpo.models.hub import DEFAULT_RESOLUTION, TINY_RANDOM, load_component, pretrained_source
 
-TINY_RANDOM = "tiny-random"  # special ``name_or_path``: the cached tiny random FLUX of tiny.py
-DEFAULT_RESOLUTION = 512
 TINY_RESOLUTION = 64  # the tiny model is for fast CPU runs; 512 px would only cost time
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+logger = logging.getLogger(__name__)
 
 
-class ModelNotFoundError(RuntimeError):
-    """The requested pretrained model is neither a local pipeline folder nor obtainable from the hub."""
-
-
-def quantize_timestep(sigmas: torch.Tensor) -> torch.Tensor:
-    """The transformer's timestep for noise levels ``sigmas``: ``floor(sigma * 1000) / 1000``.
-
-    DanceGRPO feeds ``int(sigma * 1000) / 1000`` (on float32 sigmas) in sampling and training; the
-    learner's log-probabilities only match the sampler's when both use exactly this, so computed in
-    float32 as there (float64 would floor 0.7 to 0.699).
-    """
-    return torch.floor(sigmas.to(torch.float32) * 1000) / 1000
-
-
-def _hub_offline() -> bool:
-    # huggingface_hub reads HF_HUB_OFFLINE once at import; the environment may have changed since.
-    from huggingface_hub import constants
-
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return constants.HF_HUB_OFFLINE or value.strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _not_found(repo_id: str, why: str) -> ModelNotFoundError:
-    return ModelNotFoundError(
-        f"Cannot find pretrained model {repo_id!r}: there is no local folder of that name, it is not in the "
-        f"Hugging Face cache, and {why}.\n"
-        f"To fix: download it once, e.g. `hf download {repo_id} --local-dir DIR` (`huggingface-cli download` with "
-        "huggingface_hub < 1.0; gated models such as black-forest-labs/FLUX.1-dev need the license accepted on the "
-        "model page and `hf auth login` / `huggingface-cli login` first), then set model.pretrained=DIR. "
-        "Use model.pretrained=tiny-random for a tiny random FLUX."
-    )
-
-
-def resolve_pretrained(name_or_path: str | os.PathLike, *, timeout: float = 5.0) -> str:
-    """Where to load ``name_or_path`` from, failing fast with an actionable :class:`ModelNotFoundError`.
-
-    Returns a local folder for ``"tiny-random"`` (built on first use), for an existing pipeline
-    folder, and for a hub id whose snapshot is in the Hugging Face cache. For a hub id that is not
-    cached but reachable it returns the id itself, so each component downloads only what it needs
-    (the learner never fetches the text encoders). The hub is asked once, with ``timeout`` seconds,
-    and not at all under ``HF_HUB_OFFLINE=1``; huggingface_hub's own downloads retry for ~25 s.
-    """
-    name = str(name_or_path)
-    if name == TINY_RANDOM:
-        return str(tiny_model_folder("flux"))
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelNotFoundError(
-                f"{path} is a folder but holds no model_index.json, so it is not a diffusers pipeline folder. "
-                "Point model.pretrained at the folder that contains model_index.json (the one with transformer/, "
-                "vae/, text_encoder/ ... inside)."
-            )
-        return str(path.resolve())
-    if path.exists() or not _REPO_ID.match(name):
-        raise ModelNotFoundError(
-            f"Pretrained model folder {name!r} does not exist (and the name is not a hub id such as "
-            "'black-forest-labs/FLUX.1-dev'). Set model.pretrained to a diffusers pipeline folder (one holding "
-            "model_index.json), a hub id, or tiny-random."
-        )
-
-    from huggingface_hub import get_session, hf_hub_url, try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
-    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
-
-    cached = try_to_load_from_cache(name, "model_index.json")
-    if isinstance(cached, str):
-        return str(Path(cached).parent)
-    if _hub_offline():
-        raise _not_found(name, "HF_HUB_OFFLINE is set, so the hub was not asked (unset it to download)")
-    try:
-        # One HEAD request without retries: a dead network must fail in seconds, not half a minute.
-        response = get_session().head(
-            hf_hub_url(name, "model_index.json"), headers=build_hf_headers(), timeout=timeout, follow_redirects=True
-        )
-        hf_raise_for_status(response)
-    except GatedRepoError:
-        raise _not_found(name, "it is a gated repository that this machine is not authorised for") from None
-    except RepositoryNotFoundError:
-        raise _not_found(name, "the hub has no such repository (or it is private and you are not logged in)") from None
-    except EntryNotFoundError:
-        raise _not_found(name, "the hub repository has no model_index.json, so it is not a diffusers pipeline") from None
-    except Exception as error:  # network failures surface as various httpx and OSError types
-        raise _not_found(name, f"the hub could not be reached ({type(error).__name__}: {error})") from None
-    return name
-
-
-class FluxModel:
+class FluxModel(ModelAdapter):
     """A FLUX.1 text-to-image model as rollout and learner use it.
 
     Components (diffusers / transformers types):
@@ -171,6 +80,7 @@ class FluxModel:
         self.max_sequence_length = max_sequence_length
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
         self._prompt_cache: dict[str, Conditioning] = {}
+        self._truncation = PromptTruncation(logger)
         self._ids_cache: dict[tuple, torch.Tensor] = {}
         self._pipeline: FluxPipeline | None = None
 
@@ -193,19 +103,10 @@ class FluxModel:
 
         ``height``/``width`` default to 64 for ``"tiny-random"`` and 512 otherwise.
         """
-        source = resolve_pretrained(name_or_path)
-        local = Path(source).is_dir()
+        source = pretrained_source("flux", name_or_path)
 
         def load(cls_, subfolder: str, **kwargs):
-            if local and not (Path(source) / subfolder).is_dir():
-                raise ModelNotFoundError(
-                    f"{source} has no {subfolder}/ folder, so the download is incomplete. Download the whole "
-                    "pipeline (`hf download <id> --local-dir DIR`) and set model.pretrained=DIR."
-                )
-            module = cls_.from_pretrained(source, subfolder=subfolder, **kwargs)
-            if isinstance(module, torch.nn.Module):
-                module = module.to(device).eval().requires_grad_(False)
-            return module
+            return load_component(source, cls_, subfolder, device, **kwargs)
 
         transformer = load(FluxTransformer2DModel, "transformer", torch_dtype=torch_dtype)
         scheduler = load(FlowMatchEulerDiscreteScheduler, "scheduler")
@@ -240,14 +141,6 @@ class FluxModel:
 
     # -------------------------------------------------------------------------------- properties
     @property
-    def device(self) -> torch.device:
-        return network_device(self.transformer)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return network_dtype(self.transformer)
-
-    @property
     def num_latent_channels(self) -> int:
         return self.transformer.config.in_channels // 4
 
@@ -281,10 +174,11 @@ class FluxModel:
 
     # ------------------------------------------------------------------------------ conditioning
     def encode_prompt(self, prompt: str, image: np.ndarray | None = None) -> Conditioning:
-        """CLIP pooled output and T5 hidden states of ``prompt``, computed once per process.
+        """CLIP pooled output ``[D_pool]`` and T5 hidden states ``[max_sequence_length, D]`` of ``prompt``, once per process.
 
-        The same :class:`Conditioning` object is returned for a repeated prompt; treat its arrays
-        as read-only.
+        Exactly ``FluxPipeline.encode_prompt``: CLIP reads 77 tokens and T5 ``max_sequence_length``,
+        the rest is dropped (with one warning per model). The same :class:`Conditioning` object is
+        returned for a repeated prompt; treat its arrays as read-only.
         """
         if image is not None:
             raise ValueError("FLUX here is text-to-image: a prompt group with a conditioning image needs an image-to-video family")
@@ -293,7 +187,9 @@ class FluxModel:
             return cached
         if self.text_encoder is None or self.text_encoder_2 is None:
             raise RuntimeError("this FluxModel was loaded with load_text_encoders=False and cannot encode prompts")
-        with torch.inference_mode():
+        clip = TokenLimit("CLIP", self.tokenizer, self.tokenizer.model_max_length)
+        self._truncation.check(prompt, [clip, TokenLimit("T5", self.tokenizer_2, self.max_sequence_length)])
+        with torch.inference_mode(), PromptTruncation.quiet(self.pipeline):
             prompt_embeds, pooled, _ = self.pipeline.encode_prompt(
                 prompt=prompt,
                 device=self.text_encoder_2.device,
@@ -316,10 +212,6 @@ class FluxModel:
         c, h, w = self.unpacked_latent_shape
         noise = randn_tensor((num, c, h, w), generator=generator, device=self.device, dtype=torch.float32)
         return FluxPipeline._pack_latents(noise, num, c, h, w)
-
-    def sigma_grid(self, sampler: str, num_steps: int, shift: float) -> torch.Tensor:
-        """The rollout's noise levels ``[T+1]`` for ``sampler`` (:func:`raygrpo.sampling.sigma_grid`)."""
-        return sigma_grid(sampler, num_steps, shift)
 
     def _position_ids(self, text_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (text_length, self.device, self.dtype)
@@ -383,8 +275,7 @@ class FluxModel:
             unpacked = FluxPipeline._unpack_latents(chunk, self.height, self.width, self.vae_scale_factor)
             unpacked = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
             decoded = self.vae.decode(unpacked.to(vae_device, self.vae.dtype), return_dict=False)[0]
-            array = self.image_processor.postprocess(decoded, output_type="np")  # float in [0, 1]
-            images.append((array * 255).round().astype(np.uint8))  # as numpy_to_pil, the "pil" path
+            images.append(to_uint8_images(decoded, self.image_processor))
         return np.concatenate(images)
 
     def __repr__(self) -> str:

@@ -26,9 +26,7 @@ video at a time by default with the VAE's tiling on (the 3-D VAE's activations a
 
 from __future__ import annotations
 
-import inspect
-import json
-from pathlib import Path
+import logging
 from typing import Any
 
 import numpy as np
@@ -40,67 +38,19 @@ from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
 
 from raygrpo.contracts import Conditioning, ConditioningBatch
-from raygrpo.models.flux import TINY_RANDOM, ModelNotFoundError, quantize_timestep, resolve_pretrained
-from raygrpo.models.network import network_device, network_dtype
-from raygrpo.models.tiny import tiny_model_folder
+from raygrpo.models.base import ModelAdapter, PromptTruncation, TokenLimit, check_num_frames, quantize_timestep, to_uint8_video
+from raygrpo.models.hub import TINY_RANDOM, component_config, load_component, pretrained_source, tiny_stamp
 from raygrpo.models.tiny_video import TINY_NUM_FRAMES, TINY_VIDEO_RESOLUTION
-from raygrpo.sampling import sigma_grid
 
 DEFAULT_RESOLUTION = 480  # DanceGRPO's HunyuanVideo recipe: 480x480
 DEFAULT_NUM_FRAMES = 53  # DanceGRPO's open-source HunyuanVideo setting (the paper used 73)
 DEFAULT_GUIDANCE = 6.0  # HunyuanVideoPipeline's default embedded guidance (DanceGRPO: 6.018)
+CLIP_MAX_LENGTH = 77  # HunyuanVideoPipeline.encode_prompt's CLIP length, whatever its max_sequence_length
+
+logger = logging.getLogger(__name__)
 
 
-def check_num_frames(num_frames: int, temporal: int) -> None:
-    """Causal video VAEs encode ``temporal * k + 1`` frames (the first frame alone, then groups of ``temporal``)."""
-    if num_frames < 1 or (num_frames - 1) % temporal:
-        below = (num_frames - 1) // temporal * temporal + 1
-        raise ValueError(
-            f"num_frames must be {temporal}k+1 (the VAE keeps the first frame and compresses the rest {temporal}x in time), "
-            f"got {num_frames}; use {max(below, 1)} or {below + temporal}"
-        )
-
-
-def load_component(source: str, cls_: type, subfolder: str, device: str | torch.device, **kwargs: Any) -> Any:
-    """``cls_.from_pretrained(source, subfolder=...)`` in eval mode without gradients, or a clear error for a missing part."""
-    if Path(source).is_dir() and not (Path(source) / subfolder).is_dir():
-        raise ModelNotFoundError(
-            f"{source} has no {subfolder}/ folder, so the download is incomplete. Download the whole "
-            "pipeline (`hf download <id> --local-dir DIR`) and set model.pretrained=DIR."
-        )
-    module = cls_.from_pretrained(source, subfolder=subfolder, **kwargs)
-    if isinstance(module, torch.nn.Module):
-        module = module.to(device).eval().requires_grad_(False)
-    return module
-
-
-def init_defaults(cls_: type) -> dict[str, Any]:
-    """The keyword defaults of ``cls_.__init__``: what ``from_pretrained`` uses for keys a config file lacks."""
-    return {name: p.default for name, p in inspect.signature(cls_.__init__).parameters.items() if p.default is not p.empty}
-
-
-def component_config(source: str, cls_: type, subfolder: str) -> dict[str, Any]:
-    """A component's ``config.json`` completed with ``cls_``'s defaults: the arguments ``from_pretrained`` builds it with.
-
-    ``load_config`` returns only what the file holds, and files written by older diffusers lack the
-    arguments added since (the learner reads the VAE's geometry without loading the VAE).
-    """
-    return {**init_defaults(cls_), **cls_.load_config(source, subfolder=subfolder)}
-
-
-def tiny_stamp(source: str) -> dict[str, Any]:
-    """The ``raygrpo_tiny.json`` of a tiny build (empty for real checkpoints)."""
-    path = Path(source) / "raygrpo_tiny.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def to_uint8_video(video: torch.Tensor, processor: VideoProcessor) -> np.ndarray:
-    """VAE output ``[B, 3, F, H, W]`` in [-1, 1] to ``[B, F, H, W, 3]`` uint8, as the pipelines' ``"np"`` path then PIL's rounding."""
-    frames = processor.postprocess_video(video, output_type="np")  # [B, F, H, W, 3] float in [0, 1]
-    return (np.asarray(frames) * 255).round().astype(np.uint8)
-
-
-class HunyuanVideoModel:
+class HunyuanVideoModel(ModelAdapter):
     """A HunyuanVideo text-to-video model as rollout and learner use it.
 
     Components (diffusers / transformers types):
@@ -155,6 +105,7 @@ class HunyuanVideoModel:
         self.max_sequence_length = max_sequence_length
         self.video_processor = VideoProcessor(vae_scale_factor=spatial_compression)
         self._prompt_cache: dict[str, Conditioning] = {}
+        self._truncation = PromptTruncation(logger)
         self._pipeline: HunyuanVideoPipeline | None = None
 
     # ----------------------------------------------------------------------------------- loading
@@ -182,7 +133,7 @@ class HunyuanVideoModel:
         spatial/temporal tiles as diffusers recommends for this VAE (a no-op below 256 px).
         """
         tiny = str(name_or_path) == TINY_RANDOM
-        source = str(tiny_model_folder("hunyuan_video")) if tiny else resolve_pretrained(name_or_path)
+        source = pretrained_source("hunyuan_video", name_or_path)
 
         def load(cls_, subfolder: str, **kwargs):
             return load_component(source, cls_, subfolder, device, **kwargs)
@@ -221,14 +172,6 @@ class HunyuanVideoModel:
 
     # -------------------------------------------------------------------------------- properties
     @property
-    def device(self) -> torch.device:
-        return network_device(self.transformer)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return network_dtype(self.transformer)
-
-    @property
     def latent_shape(self) -> tuple[int, int, int, int]:
         """``(C, F_lat, h, w)`` of one video latent, as HunyuanVideoPipeline.prepare_latents makes it."""
         frames = (self.num_frames - 1) // self.temporal_compression + 1
@@ -255,8 +198,10 @@ class HunyuanVideoModel:
         """Llama states ``[max_sequence_length, D]`` with their mask ``[max_sequence_length]``, and CLIP pooled ``[D_pool]``.
 
         Exactly ``HunyuanVideoPipeline.encode_prompt`` (chat template, third-last Llama layer,
-        template tokens cropped). Computed once per process and prompt: the same
-        :class:`Conditioning` object is returned for a repeated prompt; treat its arrays as read-only.
+        template tokens cropped). Llama reads ``max_sequence_length`` tokens after the template and
+        CLIP 77, the rest is dropped (with one warning per model). Computed once per process and
+        prompt: the same :class:`Conditioning` object is returned for a repeated prompt; treat its
+        arrays as read-only.
         """
         if image is not None:
             raise ValueError(
@@ -268,7 +213,13 @@ class HunyuanVideoModel:
             return cached
         if self.text_encoder is None or self.text_encoder_2 is None:
             raise RuntimeError("this HunyuanVideoModel was loaded with load_text_encoders=False and cannot encode prompts")
-        with torch.inference_mode():
+        template, crop_start = self.prompt_template["template"], self.prompt_template.get("crop_start") or 0
+        limits = [
+            TokenLimit("Llama", self.tokenizer, self.max_sequence_length + crop_start, template),
+            TokenLimit("CLIP", self.tokenizer_2, CLIP_MAX_LENGTH),
+        ]
+        self._truncation.check(prompt, limits)
+        with torch.inference_mode(), PromptTruncation.quiet(self.pipeline):
             embeds, pooled, mask = self.pipeline.encode_prompt(
                 prompt=prompt,
                 prompt_template=self.prompt_template,
@@ -284,6 +235,7 @@ class HunyuanVideoModel:
         return conditioning
 
     # ----------------------------------------------------------------------------------- latents
+    # Copied from raygrpo.models.sd3.SD3Model.initial_noise
     def initial_noise(self, generator: torch.Generator | None, num: int) -> torch.Tensor:
         """``[num, C, F_lat, h, w]`` float32 Gaussian noise, as HunyuanVideoPipeline.prepare_latents draws it.
 
@@ -291,10 +243,6 @@ class HunyuanVideoModel:
         starts from. A CPU generator gives the same noise on every device.
         """
         return randn_tensor((num, *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32)
-
-    def sigma_grid(self, sampler: str, num_steps: int, shift: float) -> torch.Tensor:
-        """The rollout's noise levels ``[T+1]`` for ``sampler`` (:func:`raygrpo.sampling.sigma_grid`)."""
-        return sigma_grid(sampler, num_steps, shift)
 
     def velocity(
         self,

@@ -32,7 +32,6 @@ DanceGRPO's ``ddim_with_logprob`` (reference doc §3).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,9 +41,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from raygrpo.contracts import Conditioning, ConditioningBatch
-from raygrpo.models.flux import DEFAULT_RESOLUTION, TINY_RANDOM, ModelNotFoundError, resolve_pretrained
-from raygrpo.models.network import network_device, network_dtype
-from raygrpo.models.tiny import tiny_model_folder
+from raygrpo.models.base import ModelAdapter, PromptTruncation, TokenLimit, classifier_free_guidance, to_uint8_images
+from raygrpo.models.hub import DEFAULT_RESOLUTION, load_component, pretrained_source
 from raygrpo.sampling.ddim import alpha_bar_to_sigma, sigma_to_alpha_bar
 
 logger = logging.getLogger(__name__)
@@ -55,7 +53,7 @@ ODE_GRID_SAMPLERS = ("ode", "euler")  # DDIM's timesteps, ending at sigma = 0 (x
 _SNAP = 1e-3  # a timestep this close to an integer is that integer (float32 sigmas of the DDIM grid)
 
 
-class StableDiffusionModel:
+class StableDiffusionModel(ModelAdapter):
     """A Stable Diffusion 1.x / 2.x text-to-image model as rollout and learner use it (flow coordinates).
 
     Components (diffusers / transformers types):
@@ -118,6 +116,7 @@ class StableDiffusionModel:
         self._grids: dict[tuple[str, int], torch.Tensor] = {}  # (sampler, T) -> grid: built once, not per group
         self._tables: dict[torch.device, torch.Tensor] = {}  # train_sigmas per device, for timestep_of
         self._prompt_cache: dict[str, Conditioning] = {}
+        self._truncation = PromptTruncation(logger)
         self._negative: Conditioning | None = None
 
     # ----------------------------------------------------------------------------------- loading
@@ -143,19 +142,10 @@ class StableDiffusionModel:
         CLIP's 77 tokens are fixed. Without text encoders (the learner) and with CFG, the text encoder
         is loaded once to encode the empty prompt, then dropped.
         """
-        source = str(tiny_model_folder("sd")) if str(name_or_path) == TINY_RANDOM else resolve_pretrained(name_or_path)
-        local = Path(source).is_dir()
+        source = pretrained_source("sd", name_or_path)
 
         def load(cls_, subfolder: str, **kwargs):
-            if local and not (Path(source) / subfolder).is_dir():
-                raise ModelNotFoundError(
-                    f"{source} has no {subfolder}/ folder, so the download is incomplete. Download the whole "
-                    "pipeline (`hf download <id> --local-dir DIR`) and set model.pretrained=DIR."
-                )
-            module = cls_.from_pretrained(source, subfolder=subfolder, **kwargs)
-            if isinstance(module, torch.nn.Module):
-                module = module.to(device).eval().requires_grad_(False)
-            return module
+            return load_component(source, cls_, subfolder, device, **kwargs)
 
         unet = load(UNet2DConditionModel, "unet", torch_dtype=torch_dtype)
         scheduler = load(DDIMScheduler, "scheduler")  # any SD scheduler config (PNDM, DDIM, ...) becomes DDIM
@@ -188,14 +178,6 @@ class StableDiffusionModel:
 
     # -------------------------------------------------------------------------------- properties
     @property
-    def device(self) -> torch.device:
-        return network_device(self.unet)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return network_dtype(self.unet)
-
-    @property
     def latent_shape(self) -> tuple[int, int, int]:
         """``(C, h, w)`` of one latent, as StableDiffusionPipeline.prepare_latents makes it."""
         return self.unet.config.in_channels, self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
@@ -204,7 +186,8 @@ class StableDiffusionModel:
     def encode_prompt(self, prompt: str, image: np.ndarray | None = None) -> Conditioning:
         """CLIP's last hidden state ``[77, D]``, as ``StableDiffusionPipeline.encode_prompt`` (no clip skip).
 
-        Cached per process and prompt; treat the returned arrays as read-only.
+        CLIP reads 77 tokens, the rest is dropped (with one warning per model). Cached per process
+        and prompt; treat the returned arrays as read-only.
         """
         if image is not None:
             raise ValueError("Stable Diffusion is text-to-image: a prompt group with a conditioning image needs an image-to-video family")
@@ -213,6 +196,7 @@ class StableDiffusionModel:
             return cached
         if self.text_encoder is None or self.tokenizer is None:
             raise RuntimeError("this StableDiffusionModel was loaded with load_text_encoders=False and cannot encode prompts")
+        self._truncation.check(prompt, [TokenLimit("CLIP", self.tokenizer, self.tokenizer.model_max_length)])
         tokens = self.tokenizer(
             prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
         )
@@ -366,8 +350,7 @@ class StableDiffusionModel:
             embeds = torch.cat([negative.expand(batch, -1, -1), embeds])  # [2B, 77, D]
         out = self.unet(x, timestep, encoder_hidden_states=embeds, return_dict=False)[0].float()  # [(2)B, 4, h, w]
         if guided:
-            unconditional, conditional = out.chunk(2)
-            out = unconditional + scale * (conditional - unconditional)  # [B, 4, h, w]
+            out = classifier_free_guidance(out, scale)  # [B, 4, h, w]
         # 3. UNet output -> eps_hat -> flow velocity.
         if self.prediction_type == "v_prediction":
             eps = alpha_bar.sqrt().reshape(column).float() * out + (1 - alpha_bar).sqrt().reshape(column).float() * (y * scale_x.float())
@@ -384,8 +367,7 @@ class StableDiffusionModel:
         for chunk in torch.as_tensor(latents).split(batch_size or len(latents)):
             chunk = chunk / self.vae.config.scaling_factor
             decoded = self.vae.decode(chunk.to(self.vae.device, self.vae.dtype), return_dict=False)[0]
-            array = self.image_processor.postprocess(decoded, output_type="np")  # float in [0, 1]
-            images.append((array * 255).round().astype(np.uint8))  # as numpy_to_pil, the "pil" path
+            images.append(to_uint8_images(decoded, self.image_processor))
         return np.concatenate(images)
 
     def __repr__(self) -> str:

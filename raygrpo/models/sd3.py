@@ -16,7 +16,7 @@ pipeline's own.
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
 
 import numpy as np
 import torch
@@ -26,21 +26,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from raygrpo.contracts import Conditioning, ConditioningBatch
-from raygrpo.models.flux import (
-    DEFAULT_RESOLUTION,
-    TINY_RANDOM,
-    ModelNotFoundError,
-    quantize_timestep,
-    resolve_pretrained,
-)
-from raygrpo.models.network import network_device, network_dtype
-from raygrpo.models.tiny import tiny_model_folder
-from raygrpo.sampling import sigma_grid
+from raygrpo.models.base import ModelAdapter, PromptTruncation, TokenLimit, classifier_free_guidance, quantize_timestep, to_uint8_images
+from raygrpo.models.hub import DEFAULT_RESOLUTION, load_component, pretrained_source
+
+logger = logging.getLogger(__name__)
 
 NEGATIVE_PROMPT = ""  # the pipeline's default negative prompt, the unconditional branch of CFG
 
 
-class SD3Model:
+class SD3Model(ModelAdapter):
     """A Stable Diffusion 3 / 3.5 text-to-image model as rollout and learner use it.
 
     Components (diffusers / transformers types):
@@ -107,6 +101,7 @@ class SD3Model:
         self.max_sequence_length = max_sequence_length
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor)
         self._prompt_cache: dict[str, Conditioning] = {}
+        self._truncation = PromptTruncation(logger)
         self._negative: Conditioning | None = None
         self._negative_tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pipeline: StableDiffusion3Pipeline | None = None
@@ -132,28 +127,15 @@ class SD3Model:
         ``height``/``width`` default to 512, or to the transformer's native size where that is smaller
         (64 for the tiny model).
         """
-        # resolve_pretrained maps "tiny-random" to the tiny FLUX, so SD3's tiny model is resolved here.
-        if str(name_or_path) == TINY_RANDOM:
-            source = str(tiny_model_folder("sd3"))
-        else:
-            source = resolve_pretrained(name_or_path)
-        local = Path(source).is_dir()
+        source = pretrained_source("sd3", name_or_path)
 
         # CFG needs the empty prompt's encoding even where prompts are not encoded (the learner): the text
         # encoders are then loaded on the CPU, used once for it and freed.
         negative_only = not load_text_encoders and guidance_scale > 1.0
 
         def load(cls_, subfolder: str, **kwargs):
-            if local and not (Path(source) / subfolder).is_dir():
-                raise ModelNotFoundError(
-                    f"{source} has no {subfolder}/ folder, so the download is incomplete. Download the whole "
-                    "pipeline (`hf download <id> --local-dir DIR`) and set model.pretrained=DIR."
-                )
-            module = cls_.from_pretrained(source, subfolder=subfolder, **kwargs)
-            if isinstance(module, torch.nn.Module):
-                on = "cpu" if negative_only and subfolder.startswith("text_encoder") else device
-                module = module.to(on).eval().requires_grad_(False)
-            return module
+            on = "cpu" if negative_only and subfolder.startswith("text_encoder") else device
+            return load_component(source, cls_, subfolder, on, **kwargs)
 
         transformer = load(SD3Transformer2DModel, "transformer", torch_dtype=torch_dtype)
         scheduler = load(FlowMatchEulerDiscreteScheduler, "scheduler")
@@ -199,14 +181,6 @@ class SD3Model:
 
     # -------------------------------------------------------------------------------- properties
     @property
-    def device(self) -> torch.device:
-        return network_device(self.transformer)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return network_dtype(self.transformer)
-
-    @property
     def num_latent_channels(self) -> int:
         return self.transformer.config.in_channels
 
@@ -236,8 +210,9 @@ class SD3Model:
     def encode_prompt(self, prompt: str, image: np.ndarray | None = None) -> Conditioning:
         """The pipeline's joint CLIP+T5 sequence ``[77 + max_sequence_length, D]`` and pooled ``[D_pool]``.
 
-        Computed once per process and prompt: the same :class:`Conditioning` object is returned for
-        a repeated prompt; treat its arrays as read-only.
+        Both CLIPs read 77 tokens and T5 ``max_sequence_length``, the rest is dropped (with one
+        warning per model). Computed once per process and prompt: the same :class:`Conditioning`
+        object is returned for a repeated prompt; treat its arrays as read-only.
         """
         if image is not None:
             raise ValueError("SD3 is text-to-image: a prompt group with a conditioning image needs an image-to-video family")
@@ -246,7 +221,10 @@ class SD3Model:
             return cached
         if self.text_encoder is None or self.text_encoder_2 is None or self.text_encoder_3 is None:
             raise RuntimeError("this SD3Model was loaded with load_text_encoders=False and cannot encode prompts")
-        with torch.inference_mode():
+        # CLIP-L and CLIP-G share one vocabulary: one count stands for both.
+        clip = TokenLimit("CLIP", self.tokenizer, self.tokenizer.model_max_length)
+        self._truncation.check(prompt, [clip, TokenLimit("T5", self.tokenizer_3, self.max_sequence_length)])
+        with torch.inference_mode(), PromptTruncation.quiet(self.pipeline):
             prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
                 prompt=prompt,
                 prompt_2=None,
@@ -306,10 +284,6 @@ class SD3Model:
         """
         return randn_tensor((num, *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32)
 
-    def sigma_grid(self, sampler: str, num_steps: int, shift: float) -> torch.Tensor:
-        """The rollout's noise levels ``[T+1]`` for ``sampler`` (:func:`raygrpo.sampling.sigma_grid`)."""
-        return sigma_grid(sampler, num_steps, shift)
-
     def velocity(
         self,
         latents: torch.Tensor,
@@ -366,10 +340,7 @@ class SD3Model:
             pooled_projections=pooled,
             return_dict=False,
         )[0].float()
-        if guided:
-            unconditional, conditional = prediction.chunk(2)
-            prediction = unconditional + scale * (conditional - unconditional)
-        return prediction
+        return classifier_free_guidance(prediction, scale) if guided else prediction
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
@@ -384,8 +355,7 @@ class SD3Model:
         for chunk in torch.as_tensor(latents).split(batch_size or len(latents)):
             chunk = chunk / self.vae.config.scaling_factor + self.vae.config.shift_factor
             decoded = self.vae.decode(chunk.to(vae_device, self.vae.dtype), return_dict=False)[0]
-            array = self.image_processor.postprocess(decoded, output_type="np")  # float in [0, 1]
-            images.append((array * 255).round().astype(np.uint8))  # as numpy_to_pil, the "pil" path
+            images.append(to_uint8_images(decoded, self.image_processor))
         return np.concatenate(images)
 
     def __repr__(self) -> str:

@@ -21,12 +21,12 @@ import torch
 from tokenizers import pre_tokenizers
 
 _BUILD_LOCK = threading.Lock()
-TINY_VERSION = "v1"  # the FLUX build's version: bump when its builder changes, so stale cached folders are not reused
-# One version per family, so changing one family's builder never invalidates another family's cache.
-TINY_VERSIONS = {"flux": TINY_VERSION, "sd3": "v1", "sd": "v1"}
+# One version per build: bump a build's when its builder changes, so that stale cached folders are not reused;
+# changing one family's builder never invalidates another family's cache.
+TINY_IMAGE_VERSIONS = {"flux": "v1", "sd3": "v1", "sd": "v1"}
 
 # Common English and image-prompt words: the corpus the tiny tokenizers learn their pieces from.
-_WORDS = """
+TINY_WORDS = """
 a an the of and or with without in on at to from by for into over under above below near behind
 beside between through across around inside outside up down left right top bottom front back
 is are was be being has have had it its this that these those there here some many few all every
@@ -103,7 +103,7 @@ def build_clip_tokenizer(num_merges: int = 1000):
     from transformers import CLIPTokenizer
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    merges = _learn_bpe_merges(tuple(_WORDS), num_merges)
+    merges = _learn_bpe_merges(tuple(TINY_WORDS), num_merges)
     tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
@@ -119,9 +119,9 @@ def build_t5_tokenizer():
     from transformers import T5Tokenizer
 
     pieces: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "▁": -2.0}
-    for rank, word in enumerate(dict.fromkeys(_WORDS)):
+    for rank, word in enumerate(dict.fromkeys(TINY_WORDS)):
         pieces.setdefault("▁" + word, -4.0 - 0.001 * rank)
-    for left, right in _learn_bpe_merges(tuple(_WORDS), 1000):
+    for left, right in _learn_bpe_merges(tuple(TINY_WORDS), 1000):
         piece = (left + right).replace("</w>", "")
         pieces.setdefault("▁" + piece, -6.0)
         pieces.setdefault(piece, -6.5)
@@ -131,9 +131,66 @@ def build_t5_tokenizer():
     return T5Tokenizer(vocab=list(pieces.items()), extra_ids=0, model_max_length=_T5_MAX_LENGTH)
 
 
+# ------------------------------------------------------------------------------ shared components
+def tiny_clip_config(tokenizer, width: int, **extra):
+    """A 2-layer ``CLIPTextConfig`` of ``width`` over ``tokenizer``'s vocabulary (77 positions, as CLIP)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=_CLIP_MAX_LENGTH,
+        # The pooled output is read at the end-of-text position, found through eos_token_id.
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def tiny_t5_config(config_cls: type, tokenizer, width: int):
+    """A 2-layer T5 v1.1 encoder config (``T5Config`` or Wan's ``UMT5Config``) of ``width`` over ``tokenizer``."""
+    return config_cls(
+        vocab_size=len(tokenizer),
+        d_model=width,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",  # T5 v1.1, as the real t5-v1_1-xxl and UMT5-xxl
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+
+
+def tiny_kl_vae(latent_channels: int, scaling_factor: float, **extra):
+    """An ``AutoencoderKL`` with 4 blocks of 8 channels: three downsamplings, the real x8 geometry."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        **extra,
+    ).eval()
+
+
+# ---------------------------------------------------------------------------------- image builds
 def _build_flux_pipeline(seed: int):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     tokenizer = build_clip_tokenizer()
     tokenizer_2 = build_t5_tokenizer()
@@ -152,60 +209,16 @@ def _build_flux_pipeline(seed: int):
         guidance_embeds=True,  # FLUX.1-dev is guidance-distilled
         axes_dims_rope=(4, 6, 6),
     ).eval()
-
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,  # three downsamplings: the real x8 geometry
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=0.3611,  # FLUX's values; FluxPipeline fails with shift_factor None
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
-
+    # FLUX's factors (FluxPipeline fails with shift_factor None).
+    vae = tiny_kl_vae(4, 0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            projection_dim=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=_CLIP_MAX_LENGTH,
-            # The pooled output is read at the end-of-text position, found through eos_token_id.
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    ).eval()
-
+    text_encoder = CLIPTextModel(tiny_clip_config(tokenizer, 32, projection_dim=32)).eval()
     torch.manual_seed(seed + 3)
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's t5-v1_1-xxl
-            pad_token_id=tokenizer_2.pad_token_id,
-            eos_token_id=tokenizer_2.eos_token_id,
-            decoder_start_token_id=tokenizer_2.pad_token_id,
-        )
-    ).eval()
+    text_encoder_2 = T5EncoderModel(tiny_t5_config(T5Config, tokenizer_2, 32)).eval()
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-    return FluxPipeline(
+    pipeline = FluxPipeline(
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
@@ -214,6 +227,7 @@ def _build_flux_pipeline(seed: int):
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
+    return pipeline, {}
 
 
 def _build_sd3_pipeline(seed: int):
@@ -227,8 +241,8 @@ def _build_sd3_pipeline(seed: int):
     ``pooled_projection_dim = 48``. The CLIP widths differ, as CLIP-L's and CLIP-G's do, so a
     swapped encoder pair fails loudly instead of passing by symmetry.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     clip_widths, t5_width = (16, 32), 64
     tokenizer = build_clip_tokenizer()
@@ -255,65 +269,17 @@ def _build_sd3_pipeline(seed: int):
         dual_attention_layers=(0,),  # SD3.5 Medium's MMDiT-X block in the first layer
         qk_norm="rms_norm",  # as SD3.5
     ).eval()
-
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,  # three downsamplings: the real x8 geometry
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=1.5305,  # SD3's values
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
-
-    def clip(tok, width: int):
-        return CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=len(tok),
-                hidden_size=width,
-                intermediate_size=37,
-                projection_dim=width,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=_CLIP_MAX_LENGTH,
-                # The pooled output is read at the end-of-text position, found through eos_token_id.
-                bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-            )
-        ).eval()
-
+    vae = tiny_kl_vae(16, 1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)  # SD3's factors
     torch.manual_seed(seed + 2)
-    text_encoder = clip(tokenizer, clip_widths[0])
+    text_encoder = CLIPTextModelWithProjection(tiny_clip_config(tokenizer, clip_widths[0], projection_dim=clip_widths[0])).eval()
     torch.manual_seed(seed + 3)
-    text_encoder_2 = clip(tokenizer_2, clip_widths[1])
-
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_config(tokenizer_2, clip_widths[1], projection_dim=clip_widths[1])).eval()
     torch.manual_seed(seed + 4)
-    text_encoder_3 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_3),
-            d_model=t5_width,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",  # T5 v1.1, as SD3's t5-v1_1-xxl
-            pad_token_id=tokenizer_3.pad_token_id,
-            eos_token_id=tokenizer_3.eos_token_id,
-            decoder_start_token_id=tokenizer_3.pad_token_id,
-        )
-    ).eval()
+    text_encoder_3 = T5EncoderModel(tiny_t5_config(T5Config, tokenizer_3, t5_width)).eval()
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    return StableDiffusion3Pipeline(
+    pipeline = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=scheduler,
         vae=vae,
@@ -324,6 +290,7 @@ def _build_sd3_pipeline(seed: int):
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
     )
+    return pipeline, {}
 
 
 def _build_sd_pipeline(seed: int):
@@ -335,8 +302,8 @@ def _build_sd_pipeline(seed: int):
     scaled-linear betas, ``set_alpha_to_one=False``, ``steps_offset=1``, leading spacing, epsilon
     prediction and no sample clipping (what StableDiffusionPipeline forces for SD configs).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     text_width = 32
     tokenizer = build_clip_tokenizer()
@@ -354,32 +321,9 @@ def _build_sd_pipeline(seed: int):
         attention_head_dim=4,  # SD 1.x's legacy meaning: the number of heads
     ).eval()
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,  # three downsamplings: the real x8 geometry
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=0.18215,  # SD 1.x's value
-    ).eval()
+    vae = tiny_kl_vae(4, 0.18215)  # SD 1.x's factor, with the quant convs SD's VAE has
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=text_width,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=_CLIP_MAX_LENGTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    ).eval()
+    text_encoder = CLIPTextModel(tiny_clip_config(tokenizer, text_width)).eval()
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -391,7 +335,7 @@ def _build_sd_pipeline(seed: int):
         timestep_spacing="leading",
         prediction_type="epsilon",
     )
-    return StableDiffusionPipeline(
+    pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -401,8 +345,10 @@ def _build_sd_pipeline(seed: int):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    return pipeline, {}
 
 
+# ---------------------------------------------------------------------------------------- saving
 def _is_built(folder: Path) -> bool:
     return (folder / "model_index.json").is_file()
 
@@ -432,6 +378,24 @@ def _publish(folder: Path, write) -> Path:
     return folder
 
 
+def save_tiny_build(folder: str | Path, seed: int, build: str, version: str, make) -> Path:
+    """Build ``make(seed) -> (pipeline, stamp extras)`` and save it into ``folder`` (kept as is if already built).
+
+    The folder holds the pipeline's ``save_pretrained`` output and ``raygrpo_tiny.json`` (build name,
+    seed, version and the extras).
+    """
+
+    def write(tmp: Path) -> None:
+        # Module init draws from torch's global RNG: fork it so the caller's stream is left alone, and
+        # hold a lock so that threads building at the same time do not interleave their draws.
+        with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+            pipeline, extra = make(seed)
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "raygrpo_tiny.json").write_text(json.dumps({"family": build, "seed": seed, "version": version, **extra}))
+
+    return _publish(Path(folder), write)
+
+
 def build_tiny_flux(folder: str | Path, seed: int = 0) -> Path:
     """Build a tiny random FLUX.1-dev-like pipeline into ``folder`` (kept as is if already built).
 
@@ -439,16 +403,7 @@ def build_tiny_flux(folder: str | Path, seed: int = 0) -> Path:
     (4, 6, 6), guidance embedding; VAE with 4 blocks of 8 channels (x8 downsampling) and 4 latent
     channels; CLIP and T5 encoders of width 32 with 2 layers. Deterministic given ``seed``.
     """
-
-    def write(tmp: Path) -> None:
-        # Module init draws from torch's global RNG: fork it so the caller's stream is left alone, and
-        # hold a lock so that threads building at the same time do not interleave their draws.
-        with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
-            pipeline = _build_flux_pipeline(seed)
-        pipeline.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "raygrpo_tiny.json").write_text(json.dumps({"family": "flux", "seed": seed, "version": TINY_VERSION}))
-
-    return _publish(Path(folder), write)
+    return save_tiny_build(folder, seed, "flux", TINY_IMAGE_VERSIONS["flux"], _build_flux_pipeline)
 
 
 def build_tiny_sd3(folder: str | Path, seed: int = 0) -> Path:
@@ -460,16 +415,7 @@ def build_tiny_sd3(folder: str | Path, seed: int = 0) -> Path:
     latent channels and SD3's scaling/shift factors; CLIP encoders of widths 16 and 32 and a T5
     encoder of width 64, 2 layers each; scheduler shift 3. Deterministic given ``seed``.
     """
-
-    def write(tmp: Path) -> None:
-        # As build_tiny_flux: leave the caller's RNG stream alone and keep concurrent builds apart.
-        with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
-            pipeline = _build_sd3_pipeline(seed)
-        pipeline.save_pretrained(tmp, safe_serialization=True)
-        stamp = {"family": "sd3", "seed": seed, "version": TINY_VERSIONS["sd3"]}
-        (tmp / "raygrpo_tiny.json").write_text(json.dumps(stamp))
-
-    return _publish(Path(folder), write)
+    return save_tiny_build(folder, seed, "sd3", TINY_IMAGE_VERSIONS["sd3"], _build_sd3_pipeline)
 
 
 def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
@@ -479,49 +425,23 @@ def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
     channels, 8 x 8 latents for 64 px images; VAE with 4 blocks of 8 channels (x8 downsampling);
     CLIP text encoder of width 32 with 2 layers; SD 1.x's DDIM schedule. Deterministic given ``seed``.
     """
-
-    def write(tmp: Path) -> None:
-        # As build_tiny_flux: leave the caller's RNG stream alone and keep concurrent builds apart.
-        with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
-            pipeline = _build_sd_pipeline(seed)
-        pipeline.save_pretrained(tmp, safe_serialization=True)
-        stamp = {"family": "sd", "seed": seed, "version": TINY_VERSIONS["sd"]}
-        (tmp / "raygrpo_tiny.json").write_text(json.dumps(stamp))
-
-    return _publish(Path(folder), write)
+    return save_tiny_build(folder, seed, "sd", TINY_IMAGE_VERSIONS["sd"], _build_sd_pipeline)
 
 
-TINY_BUILDERS = {"flux": build_tiny_flux, "sd3": build_tiny_sd3, "sd": build_tiny_sd}
-
-
-def tiny_cache_root() -> Path:
-    """``$RAYGRPO_CACHE``, or ``~/.cache/raygrpo``."""
-    return Path(os.environ.get("RAYGRPO_CACHE") or Path.home() / ".cache" / "raygrpo").expanduser()
-
-
-def tiny_model_folder(family: str, seed: int = 0) -> Path:
-    """The cached tiny model of ``family`` for ``seed``, built on first use."""
-    if family not in TINY_BUILDERS:
-        raise ValueError(f"no tiny builder for model family {family!r}; known families: {sorted(TINY_BUILDERS)}")
-    folder = tiny_cache_root() / f"tiny-{family}-{TINY_VERSIONS[family]}-seed{seed}"
-    return TINY_BUILDERS[family](folder, seed=seed)
-
+# The image builds; raygrpo.models.hub.tiny_model_folder caches them with the video builds of tiny_video.py.
+TINY_IMAGE_BUILDERS = {"flux": build_tiny_flux, "sd3": build_tiny_sd3, "sd": build_tiny_sd}
 
 __all__ = [
+    "TINY_IMAGE_BUILDERS",
+    "TINY_IMAGE_VERSIONS",
+    "TINY_WORDS",
     "build_clip_tokenizer",
     "build_t5_tokenizer",
     "build_tiny_flux",
     "build_tiny_sd",
     "build_tiny_sd3",
-    "tiny_model_folder",
-    "TINY_VERSION",
-    "TINY_VERSIONS",
+    "save_tiny_build",
+    "tiny_clip_config",
+    "tiny_kl_vae",
+    "tiny_t5_config",
 ]
-
-
-# The video families' builders live in tiny_video.py, which reuses this module's helpers, so they are
-# imported last (this module is fully defined by then) and registered in the same tables.
-from raygrpo.models.tiny_video import TINY_VIDEO_BUILDERS, TINY_VIDEO_VERSIONS  # noqa: E402
-
-TINY_BUILDERS.update(TINY_VIDEO_BUILDERS)
-TINY_VERSIONS.update(TINY_VIDEO_VERSIONS)

@@ -16,12 +16,11 @@ reads.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from raygrpo.models.tiny import _BUILD_LOCK, _WORDS, _publish, build_clip_tokenizer, build_t5_tokenizer
+from raygrpo.models.tiny import TINY_WORDS, build_clip_tokenizer, build_t5_tokenizer, save_tiny_build, tiny_clip_config, tiny_t5_config
 
 TINY_VIDEO_VERSIONS = {"hunyuan_video": "v1", "wan_i2v": "v1", "skyreels_v2_i2v": "v1"}
 TINY_NUM_FRAMES = 5  # 4k+1 frames; 5 -> 2 latent frames through the 4x temporal compression
@@ -50,7 +49,7 @@ def build_llama_tokenizer(vocab_size: int = 1200):
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    corpus = list(_WORDS) + hunyuan_prompt_template().replace("{}", " ").split()
+    corpus = list(TINY_WORDS) + hunyuan_prompt_template().replace("{}", " ").split()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", *_LLAMA_SPECIALS, *bytes_], show_progress=False)
     tokenizer.train_from_iterator(corpus, trainer)
     bos = tokenizer.token_to_id("<|begin_of_text|>")
@@ -79,7 +78,7 @@ def template_crop_start(tokenizer, template: str) -> int:
 
 def _build_hunyuan_pipeline(seed: int):
     from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+    from transformers import CLIPTextModel, LlamaConfig, LlamaModel
 
     tokenizer = build_llama_tokenizer()
     tokenizer_2 = build_clip_tokenizer()
@@ -132,20 +131,7 @@ def _build_hunyuan_pipeline(seed: int):
     ).eval()
 
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer_2),
-            hidden_size=clip_width,
-            intermediate_size=37,
-            projection_dim=clip_width,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer_2.bos_token_id,
-            eos_token_id=tokenizer_2.eos_token_id,
-            pad_token_id=tokenizer_2.pad_token_id,
-        )
-    ).eval()
+    text_encoder_2 = CLIPTextModel(tiny_clip_config(tokenizer_2, clip_width, projection_dim=clip_width)).eval()
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=7.0)  # HunyuanVideo's own
     pipeline = HunyuanVideoPipeline(
@@ -199,21 +185,7 @@ def _wan_i2v_components(seed: int, transformer_cls: type, image_encoder_cls: typ
     ).eval()
 
     torch.manual_seed(seed + 2)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=text_width,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
-    ).eval()
+    text_encoder = UMT5EncoderModel(tiny_t5_config(UMT5Config, tokenizer, text_width)).eval()
 
     torch.manual_seed(seed + 3)
     image_encoder = image_encoder_cls(
@@ -265,18 +237,6 @@ def _build_skyreels_v2_i2v_pipeline(seed: int):
     return SkyReelsV2ImageToVideoPipeline(scheduler=scheduler, **parts), {}
 
 
-def _build(folder: str | Path, seed: int, family: str, make) -> Path:
-    def write(tmp: Path) -> None:
-        # As tiny.py: leave the caller's RNG stream alone and keep concurrent builds apart.
-        with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
-            pipeline, extra = make(seed)
-        pipeline.save_pretrained(tmp, safe_serialization=True)
-        stamp = {"family": family, "seed": seed, "version": TINY_VIDEO_VERSIONS[family], **extra}
-        (tmp / "raygrpo_tiny.json").write_text(json.dumps(stamp))
-
-    return _publish(Path(folder), write)
-
-
 def build_tiny_hunyuan_video(folder: str | Path, seed: int = 0) -> Path:
     """Build a tiny random HunyuanVideo text-to-video pipeline into ``folder`` (kept if already built).
 
@@ -286,7 +246,7 @@ def build_tiny_hunyuan_video(folder: str | Path, seed: int = 0) -> Path:
     layers, the pipeline reads the third-last hidden state) and CLIP text encoder of width 16.
     Deterministic given ``seed``.
     """
-    return _build(folder, seed, "hunyuan_video", _build_hunyuan_pipeline)
+    return save_tiny_build(folder, seed, "hunyuan_video", TINY_VIDEO_VERSIONS["hunyuan_video"], _build_hunyuan_pipeline)
 
 
 def build_tiny_wan_i2v(folder: str | Path, seed: int = 0) -> Path:
@@ -297,7 +257,7 @@ def build_tiny_wan_i2v(folder: str | Path, seed: int = 0) -> Path:
     width 8 (x8 spatial, x4 temporal) and per-channel latent statistics; UMT5 encoder of width 32;
     CLIP vision encoder of width 16 on 32 px images with 8 px patches. Deterministic given ``seed``.
     """
-    return _build(folder, seed, "wan_i2v", _build_wan_i2v_pipeline)
+    return save_tiny_build(folder, seed, "wan_i2v", TINY_VIDEO_VERSIONS["wan_i2v"], _build_wan_i2v_pipeline)
 
 
 def build_tiny_skyreels_v2_i2v(folder: str | Path, seed: int = 0) -> Path:
@@ -307,10 +267,10 @@ def build_tiny_skyreels_v2_i2v(folder: str | Path, seed: int = 0) -> Path:
     ``CLIPVisionModelWithProjection``, ``CLIPProcessor``, ``UniPCMultistepScheduler``); model.family
     wan_i2v loads it (``model.pretrained`` = the folder). Deterministic given ``seed``.
     """
-    return _build(folder, seed, "skyreels_v2_i2v", _build_skyreels_v2_i2v_pipeline)
+    return save_tiny_build(folder, seed, "skyreels_v2_i2v", TINY_VIDEO_VERSIONS["skyreels_v2_i2v"], _build_skyreels_v2_i2v_pipeline)
 
 
-# Keyed by tiny build; "skyreels_v2_i2v" is a variant of the wan_i2v family, not a family of its own.
+# Keyed by tiny build ("skyreels_v2_i2v" is a build of the wan_i2v family); raygrpo.models.hub caches them.
 TINY_VIDEO_BUILDERS = {
     "hunyuan_video": build_tiny_hunyuan_video,
     "wan_i2v": build_tiny_wan_i2v,

@@ -46,6 +46,7 @@ pipelines; the diffusion-forcing SkyReels-V2 pipelines (per-frame noise levels).
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -61,24 +62,32 @@ from diffusers import (
     WanImageToVideoPipeline,
     WanTransformer3DModel,
 )
+from diffusers.pipelines.wan.pipeline_wan_i2v import prompt_clean
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, CLIPVisionModelWithProjection, UMT5EncoderModel
 
 from raygrpo.contracts import Conditioning, ConditioningBatch
-from raygrpo.models.flux import TINY_RANDOM, ModelNotFoundError, quantize_timestep, resolve_pretrained
-from raygrpo.models.hunyuan_video import check_num_frames, init_defaults, load_component, to_uint8_video
-from raygrpo.models.network import network_device, network_dtype
-from raygrpo.models.tiny import tiny_model_folder
+from raygrpo.models.base import (
+    ModelAdapter,
+    PromptTruncation,
+    TokenLimit,
+    check_num_frames,
+    classifier_free_guidance,
+    quantize_timestep,
+    to_uint8_video,
+)
+from raygrpo.models.hub import TINY_RANDOM, ModelNotFoundError, init_defaults, load_component, pretrained_source
 from raygrpo.models.tiny_video import TINY_NUM_FRAMES, TINY_VIDEO_RESOLUTION
-from raygrpo.sampling import sigma_grid
 
 DEFAULT_RESOLUTION = 480
 DEFAULT_NUM_FRAMES = 81  # WanImageToVideoPipeline's default (5 s at 16 fps)
 DEFAULT_GUIDANCE = 5.0  # the pipeline's default CFG scale
 NEGATIVE_PROMPT = ""  # the pipeline's default negative prompt
 _IMAGE_CACHE = 32  # encoded conditioning images kept per process (prompts repeat every epoch)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,7 @@ SKYREELS_V2 = Variant(
 VARIANTS = {"WanImageToVideoPipeline": WAN_21, "SkyReelsV2ImageToVideoPipeline": SKYREELS_V2}
 
 
-class WanI2VModel:
+class WanI2VModel(ModelAdapter):
     """A Wan 2.1 (or SkyReels-V2) image-to-video model as rollout and learner use it.
 
     Components (diffusers / transformers types; SkyReels-V2's where they differ):
@@ -160,6 +169,7 @@ class WanI2VModel:
         self.source = source  # where the text encoder can be fetched for the CFG negative when it is not loaded
         self.video_processor = VideoProcessor(vae_scale_factor=spatial_compression)
         self._text_cache: dict[str, np.ndarray] = {}
+        self._truncation = PromptTruncation(logger)
         self._image_cache: OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._negative: Conditioning | None = None
         self._pipeline: WanImageToVideoPipeline | SkyReelsV2ImageToVideoPipeline | None = None
@@ -187,7 +197,7 @@ class WanI2VModel:
         and 81 frames, or 32x32 and 5 frames for ``"tiny-random"``.
         """
         tiny = str(name_or_path) == TINY_RANDOM
-        source = str(tiny_model_folder("wan_i2v")) if tiny else resolve_pretrained(name_or_path)
+        source = pretrained_source("wan_i2v", name_or_path)
         variant = pipeline_variant(source)
 
         def load(cls_, subfolder: str, **kwargs):
@@ -227,14 +237,6 @@ class WanI2VModel:
 
     # -------------------------------------------------------------------------------- properties
     @property
-    def device(self) -> torch.device:
-        return network_device(self.transformer)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return network_dtype(self.transformer)
-
-    @property
     def num_latent_channels(self) -> int:
         return self.transformer.config.out_channels
 
@@ -264,6 +266,7 @@ class WanI2VModel:
     def encode_prompt(self, prompt: str, image: np.ndarray | None = None) -> Conditioning:
         """UMT5 states of ``prompt`` and the CLIP states and VAE latents (+ mask) of ``image`` (``[H, W, 3]`` uint8).
 
+        UMT5 reads ``max_sequence_length`` tokens, the rest is dropped (with one warning per model).
         Text encodings are cached per prompt and image encodings per image content; treat the
         returned arrays as read-only.
         """
@@ -274,9 +277,13 @@ class WanI2VModel:
             )
         image = _check_image(image)
         if self.text_encoder is None or self.image_encoder is None or self.vae is None:
-            raise RuntimeError("this WanI2VModel was loaded without its encoders or VAE (learner view) and cannot encode")
+            raise RuntimeError(
+                "this WanI2VModel was loaded with load_text_encoders=False or load_vae=False (the learner's view) and cannot encode"
+            )
         embeds = self._text_cache.get(prompt)
         if embeds is None:
+            # Counted on the text the pipeline tokenizes: it first unescapes HTML and collapses whitespace.
+            self._truncation.check(prompt_clean(prompt), [TokenLimit("UMT5", self.tokenizer, self.max_sequence_length)])
             embeds = self._text_cache[prompt] = self._encode_text(prompt)
         key = hashlib.sha1(image.tobytes() + str(image.shape).encode()).digest()
         if key not in self._image_cache:
@@ -310,8 +317,10 @@ class WanI2VModel:
         return image_embeds[0].float().cpu().numpy(), condition[0].float().cpu().numpy()
 
     @property
-    def negative_conditioning(self) -> np.ndarray:
-        """UMT5 states of the empty negative prompt ``[L, D]``, the unconditional branch of CFG, encoded once.
+    def negative_conditioning(self) -> Conditioning:
+        """UMT5 states ``prompt_embeds [L, D]`` of the empty negative prompt, the unconditional branch of CFG, encoded once.
+
+        The image conditioning of the unconditional branch is the group's own (see :meth:`velocity`).
 
         A model loaded without its text encoder (the learner) loads the tokenizer and UMT5 from
         its source once, encodes the empty prompt, and frees them again; or it can be handed an
@@ -329,11 +338,11 @@ class WanI2VModel:
                     "or pass guidance_scale=1.0"
                 )
             self._negative = Conditioning(prompt_embeds=embeds)
-        return self._negative.prompt_embeds
+        return self._negative
 
-    def set_negative_conditioning(self, prompt_embeds: np.ndarray) -> None:
-        """Use ``prompt_embeds`` ``[L, D]`` (e.g. another worker's ``negative_conditioning``) as the CFG negative."""
-        self._negative = Conditioning(prompt_embeds=np.asarray(prompt_embeds, np.float32))
+    def set_negative_conditioning(self, conditioning: Conditioning) -> None:
+        """Use ``conditioning`` (e.g. another worker's ``negative_conditioning``) as the CFG negative; its prompt_embeds alone count."""
+        self._negative = Conditioning(prompt_embeds=np.asarray(conditioning.prompt_embeds, np.float32))
 
     def _encode_negative_from_source(self) -> np.ndarray:
         tokenizer = load_component(self.source, AutoTokenizer, "tokenizer", "cpu")
@@ -347,13 +356,10 @@ class WanI2VModel:
         return embeds[0].float().numpy()
 
     # ----------------------------------------------------------------------------------- latents
+    # Copied from raygrpo.models.sd3.SD3Model.initial_noise
     def initial_noise(self, generator: torch.Generator | None, num: int) -> torch.Tensor:
         """``[num, C, F_lat, h, w]`` float32 Gaussian noise, as WanImageToVideoPipeline.prepare_latents draws it."""
         return randn_tensor((num, *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32)
-
-    def sigma_grid(self, sampler: str, num_steps: int, shift: float) -> torch.Tensor:
-        """The rollout's noise levels ``[T+1]`` for ``sampler`` (:func:`raygrpo.sampling.sigma_grid`)."""
-        return sigma_grid(sampler, num_steps, shift)
 
     def velocity(
         self,
@@ -388,7 +394,7 @@ class WanI2VModel:
         image_embeds = cond.image_embeds.to(device, dtype)  # [B, N, D_img]
         guided = scale > 1.0
         if guided:
-            negative = torch.as_tensor(self.negative_conditioning, device=device, dtype=dtype)[None].expand(batch, -1, -1)
+            negative = torch.as_tensor(self.negative_conditioning.prompt_embeds, device=device, dtype=dtype)[None].expand(batch, -1, -1)
             if negative.shape[1:] != embeds.shape[1:]:
                 raise ValueError(
                     f"prompt_embeds are {tuple(embeds.shape[1:])} per sample but the negative prompt's are "
@@ -404,10 +410,7 @@ class WanI2VModel:
             encoder_hidden_states_image=image_embeds,
             return_dict=False,
         )[0].float()
-        if guided:
-            unconditional, conditional = prediction.chunk(2)
-            prediction = unconditional + scale * (conditional - unconditional)
-        return prediction
+        return classifier_free_guidance(prediction, scale) if guided else prediction
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> np.ndarray:

@@ -14,10 +14,14 @@ on any machine, with any model and any dependencies; raygrpo never imports it::
 Version 1 is a fixed contract: fields may only be added by a new protocol version, so that servers
 written against it keep working. Only JSON and base64 media cross the wire, never pickle: a reward
 server is a separate trust domain, and unpickling its bytes would let it run code in the trainer.
+For the same reason answers are read strictly: a score must be a JSON number (``"0.5"`` and ``true``
+are refused, not coerced), and an answer may not exceed ``max_response_bytes_per_item`` per item.
 
-Failures never raise out of :meth:`HttpReward.score_with_errors` and never become a silent 0: each
-item that got no usable score is returned invalid (NaN) with a message naming the URL and the cause,
-and the controller applies ``scoring.on_failure``. The server implementations live in
+Failures never raise out of :meth:`HttpReward.score_outcome` and never become a silent 0: each item
+that got no usable score is returned invalid (NaN) with a message naming the URL and the cause, and
+the controller applies ``scoring.on_failure``. The outcome also counts retries and failed requests,
+and a 401/403 sets its ``fatal`` (the token is wrong; no retry can help). :meth:`HttpReward.check_service`
+asks ``/v1/health`` and ``/v1/info`` before a run. The server implementations live in
 ``reward_servers/`` (a built-in-reward server and a copyable template).
 """
 
@@ -25,47 +29,59 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import concurrent.futures
-import email.utils
-import io
 import json
 import logging
 import math
 import os
-import random
-import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import httpx
 import numpy as np
-from PIL import Image
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, StrictFloat, ValidationError, field_validator
 
-from raygrpo.reward.builtin import NON_FINITE_ERROR, Reward, RewardParams
-from raygrpo.reward.media import DEFAULT_FPS, decode_mp4, encode_mp4  # noqa: F401 - decode_mp4 re-exported for servers
+from raygrpo.reward.base import NON_FINITE_ERROR, Reward, RewardParams, RewardServiceError, ScoreOutcome, check_batch
+from raygrpo.reward.media import DEFAULT_FPS, decode_mp4, encode_mp4, encode_png
+from raygrpo.reward.transport import (
+    AUTH_STATUS,
+    CallTally,
+    Reply,
+    RequestFailed,
+    Retries,
+    check_base_url,
+    request_with_retries,
+    run_sync,
+)
+
+__all__ = [
+    "PROTOCOL",
+    "Health",
+    "HttpReward",
+    "ScoreItem",
+    "ScoreRequest",
+    "ScoreResponse",
+    "ScoreResult",
+    "ServerInfo",
+    "check_base_url",
+    "decode_mp4",
+    "encode_mp4",
+    "encode_png",
+    "request_with_retries",
+]
 
 logger = logging.getLogger(__name__)
 
 PROTOCOL = "raygrpo.reward/v1"
 MediaType = Literal["image/png", "video/mp4"]
+MiB = 1 << 20
 
-# Longest sleep between two attempts, whatever the backoff or the server's Retry-After says: a
-# server asking for minutes would otherwise stall a reward worker (and the groups queued on it)
-# far past what the training step can wait for.
-MAX_RETRY_DELAY_S = 30.0
-
-# zlib level 1: PNG stays lossless at any level, and level 6 (PIL's default) costs several times
-# the CPU for a ~10-30% smaller body, on a reward actor that typically holds a fraction of a core.
-PNG_COMPRESS_LEVEL = 1
-
-# How much of an error response body goes into an item's error message.
-_BODY_SNIPPET = 300
+# Health and info answers are a few dozen bytes; a megabyte is already absurd.
+_CONTROL_BODY_BYTES = MiB
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
-_RETRYABLE_STATUS = frozenset({429}) | frozenset(range(500, 600))
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +113,8 @@ class ScoreResult(BaseModel):
     """The server's verdict on one item: a finite ``score``, or ``error`` saying why there is none."""
 
     id: str
-    score: float | None = None
+    # Strict: a JSON number only. A server sending "0.5" or true has a bug that coercion would hide.
+    score: StrictFloat | None = None
     error: str | None = None
     details: dict[str, float] = Field(default_factory=dict)  # optional sub-scores, for logging
 
@@ -128,60 +145,6 @@ class Health(BaseModel):
 # --------------------------------------------------------------------------------------------
 
 
-class _Failed(Exception):
-    """A request that produced no usable answer; the message is what every affected item reports."""
-
-
-def check_base_url(url: str) -> httpx.URL:
-    """The parsed URL if ``url`` is an absolute http(s) URL with a host; else a ValueError saying what is expected."""
-    try:
-        parsed = httpx.URL(url) if "://" in url else None
-    except httpx.InvalidURL:
-        parsed = None
-    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"must be an http(s) base URL such as http://127.0.0.1:8000, got {url!r}")
-    return parsed
-
-
-async def request_with_retries(
-    client: httpx.AsyncClient, method: str, url: str, *, label: str, max_attempts: int, timeout_s: float, backoff_s: float, **kwargs: Any
-) -> tuple[httpx.Response, int]:
-    """``(response, attempts made)``: the first answer not worth retrying, or the last one.
-
-    Transport errors, timeouts, 429 and 5xx are retried with jittered exponential backoff (429 honours
-    ``Retry-After``, capped); any other status is returned at once. Raises :class:`_Failed` when the
-    last attempt ended in a transport error or timeout. Shared by every HTTP-backed reward.
-    """
-    for attempt in range(1, max_attempts + 1):
-        start = time.monotonic()
-        try:
-            # wait_for bounds the whole attempt; httpx's own timeout is per read/write, so a
-            # server trickling bytes would otherwise never time out.
-            response = await asyncio.wait_for(client.request(method, url, **kwargs), timeout=timeout_s)
-        except (httpx.TransportError, asyncio.TimeoutError) as exc:
-            problem = _describe_transport_error(exc, time.monotonic() - start, timeout_s)
-            if attempt == max_attempts:
-                raise _Failed(f"{label} {method} {url} failed after {max_attempts} attempt(s): {problem}") from None
-            delay = _backoff_delay(attempt, backoff_s)
-        else:
-            if response.status_code not in _RETRYABLE_STATUS or attempt == max_attempts:
-                return response, attempt
-            delay = _backoff_delay(attempt, backoff_s)
-            if response.status_code == 429:
-                retry_after = _retry_after_s(response.headers.get("Retry-After"))
-                if retry_after is not None:
-                    delay = min(retry_after, MAX_RETRY_DELAY_S)
-            problem = f"HTTP {response.status_code}"
-        logger.info("%s %s %s: attempt %d/%d: %s; retrying in %.2f s", label, method, url, attempt, max_attempts, problem, delay)
-        await asyncio.sleep(delay)
-    raise AssertionError("unreachable")  # the loop returns or raises on its last attempt
-
-
-def _backoff_delay(attempt: int, backoff_s: float) -> float:
-    # Exponential, with jitter in [0.5, 1.5) so that replicas that failed together do not retry together.
-    return min(backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()), MAX_RETRY_DELAY_S)
-
-
 class HttpReward(Reward):
     """Scores images (or videos) by POSTing them, as base64 PNG (MP4) in JSON, to a ``raygrpo.reward/v1`` server.
 
@@ -199,6 +162,8 @@ class HttpReward(Reward):
     * ``batch_size``: items per request; None asks the server's ``/v1/info`` once. A batch the server
       refuses with 413 (too many items or too many bytes) is split in halves and resent.
     * ``max_concurrency``: requests in flight at once for one call.
+    * ``max_response_bytes_per_item``: an answer longer than this times its batch's size fails that
+      batch (reading stops at the limit). Default 4 MiB, far above any sane ``details``.
     * ``media_type``: ``image/png`` (default): inputs are images ``[N, H, W, 3]`` uint8, sent as
       lossless PNG, so the server sees the exact pixels. ``video/mp4``: inputs are videos
       ``[N, F, H, W, 3]`` uint8, each sent as one H.264 MP4 (lossy; see :mod:`raygrpo.reward.media`).
@@ -218,6 +183,7 @@ class HttpReward(Reward):
         backoff_s: float = Field(default=0.5, ge=0)
         batch_size: int | None = Field(default=None, ge=1)
         max_concurrency: int = Field(default=4, ge=1)
+        max_response_bytes_per_item: int = Field(default=4 * MiB, ge=1)
         media_type: MediaType = "image/png"
         video_fps: int = Field(default=DEFAULT_FPS, ge=1)
         check_health: bool = True
@@ -281,101 +247,159 @@ class HttpReward(Reward):
         policy_version: int = 0,
         metadata: Sequence[Mapping[str, Any]] | None = None,
     ) -> np.ndarray:
-        """``[N]`` float32 scores; raises ``RuntimeError`` if any item got none (see :meth:`score_with_errors`)."""
-        values, valid, errors = self.score_with_errors(images, prompts, policy_version=policy_version, metadata=metadata)
-        if not valid.all():
-            bad = int((~valid).sum())
-            first = next(e for e, ok in zip(errors, valid) if not ok)
-            raise RuntimeError(f"reward 'http': {bad} of {len(valid)} items got no score; first: {first}")
-        return values
+        """``[N]`` float32 scores; raises ``RuntimeError`` if any item got none (see :meth:`score_outcome`)."""
+        outcome = self.score_outcome(images, prompts, policy_version=policy_version, metadata=metadata)
+        if not outcome.valid.all():
+            bad = int((~outcome.valid).sum())
+            first = next(e for e, ok in zip(outcome.errors, outcome.valid) if not ok)
+            raise RuntimeError(f"reward 'http': {bad} of {len(outcome.valid)} items got no score; first: {first}")
+        return outcome.values
 
-    def score_with_errors(
+    def score_outcome(
         self,
         images: np.ndarray,
         prompts: list[str],
         *,
         policy_version: int = 0,
         metadata: Sequence[Mapping[str, Any]] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-        """``(values [N] float32, valid [N] bool, errors [N])``, blocking; invalid items hold NaN.
+    ) -> ScoreOutcome:
+        """Per-item scores (invalid items hold NaN), retries, failed requests and a fatal error; blocking.
 
         ``policy_version`` and per-item ``metadata`` (JSON-serialisable dicts) are sent to the
-        server as they are. Runs :meth:`ascore_with_errors` on a private event loop; called from
-        a thread that already runs one (an async actor, a notebook), it runs it on a helper
-        thread instead, since a loop cannot be nested.
+        server as they are. Runs :meth:`ascore_outcome` to completion (see :func:`run_sync`).
         """
-        coro = self.ascore_with_errors(images, prompts, policy_version=policy_version, metadata=metadata)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(coro)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(asyncio.run, coro).result()
+        return run_sync(self.ascore_outcome(images, prompts, policy_version=policy_version, metadata=metadata))
 
-    async def ascore_with_errors(
+    async def ascore_outcome(
         self,
         images: np.ndarray,
         prompts: list[str],
         *,
         policy_version: int = 0,
         metadata: Sequence[Mapping[str, Any]] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-        """The async form of :meth:`score_with_errors`.
+    ) -> ScoreOutcome:
+        """The async form of :meth:`score_outcome`.
 
         Items get ids ``"0"`` .. ``"N-1"`` (their index), are split into batches of at most
         ``batch_size`` (or the server's ``max_batch``) and the batches are sent concurrently,
         at most ``max_concurrency`` at a time. Bad arguments (shapes, lengths) raise ValueError;
         everything that goes wrong on the wire comes back as invalid items.
         """
-        n = _check_inputs(images, prompts, metadata, video=self.params.media_type == "video/mp4")
+        n = check_batch(images, prompts, video=self.params.media_type == "video/mp4")
+        if metadata is not None and len(metadata) != n:
+            raise ValueError(f"got {n} images but {len(metadata)} metadata entries")
+        tally = CallTally()
         values = np.full(n, np.nan, dtype=np.float32)
         errors: list[str | None] = [None] * n
         if n:
-            headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-            timeout = httpx.Timeout(self.params.timeout_s)
-            async with httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=False) as client:
+            async with self._client(self.params.timeout_s) as client:
                 try:
-                    batch_size = await self._prepare(client)
-                except _Failed as exc:
-                    return _all_invalid(n, str(exc))
+                    batch_size = await self._prepare(client, tally)
+                except RequestFailed as exc:
+                    return tally.all_invalid(n, exc)
                 semaphore = asyncio.Semaphore(self.params.max_concurrency)
                 batches = [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
                 outcomes = await asyncio.gather(
-                    *(self._score_batch(client, semaphore, images, prompts, metadata, batch, policy_version) for batch in batches)
+                    *(self._score_batch(client, semaphore, tally, images, prompts, metadata, batch, policy_version) for batch in batches)
                 )
             for outcome in outcomes:
                 for index, (value, error) in outcome.items():
                     values[index], errors[index] = value, error
-        valid = np.array([e is None for e in errors], dtype=bool)
-        values[~valid] = np.nan
-        return values, valid, errors
+        return tally.outcome(values, errors)
+
+    def check_service(self, timeout_s: float = 5.0, *, start_server: bool = True) -> None:
+        """``GET /v1/health``, then ``GET /v1/info`` and an empty ``POST /v1/score`` with the token;
+        :class:`RewardServiceError` if any fails.
+
+        Fails when nothing listens at ``url``, when it does not answer within ``timeout_s`` (two
+        attempts each), when it rejects the token (401/403), when an answer is not protocol v1's,
+        or when ``/v1/info`` does not list ``media_type``. The message names the URL and the cause.
+        """
+        try:
+            run_sync(self._acheck_service(timeout_s))
+        except RequestFailed as exc:
+            raise RewardServiceError(str(exc)) from None
 
     # ----------------------------------------------------------------------------------------
     # Internals
     # ----------------------------------------------------------------------------------------
 
-    async def _prepare(self, client: httpx.AsyncClient) -> int:
-        """Check health and learn ``max_batch`` once per instance (again after a failure)."""
+    def _client(self, timeout_s: float) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), headers=headers, follow_redirects=False)
+
+    @property
+    def _retries(self) -> Retries:
+        return Retries(self.params.max_attempts, self.params.timeout_s, self.params.backoff_s)
+
+    async def _acheck_service(self, timeout_s: float) -> None:
+        retries = Retries.service_check(timeout_s)
+        # One request's budget for both: a server that answers each just in time still fails in seconds.
+        budget = retries.budget_s
+        try:
+            async with asyncio.timeout(budget), self._client(timeout_s) as client:
+                await self._readiness(client, CallTally(), health=True, info=True, retries=retries)
+                await self._check_token(client, retries)
+        except TimeoutError:
+            message = f"http reward {self.params.url}: /v1/health, /v1/info and /v1/score did not all answer within {budget:g} s"
+            raise RequestFailed(message) from None
+
+    async def _check_token(self, client: httpx.AsyncClient, retries: Retries) -> None:
+        """A score request with no items: the one call protocol v1 guards with the token on every server (many
+        leave /v1/info open), and one that costs the server nothing. Only 401/403 fail: what a server answers
+        about an empty batch otherwise (200, or a 4xx for no items) says the token was accepted."""
+        request = ScoreRequest(request_id=f"preflight-{uuid.uuid4().hex[:8]}", policy_version=0, items=[])
+        reply = await request_with_retries(
+            client, "POST", self._endpoint("/v1/score"), label="http reward", retries=retries,
+            max_body_bytes=_CONTROL_BODY_BYTES, content=request.model_dump_json(), headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        if reply.status in AUTH_STATUS:
+            self._parse(reply, ScoreResponse)  # raises naming the token and where it comes from
+
+    async def _prepare(self, client: httpx.AsyncClient, tally: CallTally) -> int:
+        """Check health and learn ``max_batch`` once per instance (again after a failure); the batch size."""
         if not self._server_checked:
-            if self.params.check_health:
-                body = self._parse(*await self._request(client, "GET", "/v1/health"), Health)
-                if body.status != "ok":
-                    raise _Failed(f"http reward {self._endpoint('/v1/health')}: server reports status {body.status!r}, not 'ok'")
-            if self.params.batch_size is None:
-                info = self._parse(*await self._request(client, "GET", "/v1/info"), ServerInfo)
-                if self.params.media_type not in info.media_types:
-                    raise _Failed(
-                        f"http reward {self._endpoint('/v1/info')}: server {info.name!r} accepts {info.media_types}, "
-                        f"not {self.params.media_type!r}"
-                    )
-                self._server_max_batch = info.max_batch
+            p = self.params
+            info = await self._readiness(client, tally, health=p.check_health, info=p.batch_size is None, retries=self._retries)
+            self._server_max_batch = info.max_batch if info is not None else None
             self._server_checked = True
         return self.params.batch_size or self._server_max_batch or 1
+
+    async def _readiness(
+        self, client: httpx.AsyncClient, tally: CallTally, *, health: bool, info: bool, retries: Retries
+    ) -> ServerInfo | None:
+        """Ask ``/v1/health`` and/or ``/v1/info``; raises :class:`RequestFailed` saying what is wrong."""
+
+        async def get(path: str) -> Reply:
+            url = self._endpoint(path)
+            return await request_with_retries(client, "GET", url, label="http reward", retries=retries, max_body_bytes=_CONTROL_BODY_BYTES)
+
+        if health:
+            reply = await get("/v1/health")
+            body = self._parse(reply, Health)
+            if body.status != "ok":
+                raise RequestFailed(
+                    f"http reward {reply.where}: server reports status {body.status!r}, not 'ok' (still loading?)", attempts=reply.attempts
+                )
+            tally.answered(reply)
+        if not info:
+            return None
+        reply = await get("/v1/info")
+        server = self._parse(reply, ServerInfo)
+        if self.params.media_type not in server.media_types:
+            raise RequestFailed(
+                f"http reward {reply.where}: server {server.name!r} accepts {server.media_types}, "
+                f"not {self.params.media_type!r} (params.media_type)",
+                attempts=reply.attempts,
+            )
+        tally.answered(reply)
+        return server
 
     async def _score_batch(
         self,
         client: httpx.AsyncClient,
         semaphore: asyncio.Semaphore,
+        tally: CallTally,
         images: np.ndarray,
         prompts: list[str],
         metadata: Sequence[Mapping[str, Any]] | None,
@@ -387,9 +411,12 @@ class HttpReward(Reward):
         try:
             items = await asyncio.to_thread(self._encode_items, images, prompts, metadata, indices)
         except Exception as exc:  # noqa: BLE001 - e.g. metadata that is not JSON: the items fail, not the worker
-            message = f"http reward: could not encode items for {self._endpoint('/v1/score')}: {type(exc).__name__}: {exc}"
-            return {i: (math.nan, message) for i in indices}
-        by_id = await self._send(client, semaphore, items, policy_version)
+            failure = RequestFailed(
+                f"http reward: could not encode items for {self._endpoint('/v1/score')}: {type(exc).__name__}: {exc}", attempts=0
+            )
+            tally.failed(failure)
+            return {i: (math.nan, str(failure)) for i in indices}
+        by_id = await self._send(client, semaphore, tally, items, policy_version)
         return {int(item_id): outcome for item_id, outcome in by_id.items()}
 
     def _encode_items(
@@ -407,20 +434,35 @@ class HttpReward(Reward):
         return items
 
     async def _send(
-        self, client: httpx.AsyncClient, semaphore: asyncio.Semaphore, items: list[ScoreItem], policy_version: int
+        self, client: httpx.AsyncClient, semaphore: asyncio.Semaphore, tally: CallTally, items: list[ScoreItem], policy_version: int
     ) -> dict[str, tuple[float, str | None]]:
         """Outcome per item id of one batch; a 413 splits the batch in halves and sends both."""
         request = ScoreRequest(request_id=f"{uuid.uuid4().hex}-{items[0].id}", policy_version=policy_version, items=items)
         body = request.model_dump_json().encode()
+        limit = self.params.max_response_bytes_per_item * len(items)
         # The semaphore covers the HTTP exchange only: halves of a split batch must be able to take
         # slots while their parent waits for them, or enough concurrent splits would deadlock.
         async with semaphore:
             try:
-                response, attempts = await self._request(client, "POST", "/v1/score", content=body)
-                too_large = response.status_code == 413 and len(items) > 1
-                parsed = None if too_large else self._parse(response, attempts, ScoreResponse)
-            except _Failed as exc:
+                reply = await request_with_retries(
+                    client, "POST", self._endpoint("/v1/score"), label="http reward", retries=self._retries, max_body_bytes=limit,
+                    limit_hint=f" ({len(items)} items x params.max_response_bytes_per_item)",
+                    content=body, headers={"Content-Type": "application/json"},
+                )  # fmt: skip
+                too_large = reply.status == 413 and len(items) > 1
+                parsed = None if too_large else self._parse(reply, ScoreResponse)
+                if parsed is not None and parsed.request_id != request.request_id:
+                    # A different request's answer (a caching proxy, a server mixing up concurrent
+                    # requests) would pair scores with the wrong images: refuse it whole.
+                    raise RequestFailed(
+                        f"http reward {reply.where}: response request_id {parsed.request_id!r} "
+                        f"does not match the request's {request.request_id!r}",
+                        attempts=reply.attempts,
+                    )
+            except RequestFailed as exc:
+                tally.failed(exc)
                 return {item.id: (math.nan, str(exc)) for item in items}
+        tally.answered(reply)
         if parsed is None:
             logger.warning(
                 "http reward %s: 413 for a batch of %d items (%d bytes); splitting it in halves",
@@ -428,17 +470,10 @@ class HttpReward(Reward):
             )  # fmt: skip
             half = len(items) // 2
             first, second = await asyncio.gather(
-                self._send(client, semaphore, items[:half], policy_version), self._send(client, semaphore, items[half:], policy_version)
+                self._send(client, semaphore, tally, items[:half], policy_version),
+                self._send(client, semaphore, tally, items[half:], policy_version),
             )
             return {**first, **second}
-        if parsed.request_id != request.request_id:
-            # A different request's answer (a caching proxy, a server mixing up concurrent
-            # requests) would pair scores with the wrong images: refuse it whole.
-            message = (
-                f"http reward {self._endpoint('/v1/score')}: response request_id {parsed.request_id!r} "
-                f"does not match the request's {request.request_id!r}"
-            )
-            return {item.id: (math.nan, message) for item in items}
         return self._match(items, parsed.results)
 
     def _match(self, items: list[ScoreItem], results: list[ScoreResult]) -> dict[str, tuple[float, str | None]]:
@@ -479,28 +514,37 @@ class HttpReward(Reward):
                 outcome[item.id] = (result.score, None)
         return outcome
 
-    async def _request(
-        self, client: httpx.AsyncClient, method: str, path: str, content: bytes | None = None
-    ) -> tuple[httpx.Response, int]:
-        headers = {"Content-Type": "application/json"} if content is not None else None
-        return await request_with_retries(
-            client, method, self._endpoint(path), label="http reward", max_attempts=self.params.max_attempts,
-            timeout_s=self.params.timeout_s, backoff_s=self.params.backoff_s, content=content, headers=headers,
-        )  # fmt: skip
+    def _parse(self, reply: Reply, model: type[ModelT]) -> ModelT:
+        """The validated body of a 200 answer; raises :class:`RequestFailed` naming URL, status and problem.
 
-    def _parse(self, response: httpx.Response, attempts: int, model: type[BaseModel]) -> Any:
-        """The validated body of a 200 answer; raises :class:`_Failed` naming URL, status and problem."""
-        what = f"{response.request.method} {response.request.url}"
-        tried = f" after {attempts} attempts" if attempts > 1 else ""
-        if response.status_code != 200:
-            raise _Failed(f"http reward {what}: HTTP {response.status_code}{tried}: {_snippet(response)}")
+        401/403 are fatal: the token will be refused again, whatever is retried.
+        """
+        if reply.status in AUTH_STATUS:
+            message = f"http reward {reply.where}: HTTP {reply.status}: {self._token_problem()}: {reply.snippet()}"
+            raise RequestFailed(message, attempts=reply.attempts, fatal=f"{message} (retrying cannot help)")
+        if reply.status == 404:
+            message = f"http reward {reply.where}: HTTP 404: no such endpoint; is params.url the base URL of a {PROTOCOL} server?"
+            raise RequestFailed(message, attempts=reply.attempts)
+        if reply.status != 200:
+            raise RequestFailed(f"http reward {reply.where}: HTTP {reply.status}{reply.tried}: {reply.snippet()}", attempts=reply.attempts)
         try:
-            # Python's json accepts NaN/Infinity tokens, which some servers emit for bad scores;
-            # they are then rejected per item as non-finite rather than as a malformed batch.
-            return model.model_validate(json.loads(response.content))
-        except (ValueError, ValidationError) as exc:
-            problem = _validation_summary(exc) if isinstance(exc, ValidationError) else f"invalid JSON ({exc})"
-            raise _Failed(f"http reward {what}: HTTP 200 with a malformed body: {problem}: {_snippet(response)}") from None
+            # pydantic's own JSON parser: no intermediate objects, a depth limit instead of a
+            # RecursionError, and NaN/Infinity tokens (which sloppy servers emit for bad scores)
+            # read as floats, so that they are refused per item as non-finite, not as a malformed batch.
+            return model.model_validate_json(reply.body)
+        except (ValueError, RecursionError) as exc:  # ValidationError is a ValueError
+            problem = _validation_summary(exc) if isinstance(exc, ValidationError) else f"{type(exc).__name__}: {exc}"
+            what = f"HTTP 200 with a malformed body (not {PROTOCOL}'s {model.__name__})"
+            raise RequestFailed(f"http reward {reply.where}: {what}: {problem}: {reply.snippet()}", attempts=reply.attempts) from None
+
+    def _token_problem(self) -> str:
+        env = self.params.token_env
+        if env is None:
+            return (
+                "the server wants a bearer token and none is configured; "
+                "set params.token_env to the NAME of an environment variable holding it"
+            )
+        return f"the server rejected the token; check the bearer token in environment variable {env!r} (params.token_env)"
 
     def _endpoint(self, path: str) -> str:
         return f"{self.params.url}{path}"
@@ -509,59 +553,6 @@ class HttpReward(Reward):
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-
-
-def encode_png(image: np.ndarray) -> str:
-    """Base64 of ``image`` ``[H, W, 3]`` uint8 as a PNG file (lossless: the server sees these exact pixels)."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _check_inputs(images: np.ndarray, prompts: list[str], metadata: Sequence[Mapping[str, Any]] | None, *, video: bool = False) -> int:
-    ndim, shape = (5, "[N, F, H, W, 3] (media_type video/mp4)") if video else (4, "[N, H, W, 3]")
-    if not isinstance(images, np.ndarray) or images.ndim != ndim or images.shape[-1] != 3 or images.dtype != np.uint8:
-        desc = f"{images.dtype} array of shape {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
-        raise ValueError(f"{'videos' if video else 'images'} must be a uint8 array {shape}, got {desc}")
-    if video and images.shape[1] == 0:
-        raise ValueError(f"videos have no frames (shape {images.shape})")
-    if len(prompts) != len(images):
-        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
-    if metadata is not None and len(metadata) != len(images):
-        raise ValueError(f"got {len(images)} images but {len(metadata)} metadata entries")
-    return len(images)
-
-
-def _all_invalid(n: int, message: str) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-    return np.full(n, np.nan, dtype=np.float32), np.zeros(n, dtype=bool), [message] * n
-
-
-def _retry_after_s(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header: delay-seconds (a fraction is tolerated) or an HTTP date."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    return max(0.0, seconds) if math.isfinite(seconds) else None
-
-
-def _describe_transport_error(exc: BaseException, elapsed: float, timeout_s: float) -> str:
-    if isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException)):
-        return f"timed out after {elapsed:.1f} s (timeout_s={timeout_s:g})"
-    if isinstance(exc, httpx.ConnectError):
-        return f"cannot connect ({exc or 'connection refused'}); is the server running?"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _snippet(response: httpx.Response) -> str:
-    text = response.text.strip().replace("\n", " ")
-    return (text[:_BODY_SNIPPET] + "...") if len(text) > _BODY_SNIPPET else (text or "(empty body)")
 
 
 def _validation_summary(exc: ValidationError) -> str:

@@ -1,4 +1,6 @@
-"""MP4 (H.264, yuv420p) encoding and decoding of uint8 RGB videos, for the HTTP reward protocol.
+"""Media as the HTTP reward protocol carries them: PNG images, MP4 (H.264, yuv420p) videos.
+
+PNG is lossless: a server sees the exact generated pixels.
 
 PyAV's wheels bundle ffmpeg, so no system codec is needed. The encoder is ``libx264`` when the
 bundled ffmpeg has it, else ``mpeg4`` (MPEG-4 part 2, always built in). Both are lossy: a server
@@ -9,10 +11,16 @@ video then has the padded (even) size.
 
 from __future__ import annotations
 
+import base64
 import io
 from fractions import Fraction
 
 import numpy as np
+from PIL import Image
+
+# zlib level 1: PNG stays lossless at any level, and level 6 (PIL's default) costs several times
+# the CPU for a ~10-30% smaller body, on a reward actor that typically holds a fraction of a core.
+PNG_COMPRESS_LEVEL = 1
 
 DEFAULT_FPS = 8
 # Constant rate factor for libx264 (0 lossless .. 51 worst; 18 is visually near-lossless). A reward
@@ -27,6 +35,13 @@ _ENCODER: str | None = None
 
 class _BadVideo(ValueError):
     """A decodable file that this module refuses (no video stream, over the limits, ...)."""
+
+
+def encode_png(image: np.ndarray) -> str:
+    """Base64 of ``image`` ``[H, W, 3]`` uint8 as a PNG file (lossless: the server sees these exact pixels)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def video_encoder() -> str:

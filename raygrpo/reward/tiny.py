@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from raygrpo.models.tiny import build_clip_tokenizer
+from raygrpo.models.tiny import TINY_WORDS, build_clip_tokenizer
+from raygrpo.reward.models.clip import clip_processor_class
 
 IMAGE_SIZE = 32  # the tiny CLIPs' input resolution; any image size is resized to it
 # Fewer BPE merges than the pipelines' tokenizers: learning them is quick and every word of the
@@ -35,11 +36,7 @@ def _tokenizer():
 
 def _image_processor(size: int = IMAGE_SIZE):
     """CLIP's preprocessing (shortest side -> ``size`` bicubic, centre crop, OpenAI mean/std) at ``size``."""
-    try:
-        from transformers import CLIPImageProcessorPil as processor_class
-    except ImportError:  # transformers without image-processing backends
-        from transformers import CLIPImageProcessor as processor_class
-    return processor_class(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return clip_processor_class()(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 def save_tiny_clip_processor(folder: str | Path, size: int = IMAGE_SIZE) -> Path:
@@ -203,9 +200,7 @@ def build_bert_tokenizer():
 
     from transformers import BertTokenizer
 
-    from raygrpo.models.tiny import _WORDS
-
-    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(dict.fromkeys(_WORDS))
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(dict.fromkeys(TINY_WORDS))
     chars = string.ascii_lowercase + string.digits + string.punctuation
     pieces += list(chars) + ["##" + c for c in chars]
     return BertTokenizer(vocab={p: i for i, p in enumerate(dict.fromkeys(pieces))})

@@ -23,14 +23,15 @@ Two ways to reach a server:
   environment, so it cannot live there).
 
 Transport errors, timeouts, 429 and 5xx are retried with backoff, as in :mod:`raygrpo.reward.http`;
-nothing on the wire raises out of :meth:`VlmJudgeReward.score_with_errors`.
+nothing on the wire raises out of :meth:`VlmJudgeReward.score_outcome`, which counts retries and failed
+requests like the HTTP reward does (a 401/403 is fatal). :meth:`VlmJudgeReward.check_service` asks the
+server whether it is up and serves the judge model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import logging
 import math
 import os
@@ -49,14 +50,17 @@ import httpx
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from raygrpo.reward.builtin import Reward, RewardParams
-from raygrpo.reward.http import (
-    _Failed,
+from raygrpo.reward.base import Reward, RewardParams, RewardServiceError, ScoreOutcome, check_batch
+from raygrpo.reward.media import encode_png
+from raygrpo.reward.transport import (
+    AUTH_STATUS,
+    CallTally,
+    Reply,
+    RequestFailed,
+    Retries,
     check_base_url,
     request_with_retries,
-    _check_inputs,
-    _snippet,
-    encode_png,
+    run_sync,
 )
 
 logger = logging.getLogger(__name__)
@@ -85,6 +89,9 @@ _SERVER_ENV = {
 }
 
 _LOG_TAIL_LINES = 30
+
+# A one-token answer with 20 top logprobs is a few kB, a model list not much more.
+_MAX_ANSWER_BYTES = 1 << 20
 
 
 class ServeParams(RewardParams):
@@ -212,68 +219,101 @@ class VlmJudgeReward(Reward):
 
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
         """``[N]`` float32 in [0, 1]; raises ``RuntimeError`` if any item got no score."""
-        values, valid, errors = self.score_with_errors(images, prompts)
-        if not valid.all():
-            first = next(e for e, ok in zip(errors, valid) if not ok)
-            raise RuntimeError(f"reward 'vlm_judge': {int((~valid).sum())} of {len(valid)} items got no score; first: {first}")
-        return values
+        outcome = self.score_outcome(images, prompts)
+        if not outcome.valid.all():
+            first = next(e for e, ok in zip(outcome.errors, outcome.valid) if not ok)
+            bad = int((~outcome.valid).sum())
+            raise RuntimeError(f"reward 'vlm_judge': {bad} of {len(outcome.valid)} items got no score; first: {first}")
+        return outcome.values
 
-    def score_with_errors(
-        self, images: np.ndarray, prompts: list[str], *, policy_version: int = 0
-    ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-        """``(values [N] float32, valid [N] bool, errors [N])``; invalid items hold NaN.
+    def score_outcome(self, images: np.ndarray, prompts: list[str], *, policy_version: int = 0) -> ScoreOutcome:
+        """Per-item scores (invalid items hold NaN), retries, failed requests and a fatal error.
 
         Bad arguments raise ValueError; a server that cannot be started or reached makes every item
-        invalid with the reason. Runs on a private event loop (on a helper thread when the caller
-        already runs one, since loops cannot nest).
+        invalid with the reason. One request per image, run to completion (see :func:`run_sync`).
         """
-        n = _check_inputs(images, prompts, None)
+        n = check_batch(images, prompts)
         if n == 0:
-            return np.zeros(0, np.float32), np.zeros(0, bool), []
+            return ScoreOutcome(np.zeros(0, np.float32), np.zeros(0, bool), [])
         # Started here, on the caller's thread, not inside the event loop: a launch blocks for tens of seconds.
         if self.params.serve is not None:
             try:
                 self.start()
             except Exception as exc:  # noqa: BLE001 - a judge that cannot start is missing scores, not a dead worker
-                return _all_invalid(n, f"vlm_judge: {exc}")
-        coro = self._ascore(images, prompts)
+                return ScoreOutcome.all_invalid(n, f"vlm_judge: {exc}")
+        return run_sync(self._ascore(images, prompts))
+
+    def check_service(self, timeout_s: float = 5.0, *, start_server: bool = True) -> None:
+        """Raise :class:`RewardServiceError` unless the server is up and serves the judge model.
+
+        ``GET /health`` (vLLM's; a server without it may answer 404), then ``GET /v1/models``, which
+        must list ``model_name`` (or, with none configured, some model). In ``serve`` mode the server
+        is started first (blocking, up to ``serve.startup_timeout_s``); ``start_server=False``
+        skips the check instead, for a process that must not launch vLLM (the driver).
+        """
+        if self.params.serve is not None:
+            if not start_server:
+                return
+            try:
+                self.start()
+            except Exception as exc:  # noqa: BLE001 - whatever stopped the launch is the cause to report
+                raise RewardServiceError(f"vlm_judge: could not start the vLLM server: {exc}") from None
         try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(coro)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(asyncio.run, coro).result()
+            run_sync(self._acheck_service(timeout_s))
+        except RequestFailed as exc:
+            raise RewardServiceError(str(exc)) from None
 
     # ----------------------------------------------------------------------------------------
     # Internals
     # ----------------------------------------------------------------------------------------
 
-    async def _ascore(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    async def _ascore(self, images: np.ndarray, prompts: list[str]) -> ScoreOutcome:
         n = len(images)
         base = self.base_url
         assert base is not None
+        tally = CallTally()
         async with httpx.AsyncClient(timeout=httpx.Timeout(self.params.timeout_s), follow_redirects=False) as client:
             if self._model_id is None:
                 try:
-                    self._model_id = await self._discover_model(client, base)
-                except _Failed as exc:
-                    return _all_invalid(n, str(exc))
+                    self._model_id = await self._discover_model(client, base, tally)
+                except RequestFailed as exc:
+                    return tally.all_invalid(n, exc)
             semaphore = asyncio.Semaphore(self.params.concurrency)
-            outcomes = await asyncio.gather(*(self._score_one(client, semaphore, base, images[i], prompts[i]) for i in range(n)))
-        values = np.array([v for v, _ in outcomes], dtype=np.float32)
-        errors = [e for _, e in outcomes]
-        valid = np.array([e is None for e in errors], dtype=bool) & np.isfinite(values)
-        values[~valid] = np.nan
-        return values, valid, errors
+            outcomes = await asyncio.gather(*(self._score_one(client, semaphore, tally, base, images[i], prompts[i]) for i in range(n)))
+        return tally.outcome(np.array([v for v, _ in outcomes], dtype=np.float32), [e for _, e in outcomes])
 
-    async def _discover_model(self, client: httpx.AsyncClient, base: str) -> str:
-        response, _ = await self._request(client, "GET", f"{base}/v1/models")
-        if response.status_code != 200:
-            raise _Failed(f"vlm_judge GET {base}/v1/models: HTTP {response.status_code}: {_snippet(response)}")
+    async def _acheck_service(self, timeout_s: float) -> None:
+        base = self.base_url
+        assert base is not None
+        retries = Retries.service_check(timeout_s)
+        budget = retries.budget_s  # one request's budget for both: a server answering each just in time still fails fast
         try:
-            return str(response.json()["data"][0]["id"])
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise _Failed(f"vlm_judge GET {base}/v1/models: no model id in {_snippet(response)}; set 'model_name'") from None
+            async with asyncio.timeout(budget), httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), follow_redirects=False) as client:
+                reply = await self._request(client, "GET", f"{base}/health", retries=retries)
+                if reply.status != 404:  # 404: an OpenAI-compatible server without vLLM's /health
+                    self._check_status(reply)
+                served = await self._served_models(client, base, CallTally(), retries=retries)
+        except TimeoutError:
+            raise RequestFailed(f"vlm_judge {base}: /health and /v1/models did not both answer within {budget:g} s") from None
+        wanted = self._model_id
+        if wanted is not None and wanted not in served:
+            raise RequestFailed(f"vlm_judge GET {base}/v1/models: the server serves {served}, not {wanted!r} (params.model_name)")
+
+    async def _discover_model(self, client: httpx.AsyncClient, base: str, tally: CallTally) -> str:
+        return (await self._served_models(client, base, tally))[0]
+
+    async def _served_models(self, client: httpx.AsyncClient, base: str, tally: CallTally, *, retries: Retries | None = None) -> list[str]:
+        """Ids of the models the server serves (at least one); raises :class:`RequestFailed`."""
+        reply = await self._request(client, "GET", f"{base}/v1/models", retries=retries)
+        answer = self._answer(reply)
+        try:
+            served = [str(model["id"]) for model in answer["data"]]
+        except (KeyError, TypeError):
+            served = []
+        if not served:
+            raise RequestFailed(f"vlm_judge {reply.where}: no model id in {reply.snippet()}; set 'model_name'", attempts=reply.attempts)
+        tally.answered(reply)
+        return served
 
     def build_request(self, image: np.ndarray, prompt: str) -> dict[str, Any]:
         """The chat-completions body for one image (public so a test or a log can show what is sent)."""
@@ -301,32 +341,52 @@ class VlmJudgeReward(Reward):
         }
 
     async def _score_one(
-        self, client: httpx.AsyncClient, semaphore: asyncio.Semaphore, base: str, image: np.ndarray, prompt: str
+        self, client: httpx.AsyncClient, semaphore: asyncio.Semaphore, tally: CallTally, base: str, image: np.ndarray, prompt: str
     ) -> tuple[float, str | None]:
         url = f"{base}/v1/chat/completions"
         try:
             body = await asyncio.to_thread(self.build_request, image, prompt)  # PNG encoding off the loop
         except Exception as exc:  # noqa: BLE001
-            return math.nan, f"vlm_judge: could not encode the image: {type(exc).__name__}: {exc}"
+            failure = RequestFailed(f"vlm_judge: could not encode the image: {type(exc).__name__}: {exc}", attempts=0)
+            tally.failed(failure)
+            return math.nan, str(failure)
         async with semaphore:
             try:
-                response, attempts = await self._request(client, "POST", url, json=body)
-            except _Failed as exc:
+                reply = await self._request(client, "POST", url, json=body)
+                answer = self._answer(reply)
+            except RequestFailed as exc:
+                tally.failed(exc)
                 return math.nan, str(exc)
-        if response.status_code != 200:
-            tried = f" after {attempts} attempts" if attempts > 1 else ""
-            return math.nan, f"vlm_judge POST {url}: HTTP {response.status_code}{tried}: {_snippet(response)}"
-        try:
-            answer = response.json()
-        except ValueError:
-            return math.nan, f"vlm_judge POST {url}: HTTP 200 with invalid JSON: {_snippet(response)}"
+        tally.answered(reply)
         return parse_judgement(answer)
 
-    async def _request(self, client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> tuple[httpx.Response, int]:
+    async def _request(self, client: httpx.AsyncClient, method: str, url: str, *, retries: Retries | None = None, **kwargs: Any) -> Reply:
+        """One request with ``retries`` (default: the reward's own settings); ``kwargs`` go to httpx."""
+        p = self.params
+        retries = retries or Retries(p.max_attempts, p.timeout_s, p.backoff_s)
         return await request_with_retries(
-            client, method, url, label="vlm_judge", max_attempts=self.params.max_attempts,
-            timeout_s=self.params.timeout_s, backoff_s=self.params.backoff_s, **kwargs,
-        )  # fmt: skip
+            client, method, url, label="vlm_judge", retries=retries, max_body_bytes=_MAX_ANSWER_BYTES, **kwargs
+        )
+
+    def _check_status(self, reply: Reply) -> None:
+        """Raise :class:`RequestFailed` unless the answer is a 200; a 401/403 is fatal."""
+        if reply.status in AUTH_STATUS:
+            message = (
+                f"vlm_judge {reply.where}: HTTP {reply.status}: the server refuses the request; vlm_judge sends no API "
+                f"key, so serve the judge without --api-key: {reply.snippet()}"
+            )
+            raise RequestFailed(message, attempts=reply.attempts, fatal=f"{message} (retrying cannot help)")
+        if reply.status != 200:
+            raise RequestFailed(f"vlm_judge {reply.where}: HTTP {reply.status}{reply.tried}: {reply.snippet()}", attempts=reply.attempts)
+
+    def _answer(self, reply: Reply) -> Any:
+        """The JSON of a 200 answer; raises :class:`RequestFailed` otherwise."""
+        self._check_status(reply)
+        try:
+            return reply.json()
+        except ValueError as exc:
+            message = f"vlm_judge {reply.where}: HTTP 200 with invalid JSON ({exc}): {reply.snippet()}"
+            raise RequestFailed(message, attempts=reply.attempts) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,10 +438,6 @@ def expected_digit(logprobs: Any) -> float | None:
     if not total > 0.0:
         return None
     return sum(k * p for k, p in mass.items()) / total
-
-
-def _all_invalid(n: int, message: str) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-    return np.full(n, np.nan, dtype=np.float32), np.zeros(n, dtype=bool), [message] * n
 
 
 # --------------------------------------------------------------------------------------------

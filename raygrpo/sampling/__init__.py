@@ -1,9 +1,16 @@
-"""Samplers: the denoising steps rollout takes and the learner re-evaluates."""
+"""Samplers: the denoising steps rollout takes and the learner re-evaluates.
+
+Modules, each depending only on those above it:
+
+- ``transition``: :class:`Transition`, the Gaussian of one step and its element-mean log-prob;
+- ``flow``: rectified-flow steps (ODE, Dance-SDE, Flow-SDE) and DanceGRPO's sigma schedule;
+- ``ddim``: DDIM-eta for variance-preserving models, in flow coordinates;
+- ``ode``: deterministic solvers (Euler, DPM-Solver++(2M)) for DGPO and evaluation;
+- ``samplers``: the samplers by name (:func:`step_transition`, :func:`sigma_grid`).
+"""
 
 from raygrpo.sampling.ddim import alpha_bar_to_sigma, ddim_transition, sigma_to_alpha_bar, vp_scale
 from raygrpo.sampling.flow import (
-    SAMPLERS,
-    Transition,
     dance_sde_transition,
     flow_sde_transition,
     ode_step,
@@ -11,19 +18,10 @@ from raygrpo.sampling.flow import (
     sde_transition,
     shift_sigmas,
     sigma_schedule,
-    step_transition,
 )
 from raygrpo.sampling.ode import ODE_SOLVERS, dpm_flow_sigmas, make_ode_solver
-
-
-def sigma_grid(sampler: str, num_steps: int, shift: float):
-    """The rollout's noise levels ``[T+1]``: diffusers' flow-DPMSolver grid for ``dpmpp_2m`` (DGPO),
-    else DanceGRPO's shifted ``linspace(1, 0, T+1)``. Flow families only: a VP model's grid (``ddim``) comes
-    from its own scheduler, ``StableDiffusionModel.sigma_grid``."""
-    if sampler == "ddim":
-        raise ValueError("the ddim grid depends on the model's noise schedule: use the model adapter's sigma_grid (family sd)")
-    return dpm_flow_sigmas(num_steps, shift) if sampler == "dpmpp_2m" else sigma_schedule(num_steps, shift)
-
+from raygrpo.sampling.samplers import SAMPLERS, sigma_grid, step_transition
+from raygrpo.sampling.transition import Transition
 
 __all__ = [
     "ODE_SOLVERS",

@@ -33,7 +33,7 @@ computes the step from ``(y, v, sigma, sigma_prev, eta)`` only. With ``eta = 0``
 the Euler step ``y + (sigma_prev - sigma) v``: DDIM is Euler in flow coordinates, so ODE rollouts
 (DGPO) need nothing new.
 
-Log-probability: the element-mean Gaussian of :class:`~raygrpo.sampling.flow.Transition`, in y. A
+Log-probability: the element-mean Gaussian of :class:`~raygrpo.sampling.transition.Transition`, in y. A
 change of variables ``x = s_prev y`` shifts every element's log-density by ``log s_prev``::
 
     log p_y(y_prev | y) = log p_x(x_prev | x) + log s_prev
@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import torch
 
-from raygrpo.sampling.flow import Transition, _as_batch_column
+from raygrpo.sampling.transition import Transition, batch_column
 
 
 def sigma_to_alpha_bar(sigma: torch.Tensor) -> torch.Tensor:
@@ -85,8 +85,8 @@ def ddim_transition(
     coefficients are computed in float64 and applied in float32.
     """
     x, v = x.float(), v.float()  # [B, ...]
-    sigma, sigma_next = (_as_batch_column(s, x).double() for s in (sigma, sigma_next))  # [B, 1, ...]
-    eta = _as_batch_column(eta, x).double()  # [B, 1, ...]
+    sigma, sigma_next = (batch_column(s, x).double() for s in (sigma, sigma_next))  # [B, 1, ...]
+    eta = batch_column(eta, x).double()  # [B, 1, ...]
     a, a_next = sigma_to_alpha_bar(sigma), sigma_to_alpha_bar(sigma_next)  # [B, 1, ...]
     # DDIM's sigma_t(eta), Eq. 16; clamped at 0 against rounding when a_next == a.
     variance = ((1 - a_next) / (1 - a) * (1 - a / a_next)).clamp_min(0.0)  # [B, 1, ...]

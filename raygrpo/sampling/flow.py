@@ -19,28 +19,22 @@ Reverse SDE sharing the ODE's marginals, one Euler-Maruyama step (reference doc 
 The two papers differ only in the diffusion coefficient g:
 
 * Dance-SDE (DanceGRPO, arXiv 2505.07818): ``g = eta`` (constant; eta = 0.3 for FLUX).
-* Flow-SDE (Flow-GRPO, arXiv 2505.05470): ``g = a * sqrt(sigma / (1 - sigma))``, with sigma = 1
-  replaced by ``sigma_max`` = the schedule's second entry to avoid dividing by zero.
+* Flow-SDE (Flow-GRPO, arXiv 2505.05470): ``g = a * sqrt(sigma / (1 - sigma))``; at sigma = 1 only the
+  denominator's sigma becomes ``sigma_max`` (the schedule's second entry), so the first step has
+  ``g = a / sqrt(1 - sigma_max)`` (see :func:`flow_sde_transition`).
 
 With g = 0 both reduce to the ODE step exactly.
 
-Log-probability (§2.4): the Gaussian log-density averaged (not summed) over every latent element,
-computed in float32::
-
-    log pi(x_next | x) = mean_elements[ -(x_next - mean)^2 / (2 std^2) - log std - log(2 pi) / 2 ]
-
-Every function takes tensors shaped ``[B, ...]``; sigma arguments are python floats or tensors that
-broadcast against ``[B]``.
+Each step is a :class:`~raygrpo.sampling.transition.Transition`, whose log-probability is the
+element-mean Gaussian of reference doc §2.4. Every function takes tensors shaped ``[B, ...]``; sigma
+arguments are python floats or tensors that broadcast against ``[B]``.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+from raygrpo.sampling.transition import Transition, batch_column
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -55,44 +49,12 @@ def sigma_schedule(num_steps: int, shift: float) -> torch.Tensor:
     return shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift).float()
 
 
-@dataclass
-class Transition:
-    """The Gaussian policy of one denoising step: ``x_next ~ N(mean, std^2 I)``."""
-
-    mean: torch.Tensor  # [B, ...] float32
-    std: torch.Tensor  # [B, 1, ...] float32, broadcastable against mean; 0 for the ODE
-
-    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Draw ``x_next``; pass ``noise`` to reuse a given z (tests), else z comes from ``generator``."""
-        if noise is None:
-            # Drawn where the generator lives (CPU generators keep runs reproducible on any device).
-            where = generator.device if generator is not None else self.mean.device
-            noise = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32, device=where).to(self.mean.device)
-        return self.mean + self.std * noise
-
-    def log_prob(self, x_next: torch.Tensor) -> torch.Tensor:
-        """Element-mean Gaussian log-density of ``x_next``, shape ``[B]`` float32."""
-        if bool((self.std <= 0).any()):
-            raise ValueError("log_prob needs std > 0: the ODE step (g = 0) is deterministic and has no density")
-        std = self.std.float()
-        log_density = -((x_next.float() - self.mean) ** 2) / (2 * std**2) - torch.log(std) - _HALF_LOG_2PI  # [B, ...]
-        return log_density.flatten(1).mean(dim=1)  # [B]
-
-
-def _as_batch_column(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A float or ``[B]`` tensor as float32 shaped ``[B, 1, ..., 1]`` to broadcast over ``like``."""
-    tensor = torch.as_tensor(value, dtype=torch.float32, device=like.device)
-    if tensor.ndim == 0:
-        tensor = tensor.expand(like.shape[0])
-    return tensor.reshape(-1, *([1] * (like.ndim - 1)))
-
-
 def sde_transition(
     x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor, g: float | torch.Tensor
 ) -> Transition:
     """Mean and std of the shared-drift reverse SDE step (module docstring), all in float32."""
     x, v = x.float(), v.float()  # [B, ...]; the step overflows in bf16 (Flow-GRPO casts for this reason)
-    sigma, sigma_next, g = (_as_batch_column(t, x) for t in (sigma, sigma_next, g))  # [B, 1, ...]
+    sigma, sigma_next, g = (batch_column(t, x) for t in (sigma, sigma_next, g))  # [B, 1, ...]
     dsigma = sigma_next - sigma  # [B, 1, ...], negative
     mean = x + dsigma * (v + g**2 / (2 * sigma) * (x + (1 - sigma) * v))  # [B, ...]
     std = g * torch.sqrt(-dsigma)  # [B, 1, ...]
@@ -102,7 +64,7 @@ def sde_transition(
 def ode_step(x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor) -> torch.Tensor:
     """Deterministic Euler step ``x + (sigma_next - sigma) * v`` in float32."""
     x = x.float()
-    dsigma = _as_batch_column(sigma_next, x) - _as_batch_column(sigma, x)
+    dsigma = batch_column(sigma_next, x) - batch_column(sigma, x)
     return x + dsigma * v.float()
 
 
@@ -112,42 +74,28 @@ def dance_sde_transition(x, v, sigma, sigma_next, eta: float) -> Transition:
 
 
 def flow_sde_transition(x, v, sigma, sigma_next, noise_level: float, sigma_max: float) -> Transition:
-    """Flow-GRPO's step: ``g = a * sqrt(sigma / (1 - sigma))``, sigma = 1 replaced by ``sigma_max``."""
-    s = _as_batch_column(sigma, x.float())
-    s_for_g = torch.where(s >= 1.0, torch.full_like(s, sigma_max), s)
-    g = noise_level * torch.sqrt(s_for_g / (1 - s_for_g))
+    """Flow-GRPO's step (arXiv 2505.05470): the shared-drift SDE with ``g = a * sqrt(sigma / (1 - sigma))``.
+
+    At sigma = 1 the denominator would be 0, so there (and only there) it uses ``sigma_max``, the
+    schedule's second entry, while the numerator keeps sigma = 1::
+
+        g = a * sqrt(sigma / (1 - sigma))        sigma < 1
+        g = a * sqrt(1 / (1 - sigma_max))        sigma = 1 (the first step of a grid that starts at pure noise)
+
+    Source: Flow-GRPO's ``sde_step_with_logprob`` (``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py``,
+    yifan123/flow_grpo at 54809b5, ``sde_type="sde"``) takes ``sigma_max = scheduler.sigmas[1]`` and
+    substitutes it for sigma only inside ``1 - sigma``. Putting ``sigma_max`` in the numerator as well
+    would shrink the first step's std by ``sqrt(sigma_max)`` (1.8% for 10 steps at shift 3).
+    Since step 0 goes to ``sigma_next = sigma_max``, its std is exactly ``g sqrt(1 - sigma_max) = a``. The
+    drift keeps sigma = 1 too, where ``(1 - sigma) v`` vanishes: ``mean = x + dsigma (v + g^2 x / 2)``.
+    """
+    s = batch_column(sigma, x.float())  # [B, 1, ...]
+    denominator = 1 - torch.where(s >= 1.0, torch.full_like(s, sigma_max), s)  # [B, 1, ...]
+    g = noise_level * torch.sqrt(s / denominator)  # [B, 1, ...]
     return sde_transition(x, v, sigma, sigma_next, g.flatten())
 
 
 def predicted_x0(x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
     """``x0_hat = x - sigma * v``: the clean sample implied by one velocity prediction."""
     x = x.float()
-    return x - _as_batch_column(sigma, x) * v.float()
-
-
-SAMPLERS = ("ode", "dance_sde", "flow_sde", "ddim")
-"""``ddim``: DDIM-eta for variance-preserving models in flow coordinates (:mod:`raygrpo.sampling.ddim`)."""
-
-
-def step_transition(
-    sampler: str, noise_level: float, x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, index: int | torch.Tensor
-) -> Transition:
-    """The transition of step ``index`` of schedule ``sigmas`` ([T+1]) for one of :data:`SAMPLERS`.
-
-    ``noise_level`` is eta for ``dance_sde`` and ``ddim``, a for ``flow_sde`` and ignored by ``ode``. ``index`` may be
-    a ``[B]`` tensor when the samples of a batch sit at different steps (the learner's random subsets).
-    Rollout and learner both go through here, so the learner recomputes exactly what rollout sampled.
-    """
-    sigma, sigma_next = sigmas[index], sigmas[torch.as_tensor(index) + 1]
-    if sampler == "ode":
-        mean = ode_step(x, v, sigma, sigma_next)
-        return Transition(mean=mean, std=torch.zeros_like(_as_batch_column(sigma, mean)))
-    if sampler == "dance_sde":
-        return dance_sde_transition(x, v, sigma, sigma_next, noise_level)
-    if sampler == "flow_sde":
-        return flow_sde_transition(x, v, sigma, sigma_next, noise_level, sigma_max=float(sigmas[1]))
-    if sampler == "ddim":
-        from raygrpo.sampling.ddim import ddim_transition  # here, not at the top: ddim builds on this module
-
-        return ddim_transition(x, v, sigma, sigma_next, noise_level)
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    return x - batch_column(sigma, x) * v.float()

@@ -24,7 +24,7 @@ HPS v2.1, an open_clip checkpoint, is therefore converted into a transformers ``
 
 from __future__ import annotations
 
-from raygrpo.reward.builtin import Reward
+from raygrpo.reward.base import Reward
 from raygrpo.reward.models.clip import (
     Aesthetic,
     AestheticHead,

@@ -19,18 +19,18 @@ from raygrpo.reward.models.loading import (
     OPENCLIP_VIT_H_14,
     NeuralReward,
     NeuralRewardParams,
-    _error,
-    _load,
-    _load_state_dict,
-    _materialise,
-    _prepare,
     check_file_source,
     check_model_source,
     fetch_file,
+    load_or_explain,
+    materialise,
+    model_error,
+    read_state_dict,
+    to_inference,
 )
 
 
-def _clip_processor_class():
+def clip_processor_class():
     """transformers' PIL-backed CLIP image processor.
 
     The PIL backend when transformers has one: it gives the same pixels whether or not torchvision is
@@ -47,7 +47,7 @@ def _clip_processor_class():
 
 def _clip_image_processor(value: str):
     """The CLIP image processor saved in ``value`` (a folder or hub id)."""
-    return _clip_processor_class().from_pretrained(value)
+    return clip_processor_class().from_pretrained(value)
 
 
 class ClipEncoder:
@@ -62,7 +62,7 @@ class ClipEncoder:
 
     def __init__(self, model, tokenizer, image_processor, device: torch.device, dtype: torch.dtype):
         self.temperature = float(model.logit_scale.detach().float().exp())
-        self.model = _prepare(model, device, dtype)
+        self.model = to_inference(model, device, dtype)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.device = device
@@ -96,9 +96,9 @@ def load_clip_encoder(reward: NeuralReward, model_param: str, model: str, proces
 
     name = reward.name
     # Loaded in float32 and cast by ClipEncoder, which first reads the temperature at full precision.
-    net = _load(name, model_param, model, lambda: CLIPModel.from_pretrained(model, dtype=torch.float32))
-    tokenizer = _load(name, processor_param, processor, lambda: AutoTokenizer.from_pretrained(processor))
-    image_processor = _load(name, processor_param, processor, lambda: _clip_image_processor(processor))
+    net = load_or_explain(name, model_param, model, lambda: CLIPModel.from_pretrained(model, dtype=torch.float32))
+    tokenizer = load_or_explain(name, processor_param, processor, lambda: AutoTokenizer.from_pretrained(processor))
+    image_processor = load_or_explain(name, processor_param, processor, lambda: _clip_image_processor(processor))
     return ClipEncoder(net, tokenizer, image_processor, reward.device, reward.torch_dtype)
 
 
@@ -235,13 +235,13 @@ class Aesthetic(NeuralReward):
         clip = load_clip_encoder(
             self, "clip_model", p.clip_model, "processor" if p.processor else "clip_model", p.processor or p.clip_model
         )
-        state = _load(self.name, "head", p.head, lambda: _load_state_dict(fetch_file(self.name, "head", p.head)))
+        state = load_or_explain(self.name, "head", p.head, lambda: read_state_dict(fetch_file(self.name, "head", p.head)))
         width = clip.model.config.projection_dim
         weight = state.get("layers.0.weight")
         if weight is None or weight.ndim != 2:
-            raise _error(self.name, "head", f"{p.head!r} has no 'layers.0.weight'; keys: {sorted(state)[:8]}")
+            raise model_error(self.name, "head", f"{p.head!r} has no 'layers.0.weight'; keys: {sorted(state)[:8]}")
         if weight.shape[1] != width:
-            raise _error(
+            raise model_error(
                 self.name, "head", f"the head takes {weight.shape[1]}-d embeddings but {p.clip_model!r} projects "
                 f"to {width}-d; use the CLIP the head was trained on (ViT-L/14 for the LAION heads)",
             )  # fmt: skip
@@ -249,8 +249,8 @@ class Aesthetic(NeuralReward):
         try:
             head.load_state_dict(state)
         except RuntimeError as exc:
-            raise _error(self.name, "head", f"{p.head!r} does not fit the aesthetic MLP: {exc}") from None
-        return clip, _prepare(head, self.device, torch.float32)  # a few thousand FLOPs: keep full precision
+            raise model_error(self.name, "head", f"{p.head!r} does not fit the aesthetic MLP: {exc}") from None
+        return clip, to_inference(head, self.device, torch.float32)  # a few thousand FLOPs: keep full precision
 
     def _score_batch(self, nets: tuple[ClipEncoder, AestheticHead], images: np.ndarray, prompts: list[str]) -> torch.Tensor:
         clip, head = nets
@@ -392,7 +392,7 @@ def openclip_to_transformers(state_dict: Mapping[str, torch.Tensor], model_cfg: 
         model.load_state_dict(out, strict=True, assign=True)
     except RuntimeError as exc:  # wrong shapes: the config does not describe this checkpoint
         raise ValueError(f"the checkpoint does not match the open_clip model config: {exc}") from None
-    return _materialise(model)  # the position-id buffers are not in any state dict
+    return materialise(model)  # the position-id buffers are not in any state dict
 
 
 class HpsV21(ClipScore):
@@ -427,7 +427,7 @@ class HpsV21(ClipScore):
     def _check_sources(self) -> None:
         check_file_source(self.name, "checkpoint", self.params.checkpoint)
         if self.params.openclip_config is not None and not Path(self.params.openclip_config).expanduser().is_file():
-            raise _error(
+            raise model_error(
                 self.name, "openclip_config", f"{self.params.openclip_config!r} is not a file; give an open_clip model config JSON"
             )
         check_model_source(self.name, "processor", self.params.processor, _PROCESSOR_FILES)
@@ -442,11 +442,11 @@ class HpsV21(ClipScore):
         from transformers import AutoTokenizer
 
         p, name = self.params, self.name
-        tokenizer = _load(name, "processor", p.processor, lambda: AutoTokenizer.from_pretrained(p.processor))
-        image_processor = _load(name, "processor", p.processor, lambda: _clip_image_processor(p.processor))
-        cfg = _load(name, "openclip_config", p.openclip_config or "ViT-H-14", self._model_cfg)
-        state = _load(name, "checkpoint", p.checkpoint, lambda: _load_state_dict(fetch_file(name, "checkpoint", p.checkpoint)))
-        model = _load(name, "checkpoint", p.checkpoint, lambda: openclip_to_transformers(state, cfg, tokenizer))
+        tokenizer = load_or_explain(name, "processor", p.processor, lambda: AutoTokenizer.from_pretrained(p.processor))
+        image_processor = load_or_explain(name, "processor", p.processor, lambda: _clip_image_processor(p.processor))
+        cfg = load_or_explain(name, "openclip_config", p.openclip_config or "ViT-H-14", self._model_cfg)
+        state = load_or_explain(name, "checkpoint", p.checkpoint, lambda: read_state_dict(fetch_file(name, "checkpoint", p.checkpoint)))
+        model = load_or_explain(name, "checkpoint", p.checkpoint, lambda: openclip_to_transformers(state, cfg, tokenizer))
         return ClipEncoder(model, tokenizer, image_processor, self.device, self.torch_dtype)
 
 

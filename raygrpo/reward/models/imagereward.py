@@ -13,20 +13,19 @@ import torch
 from PIL import Image
 from torch import nn
 
-from raygrpo.reward.models.clip import AestheticHead, _clip_processor_class
+from raygrpo.reward.models.clip import AestheticHead, clip_processor_class
 from raygrpo.reward.models.loading import (
     NeuralReward,
     NeuralRewardParams,
-    _error,
-    _load,
-    _load_state_dict,
-    _materialise,
-    _prepare,
     check_file_source,
     check_model_source,
     fetch_file,
+    load_or_explain,
+    materialise,
+    model_error,
+    read_state_dict,
+    to_inference,
 )
-
 
 # ImageReward v1.0's architecture: BLIP_Pretrain(image_size=224, vit="large") with the med_config.json
 # of the hub repository THUDM/ImageReward (BERT-base, 30524 tokens = bert-base-uncased + [DEC] + [ENC],
@@ -128,7 +127,7 @@ def imagereward_to_transformers(
             model.load_state_dict(weights, strict=True, assign=True)
         except RuntimeError as exc:  # missing keys or wrong shapes: the architecture does not describe it
             raise ValueError(f"the checkpoint's {part} does not match the architecture: {exc}") from None
-    return _materialise(vision_model), _materialise(text_model), head
+    return materialise(vision_model), materialise(text_model), head
 
 
 class ImageRewardNets:
@@ -185,7 +184,7 @@ class ImageRewardScore(NeuralReward):
         check_file_source(self.name, "checkpoint", self.params.checkpoint)
         check_model_source(self.name, "tokenizer", self.params.tokenizer, ("tokenizer_config.json", "vocab.txt", "tokenizer.json"))
         if self.params.architecture is not None and not Path(self.params.architecture).expanduser().is_file():
-            raise _error(self.name, "architecture", f"{self.params.architecture!r} is not a file; give a JSON file")
+            raise model_error(self.name, "architecture", f"{self.params.architecture!r} is not a file; give a JSON file")
 
     def _architecture(self) -> Mapping[str, Any]:
         if self.params.architecture is None:
@@ -204,18 +203,17 @@ class ImageRewardScore(NeuralReward):
             tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
             return tok
 
-        tok = _load(name, "tokenizer", p.tokenizer, tokenizer)
-        arch = _load(name, "architecture", p.architecture or "ImageReward-v1.0", self._architecture)
-        state = _load(name, "checkpoint", p.checkpoint, lambda: _load_state_dict(fetch_file(name, "checkpoint", p.checkpoint)))
-        vision, text, head = _load(name, "checkpoint", p.checkpoint, lambda: imagereward_to_transformers(state, arch))
+        tok = load_or_explain(name, "tokenizer", p.tokenizer, tokenizer)
+        arch = load_or_explain(name, "architecture", p.architecture or "ImageReward-v1.0", self._architecture)
+        state = load_or_explain(name, "checkpoint", p.checkpoint, lambda: read_state_dict(fetch_file(name, "checkpoint", p.checkpoint)))
+        vision, text, head = load_or_explain(name, "checkpoint", p.checkpoint, lambda: imagereward_to_transformers(state, arch))
         if len(tok) > text.config.vocab_size:
-            raise _error(name, "tokenizer", f"{len(tok)} tokens but the text encoder has {text.config.vocab_size} embeddings")
+            raise model_error(name, "tokenizer", f"{len(tok)} tokens but the text encoder has {text.config.vocab_size} embeddings")
         size = int(arch["vision_config"].get("image_size", 224))
         processor = _clip_style_processor(size)
         dev, dtype = self.device, self.torch_dtype
-        return ImageRewardNets(
-            _prepare(vision, dev, dtype), _prepare(text, dev, dtype), _prepare(head, dev, torch.float32), tok, processor, dev, dtype
-        )
+        vision, text, head = to_inference(vision, dev, dtype), to_inference(text, dev, dtype), to_inference(head, dev, torch.float32)
+        return ImageRewardNets(vision, text, head, tok, processor, dev, dtype)
 
     def _score_batch(self, nets: ImageRewardNets, images: np.ndarray, prompts: list[str]) -> torch.Tensor:
         return nets(images, prompts)
@@ -223,4 +221,4 @@ class ImageRewardScore(NeuralReward):
 
 def _clip_style_processor(size: int):
     """Resize the short side to ``size`` (bicubic), centre-crop ``size``, CLIP mean/std: ImageReward's ``_transform``."""
-    return _clip_processor_class()(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return clip_processor_class()(size={"shortest_edge": size}, crop_size={"height": size, "width": size})

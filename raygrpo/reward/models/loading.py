@@ -15,7 +15,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from raygrpo.reward.builtin import Reward, RewardParams, _check_batch
+from raygrpo.reward.base import Reward, RewardParams, check_batch
 
 HF_PREFIX = "hf://"  # marks a single weights file inside a hub repository: hf://owner/repo/path/to/file
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -63,7 +63,8 @@ def _download_hint(repo_id: str, param: str, what: str = "DIR") -> str:
     )
 
 
-def _error(reward: str, param: str, message: str) -> RewardModelError:
+def model_error(reward: str, param: str, message: str) -> RewardModelError:
+    """The error for a bad weights parameter: ``reward 'x': parameter 'y': message``."""
     return RewardModelError(f"reward {reward!r}: parameter {param!r}: {message}")
 
 
@@ -77,13 +78,13 @@ def check_model_source(reward: str, param: str, value: str, files: tuple[str, ..
     path = Path(value).expanduser()
     if path.is_dir():
         if not any((path / name).is_file() for name in files):
-            raise _error(
+            raise model_error(
                 reward, param, f"{str(path)!r} is a folder but holds none of {', '.join(files)}; point it at a "
                 "folder written by save_pretrained (or a downloaded hub snapshot)",
             )  # fmt: skip
         return
     if path.exists() or not _HUB_ID.match(value) or value.startswith((".", "~")):
-        raise _error(
+        raise model_error(
             reward, param, f"{value!r} is not a folder (and not a hub id such as {OPENAI_CLIP_L!r}); set it to a "
             "folder written by save_pretrained or to a hub id",
         )  # fmt: skip
@@ -92,7 +93,7 @@ def check_model_source(reward: str, param: str, value: str, files: tuple[str, ..
     if any(isinstance(try_to_load_from_cache(value, name), str) for name in files):
         return
     if _hub_offline():
-        raise _error(
+        raise model_error(
             reward, param, f"{value!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set, so it cannot be "
             "downloaded. " + _download_hint(value, param),
         )  # fmt: skip
@@ -113,12 +114,12 @@ def check_file_source(reward: str, param: str, value: str) -> None:
     if value.startswith(HF_PREFIX):
         split = _split_hf_file(value)
         if split is None:
-            raise _error(reward, param, f"{value!r} is not of the form hf://<owner>/<repo>/<file>")
+            raise model_error(reward, param, f"{value!r} is not of the form hf://<owner>/<repo>/<file>")
         from huggingface_hub import try_to_load_from_cache
 
         repo_id, filename = split
         if not isinstance(try_to_load_from_cache(repo_id, filename), str) and _hub_offline():
-            raise _error(
+            raise model_error(
                 reward, param, f"{filename!r} of {repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is "
                 f"set, so it cannot be downloaded. " + _download_hint(repo_id, param, f"DIR/{filename}"),
             )  # fmt: skip
@@ -126,7 +127,7 @@ def check_file_source(reward: str, param: str, value: str) -> None:
     path = Path(value).expanduser()
     if not path.is_file():
         why = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise _error(reward, param, f"{value!r} {why}; set it to a weights file or to hf://<owner>/<repo>/<file>")
+        raise model_error(reward, param, f"{value!r} {why}; set it to a weights file or to hf://<owner>/<repo>/<file>")
 
 
 def fetch_file(reward: str, param: str, value: str) -> str:
@@ -140,13 +141,13 @@ def fetch_file(reward: str, param: str, value: str) -> str:
     try:
         return hf_hub_download(repo_id, filename)
     except Exception as exc:
-        raise _error(
+        raise model_error(
             reward, param, f"cannot get {filename!r} from {repo_id!r} ({type(exc).__name__}: {exc}). "
             + _download_hint(repo_id, param, f"DIR/{filename}"),
         ) from exc  # fmt: skip
 
 
-def _load(reward: str, param: str, value: str, loader: Callable[[], Any]) -> Any:
+def load_or_explain(reward: str, param: str, value: str, loader: Callable[[], Any]) -> Any:
     """``loader()``, with a failure re-raised naming the reward, the parameter and how to fix it."""
     try:
         return loader()
@@ -154,10 +155,10 @@ def _load(reward: str, param: str, value: str, loader: Callable[[], Any]) -> Any
         raise
     except Exception as exc:
         hint = _download_hint(value, param) if _HUB_ID.match(value) and not Path(value).exists() else ""
-        raise _error(reward, param, f"cannot load {value!r} ({type(exc).__name__}: {exc}). {hint}".rstrip()) from exc
+        raise model_error(reward, param, f"cannot load {value!r} ({type(exc).__name__}: {exc}). {hint}".rstrip()) from exc
 
 
-def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` or torch pickle file (``weights_only``: no code runs on load)."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -239,7 +240,7 @@ class NeuralReward(Reward):
             return self._nets
 
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        _check_batch(images, prompts)
+        check_batch(images, prompts)
         if len(images) == 0:
             return np.zeros(0, np.float32)
         nets = self.load()
@@ -263,11 +264,12 @@ class NeuralReward(Reward):
         self._lock = threading.Lock()
 
 
-def _prepare(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def to_inference(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """``module`` on ``device`` in ``dtype``, in eval mode, without gradients: how every reward network runs."""
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def _materialise(model: nn.Module) -> nn.Module:
+def materialise(model: nn.Module) -> nn.Module:
     """Recreate the ``position_ids`` buffers of a model built on the meta device and filled by ``assign``."""
     for module in model.modules():
         ids = getattr(module, "position_ids", None)

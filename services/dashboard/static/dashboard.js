@@ -171,19 +171,45 @@ const Dashboard = (() => {
     container.replaceChildren(...(cells.length ? cells : [el("p", { class: "muted" }, "no advantage statistics yet")]));
   }
 
+  // One chart per reward (samples without a score, retried requests, failed requests), then the groups dropped
+  // and trained: a reward server that is down or rejects its token shows here before the run stops.
+  function drawFailures(container, metrics) {
+    const names = Object.keys(metrics.series).map((k) => /^rewards\/(.+)\/missing$/.exec(k)).filter(Boolean).map((x) => x[1]).sort();
+    const cells = names.map((name) => {
+      const series = ["missing", "retries", "errors"].filter((what) => metrics.series[`rewards/${name}/${what}`])
+        .map((what, i) => ({ name: what, values: metrics.series[`rewards/${name}/${what}`], color: COLORS[i % COLORS.length] }));
+      const cell = el("div", { "data-failures": name });
+      cell.append(el("h3", {}, name), lineChart(metrics.steps, series, { width: 300, height: 130, compact: true }), legend(series));
+      return cell;
+    });
+    const groups = ["dropped", "trained"].filter((what) => metrics.series[`groups/${what}`])
+      .map((what, i) => ({ name: what, values: metrics.series[`groups/${what}`], color: COLORS[(i + 3) % COLORS.length] }));
+    if (groups.length) {
+      const cell = el("div", { "data-failures": "groups" });
+      cell.append(el("h3", {}, "groups"), lineChart(metrics.steps, groups, { width: 300, height: 130, compact: true }), legend(groups));
+      cells.push(cell);
+    }
+    container.replaceChildren(...(cells.length ? cells : [el("p", { class: "muted" }, "no reward failure counts yet")]));
+  }
+
+  // A prompt may be very long (100k characters): headings and tooltips show its start.
+  function shortPrompt(prompt) {
+    return prompt.length > 300 ? `${prompt.slice(0, 300)}…` : prompt;
+  }
+
   // ----- gallery -----
 
   function drawGallery(container, gallery) {
     const groups = gallery.groups.map((group) => {
       const section = el("div", { class: "group" });
-      section.append(el("h3", {}, `group ${group.group_id} · policy v${group.policy_version} · “${group.prompt}”`));
+      section.append(el("h3", {}, `group ${group.group_id} · policy v${group.policy_version} · “${shortPrompt(group.prompt)}”`));
       const totals = group.samples.map((s) => s.total).filter((t) => t !== null);
       const [best, worst] = [Math.max(...totals), Math.min(...totals)];
       const row = el("div", { class: "samples" });
       for (const s of group.samples) {
         const mark = totals.length > 1 && best !== worst ? (s.total === best ? "best" : s.total === worst ? "worst" : "") : "";
         const figure = el("figure", { class: mark });
-        const img = el("img", { src: s.url, alt: `group ${group.group_id} sample ${s.member}`, class: "sample", title: group.prompt });
+        const img = el("img", { src: s.url, alt: `group ${group.group_id} sample ${s.member}`, class: "sample", title: shortPrompt(group.prompt) });
         const caption = el("figcaption");
         caption.append(el("b", {}, `total ${fmt(s.total)}`));
         for (const [name, v] of Object.entries(s.scores)) caption.append(el("br"), document.createTextNode(`${name} ${fmt(v)}`));
@@ -246,6 +272,7 @@ const Dashboard = (() => {
         `started ${when(info.started_at)} · ${info.steps} steps · last reward ${fmt(info.last_reward)} · ${info.status_reason}`;
       drawRewards(document.getElementById("chart-rewards"), metrics);
       draw(document.getElementById("chart-timings"), metrics.steps, prefixed(metrics, "time/"), { width: 900, height: 220 });
+      drawFailures(document.getElementById("chart-failures"), metrics);
       drawLearner(document.getElementById("chart-learner"), metrics);
       drawAdvantages(document.getElementById("chart-advantages"), metrics);
       const steps = info.sample_steps.slice().reverse();  // newest first

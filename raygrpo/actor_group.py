@@ -1,0 +1,252 @@
+"""Groups of workers behind one small API: Ray actors (:class:`ActorGroup`) or plain objects in this
+process (:class:`LocalGroup`, ``run.in_process: true``). The controller, the rollout scheduler, the
+weight sync and the learner group only ever talk to a group, so the same step runs on a cluster and
+under a debugger::
+
+    group = make_group(config, RolloutWorker, resources, [(config,)] * n)   # n workers
+    ref = group.call(i, "generate", prompt_group, num_returns=3)           # one call, returns at once
+    results = group.foreach("status")                                      # every worker, waited for
+    results = group.map("update", shards)                                  # worker i gets shards[i]
+    value = get(ref)                                                       # Ray or local refs alike
+
+A call on a :class:`LocalGroup` runs at once, in order, and returns a :class:`LocalRef` holding its
+value (or the exception it raised, re-raised by :func:`get`). Ray runs each actor's calls in the
+order they were sent too, so a driver that submits in the same order sees the same results either
+way: the in-process run of a seed is the Ray run of that seed, number for number (tests check it).
+Arguments that are refs are resolved before the call in both, as Ray resolves top-level ObjectRefs.
+
+Health: an actor that dies is restarted by Ray up to ``max_restarts`` times; its calls in flight fail
+with ``RayActorError`` and the caller decides what to send again (:mod:`raygrpo.rollout.scheduler`).
+:meth:`ActorGroup.wait_alive` waits for a restart to finish. Objects in this process never die.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from raygrpo.placement import PlanError, RoleResources, plan_table
+
+logger = logging.getLogger(__name__)
+
+RESTART_TIMEOUT_S = 600.0  # how long to wait for Ray to bring a dead actor back (model loading included)
+
+
+class LocalRef:
+    """The outcome of a call on a :class:`LocalGroup`: its value, or the exception it raised."""
+
+    __slots__ = ("_value", "_error")
+
+    def __init__(self, value: Any = None, error: BaseException | None = None):
+        self._value, self._error = value, error
+
+    def result(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def get(refs: Any, timeout: float | None = None) -> Any:
+    """The value of a ref, or the values of a list of refs (Ray ObjectRefs or LocalRefs, not mixed)."""
+    if isinstance(refs, LocalRef):
+        return refs.result()
+    if isinstance(refs, list) and all(isinstance(r, LocalRef) for r in refs):
+        return [r.result() for r in refs]
+    import ray
+
+    return ray.get(refs, timeout=timeout)
+
+
+def wait_until_done(refs: list) -> None:
+    """Block until every ref is computed, without fetching it here (local refs are done already)."""
+    remote = [r for r in refs if not isinstance(r, LocalRef)]
+    if remote:
+        import ray
+
+        ray.wait(remote, num_returns=len(remote), fetch_local=False)
+
+
+def _resolve(value: Any) -> Any:
+    return value.result() if isinstance(value, LocalRef) else value
+
+
+class LocalGroup:
+    """``count`` instances of ``actor_cls`` in this process; the API of :class:`ActorGroup`."""
+
+    def __init__(self, actor_cls: type, resources: RoleResources, args: Sequence[tuple]):
+        if len(args) != resources.count:
+            raise ValueError(f"{resources.role}: {len(args)} argument tuples for {resources.count} workers")
+        self.resources = resources
+        self.actors = [actor_cls(*a) for a in args]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def call(self, index: int, method: str, *args: Any, num_returns: int = 1) -> Any:
+        """Run ``actors[index].method(*args)`` now; a LocalRef (``num_returns`` > 1: a tuple of them)."""
+        try:
+            value = getattr(self.actors[index], method)(*(_resolve(a) for a in args))
+        except Exception as exc:  # noqa: BLE001 - re-raised where the caller gets the ref, as Ray does
+            error = LocalRef(error=exc)
+            return error if num_returns == 1 else tuple(error for _ in range(num_returns))
+        if num_returns == 1:
+            return LocalRef(value)
+        return tuple(LocalRef(v) for v in value)
+
+    def foreach(self, method: str, *args: Any) -> list:
+        return get([self.call(i, method, *args) for i in range(len(self))])
+
+    def map(self, method: str, items: Sequence) -> list:
+        if len(items) != len(self):
+            raise ValueError(f"{self.resources.role}: {len(items)} items for {len(self)} workers")
+        return get([self.call(i, method, item) for i, item in enumerate(items)])
+
+    def ready(self) -> list:
+        return []  # built in __init__
+
+    def wait_alive(self, index: int) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            close = getattr(actor, "close", None)
+            if callable(close):
+                close()
+
+
+class ActorGroup:
+    """``resources.count`` Ray actors of ``actor_cls`` in one placement group of their own (packed onto as
+    few nodes as possible); actor ``i`` is built with ``args[i]``.
+
+    Construction returns once the placement group is placed and the actors are scheduled; wait on
+    :meth:`ready` (every group's refs at once, so their model loading overlaps). ``max_restarts``: how
+    often Ray restarts a dead actor. ``out_of_order``: run each call as soon as its arguments are ready
+    (reward replicas: a group still generating must not hold up one that is done), one at a time all the same.
+    """
+
+    def __init__(
+        self,
+        actor_cls: type,
+        resources: RoleResources,
+        args: Sequence[tuple] | Callable[[ActorGroup], Sequence[tuple]],
+        *,
+        max_restarts: int = 0,
+        out_of_order: bool = False,
+    ):
+        """``args``: one tuple per actor, or a function of the placed (still empty) group that makes them
+        (the learner group asks its first bundle's node for a rendezvous address first)."""
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.resources = resources
+        self.placement_group = placement_group([resources.bundle] * resources.count, strategy="PACK", name=f"raygrpo-{resources.role}")
+        try:
+            ray.get(self.placement_group.ready(), timeout=60)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.placement_group)
+            raise PlanError(
+                f"placement group for {resources.role} ({resources.count} x {resources.bundle}) was not placed within 60 s: "
+                "the cluster's free resources are fragmented or held by other jobs (have = free now):\n"
+                + plan_table([resources], ray.available_resources())
+            ) from None
+        if callable(args):
+            args = args(self)
+        if len(args) != resources.count:
+            remove_placement_group(self.placement_group)
+            raise ValueError(f"{resources.role}: {len(args)} argument tuples for {resources.count} actors")
+        remote_cls = ray.remote(actor_cls)
+        self.actors = [
+            remote_cls.options(
+                num_cpus=resources.num_cpus,
+                num_gpus=resources.num_gpus,
+                # A restarted actor comes back in the same bundle; the caller re-sends weights and work.
+                max_restarts=max_restarts,
+                allow_out_of_order_execution=out_of_order,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
+            ).remote(*actor_args)
+            for i, actor_args in enumerate(args)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def run_on_bundle(self, index: int, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)`` as a task on the node of bundle ``index`` (e.g. to pick a free port there), waited for."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        # A sliver of the bundle's CPU: the task must fit inside it and the bundle's actor does not exist yet.
+        task = ray.remote(fn).options(
+            num_cpus=0.001, scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=index)
+        )
+        return ray.get(task.remote(*args))
+
+    def single_node(self) -> bool:
+        """Whether every bundle of the group sits on one node (then its members can meet on loopback)."""
+        from ray.util.placement_group import placement_group_table
+
+        return len(set(placement_group_table(self.placement_group)["bundles_to_node_id"].values())) == 1
+
+    def call(self, index: int, method: str, *args: Any, num_returns: int = 1) -> Any:
+        """Send ``actors[index].method(*args)``; its ObjectRef (``num_returns`` > 1: a list of them)."""
+        remote_method = getattr(self.actors[index], method)
+        if num_returns != 1:
+            remote_method = remote_method.options(num_returns=num_returns)
+        return remote_method.remote(*args)
+
+    def foreach(self, method: str, *args: Any) -> list:
+        """``method(*args)`` on every actor at once; their results in actor order (the first failure raises)."""
+        return get([self.call(i, method, *args) for i in range(len(self))])
+
+    def map(self, method: str, items: Sequence) -> list:
+        """``actors[i].method(items[i])`` for every actor at once; their results in actor order."""
+        if len(items) != len(self):
+            raise ValueError(f"{self.resources.role}: {len(items)} items for {len(self)} actors")
+        return get([self.call(i, method, item) for i, item in enumerate(items)])
+
+    def ready(self) -> list:
+        """Refs that resolve once every actor's ``__init__`` (model loading) has finished, or raise its error."""
+        return [actor.__ray_ready__.remote() for actor in self.actors]
+
+    def wait_alive(self, index: int) -> bool:
+        """True once actor ``index`` answers (at once if it is alive; after Ray restarted it if it was
+        dying); False if it is gone for good (out of restarts) or not back within ``RESTART_TIMEOUT_S``."""
+        import ray
+
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.actors[index].__ray_ready__.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+                return True
+            except ray.exceptions.ActorUnavailableError:
+                time.sleep(0.5)  # restarting: its calls fail fast until it is back
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return False
+        return False
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self.placement_group)
+
+
+def make_group(in_process: bool, actor_cls: type, resources: RoleResources, args: Sequence[tuple], **options: Any) -> ActorGroup | LocalGroup:
+    """A :class:`LocalGroup` for ``run.in_process`` runs, else an :class:`ActorGroup` (``options``: its restart/ordering knobs)."""
+    if in_process:
+        return LocalGroup(actor_cls, resources, args)
+    return ActorGroup(actor_cls, resources, args, **options)
+
+
+def lost_actor(exc: BaseException) -> bool:
+    """Whether a failed call means its actor died (the work can be sent again), not that the call itself raised."""
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return False
+    return isinstance(exc, ray.exceptions.RayActorError)

@@ -1,0 +1,106 @@
+"""What an algorithm is to the rest of raygrpo: a rollout spec and a loss, nothing of the plumbing.
+
+An algorithm (one file each: ``dancegrpo.py``, ``dgpo.py``) says
+
+* what rollout must record (:class:`RolloutSpec`: sampler, noise sharing, trajectory and log-probs);
+* the random draws of one update (:meth:`Algorithm.draw`: DanceGRPO's timesteps, DGPO's sigmas and noises),
+  made for every group of the step in order so that M learner ranks draw what one rank draws;
+* the loss of one optimizer step's samples as a stream of :class:`LossTerm` (:meth:`Algorithm.loss_terms`),
+  each a differentiable scalar the learner scales and backpropagates at once (so one term's activations
+  are alive at a time);
+* which weights rollout samples with and which are evaluated/exported (EMA shadows), and what moves
+  after each optimizer step.
+
+The learner (``raygrpo/learner/learner.py``) owns everything else: which samples form an optimizer
+step's window, the normalisation by the window's sample count over every rank, padding slots (loss
+weight 0), FSDP's gradient sync on the window's last backward, gradient clipping, the optimizer step and
+the metrics. Its contract with an algorithm, for one window of samples::
+
+    objective = sum_{terms t of the window} loss_t / (real samples of the window over every rank)
+
+so an algorithm writes ``loss_t`` as its per-sample loss summed over the samples the term covers (and
+divided by the number of terms each sample gets, e.g. DanceGRPO's trained timesteps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from raygrpo.contracts import Rollout, TrainGroup
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """What rollout must record for an algorithm."""
+
+    sampler: str  # one of raygrpo.sampling.SAMPLERS
+    noise_level: float  # eta (dance_sde), a (flow_sde), DDIM's eta (ddim); unused by ODE samplers
+    shared_noise: bool  # one initial noise per group
+    record_trajectory: bool  # keep x_0..x_T and the per-step log-probs
+
+
+@dataclass
+class StepDraws:
+    """The random draws of one update: one entry per group slot of the whole step (every rank's), in order,
+    plus what every group shares. The learner hands each group the entry of its global slot."""
+
+    per_group: list[Any]  # [total groups]; an algorithm-specific draw per group (e.g. per-member timesteps)
+    shared: Any = None  # e.g. DGPO's training sigmas
+    extras: dict[str, float] = field(default_factory=dict)  # step-level statistics of the draws (DGPO: sigma_min)
+
+
+@dataclass
+class WindowGroup:
+    """One group's part of an optimizer step's window, as the learner hands it to ``loss_terms``."""
+
+    slot: int  # index of this entry in the window (a LossTerm names it)
+    train: TrainGroup  # advantages, reward weights, the trained members
+    rollout: Rollout
+    rows: np.ndarray  # [n] int64: positions into ``train.members`` that belong to this window
+    draw: Any  # this group's entry of StepDraws.per_group
+
+
+@dataclass
+class LossTerm:
+    """One backward's worth of loss: a differentiable scalar and what the metrics need of it."""
+
+    loss: torch.Tensor  # scalar: sum over the samples it covers of their per-sample loss share (see the module docstring)
+    slot: int  # the WindowGroup it belongs to (the learner weights padding groups 0)
+    final: bool  # the window's last term: its backward reduce-scatters the gradients
+    ratios: list[float] = field(default_factory=list)  # importance ratios of the term's samples (for clip/ratio metrics)
+    clipped: list[bool] = field(default_factory=list)  # per sample: its loss lost its gradient to the clip
+    extras: dict[str, float] = field(default_factory=dict)  # algorithm statistics, averaged over real terms
+
+
+class Algorithm(Protocol):
+    """The learner half of an algorithm; built from the run config by :func:`raygrpo.algorithms.make_algorithm`."""
+
+    spec: RolloutSpec
+    on_policy_ratio: bool  # ratios are pi_theta / pi_old of the samples (exactly 1 before the first step on-policy)
+
+    def setup(self, model: Any, parameters: list[torch.nn.Parameter], lora: bool) -> None:
+        """Prepare shadows (EMA, frozen reference) once the trained parameters exist (sharded or not)."""
+
+    def window_samples(self, world_size: int) -> int | None:
+        """Samples per rank in one optimizer step's window; None: the whole step is one window."""
+
+    def draw(self, rng: np.random.Generator, total_groups: int, members: int, example: Rollout) -> StepDraws:
+        """Every random choice of the update, for ``total_groups`` groups of ``members`` trained members each."""
+
+    def loss_terms(self, policy: Any, window: list[WindowGroup], draws: StepDraws) -> Iterator[LossTerm]:
+        """The window's loss, one term per backward; the last one is marked ``final``."""
+
+    def after_optimizer_step(self) -> None:
+        """Move what follows the trained weights (DGPO's EMAs); called after every optimizer step."""
+
+    def sampling_weights(self) -> AbstractContextManager:
+        """The weights rollout samples with, swapped in for the duration (DGPO: the fast EMA after its switch)."""
+
+    def evaluation_weights(self) -> AbstractContextManager:
+        """The weights checkpoints and evaluation use (DGPO: the slow EMA)."""

@@ -1,0 +1,190 @@
+"""Every figure the README quotes, measured again by one command: ``make figures``.
+
+    .venv/bin/python scripts/figures.py                 # demo runs, eval, both benchmarks (~8 min on 2 idle cores)
+    .venv/bin/python scripts/figures.py --only demo     # just the demo runs and the eval table (~2 min)
+
+Runs the commands a user runs (``python -m raygrpo.run`` on a local Ray instance, ``python -m raygrpo.eval``,
+``benchmarks/*.py``) in a scratch folder, writes what they printed and measured to ``docs/figures.json``,
+and rewrites the README's figure blocks (between ``<!-- figures:NAME -->`` and ``<!-- /figures -->``)
+from that file. ``tests/test_figures.py`` checks that the README blocks are exactly what the file says,
+and the tiny-run tests check the file against what the code prints now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ROOT / "docs" / "figures.json"
+README = ROOT / "README.md"
+BLOCK = re.compile(r"(<!-- figures:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /figures -->)", re.DOTALL)
+
+
+def _run(command: list[str], env: dict[str, str]) -> tuple[str, float]:
+    start = time.monotonic()
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout, time.monotonic() - start
+
+
+def demo(preset: str, work: Path, env: dict[str, str]) -> dict:
+    """``python -m raygrpo.run <preset>`` as ``make demo`` runs it (a local Ray instance): what it prints, its curve, its time."""
+    stdout, seconds = _run([sys.executable, "-m", "raygrpo.run", preset, f"run.output_root={work}"], env)
+    run_dir = Path(re.search(r"^outputs: (.+)$", stdout, re.MULTILINE).group(1))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    totals = [r["reward/total/mean"] for r in records]
+    best = max(range(len(totals)), key=totals.__getitem__)
+    return {
+        "preset": preset,
+        "printed": stdout.strip().splitlines()[-2],  # "reward (weighted total, ...): first step A -> last step B"
+        "first": totals[0],
+        "last": totals[-1],
+        "best": totals[best],
+        "best_step": best + 1,
+        "steps": len(totals),
+        "wall_seconds": round(seconds, 1),
+        "bytes_per_sample": records[0]["rollout/bytes_per_sample"],
+        "run_dir": str(run_dir),
+    }
+
+
+def evaluation(run_dir: str, work: Path, env: dict[str, str]) -> dict:
+    out = work / "eval"
+    _, seconds = _run([sys.executable, "-m", "raygrpo.eval", f"{run_dir}/config.yaml", "--checkpoint", f"{run_dir}/checkpoint-final",
+                       "--prompts", "cluster/prompts/example.txt", "--best-of-n", "4", "--out", str(out)], env)  # fmt: skip
+    document = json.loads((out / "eval.json").read_text())
+    return {"table": document["table"].strip(), "prompts": len(document["prompts"]), "wall_seconds": round(seconds, 1)}
+
+
+def benchmark(script: str, work: Path, env: dict[str, str], *args: str) -> dict:
+    out = work / f"{Path(script).stem}.json"
+    _, seconds = _run([sys.executable, script, "--out", str(out), *args], env)
+    return {**json.loads(out.read_text()), "wall_seconds": round(seconds, 1)}
+
+
+# ----- the README blocks, rendered from docs/figures.json -----
+
+
+def render(name: str, figures: dict) -> str:
+    return {"demo": _render_demo, "eval": _render_eval, "dgpo_vs_dancegrpo": _render_race, "scale_out": _render_scale_out}[name](figures)
+
+
+def _render_demo(f: dict) -> str:
+    d, g = f["demo"]["dancegrpo"], f["demo"]["dgpo"]
+    return (
+        f"On the {f['machine']} it takes {d['wall_seconds']:.0f} s, start-up included; the reward (kB of JPEG, negative: images\n"
+        f"become smoother) goes from {d['first']:.4f} to {d['last']:.4f} in {d['steps']} steps (best {d['best']:.4f}, at step {d['best_step']}).\n"
+        f"It prints the folder it wrote:\n\n```\n{d['printed']}\noutputs: /path/to/raygrpo/outputs/tiny-YYYYmmdd-HHMMSS\n```\n\n"
+        f"The same task with DGPO (`cluster/tiny_dgpo.yaml`): {g['wall_seconds']:.0f} s, reward {g['first']:.4f} → {g['last']:.4f}\n"
+        f"(best {g['best']:.4f}); {g['bytes_per_sample']:,.0f} bytes per sample reach the learner against DanceGRPO's {d['bytes_per_sample']:,.0f}.\n"
+    )
+
+
+def _render_eval(f: dict) -> str:
+    e = f["eval"]
+    return (
+        f"On the checkpoint of the demo run above, on {e['prompts']} held-out prompts, 8 Euler steps ({e['wall_seconds']:.0f} s on the\n"
+        f"{f['machine']}):\n\n{e['table']}\n"
+    )
+
+
+def _render_race(f: dict) -> str:
+    r = f["dgpo_vs_dancegrpo"]
+    d, g = r["summary"]["dancegrpo"], r["summary"]["dgpo"]
+
+    def seconds(name: str) -> str:
+        runs = [x["seconds"] for x in r["runs"][name] if x["reached"]]
+        return f"{statistics.median(runs):.2f} ({', '.join(f'{s:.2f}' for s in runs)})" if runs else "not reached"
+
+    ratios = r["ratios"]
+    rows = [
+        "| | DanceGRPO (`tiny.yaml`) | DGPO (`tiny_dgpo.yaml`) | ratio |",
+        "|---|---|---|---|",
+        f"| seconds to target (median of {len(r['seeds'])}) | {seconds('dancegrpo')} | {seconds('dgpo')} | {ratios.get('time_dancegrpo_over_dgpo', float('nan')):.1f}× |",
+        f"| generated samples to target (median) | {d['median_samples']:.0f} | {g['median_samples']:.0f} | {ratios.get('samples_dancegrpo_over_dgpo', float('nan')):.2f}× |",
+        f"| seconds per step (16 samples) | {d['seconds_per_step']:.2f} | {g['seconds_per_step']:.2f} | {d['seconds_per_step'] / g['seconds_per_step']:.1f}× |",
+        f"| bytes per sample reaching the learner | {d['bytes_per_sample']:,.0f} | {g['bytes_per_sample']:,.0f} | {ratios['bytes_per_sample_dancegrpo_over_dgpo']:.1f}× |",
+    ]
+    head = f"Measured {f['date']} on the {f['machine']}, target {r['target']}, seeds {r['seeds']} ({r['wall_seconds']:.0f} s in all):\n\n"
+    return head + "\n".join(rows) + "\n"
+
+
+SCALE_OUT_ROWS = [
+    ("a_rollout_ode_dgpo", "rollout worker, ODE / DGPO preset, images/s", "`FluxPipeline` loop"),
+    ("a_rollout_sde_dancegrpo", "rollout worker, SDE + log-probs / DanceGRPO preset, images/s", "bare SDE loop"),
+    ("b_learner_dancegrpo", "learner step, DanceGRPO, s", "forward/backward/AdamW"),
+    ("b_learner_dgpo", "learner step, DGPO (adds reference and base forwards), s", "forward/backward/AdamW"),
+    ("c_end_to_end_staleness0", "end to end, 2 rollout workers, `max_staleness` 0, samples/s", "serial sum of stages"),
+    ("c_end_to_end_staleness1", "end to end, `max_staleness` 1, samples/s", "serial sum of stages"),
+    ("c_staleness1_vs_staleness0", "end to end, `max_staleness` 1 vs 0, samples/s", "`max_staleness` 0"),
+    ("d_weight_sync", "weight sync to 2 workers, tiny FLUX, s", "raw `ray.put`/`get`"),
+    ("d_weight_sync_large", "weight sync to 2 workers, 145 MB FLUX, s", "raw `ray.put`/`get`"),
+]
+
+
+def _render_scale_out(f: dict) -> str:
+    s = f["scale_out"]["figures"]
+    rows = ["| stage (tiny FLUX, CPU) | raygrpo | bare baseline | ratio (median; range over the repeats) |", "|---|---|---|---|"]
+    for key, what, baseline in SCALE_OUT_ROWS:
+        if key not in s:
+            continue
+        fig = s[key]
+        ratios = [v / b for v, b in zip(fig.get("values", []), fig.get("baseline_values", [])) if b]
+        spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if ratios else ""
+        rows.append(f"| {what} | {fig['value']:.4g} | {baseline}: {fig['baseline']:.4g} | {fig['ratio']:.2f}{spread} |")
+    head = f"Measured {f['date']} on the {f['machine']} ({f['scale_out']['wall_seconds']:.0f} s):\n\n"
+    return head + "\n".join(rows) + "\n"
+
+
+def rewrite_readme(figures: dict, readme: Path = README) -> None:
+    text = readme.read_text()
+    names = {m.group("name") for m in BLOCK.finditer(text)}
+    missing = {"demo", "eval", "dgpo_vs_dancegrpo", "scale_out"} - names
+    if missing:
+        raise SystemExit(f"README.md lacks the figure blocks {sorted(missing)} (<!-- figures:NAME --> ... <!-- /figures -->)")
+    readme.write_text(BLOCK.sub(lambda m: m.group(1) + render(m.group("name"), figures) + m.group(4), text))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=["demo", "benchmarks"], help="regenerate only these figures (the others stay as they are)")
+    parser.add_argument("--render", action="store_true", help="only rewrite the README blocks from docs/figures.json")
+    args = parser.parse_args()
+    figures = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
+    if not args.render:
+        env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env.pop("RAY_ADDRESS", None)
+        cores = os.cpu_count() or 1
+        figures.update({"date": time.strftime("%Y-%m-%d"), "machine": f"{cores}-core {platform.machine()} CPU machine (no GPU)"})
+        with tempfile.TemporaryDirectory(prefix="raygrpo-figures-") as scratch:
+            work = Path(scratch)
+            if args.only in (None, "demo"):
+                figures["demo"] = {name: demo(preset, work, env) for name, preset in (("dancegrpo", "cluster/tiny.yaml"), ("dgpo", "cluster/tiny_dgpo.yaml"))}
+                figures["eval"] = evaluation(figures["demo"]["dancegrpo"]["run_dir"], work, env)
+                for run in figures["demo"].values():
+                    run.pop("run_dir")
+                print(f"demo: {figures['demo']['dancegrpo']['printed']}", flush=True)
+            if args.only in (None, "benchmarks"):
+                figures["dgpo_vs_dancegrpo"] = benchmark("benchmarks/dgpo_vs_dancegrpo.py", work, env, "--work", str(work / "race"))
+                figures["scale_out"] = benchmark("benchmarks/scale_out.py", work, env, "--work", str(work / "scale"))
+                for run in (r for runs in figures["dgpo_vs_dancegrpo"]["runs"].values() for r in runs):
+                    run.pop("run_dir", None)
+        FIGURES.parent.mkdir(exist_ok=True)
+        FIGURES.write_text(json.dumps(figures, indent=1) + "\n")
+    rewrite_readme(figures)
+    print(f"written: {FIGURES.relative_to(ROOT)}, README.md figure blocks")
+
+
+if __name__ == "__main__":
+    main()
