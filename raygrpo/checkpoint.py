@@ -62,7 +62,7 @@ _HASH_CHUNK = 8 << 20
 # optimizer, rewards, data, seeds, learner ranks) must be identical or the continuation would not be
 # the same run.
 MAY_CHANGE = (
-    "run.resume", "run.output_root", "ray.", "train.steps", "train.checkpoint_every", "train.keep_checkpoints",
+    "run.resume", "run.output_root", "run.in_process", "ray.", "train.steps", "train.checkpoint_every", "train.keep_checkpoints",
     "train.sample_grid_groups", "logging.", "rollout.num_workers", "rollout.num_cpus", "rollout.num_gpus",
     "rollout.max_restarts", "rollout.weight_sync", "rollout.weight_sync_timeout_s", "learner.num_cpus", "learner.num_gpus",
     "learner.reduce_every_backward", "learner.gradient_checkpointing",

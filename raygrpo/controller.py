@@ -45,7 +45,7 @@ from raygrpo.checkpoint import (
 )  # fmt: skip
 from raygrpo.config import Config
 from raygrpo.data.prompts import load_prompt_images
-from raygrpo.errors import RunAborted, RunStopped
+from raygrpo.errors import PreflightError, RunAborted, RunStopped
 from raygrpo.learner.group import LearnerGroup
 from raygrpo.metrics import MetricsLog, PhaseTimer, StepOutcome, keep_steps_up_to, step_record
 from raygrpo.outputs import ExportFailed, RunOutputs
@@ -161,7 +161,11 @@ class Controller:
         get([ref for group in groups for ref in group.ready()] + self.learner.ready())
         if self.check_rewards:
             for group in self.rewards.values():
-                group.foreach("check_service")  # a vLLM judge the reward launched itself is up only now
+                try:
+                    group.foreach("check_service")  # a vLLM judge the reward launched itself is up only now
+                except Exception as exc:  # noqa: BLE001 - Ray wraps the actor's RewardServiceError
+                    cause = getattr(exc, "cause", None) or exc
+                    raise PreflightError(f"{cause} (checked once its reward actor was up; --skip-reward-check skips it)") from None
         self.weight_sync = WeightSync(config, self.learner, self.rollout)
         images = load_prompt_images(config.data)  # image-to-video: one conditioning image per prompt, else None
         self.scheduler = RolloutScheduler(config, self.prompts, images, self.rollout, self.rewards, self.weight_sync, self.telemetry)

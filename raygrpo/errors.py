@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+class PreflightError(RuntimeError):
+    """The run cannot start: problems found before training, one per line, each naming its field; exit code 2."""
+
+
 class RunAborted(RuntimeError):
     """The run cannot usefully go on (every actor of a role dead, rewards failing, a fatal reward answer).
 

@@ -24,12 +24,9 @@ import sys
 from pathlib import Path
 
 from raygrpo.config import Config, ConfigError, load_config
+from raygrpo.errors import PreflightError
 
 logger = logging.getLogger("raygrpo")
-
-
-class PreflightError(RuntimeError):
-    """Problems found before any actor starts, one per line, each naming its field."""
 
 
 def preflight(config: Config, check_rewards: bool = True) -> list[str]:
@@ -177,6 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_intermixed_args(argv)  # the flag may stand anywhere among the overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return launch(args)
+    except KeyboardInterrupt:  # before the controller takes over Ctrl-C (it stops a run with a checkpoint)
+        print("raygrpo: interrupted while starting or shutting down (outside the training loop)", file=sys.stderr)
+        return 130
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Config, preflight, Ray, the controller; the exit code (see the module docstring)."""
     try:
         config = load_config(args.config, args.overrides)
         prompts = preflight(config, check_rewards=not args.skip_reward_check)

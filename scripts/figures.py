@@ -166,7 +166,7 @@ def main() -> None:
         env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         env.pop("RAY_ADDRESS", None)
         cores = os.cpu_count() or 1
-        figures.update({"date": time.strftime("%Y-%m-%d"), "machine": f"{cores}-core {platform.machine()} CPU machine (no GPU)"})
+        figures.update({"date": time.strftime("%Y-%m-%d"), "machine": f"{cores}-core {platform.machine()} CPU machine without a GPU"})
         with tempfile.TemporaryDirectory(prefix="raygrpo-figures-") as scratch:
             work = Path(scratch)
             if args.only in (None, "demo"):
@@ -183,7 +183,7 @@ def main() -> None:
         FIGURES.parent.mkdir(exist_ok=True)
         FIGURES.write_text(json.dumps(figures, indent=1) + "\n")
     rewrite_readme(figures)
-    print(f"written: {FIGURES.relative_to(ROOT)}, README.md figure blocks")
+    print("written: " + ("" if args.render else f"{FIGURES.relative_to(ROOT)}, ") + "README.md figure blocks")
 
 
 if __name__ == "__main__":

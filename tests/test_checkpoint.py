@@ -242,7 +242,8 @@ def test_the_entry_point_refuses_a_bad_resume_with_exit_2_and_touches_nothing(tm
 
 
 def test_an_output_root_below_a_file_is_refused_naming_the_field(tmp_path):
-    from raygrpo.run import PreflightError, preflight
+    from raygrpo.errors import PreflightError
+    from raygrpo.run import preflight
 
     (tmp_path / "taken").write_text("a file where a folder should be")
     with pytest.raises(PreflightError, match=r"run.output_root: '.*taken' is a file, not a folder"):

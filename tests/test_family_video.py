@@ -15,7 +15,8 @@ from PIL import Image
 
 from raygrpo.config import DataConfig, load_config
 from raygrpo.data.prompts import PromptFileError, load_prompt_images, load_prompts
-from raygrpo.run import PreflightError, preflight
+from raygrpo.errors import PreflightError
+from raygrpo.run import preflight
 
 from .conftest import ROOT
 from .test_run_e2e import printed_run_dir, run_raygrpo

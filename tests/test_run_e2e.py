@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from raygrpo.controller import HOLD_AFTER_STEP_ENV
+
 from .conftest import ROOT, ray_cli
 
 
@@ -31,28 +33,49 @@ def printed_run_dir(stdout: str) -> Path:
     return Path(match.group(1))
 
 
-@pytest.mark.slow
-def test_the_same_command_runs_under_ray_job_submit(ray_cluster, tmp_path):
-    """`ray job submit --working-dir . -- python -m raygrpo.run cluster/tiny.yaml` against a `ray start --head` cluster."""
-    out = tmp_path / "job-outputs"
-    command = [
-        ray_cli(), "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", ".", "--",
-        "python", "-m", "raygrpo.run", "cluster/tiny.yaml", "train.steps=2", "rollout.num_workers=2", f"run.output_root={out}",
-    ]  # fmt: skip
+def job(ray_cluster, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``ray job <args>`` against the session cluster, retried while the head's job agent registers."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for _ in range(3):
-        proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        proc = subprocess.run([ray_cli(), "job", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
         # Right after start-up (or under load) the head's job agent may not be registered yet; Ray says to retry.
         if "No available agent to submit job" not in proc.stderr:
-            break
+            return proc
         time.sleep(10)
+    return proc
+
+
+@pytest.mark.slow
+def test_the_same_command_runs_under_ray_job_submit_and_ray_job_stop_leaves_it_resumable(ray_cluster, tmp_path):
+    """`ray job submit --working-dir . -- python -m raygrpo.run cluster/tiny.yaml` against a `ray start --head` cluster;
+    `ray job stop` after step 2 (SIGTERM) saves a checkpoint of step 2, and submitting the same command again finishes it."""
+    out = tmp_path / "job-outputs"
+    run = ["python", "-m", "raygrpo.run", "cluster/tiny.yaml", "train.steps=3", "rollout.num_workers=2", f"run.output_root={out}"]
+    # The job waits after step 2 until stopped; Ray waits up to RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM before a SIGKILL.
+    runtime = json.dumps({"env_vars": {HOLD_AFTER_STEP_ENV: "2", "RAY_JOB_STOP_WAIT_TIME_S": "60"}})
+    submitted = job(ray_cluster, "submit", "--address", ray_cluster.dashboard, "--no-wait", "--submission-id", "stop-me",
+                    "--runtime-env-json", runtime, "--working-dir", ".", "--", *run)  # fmt: skip
+    assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-4000:]
+    deadline = time.monotonic() + 300
+    while not (runs := list(out.glob("tiny-*"))) or not (runs[0] / "metrics.jsonl").is_file() or len((runs[0] / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert time.monotonic() < deadline, job(ray_cluster, "logs", "--address", ray_cluster.dashboard, "stop-me").stdout[-4000:]
+        time.sleep(0.5)
+    stopped = job(ray_cluster, "stop", "--address", ray_cluster.dashboard, "stop-me")
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    run_dir = runs[0]
+    state = json.loads((run_dir / "run_state.json").read_text())
+    assert (state["status"], state["step"], state["checkpoint"]) == ("aborted", 2, "checkpoints/step-000002"), state
+    assert state["reason"].startswith("stopped by SIGTERM")
+    logs = job(ray_cluster, "logs", "--address", ray_cluster.dashboard, "stop-me").stdout
+    assert "raygrpo: run stopped by SIGTERM after step 2; the same command resumes from" in logs and "Traceback" not in logs
+
+    proc = job(ray_cluster, "submit", "--address", ray_cluster.dashboard, "--working-dir", ".", "--", *run)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "succeeded" in proc.stdout
-    run_dir = printed_run_dir(proc.stdout)
-    assert run_dir.parent == out
+    assert "succeeded" in proc.stdout and printed_run_dir(proc.stdout) == run_dir, "the same command continues the same run"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 2 and all(r["groups/trained"] == 2 for r in records)
+    assert [r["step"] for r in records] == [1, 2, 3] and all(r["groups/trained"] == 2 for r in records)
     assert (run_dir / "checkpoint-final" / "transformer").is_dir() and (run_dir / "samples.png").is_file()
+    assert json.loads((run_dir / "run_state.json").read_text())["status"] == "finished"
 
 
 @pytest.mark.parametrize(
