@@ -221,21 +221,21 @@ def score_images(rewards: list[Reward], config: Config, images: np.ndarray, prom
     rows = []
     for reward, reward_config in zip(rewards, config.rewards):
         try:
-            values, valid, errors = reward.score_with_errors(images, [prompt] * len(images))
+            outcome = reward.score_outcome(images, [prompt] * len(images))
         except Exception as exc:  # noqa: BLE001 - a reward that fails for a whole batch is a missing score, as in training
             logger.warning("reward %s failed on %r: %s: %s", reward_config.name, prompt, type(exc).__name__, exc)
             rows.append(np.full(len(images), np.nan))
             continue
-        if not valid.all():
+        if not outcome.valid.all():
             logger.warning(
                 "reward %s: no score for %d of %d samples of %r: %s",
                 reward_config.name,
-                (~valid).sum(),
-                len(valid),
+                (~outcome.valid).sum(),
+                len(outcome.valid),
                 prompt,
-                sorted({e for e in errors if e}),
+                sorted({e for e in outcome.errors if e}),
             )
-        rows.append(np.where(valid, values, np.nan).astype(np.float64))
+        rows.append(np.where(outcome.valid, outcome.values, np.nan).astype(np.float64))
     return np.stack(rows)
 
 

@@ -137,7 +137,8 @@ def score_items(
         arrays = np.stack([array for _, array in group])
         prompts = [item.prompt for item, _ in group]
         try:
-            values, valid, errors = reward.score_with_errors(arrays, prompts)
+            outcome = reward.score_outcome(arrays, prompts)
+            values, valid, errors = outcome.values, outcome.valid, outcome.errors
         except Exception as exc:  # noqa: BLE001 - a failing reward fails its items, not the server
             values, valid, errors = [None] * len(group), [False] * len(group), [f"reward raised {type(exc).__name__}: {exc}"] * len(group)
         for (item, _), value, ok, error in zip(group, values, valid, errors):

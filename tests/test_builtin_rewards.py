@@ -99,7 +99,8 @@ def test_color_from_prompt():
 def test_color_from_prompt_without_colour_is_invalid():
     reward = make_reward("color", {"from_prompt": True})
     images = flat((0, 0, 255), n=2)
-    values, valid, errors = reward.score_with_errors(images, ["a blue whale", "a whale"])
+    outcome = reward.score_outcome(images, ["a blue whale", "a whale"])
+    values, valid, errors = outcome.values, outcome.valid, outcome.errors
     assert values.dtype == np.float32 and valid.dtype == bool
     assert valid.tolist() == [True, False]
     assert values[0] == pytest.approx(1.0)
@@ -109,17 +110,17 @@ def test_color_from_prompt_without_colour_is_invalid():
         reward.score(images, ["a blue whale", "a whale"])
 
 
-def test_default_score_with_errors_marks_non_finite():
+def test_default_score_outcome_marks_non_finite():
     class Flaky(Reward):
         name = "flaky"
 
         def score(self, images, prompts):
             return np.array([1.0, np.nan, np.inf], dtype=np.float32)
 
-    values, valid, errors = Flaky().score_with_errors(noise(3), ["a", "b", "c"])
-    assert valid.tolist() == [True, False, False]
-    assert errors == [None, NON_FINITE_ERROR, NON_FINITE_ERROR]
-    assert values[0] == 1.0
+    outcome = Flaky().score_outcome(noise(3), ["a", "b", "c"])
+    assert outcome.valid.tolist() == [True, False, False]
+    assert outcome.errors == [None, NON_FINITE_ERROR, NON_FINITE_ERROR]
+    assert outcome.values[0] == 1.0
 
 
 def test_score_group():

@@ -243,10 +243,10 @@ def http_reward(url: str, **params) -> HttpReward:
 def test_builtin_server_matches_in_process_reward(builtin_server):
     images = images_of(7, size=32, seed=1)
     prompts = [f"prompt {i}" for i in range(7)]
-    values, valid, errors = http_reward(builtin_server.url).score_with_errors(images, prompts)
+    outcome = http_reward(builtin_server.url).score_outcome(images, prompts)
     expected = make_reward("jpeg_compressibility", {}).score(images, prompts)
-    assert valid.all() and errors == [None] * 7
-    np.testing.assert_array_equal(values, expected)  # PNG is lossless: the server saw the same pixels
+    assert outcome.valid.all() and outcome.errors == [None] * 7
+    np.testing.assert_array_equal(outcome.values, expected)  # PNG is lossless: the server saw the same pixels
     # max_batch 3 from /v1/info: 7 items -> 3 requests of 3, 3 and 1
     rec = builtin_server.recorder
     assert sorted(len(b["items"]) for b in rec.bodies("/v1/score")) == [1, 3, 3]
@@ -276,9 +276,9 @@ def test_wire_is_json_with_base64_png_never_pickle(builtin_server):
 def test_413_for_too_many_items_splits_the_batch(builtin_server):
     builtin_server.recorder.requests.clear()
     images = images_of(8, seed=3)
-    values, valid, _ = http_reward(builtin_server.url, batch_size=8).score_with_errors(images, ["p"] * 8)
-    assert valid.all()
-    np.testing.assert_array_equal(values, make_reward("jpeg_compressibility", {}).score(images, ["p"] * 8))
+    outcome = http_reward(builtin_server.url, batch_size=8).score_outcome(images, ["p"] * 8)
+    assert outcome.valid.all()
+    np.testing.assert_array_equal(outcome.values, make_reward("jpeg_compressibility", {}).score(images, ["p"] * 8))
     # max_batch 3: 8 -> 413, two of 4 -> 413, four of 2 -> scored
     assert sorted(len(b["items"]) for b in builtin_server.recorder.bodies("/v1/score")) == [2, 2, 2, 2, 4, 4, 8]
 
@@ -286,9 +286,9 @@ def test_413_for_too_many_items_splits_the_batch(builtin_server):
 def test_request_over_byte_limit_is_413_and_not_retried():
     server = LiveServer(serve_builtin.create_app(make_reward("brightness", {}), name="small", max_request_bytes=2000))
     try:
-        values, valid, errors = http_reward(server.url, batch_size=2).score_with_errors(images_of(2, size=32), ["a", "b"])
-        assert not valid.any() and np.isnan(values).all()
-        assert all("413" in e and "/v1/score" in e and "2000 bytes" in e for e in errors)
+        outcome = http_reward(server.url, batch_size=2).score_outcome(images_of(2, size=32), ["a", "b"])
+        assert not outcome.valid.any() and np.isnan(outcome.values).all()
+        assert all("413" in e and "/v1/score" in e and "2000 bytes" in e for e in outcome.errors)
         assert server.recorder.count("/v1/score") == 3  # 2 items -> 413, then each alone -> 413; no retries
     finally:
         server.close()
@@ -299,22 +299,22 @@ def test_token_auth(monkeypatch):
     try:
         images = images_of(2)
         # No token: 401 is not retried, every item invalid with a message naming the status.
-        values, valid, errors = http_reward(server.url).score_with_errors(images, ["a", "b"])
-        assert not valid.any() and all("401" in e and server.url in e for e in errors)
+        outcome = http_reward(server.url).score_outcome(images, ["a", "b"])
+        assert not outcome.valid.any() and all("401" in e and server.url in e for e in outcome.errors)
         assert server.recorder.count("/v1/score") == 1
         monkeypatch.setenv("RAYGRPO_TEST_TOKEN", "wrong")
-        _, valid, errors = http_reward(server.url, token_env="RAYGRPO_TEST_TOKEN").score_with_errors(images, ["a", "b"])
-        assert not valid.any() and "401" in errors[0]
+        outcome = http_reward(server.url, token_env="RAYGRPO_TEST_TOKEN").score_outcome(images, ["a", "b"])
+        assert not outcome.valid.any() and "401" in outcome.errors[0]
         monkeypatch.setenv("RAYGRPO_TEST_TOKEN", "s3cret-token")
         reward = http_reward(server.url, token_env="RAYGRPO_TEST_TOKEN")
-        values, valid, _ = reward.score_with_errors(images, ["a", "b"])
-        assert valid.all()
-        np.testing.assert_allclose(values, make_reward("brightness", {}).score(images, ["a", "b"]))
+        outcome = reward.score_outcome(images, ["a", "b"])
+        assert outcome.valid.all()
+        np.testing.assert_allclose(outcome.values, make_reward("brightness", {}).score(images, ["a", "b"]))
         last = server.recorder.requests[-1]
         assert last["headers"][b"authorization"] == b"Bearer s3cret-token"
         # The token never travels inside a pickled reward; it is read from the environment again.
         assert b"s3cret" not in pickle.dumps(reward)
-        assert pickle.loads(pickle.dumps(reward)).score_with_errors(images, ["a", "b"])[1].all()
+        assert pickle.loads(pickle.dumps(reward)).score_outcome(images, ["a", "b"]).valid.all()
     finally:
         server.close()
 
@@ -378,9 +378,9 @@ def test_builtin_server_cli_with_token(monkeypatch):
         wait_healthy(f"http://127.0.0.1:{port}/v1/health", timeout_s=30)
         monkeypatch.setenv("CLI_REWARD_TOKEN", "cli-secret")
         images = images_of(3, seed=5)
-        values, valid, _ = http_reward(f"http://127.0.0.1:{port}", token_env="CLI_REWARD_TOKEN").score_with_errors(images, ["a"] * 3)
-        assert valid.all()
-        np.testing.assert_array_equal(values, make_reward("jpeg_compressibility", {"quality": 90}).score(images, ["a"] * 3))
+        outcome = http_reward(f"http://127.0.0.1:{port}", token_env="CLI_REWARD_TOKEN").score_outcome(images, ["a"] * 3)
+        assert outcome.valid.all()
+        np.testing.assert_array_equal(outcome.values, make_reward("jpeg_compressibility", {"quality": 90}).score(images, ["a"] * 3))
         assert httpx.get(f"http://127.0.0.1:{port}/v1/info").json() == {
             "name": "jpeg_compressibility", "media_types": ["image/png"], "max_batch": 64,
         }  # fmt: skip
@@ -399,22 +399,22 @@ def test_template_server_protocol_and_token(monkeypatch):
     try:
         images = images_of(5, seed=6)
         monkeypatch.setenv("RAYGRPO_TEMPLATE_TOKEN", "tmpl-token")
-        values, valid, _ = http_reward(server.url, token_env="RAYGRPO_TEMPLATE_TOKEN").score_with_errors(images, ["x"] * 5)
-        assert valid.all()
-        np.testing.assert_allclose(values, make_reward("brightness", {}).score(images, ["x"] * 5), rtol=1e-6)
+        outcome = http_reward(server.url, token_env="RAYGRPO_TEMPLATE_TOKEN").score_outcome(images, ["x"] * 5)
+        assert outcome.valid.all()
+        np.testing.assert_allclose(outcome.values, make_reward("brightness", {}).score(images, ["x"] * 5), rtol=1e-6)
         assert server.recorder.count("/v1/score") == 3  # max_batch 2 from /v1/info
         assert httpx.get(f"{server.url}/v1/info").json() == {"name": "template-brightness", "media_types": ["image/png"], "max_batch": 2}
         # Without the token: 401, not retried.
         server.recorder.requests.clear()
-        _, valid, errors = http_reward(server.url).score_with_errors(images[:1], ["x"])
-        assert not valid.any() and "401" in errors[0] and server.recorder.count("/v1/score") == 1
+        refused = http_reward(server.url).score_outcome(images[:1], ["x"])
+        assert not refused.valid.any() and "401" in refused.errors[0] and server.recorder.count("/v1/score") == 1
         # A bad item is an error for that item only.
         auth = {"Authorization": "Bearer tmpl-token"}
         items = [{"id": "a", "prompt": "p", "media_type": "image/png", "data": encode_png(images[0])},
                  {"id": "b", "prompt": "p", "media_type": "image/png", "data": "bm90IGEgcG5n"}]  # fmt: skip
         r = httpx.post(f"{server.url}/v1/score", json={"protocol": PROTOCOL, "request_id": "t", "items": items}, headers=auth)
         results = {res["id"]: res for res in r.json()["results"]}
-        assert r.status_code == 200 and results["a"]["score"] == pytest.approx(values[0], rel=1e-6)
+        assert r.status_code == 200 and results["a"]["score"] == pytest.approx(outcome.values[0], rel=1e-6)
         assert results["b"]["score"] is None and "PNG" in results["b"]["error"]
         r = httpx.post(f"{server.url}/v1/score", json={"protocol": "v0", "request_id": "t", "items": items}, headers=auth)
         assert r.status_code == 400
@@ -432,107 +432,108 @@ def test_template_server_protocol_and_token(monkeypatch):
 def test_batches_follow_info_and_info_is_fetched_once(chaos):
     reward = http_reward(f"{chaos.url}/ok")
     for _ in range(2):
-        values, valid, _ = reward.score_with_errors(images_of(10), ["p"] * 10)
-        assert valid.all() and list(values) == [10.0 + i for i in range(10)]
+        outcome = reward.score_outcome(images_of(10), ["p"] * 10)
+        assert outcome.valid.all() and list(outcome.values) == [10.0 + i for i in range(10)]
     assert sorted(len(b["items"]) for b in chaos.recorder.bodies("/ok/v1/score")) == [2, 2, 4, 4, 4, 4]
     assert chaos.recorder.count("/v1/info") == 1 and chaos.recorder.count("/v1/health") == 1
     # An explicit batch_size needs no /v1/info.
     chaos.recorder.requests.clear()
-    http_reward(f"{chaos.url}/ok", batch_size=3, check_health=False).score_with_errors(images_of(7), ["p"] * 7)
+    http_reward(f"{chaos.url}/ok", batch_size=3, check_health=False).score_outcome(images_of(7), ["p"] * 7)
     assert chaos.recorder.count("/v1/score") == 3 and chaos.recorder.count("/v1/info") == 0 and chaos.recorder.count("/v1/health") == 0
 
 
 def test_batches_are_sent_concurrently(chaos):
     start = time.monotonic()
-    _, valid, _ = http_reward(f"{chaos.url}/slowok", batch_size=2, max_concurrency=4).score_with_errors(images_of(8), ["p"] * 8)
-    assert valid.all() and chaos.recorder.count("/v1/score") == 4
+    outcome = http_reward(f"{chaos.url}/slowok", batch_size=2, max_concurrency=4).score_outcome(images_of(8), ["p"] * 8)
+    assert outcome.valid.all() and chaos.recorder.count("/v1/score") == 4
     assert time.monotonic() - start < 1.0  # four 0.3 s requests one after another would take 1.2 s
 
 
 def test_results_are_matched_by_id_not_order(chaos):
-    values, valid, _ = http_reward(f"{chaos.url}/shuffled", batch_size=4).score_with_errors(images_of(4), ["p"] * 4)
-    assert valid.all() and list(values) == [10.0, 11.0, 12.0, 13.0]
+    outcome = http_reward(f"{chaos.url}/shuffled", batch_size=4).score_outcome(images_of(4), ["p"] * 4)
+    assert outcome.valid.all() and list(outcome.values) == [10.0, 11.0, 12.0, 13.0]
 
 
 def test_500_then_ok_is_retried(chaos):
-    values, valid, _ = http_reward(f"{chaos.url}/s500").score_with_errors(images_of(3), ["p"] * 3)
-    assert valid.all() and list(values) == [10.0, 11.0, 12.0]
+    outcome = http_reward(f"{chaos.url}/s500").score_outcome(images_of(3), ["p"] * 3)
+    assert outcome.valid.all() and list(outcome.values) == [10.0, 11.0, 12.0]
     assert chaos.recorder.count("/s500/v1/score") == 2
 
 
 def test_429_honours_retry_after(chaos):
     start = time.monotonic()
-    values, valid, _ = http_reward(f"{chaos.url}/rate429").score_with_errors(images_of(2), ["p"] * 2)
+    outcome = http_reward(f"{chaos.url}/rate429").score_outcome(images_of(2), ["p"] * 2)
     elapsed = time.monotonic() - start
-    assert valid.all() and chaos.recorder.count("/rate429/v1/score") == 2
+    assert outcome.valid.all() and chaos.recorder.count("/rate429/v1/score") == 2
     assert 0.9 < elapsed < 3.0  # Retry-After: 1, not the 0.01 s backoff
 
 
 def test_always_503_exhausts_the_budget(chaos):
     start = time.monotonic()
-    values, valid, errors = http_reward(f"{chaos.url}/always503", max_attempts=3).score_with_errors(images_of(3), ["p"] * 3)
-    assert not valid.any() and np.isnan(values).all()
+    outcome = http_reward(f"{chaos.url}/always503", max_attempts=3).score_outcome(images_of(3), ["p"] * 3)
+    assert not outcome.valid.any() and np.isnan(outcome.values).all()
     assert chaos.recorder.count("/always503/v1/score") == 3
-    assert f"{chaos.url}/always503/v1/score" in errors[0] and "HTTP 503 after 3 attempts" in errors[0] and "overloaded" in errors[0]
+    error = outcome.errors[0]
+    assert f"{chaos.url}/always503/v1/score" in error and "HTTP 503 after 3 attempts" in error and "overloaded" in error
     assert time.monotonic() - start < 1.0
 
 
 @pytest.mark.parametrize("mode, expected", [("bad400", "HTTP 400"), ("garbage", "malformed"), ("schema", "malformed")])
 def test_not_retried(chaos, mode, expected):
-    values, valid, errors = http_reward(f"{chaos.url}/{mode}").score_with_errors(images_of(3), ["p"] * 3)
-    assert not valid.any() and np.isnan(values).all()
-    assert all(expected in e and f"{chaos.url}/{mode}/v1/score" in e for e in errors)
+    outcome = http_reward(f"{chaos.url}/{mode}").score_outcome(images_of(3), ["p"] * 3)
+    assert not outcome.valid.any() and np.isnan(outcome.values).all()
+    assert all(expected in e and f"{chaos.url}/{mode}/v1/score" in e for e in outcome.errors)
     assert chaos.recorder.count(f"/{mode}/v1/score") == 1
 
 
 def test_missing_and_unknown_ids(chaos, caplog):
     with caplog.at_level(logging.WARNING, logger="raygrpo.reward.http"):
-        values, valid, errors = http_reward(f"{chaos.url}/missing").score_with_errors(images_of(3), ["p"] * 3)
-    assert list(valid) == [True, True, False] and list(values[:2]) == [10.0, 11.0]
-    assert "no result for item '2'" in errors[2]
+        outcome = http_reward(f"{chaos.url}/missing").score_outcome(images_of(3), ["p"] * 3)
+    assert list(outcome.valid) == [True, True, False] and list(outcome.values[:2]) == [10.0, 11.0]
+    assert "no result for item '2'" in outcome.errors[2]
     assert "ids that were not sent" in caplog.text and "999" in caplog.text
 
 
 def test_duplicate_ids_make_the_item_invalid(chaos):
-    values, valid, errors = http_reward(f"{chaos.url}/dupes").score_with_errors(images_of(3), ["p"] * 3)
-    assert list(valid) == [False, True, True] and "several results for item '0'" in errors[0]
-    assert list(values[1:]) == [11.0, 12.0]
+    outcome = http_reward(f"{chaos.url}/dupes").score_outcome(images_of(3), ["p"] * 3)
+    assert list(outcome.valid) == [False, True, True] and "several results for item '0'" in outcome.errors[0]
+    assert list(outcome.values[1:]) == [11.0, 12.0]
 
 
 def test_non_finite_and_null_scores(chaos):
-    values, valid, errors = http_reward(f"{chaos.url}/nonfinite").score_with_errors(images_of(4), ["p"] * 4)
-    assert list(valid) == [False, False, False, True] and values[3] == 13.0
-    assert all("non-finite" in e for e in errors[:3])
-    values, valid, errors = http_reward(f"{chaos.url}/nullscore").score_with_errors(images_of(3), ["p"] * 3)
-    assert list(valid) == [False, False, True] and values[2] == 12.0
-    assert "model OOM" in errors[0] and "null score" in errors[1]
+    outcome = http_reward(f"{chaos.url}/nonfinite").score_outcome(images_of(4), ["p"] * 4)
+    assert list(outcome.valid) == [False, False, False, True] and outcome.values[3] == 13.0
+    assert all("non-finite" in e for e in outcome.errors[:3])
+    outcome = http_reward(f"{chaos.url}/nullscore").score_outcome(images_of(3), ["p"] * 3)
+    assert list(outcome.valid) == [False, False, True] and outcome.values[2] == 12.0
+    assert "model OOM" in outcome.errors[0] and "null score" in outcome.errors[1]
 
 
 def test_mismatched_request_id_is_refused(chaos):
-    _, valid, errors = http_reward(f"{chaos.url}/wrongid").score_with_errors(images_of(2), ["p"] * 2)
-    assert not valid.any() and "request_id" in errors[0]
+    outcome = http_reward(f"{chaos.url}/wrongid").score_outcome(images_of(2), ["p"] * 2)
+    assert not outcome.valid.any() and "request_id" in outcome.errors[0]
 
 
 def test_timeout_then_ok(chaos):
     start = time.monotonic()
-    _, valid, _ = http_reward(f"{chaos.url}/slow", timeout_s=0.3).score_with_errors(images_of(2), ["p"] * 2)
-    assert valid.all() and chaos.recorder.count("/slow/v1/score") == 2
+    outcome = http_reward(f"{chaos.url}/slow", timeout_s=0.3).score_outcome(images_of(2), ["p"] * 2)
+    assert outcome.valid.all() and chaos.recorder.count("/slow/v1/score") == 2
     assert time.monotonic() - start < 0.9
 
 
 def test_timeout_always(chaos):
     start = time.monotonic()
-    _, valid, errors = http_reward(f"{chaos.url}/slowalways", timeout_s=0.2, max_attempts=2).score_with_errors(images_of(2), ["p"] * 2)
-    assert not valid.any() and "timed out" in errors[0] and "after 2 attempt" in errors[0]
+    outcome = http_reward(f"{chaos.url}/slowalways", timeout_s=0.2, max_attempts=2).score_outcome(images_of(2), ["p"] * 2)
+    assert not outcome.valid.any() and "timed out" in outcome.errors[0] and "after 2 attempt" in outcome.errors[0]
     assert time.monotonic() - start < 0.9
 
 
 def test_server_down():
     url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     start = time.monotonic()
-    values, valid, errors = http_reward(url, max_attempts=3).score_with_errors(images_of(2), ["p"] * 2)
-    assert not valid.any() and np.isnan(values).all()
-    assert url in errors[0] and "cannot connect" in errors[0] and "after 3 attempt" in errors[0]
+    outcome = http_reward(url, max_attempts=3).score_outcome(images_of(2), ["p"] * 2)
+    assert not outcome.valid.any() and np.isnan(outcome.values).all()
+    assert url in outcome.errors[0] and "cannot connect" in outcome.errors[0] and "after 3 attempt" in outcome.errors[0]
     assert time.monotonic() - start < 2.0
     with pytest.raises(RuntimeError, match="2 of 2 items got no score"):
         http_reward(url, max_attempts=1).score(images_of(2), ["p"] * 2)
@@ -542,8 +543,8 @@ def test_server_down():
     "mode, expected", [("unhealthy", "HTTP 503 after 2 attempts"), ("notok", "status 'loading'"), ("videoonly", "video/mp4")]
 )
 def test_readiness_failures_are_reported_once_per_item(chaos, mode, expected):
-    _, valid, errors = http_reward(f"{chaos.url}/{mode}", max_attempts=2).score_with_errors(images_of(2), ["p"] * 2)
-    assert not valid.any() and expected in errors[0] and chaos.recorder.count("/v1/score") == 0
+    outcome = http_reward(f"{chaos.url}/{mode}", max_attempts=2).score_outcome(images_of(2), ["p"] * 2)
+    assert not outcome.valid.any() and expected in outcome.errors[0] and chaos.recorder.count("/v1/score") == 0
 
 
 def test_async_api_and_sync_api_inside_a_running_loop(chaos):
@@ -553,8 +554,8 @@ def test_async_api_and_sync_api_inside_a_running_loop(chaos):
         outcome = await reward.ascore_outcome(images_of(2), ["p"] * 2)
         values, valid = outcome.values, outcome.valid
         # The sync API must not try to nest event loops when called from async code.
-        sync_values, sync_valid, _ = reward.score_with_errors(images_of(2), ["p"] * 2)
-        return values, valid, sync_values, sync_valid
+        sync = reward.score_outcome(images_of(2), ["p"] * 2)
+        return values, valid, sync.values, sync.valid
 
     values, valid, sync_values, sync_valid = asyncio.run(main())
     assert valid.all() and sync_valid.all() and list(values) == list(sync_values) == [10.0, 11.0]

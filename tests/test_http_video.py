@@ -125,12 +125,12 @@ def test_motion_server_static_vs_moving_matched_by_id(motion_server):
     static, moving = videos()
     batch = np.concatenate([static, moving])  # 6 videos, max_batch 4: two concurrent requests
     reward = http_video_reward(motion_server.url)
-    values, valid, errors = reward.score_with_errors(batch, [f"p{i}" for i in range(len(batch))])
-    assert valid.all(), errors
-    assert np.all(values[:3] < 0.01), values
-    assert np.all(values[3:] > 0.02), values
+    outcome = reward.score_outcome(batch, [f"p{i}" for i in range(len(batch))])
+    assert outcome.valid.all(), outcome.errors
+    assert np.all(outcome.values[:3] < 0.01), outcome.values
+    assert np.all(outcome.values[3:] > 0.02), outcome.values
     expected = np.array([motion(v) for v in sent_videos(motion_server)], dtype=np.float32)
-    np.testing.assert_allclose(values, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(outcome.values, expected, rtol=1e-6, atol=1e-7)
     assert len(motion_server.recorder.bodies("/v1/score")) == 2
     # On the wire: base64 MP4s in JSON, ids 0..N-1.
     sent = [item for body in motion_server.recorder.bodies("/v1/score") for item in body["items"]]
@@ -145,13 +145,13 @@ def test_builtin_frame_average_over_http(frame_average_server):
     batch = np.concatenate([moving, static[:2]])
     reward = http_video_reward(frame_average_server.url)
     frame_average_server.recorder.requests.clear()
-    values, valid, errors = reward.score_with_errors(batch, ["a"] * len(batch))
-    assert valid.all(), errors
+    outcome = reward.score_outcome(batch, ["a"] * len(batch))
+    assert outcome.valid.all(), outcome.errors
     in_process = make_reward("frame_average", {"reward": {"kind": "brightness"}, "max_frames": 4})
     expected = in_process.score(np.stack(sent_videos(frame_average_server)), ["a"] * len(batch))
-    np.testing.assert_allclose(values, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(outcome.values, expected, rtol=1e-6, atol=1e-7)
     # Close to the score of the original pixels too (codec error only).
-    np.testing.assert_allclose(values, in_process.score(batch, ["a"] * len(batch)), atol=0.02)
+    np.testing.assert_allclose(outcome.values, in_process.score(batch, ["a"] * len(batch)), atol=0.02)
     # The same server still scores images.
     images = moving[:, 0]
     image_values = make_reward("http", {"url": frame_average_server.url, **FAST}).score(images, ["a"] * 3)
@@ -174,15 +174,15 @@ def test_image_only_servers_make_every_video_invalid():
     template = LiveServer(template_server.create_app(max_batch=4))
     try:
         # Readiness check: /v1/info does not list video/mp4, so no video is sent at all.
-        values, valid, errors = http_video_reward(image_only.url).score_with_errors(moving, ["a"] * 3)
-        assert not valid.any() and np.isnan(values).all()
-        assert all("accepts ['image/png'], not 'video/mp4'" in e for e in errors), errors
+        outcome = http_video_reward(image_only.url).score_outcome(moving, ["a"] * 3)
+        assert not outcome.valid.any() and np.isnan(outcome.values).all()
+        assert all("accepts ['image/png'], not 'video/mp4'" in e for e in outcome.errors), outcome.errors
         assert image_only.recorder.count("/v1/score") == 0
         # Without the check (batch_size set, /v1/info not asked), the servers refuse each item.
         for server in (image_only, template):
-            values, valid, errors = http_video_reward(server.url, batch_size=2).score_with_errors(moving, ["a"] * 3)
-            assert not valid.any() and np.isnan(values).all()
-            assert all("unsupported media_type 'video/mp4'" in e for e in errors), errors
+            outcome = http_video_reward(server.url, batch_size=2).score_outcome(moving, ["a"] * 3)
+            assert not outcome.valid.any() and np.isnan(outcome.values).all()
+            assert all("unsupported media_type 'video/mp4'" in e for e in outcome.errors), outcome.errors
     finally:
         image_only.close()
         template.close()
@@ -191,4 +191,4 @@ def test_image_only_servers_make_every_video_invalid():
 def test_video_input_shape_is_checked(motion_server):
     _, moving = videos()
     with pytest.raises(ValueError, match=r"\[N, F, H, W, 3\]"):
-        http_video_reward(motion_server.url).score_with_errors(moving[:, 0], ["a"] * 3)
+        http_video_reward(motion_server.url).score_outcome(moving[:, 0], ["a"] * 3)

@@ -86,9 +86,9 @@ def test_registered_and_scores_are_finite_deterministic_and_batch_invariant(kind
     # An item's score depends on nothing else in the batch.
     np.testing.assert_allclose(reward.score(batch[2:3], PROMPTS[2:3]), values[2:3], atol=1e-5, rtol=0)
     assert reward.score(batch[:0], []).shape == (0,)
-    values2, valid, errors = reward.score_with_errors(batch, PROMPTS)
-    assert valid.all() and errors == [None] * len(batch)
-    np.testing.assert_array_equal(values2, values)
+    outcome = reward.score_outcome(batch, PROMPTS)
+    assert outcome.valid.all() and outcome.errors == [None] * len(batch)
+    np.testing.assert_array_equal(outcome.values, values)
 
 
 @pytest.mark.parametrize("kind", ["clip_score", "pickscore", "hps_v2.1", "imagereward"])
@@ -349,9 +349,9 @@ def test_frame_average_with_a_pixel_reward_and_per_video_errors():
     videos[1, 1] = 255  # frame 1 is skipped (frames 0 and 3 are scored)
     np.testing.assert_allclose(reward.score(videos, ["a", "b"]), [0.5, 0.0], atol=1e-7)
     by_colour = make_reward("frame_average", {"reward": {"kind": "color", "params": {"from_prompt": True}}})
-    values, valid, errors = by_colour.score_with_errors(videos, ["a red thing", "no colour here"])
-    assert valid.tolist() == [True, False] and np.isnan(values[1]) and errors[0] is None
-    assert errors[1].startswith("frame 0: prompt names no colour")
+    outcome = by_colour.score_outcome(videos, ["a red thing", "no colour here"])
+    assert outcome.valid.tolist() == [True, False] and np.isnan(outcome.values[1]) and outcome.errors[0] is None
+    assert outcome.errors[1].startswith("frame 0: prompt names no colour")
     with pytest.raises(ValueError, match=r"\[N, F, H, W, 3\]"):
         reward.score(np.zeros((2, 4, 8, 8), np.uint8), ["a", "b"])
 

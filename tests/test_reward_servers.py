@@ -173,8 +173,8 @@ def test_raygrpo_client_reads_the_401_of_a_body_larger_than_socket_buffers(serve
     """raygrpo's (asyncio) client sends its whole body before reading: it must see the 401, not a reset it would retry."""
     monkeypatch.setenv("GUARD_TEST_TOKEN", "wrong-token")
     reward = make_reward("http", {"url": server.url, "token_env": "GUARD_TEST_TOKEN", "batch_size": 8, "backoff_s": 0.01})
-    _, valid, errors = reward.score_with_errors(images(8, side=320), ["p"] * 8)  # about 3.3 MB of base64 PNG
-    assert not valid.any() and all("401" in e for e in errors), errors
+    outcome = reward.score_outcome(images(8, side=320), ["p"] * 8)  # about 3.3 MB of base64 PNG
+    assert not outcome.valid.any() and all("401" in e for e in outcome.errors), outcome.errors
 
 
 def test_declared_body_over_the_limit_is_413_before_reading(server):
@@ -261,9 +261,9 @@ def test_total_pixels_over_the_limit_is_413_and_the_client_splits_the_batch(serv
     # raygrpo's client halves a batch refused with 413: every image still gets its score.
     monkeypatch.setenv("GUARD_TEST_TOKEN", TOKEN)
     reward = make_reward("http", {"url": server.url, "token_env": "GUARD_TEST_TOKEN", "batch_size": 4, "backoff_s": 0.01})
-    values, valid, errors = reward.score_with_errors(batch, ["p"] * 4)
-    assert valid.all(), errors
-    np.testing.assert_allclose(values, make_reward("brightness", {}).score(batch, ["p"] * 4), rtol=1e-6)
+    outcome = reward.score_outcome(batch, ["p"] * 4)
+    assert outcome.valid.all(), outcome.errors
+    np.testing.assert_allclose(outcome.values, make_reward("brightness", {}).score(batch, ["p"] * 4), rtol=1e-6)
 
 
 def test_undecodable_media_fail_alone(server):

@@ -136,7 +136,8 @@ def test_fake_server_scores_and_failures(fake_server):
     images = np.stack([_image(i) for i in range(6)])
     prompts = ["EXPECT", "NOLOGPROBS", "GARBAGE", "EMPTY", "FLAKY", "BADREQ"]
     seen.clear()
-    values, valid, errors = reward.score_with_errors(images, prompts)
+    outcome = reward.score_outcome(images, prompts)
+    values, valid, errors = outcome.values, outcome.valid, outcome.errors
     assert values.dtype == np.float32 and values.shape == (6,)
     # EXPECT: p(2)=0.5, p(8)=0.5 after dropping "x" -> 5 / 9.
     assert valid[0] and values[0] == pytest.approx(5 / 9)
@@ -205,9 +206,9 @@ def test_bad_url_gives_invalid_items_not_an_exception():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     reward = make_reward("vlm_judge", {"url": f"http://127.0.0.1:{port}", "model_name": "m", "max_attempts": 2, "backoff_s": 0.01})
-    values, valid, errors = reward.score_with_errors(np.stack([_image(0), _image(1)]), ["a", "b"])
-    assert not valid.any() and np.isnan(values).all()
-    assert all("cannot connect" in e and str(port) in e for e in errors)
+    outcome = reward.score_outcome(np.stack([_image(0), _image(1)]), ["a", "b"])
+    assert not outcome.valid.any() and np.isnan(outcome.values).all()
+    assert all("cannot connect" in e and str(port) in e for e in outcome.errors)
 
 
 def test_params_are_checked():
@@ -223,8 +224,8 @@ def test_params_are_checked():
 
 def test_serve_with_missing_python_is_a_clear_item_error():
     reward = make_reward("vlm_judge", {"serve": {"model": "m", "python": "/nonexistent/bin/python"}})
-    _, valid, errors = reward.score_with_errors(np.stack([_image(0)]), ["a"])
-    assert not valid.any() and "serve.python" in errors[0] and "install-vllm" in errors[0]
+    outcome = reward.score_outcome(np.stack([_image(0)]), ["a"])
+    assert not outcome.valid.any() and "serve.python" in outcome.errors[0] and "install-vllm" in outcome.errors[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,23 +269,24 @@ def test_real_judge_scores_images(judge):
     images = np.stack([_image(i, size=64) for i in range(5)])
     prompts = ["a red apple", "a blue car", "a cat", "a dog", "a tree"]
     start = time.monotonic()
-    values, valid, errors = judge.score_with_errors(images, prompts)
+    outcome = judge.score_outcome(images, prompts)
+    values, valid, errors = outcome.values, outcome.valid, outcome.errors
     elapsed = time.monotonic() - start
     print(f"\ntest_vlm_judge: 5 images in {elapsed:.2f} s ({elapsed / 5 * 1000:.0f} ms per image at concurrency 4)", file=sys.stderr)
     assert errors == [None] * 5, errors
     assert valid.all() and values.shape == (5,) and values.dtype == np.float32
     assert np.isfinite(values).all() and (values >= 0).all() and (values <= 1).all()
-    again, valid2, _ = judge.score_with_errors(images, prompts)
-    assert valid2.all()
-    np.testing.assert_allclose(again, values, atol=1e-6)
+    again = judge.score_outcome(images, prompts)
+    assert again.valid.all()
+    np.testing.assert_allclose(again.values, values, atol=1e-6)
 
 
 def test_real_judge_question_without_prompt_placeholder(judge):
     fixed = VlmJudgeReward(**{**judge.params.model_dump(), "serve": None, "url": judge.base_url, "question": "Is this a good picture? One digit."})
     for size in (32, 80):  # smaller and larger than one 56 px tile
-        values, valid, errors = fixed.score_with_errors(np.stack([_image(7, size=size), _image(8, size=size)]), ["x", "y"])
-        assert valid.all(), errors
-        assert ((values >= 0) & (values <= 1)).all()
+        outcome = fixed.score_outcome(np.stack([_image(7, size=size), _image(8, size=size)]), ["x", "y"])
+        assert outcome.valid.all(), outcome.errors
+        assert ((outcome.values >= 0) & (outcome.values <= 1)).all()
 
 
 def test_real_judge_passes_its_service_check(judge):

@@ -119,16 +119,6 @@ class Reward(ABC):
         """
         return mark_non_finite(self.score(images, prompts), [None] * len(prompts))
 
-    def score_with_errors(
-        self, images: np.ndarray, prompts: list[str], *, policy_version: int = 0
-    ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-        """``(values [N] float32, valid [N] bool, errors [N])``: the per-item part of :meth:`score_outcome`.
-
-        For callers that need nothing else (reward servers, evaluation); override :meth:`score_outcome`, not this.
-        """
-        outcome = self.score_outcome(images, prompts, policy_version=policy_version)
-        return outcome.values, outcome.valid, outcome.errors
-
     def check_service(self, timeout_s: float = 5.0, *, start_server: bool = True) -> None:
         """Raise :class:`RewardServiceError` when a service this reward needs cannot be used; return quietly otherwise.
 
