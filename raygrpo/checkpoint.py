@@ -9,7 +9,8 @@ Layout inside a run folder::
         MANIFEST.json       every file above with its size and sha256; written last
     checkpoint-final/       the trained weights (diffusers layout), written when the run ends
     checkpoint-aborted[-N]/ the weights of a run stopped on purpose, one folder per abort
-    run_state.json          running | aborted | finished; "finished" is written last of all
+    run_state.json          running | aborted | finishing (trained, writing report and export) | finished;
+                            "finished" is written last of all
 
 A checkpoint is written into a hidden ``.tmp-…`` sibling, every file and folder in it is fsynced,
 and it is renamed into place only after its MANIFEST is on disk; the rename is then fsynced too. So
@@ -94,6 +95,7 @@ class ControllerState:
     trained_group_ids: list[int]  # every group id trained so far (exactly-once bookkeeping)
     reissued: int = 0
     rescored: int = 0
+    learned: bool = True  # some trained group had unequal rewards (a non-zero advantage) so far
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -181,6 +183,12 @@ def run_finished(run_dir: Path) -> bool:
     if state is not None:
         return state.get("status") == "finished"
     return (Path(run_dir) / FINAL).is_dir()
+
+
+def _finishing(run_dir: Path) -> bool:
+    """Stopped after every step was trained and ``checkpoint-final`` saved (while writing the report or the export)."""
+    state = read_run_state(run_dir)
+    return state is not None and state.get("status") == "finishing" and (Path(run_dir) / FINAL).is_dir()
 
 
 def run_folder_name(name: str) -> str:
@@ -347,6 +355,7 @@ class ResumePoint:
     run_dir: Path
     checkpoint: Path
     step: int
+    finishing: bool = False  # every step was trained and checkpoint-final saved: only the report and export are left
 
 
 def find_resume_point(config: Config) -> ResumePoint | None:
@@ -362,10 +371,12 @@ def find_resume_point(config: Config) -> ResumePoint | None:
     if resume == "auto":
         root = Path(config.run.output_root).resolve()
         runs = [p for p in root.iterdir() if p.is_dir() and is_run_folder_of(config.run.name, p.name)] if root.is_dir() else []
-        candidates = sorted((p for p in runs if not run_finished(p) and (p / CHECKPOINTS).is_dir()), key=lambda p: p.stat().st_mtime)
+        candidates = sorted((p for p in runs if not run_finished(p) and ((p / CHECKPOINTS).is_dir() or _finishing(p))), key=lambda p: p.stat().st_mtime)
         if not candidates:
             return None
         run_dir = candidates[-1]
+        if _finishing(run_dir):
+            return ResumePoint(run_dir, run_dir / FINAL, int(read_run_state(run_dir)["step"]), finishing=True)
         checkpoints = complete_checkpoints(run_dir)
         if not checkpoints:
             leftovers = sorted((run_dir / CHECKPOINTS).glob(".tmp-*"))

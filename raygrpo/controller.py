@@ -47,9 +47,9 @@ from raygrpo.config import Config
 from raygrpo.data.prompts import load_prompt_images
 from raygrpo.errors import PreflightError, RunAborted, RunStopped
 from raygrpo.learner.group import LearnerGroup
-from raygrpo.metrics import MetricsLog, PhaseTimer, StepOutcome, keep_steps_up_to, step_record
-from raygrpo.outputs import ExportFailed, RunOutputs
-from raygrpo.placement import resource_plan
+from raygrpo.metrics import MetricsLog, PhaseTimer, StepOutcome, keep_steps_up_to, read_metrics, step_record
+from raygrpo.outputs import RunOutputs
+from raygrpo.placement import PlanError, resource_plan
 from raygrpo.ray_metrics import NullTelemetry, RunTelemetry
 from raygrpo.reward.worker import RewardWorker
 from raygrpo.rollout.scheduler import DataPosition, RolloutScheduler
@@ -85,6 +85,8 @@ class Controller:
         self.empty_steps = 0  # consecutive steps that trained no group
         self.empty_errors: dict[str, dict[str, int]] = {}  # reward -> error -> items, over those steps
         self.warned_retries = False
+        self.learned = False  # some trained group had unequal rewards: a non-zero advantage, a gradient
+        self.flat_streak = 0  # consecutive steps whose trained groups all had equal rewards
         self.metrics: MetricsLog | None = None  # opened by run(): a resume writes nothing before its checkpoint has loaded
         self.telemetry = NullTelemetry() if config.run.in_process else RunTelemetry(run_dir.name)
         self.outputs = RunOutputs(config, run_dir)
@@ -94,15 +96,15 @@ class Controller:
 
     def run(self) -> RunSummary:
         last = self.config.train.steps
-        try:
-            with self.stop.installed():
+        with self.stop.installed():
+            try:
                 checkpoint = self._run_all(last)
-        except RunStopped as exc:
-            self._stopped(exc)
-        finally:
-            self._shutdown()
-        # Last of all: until this is on disk the run is unfinished, and the same command resumes it.
-        write_run_state(self.run_dir, "finished", step=last, checkpoint=FINAL)
+            except KeyboardInterrupt:  # RunStopped, or what Ray makes of it when a signal cuts one of its waits short
+                self._stopped(self.stop.requested or RunStopped("SIGINT", signal.SIGINT))
+            finally:
+                self._shutdown()
+            # Last of all: until this is on disk the run is unfinished, and the same command resumes it.
+            write_run_state(self.run_dir, "finished", step=last, checkpoint=FINAL)
         totals = [r["reward/total/mean"] for r in self.metrics.records]
         return RunSummary(str(self.run_dir), len(totals), totals[0], totals[-1], str(self.metrics.path), str(checkpoint))
 
@@ -117,16 +119,22 @@ class Controller:
         write_run_state(self.run_dir, "running", step=done)
         for step in tqdm(range(done + 1, last + 1), desc="training", unit="step", initial=done, total=last):
             self._run_step(step)
+        if self.stop.requested:  # asked before the last step was recorded: stop there, resumable, like any step
+            raise self.stop.requested
+        self.stop.finishing = True
         if not self.trained_group_ids:
             self._abort(RunAborted(f"no group was trained in {last - done} step(s): {self._reward_failures()}"))
+        if not self.learned:
+            self._abort(RunAborted(
+                f"nothing was learned in {last} step(s): in every trained group all samples got equal rewards, so every "
+                "advantage was 0 and no gradient moved the weights; check that the rewards can tell the samples apart "
+                "(e.g. a threshold no sample reaches)"
+            ))  # fmt: skip
         # A resumed run that redid its last steps replaces the checkpoint-final an earlier attempt left.
         checkpoint = save_weights(self.run_dir, FINAL, lambda folder: self.learner.save(str(folder)), replace=True)
-        self.outputs.write_report()
-        try:
-            self.outputs.export(checkpoint)
-        except ExportFailed as exc:
-            write_run_state(self.run_dir, "aborted", step=last, checkpoint=FINAL, reason=str(exc))
-            raise RunAborted(str(exc)) from None
+        # From here a killed run is finished by the same command without training again (only report and export).
+        write_run_state(self.run_dir, "finishing", step=last, checkpoint=FINAL)
+        self.outputs.finish(checkpoint)
         return checkpoint
 
     def _run_step(self, step: int) -> None:
@@ -150,15 +158,21 @@ class Controller:
         config, in_process = self.config, self.config.run.in_process
         roles = {r.role: r for r in resource_plan(config)}
         n = config.rollout.num_workers
-        self.rollout = make_group(in_process, RolloutWorker, roles["rollout"], [(config,)] * n, max_restarts=config.rollout.max_restarts)
-        self.rewards = {
-            r.name: make_group(in_process, RewardWorker, roles[f"reward:{r.name}"], [(r,)] * r.replicas, max_restarts=r.max_restarts, out_of_order=True)
-            for r in config.rewards
-        }
-        # The learner group is fail-stop: a run whose learner dies resumes from its latest checkpoint.
-        self.learner = LearnerGroup(config, roles["learner"])
-        groups = [self.rollout, *self.rewards.values()]
-        get([ref for group in groups for ref in group.ready()] + self.learner.ready())
+        try:
+            self.rollout = make_group(in_process, RolloutWorker, roles["rollout"], [(config,)] * n, max_restarts=config.rollout.max_restarts)
+            self.rewards = {
+                r.name: make_group(in_process, RewardWorker, roles[f"reward:{r.name}"], [(r,)] * r.replicas, max_restarts=r.max_restarts, out_of_order=True)
+                for r in config.rewards
+            }
+            # The learner group is fail-stop: a run whose learner dies resumes from its latest checkpoint.
+            self.learner = LearnerGroup(config, roles["learner"])
+            groups = [self.rollout, *self.rewards.values()]
+            get([ref for group in groups for ref in group.ready()] + self.learner.ready())
+        except PlanError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a model that does not load, a bad LoRA target...: one line, exit 2
+            cause = getattr(exc, "cause", None) or exc  # Ray wraps the worker's own error
+            raise PreflightError(f"the workers could not start: {_one_line(cause)}") from None
         if self.check_rewards:
             for group in self.rewards.values():
                 try:
@@ -240,6 +254,11 @@ class Controller:
             )
         if batch.groups:
             self.empty_steps, self.empty_errors = 0, {}
+            flat = batch.stats["groups/zero_std"] >= batch.stats["groups/trained"]
+            self.learned |= not flat
+            self.flat_streak = self.flat_streak + 1 if flat else 0
+            if self.flat_streak == 1:
+                logger.warning("every trained group got equal rewards for all its samples: zero advantages, nothing to learn this step")
             return
         self.empty_steps += 1
         for name, errors in batch.errors.items():
@@ -265,27 +284,36 @@ class Controller:
     # ----- ends: abort, stop -----
 
     def _abort(self, exc: RunAborted) -> None:
-        """Keep what was learned so far, in a folder no later abort overwrites; the metrics of finished steps are on disk."""
+        """Keep what was learned so far: the weights in a folder no later abort overwrites, and a checkpoint of the
+        last finished step that the same command resumes from once the cause is fixed."""
         last = self.finished_step
+        resume = self._resumable_checkpoint()
         saved = save_weights(self.run_dir, ABORTED, lambda folder: self.learner.save(str(folder)), replace=False)
-        write_run_state(self.run_dir, "aborted", step=last, checkpoint=saved.name, reason=str(exc))
+        more = {"resume_from": str(resume.relative_to(self.run_dir))} if resume else {}
+        write_run_state(self.run_dir, "aborted", step=last, checkpoint=saved.name, reason=str(exc), **more)
         done = f"steps 1..{last} are in {self.metrics.path}" if last else "no step finished"
-        raise RunAborted(f"{exc}; {done}; weights in {saved}") from None
+        then = f"; once the cause is fixed the same command resumes from {resume}" if resume else ""
+        raise RunAborted(f"{exc}; {done}; weights in {saved}{then}") from None
 
     def _stopped(self, exc: RunStopped) -> None:
-        """A stop asked for by a signal: a resumable checkpoint of the last finished step when the learner holds
-        exactly that step (always, unless a second signal cut an update short), and the run marked aborted."""
-        last, saved = self.finished_step, None
-        if last and self.consistent and getattr(self, "learner", None) is not None:
-            saved = step_folder(self.run_dir, last)
-            if not saved.exists():
-                self._save_checkpoint(last)
-        elif complete_checkpoints(self.run_dir):
-            saved = complete_checkpoints(self.run_dir)[-1]
+        """A stop asked for by a signal: a resumable checkpoint of the last finished step, and the run marked aborted."""
+        self.stop.saving = True  # a further signal must not cut the checkpoint short (SIGKILL still does)
+        saved = self._resumable_checkpoint()
         detail = {"checkpoint": str(saved.relative_to(self.run_dir))} if saved else {}
-        write_run_state(self.run_dir, "aborted", step=last, reason=str(exc), **detail)
+        write_run_state(self.run_dir, "aborted", step=self.finished_step, reason=str(exc), **detail)
         resume = f"the same command resumes from {saved}" if saved else "the same command starts it again"
-        raise RunStopped(exc.signal_name, exc.signal_number, f"after step {last}; {resume}") from None
+        raise RunStopped(exc.signal_name, exc.signal_number, f"after step {self.finished_step}; {resume}") from None
+
+    def _resumable_checkpoint(self) -> Path | None:
+        """The checkpoint of the last finished step, written now if it is not there yet, when the learner holds
+        exactly that step (always, unless a second signal cut an update short); else the newest checkpoint, or None."""
+        last = self.finished_step
+        if last and self.consistent and getattr(self, "scheduler", None) is not None:
+            if not step_folder(self.run_dir, last).exists():
+                self._save_checkpoint(last)
+            return step_folder(self.run_dir, last)
+        existing = complete_checkpoints(self.run_dir)
+        return existing[-1] if existing else None
 
     # ----- checkpoints -----
 
@@ -301,6 +329,7 @@ class Controller:
             trained_group_ids=list(self.trained_group_ids),
             reissued=self.scheduler.reissued,
             rescored=self.scheduler.rescored,
+            learned=self.learned,
             **asdict(position),
         )
         save_checkpoint(self.run_dir, state, self.config, lambda folder: self.learner.save_state(str(folder)), self.config.train.keep_checkpoints)
@@ -331,6 +360,7 @@ class Controller:
         self.rng.bit_generator.state = state.rng
         self.scheduler.reissued, self.scheduler.rescored = state.reissued, state.rescored
         self.trained_group_ids = list(state.trained_group_ids)
+        self.learned = state.learned
         if version > 0:
             self.weight_sync.push(range(len(self.rollout)), version)
         (self.run_dir / f"config-resumed-{time.strftime(RUN_STAMP)}.yaml").write_text(self.config.to_yaml())
@@ -343,16 +373,31 @@ class Controller:
         return state.step
 
 
+def finish_trained(config: Config, run_dir: Path) -> RunSummary:
+    """Finish a run stopped after every step was trained and ``checkpoint-final`` saved: the report and the
+    export again, then ``finished``. No worker is needed (and none starts)."""
+    checkpoint = run_dir / FINAL
+    logger.info("%s was trained to the end; writing its report and export again", run_dir)
+    RunOutputs(config, run_dir).finish(checkpoint)
+    write_run_state(run_dir, "finished", step=config.train.steps, checkpoint=FINAL)
+    totals = [r["reward/total/mean"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    return RunSummary(str(run_dir), len(totals), totals[0], totals[-1], str(run_dir / "metrics.jsonl"), str(checkpoint))
+
+
 class _StopSignal:
     """Ctrl-C / SIGTERM (``ray job stop``) while a run goes on.
 
     While the driver only waits for generation or scores, a signal stops the run at once: those waits can
     be abandoned, the learner still holds the last finished step. Elsewhere (an update, a sync, a checkpoint)
-    the step finishes first and the run stops after it; a second signal stops it at once all the same.
+    the step finishes first and the run stops after it; a second signal stops it at once all the same. Once
+    every step is trained, or while the stop's own checkpoint is written, signals only say so (SIGKILL
+    still stops the process).
     """
 
     def __init__(self) -> None:
         self.requested: RunStopped | None = None
+        self.saving = False  # the stop's checkpoint is being written: further signals wait for it
+        self.finishing = False  # every step is trained: final weights, report and export go first
         self._interruptible = False
 
     @contextmanager
@@ -378,11 +423,18 @@ class _StopSignal:
             self._interruptible = False
 
     def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.saving:
+            logger.warning("%s: already stopping; saving the checkpoint to resume from first (SIGKILL stops without it)", name)
+            return
+        if self.finishing:
+            logger.warning("%s: every step is trained; finishing the run first (final weights, report, export)", name)
+            return
         again = self.requested is not None
-        self.requested = RunStopped(signal.Signals(signum).name, signum)
+        self.requested = RunStopped(name, signum)
         if self._interruptible or again:
             raise self.requested
-        logger.warning("%s: the run stops after this step (send it again to stop at once)", self.requested.signal_name)
+        logger.warning("%s: the run stops once this step is recorded (send it again to stop at once)", name)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -15,12 +15,13 @@ class RunAborted(RuntimeError):
     """
 
 
-class RunStopped(BaseException):
+class RunStopped(KeyboardInterrupt):
     """Ctrl-C, SIGTERM or ``ray job stop`` asked the run to stop; it saves a resumable checkpoint when it
     can and exits with 128 + the signal number (130 or 143). The same command continues the run.
 
-    A BaseException, as KeyboardInterrupt is: code that handles a failed call (``except Exception``, e.g.
-    an in-process worker's error kept for its caller) must not swallow a request to stop."""
+    A KeyboardInterrupt: code that handles a failed call (``except Exception``, e.g. an in-process worker's
+    error kept for its caller) must not swallow a request to stop, and Ray's blocking calls, interrupted by a
+    signal, raise a KeyboardInterrupt cleanly (any other exception from a signal handler breaks them)."""
 
     def __init__(self, signal_name: str, signal_number: int, detail: str = ""):
         super().__init__(f"stopped by {signal_name}" + (f" {detail}" if detail else ""))

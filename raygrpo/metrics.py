@@ -88,11 +88,13 @@ def step_record(outcome: StepOutcome, config: Any) -> dict[str, float]:
     record: dict[str, float] = {"step": o.step, "policy_version": o.policy_version, **o.batch.stats}
     record["groups/reissued"], record["groups/rescored"] = float(o.reissued), float(o.rescored)
     reward_seconds = {n: [g.seconds[n] for g in o.groups] for n in names}
-    for k, name in enumerate(names):
-        record[f"reward/{name}/mean"] = float(np.mean(rewards[:, k])) if len(rewards) else float("nan")
-        record[f"reward/{name}/std"] = float(np.std(rewards[:, k])) if len(rewards) else float("nan")
+    for name in names:
+        # Every sample the reward scored, trained or not: a reward still shows its curve while another one fails.
+        scored = np.concatenate([g.scores[name].values[g.scores[name].valid] for g in o.groups] or [np.zeros(0, np.float32)])
+        record[f"reward/{name}/mean"] = float(np.mean(scored)) if len(scored) else float("nan")
+        record[f"reward/{name}/std"] = float(np.std(scored)) if len(scored) else float("nan")
         record[f"time/reward/{name}"] = float(sum(reward_seconds[name]))
-    record["reward/total/mean"] = float(np.mean(rewards @ weights)) if len(rewards) else float("nan")
+    record["reward/total/mean"] = float(np.mean(rewards @ weights)) if len(rewards) else float("nan")  # of the trained groups
     if o.learner is not None:
         fields = asdict(o.learner)
         extras = fields.pop("extras")

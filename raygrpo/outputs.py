@@ -9,6 +9,7 @@ groups shown, only on the steps that show them.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,9 @@ import numpy as np
 from raygrpo.actor_group import get
 from raygrpo.config import Config
 from raygrpo.contracts import GroupMedia, ScoredGroup
-from raygrpo.export import export_pipeline
+from raygrpo.checkpoint import write_run_state
+from raygrpo.errors import RunAborted
+from raygrpo.export import EXPORT_FILE, export_pipeline
 from raygrpo.gallery import GalleryEntry, is_gallery_step, read_group_media, read_step_gallery, write_step_gallery
 from raygrpo.report import GridRow, plot_reward_curve, sample_grid
 
@@ -93,6 +96,16 @@ class RunOutputs:
             rows.append(GridRow(f"step {step}: {group.prompt}", read_group_media(gallery, group), captions))
         return rows
 
+    def finish(self, checkpoint: Path) -> None:
+        """The report and the export of a trained run. An export that fails marks the run aborted with the
+        reason and raises :class:`~raygrpo.errors.RunAborted` (the trained weights stay in ``checkpoint``)."""
+        self.write_report()
+        try:
+            self.export(checkpoint)
+        except ExportFailed as exc:
+            write_run_state(self.run_dir, "aborted", step=self.config.train.steps, checkpoint=checkpoint.name, reason=str(exc))
+            raise RunAborted(str(exc)) from None
+
     def export(self, checkpoint: Path) -> None:
         """``<run>/export``: the trained model as a diffusers pipeline folder (or a LoRA file), when the base
         pipeline is on this machine; otherwise the log says the command that makes it. Any failure raises
@@ -102,8 +115,11 @@ class RunOutputs:
         if pretrained != "tiny-random" and not Path(pretrained).is_dir():
             logger.info("to get a diffusers pipeline folder of the trained model run: %s", command)
             return
+        out = self.run_dir / "export"
+        if (out / EXPORT_FILE).is_file():
+            shutil.rmtree(out)  # this run's own export, from an attempt that stopped before the run was marked finished
         try:
-            export_pipeline(pretrained, checkpoint, self.run_dir / "export", family=self.config.model.family)
+            export_pipeline(pretrained, checkpoint, out, family=self.config.model.family)
         except Exception as exc:  # noqa: BLE001 - whatever broke, the run must not end as finished
             raise ExportFailed(
                 f"the trained weights are in {checkpoint}, but exporting a diffusers pipeline failed ({type(exc).__name__}: {exc}); "

@@ -20,13 +20,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from raygrpo.config import Config, ConfigError, load_config
-from raygrpo.errors import PreflightError
+from raygrpo.errors import PreflightError, RunStopped
 
 logger = logging.getLogger("raygrpo")
+
+# Per request of the reward-server check (two attempts each): a server that accepts connections and never
+# answers fails the preflight in about 2 x this, plus a second; one that is down, at once.
+PREFLIGHT_TIMEOUT_S = 3.0
 
 
 def preflight(config: Config, check_rewards: bool = True) -> list[str]:
@@ -48,7 +53,7 @@ def preflight(config: Config, check_rewards: bool = True) -> list[str]:
     for i, reward in enumerate(config.rewards):
         try:
             if check_rewards:
-                check_reward_service(reward.name, reward.kind, reward.params)
+                check_reward_service(reward.name, reward.kind, reward.params, timeout_s=PREFLIGHT_TIMEOUT_S)
             else:
                 make_reward(reward.kind, reward.params)
         except RewardServiceError as exc:
@@ -174,11 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_intermixed_args(argv)  # the flag may stand anywhere among the overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Until the controller takes the signals over (it stops a run with a checkpoint), Ctrl-C and SIGTERM stop
+    # the start-up with one line instead of a traceback or a silent death.
+    signal.signal(signal.SIGTERM, _stop_starting)
     try:
         return launch(args)
-    except KeyboardInterrupt:  # before the controller takes over Ctrl-C (it stops a run with a checkpoint)
-        print("raygrpo: interrupted while starting or shutting down (outside the training loop)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        number = exc.signal_number if isinstance(exc, RunStopped) else signal.SIGINT
+        print(f"raygrpo: stopped by {signal.Signals(number).name} outside the training loop (while starting or shutting down)", file=sys.stderr)
+        return 128 + number
+
+
+def _stop_starting(signum: int, frame) -> None:
+    raise RunStopped(signal.Signals(signum).name, signum)
 
 
 def launch(args: argparse.Namespace) -> int:
@@ -191,8 +204,8 @@ def launch(args: argparse.Namespace) -> int:
         return 2
 
     from raygrpo.checkpoint import CheckpointError, find_resume_point
-    from raygrpo.controller import Controller
-    from raygrpo.errors import RunAborted, RunStopped
+    from raygrpo.controller import Controller, finish_trained
+    from raygrpo.errors import RunAborted
     from raygrpo.placement import PlanError
 
     try:
@@ -201,14 +214,17 @@ def launch(args: argparse.Namespace) -> int:
         print(f"raygrpo: {exc}", file=sys.stderr)
         return 2
     try:
-        if not config.run.in_process:
-            connect_ray(config)
-            check_cluster(config)
-        if resume:
-            # Nothing is written into it until the checkpoint has loaded (the controller keeps this config beside the first one).
-            logger.info("continuing %s from %s (step %d)", resume.run_dir, resume.checkpoint.name, resume.step)
-        run_dir = resume.run_dir if resume else make_run_dir(config)
-        summary = Controller(config, run_dir, prompts, resume=resume, check_rewards=not args.skip_reward_check).run()
+        if resume is not None and resume.finishing:
+            summary = finish_trained(config, resume.run_dir)  # trained to the end already: the report and export only
+        else:
+            if not config.run.in_process:
+                connect_ray(config)
+                check_cluster(config)
+            if resume:
+                # Nothing is written into it until the checkpoint has loaded (the controller keeps this config beside the first one).
+                logger.info("continuing %s from %s (step %d)", resume.run_dir, resume.checkpoint.name, resume.step)
+            run_dir = resume.run_dir if resume else make_run_dir(config)
+            summary = Controller(config, run_dir, prompts, resume=resume, check_rewards=not args.skip_reward_check).run()
     except (PlanError, PreflightError, CheckpointError) as exc:
         print(f"raygrpo: {exc}", file=sys.stderr)
         return 2
@@ -219,9 +235,8 @@ def launch(args: argparse.Namespace) -> int:
         print(f"raygrpo: run {exc}", file=sys.stderr)
         return 128 + exc.signal_number
     finally:
-        if not config.run.in_process:
-            import ray
-
+        ray = sys.modules.get("ray")  # imported (and maybe started) only by runs on Ray
+        if ray is not None and ray.is_initialized():
             ray.shutdown()
     print(f"reward (weighted total, mean over the step): first step {summary.first_reward:.4f} -> last step {summary.last_reward:.4f}")
     print(f"outputs: {summary.run_dir}")

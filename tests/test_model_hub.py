@@ -113,6 +113,18 @@ def test_check_pretrained_names_a_corrupt_component_config(flux_copy):
         check_pretrained("flux", str(flux_copy))
 
 
+def test_check_pretrained_names_a_weights_file_cut_short(flux_copy):
+    """A download that stopped half way: the header promises more bytes than the file has (found from the header alone)."""
+    weights = flux_copy / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFolderError, match=rf"{re.escape(str(weights))} is damaged or cut short: its tensors need {len(data)} bytes"):
+        check_pretrained("flux", str(flux_copy))
+    weights.write_bytes(b"\xff" * 8)  # not a safetensors header at all
+    with pytest.raises(ModelFolderError, match="is damaged or cut short: its header claims"):
+        check_pretrained("flux", str(flux_copy))
+
+
 def test_check_pretrained_names_a_corrupt_tokenizer_file(flux_copy):
     tokenizer = flux_copy / "tokenizer_2" / "tokenizer_config.json"
     tokenizer.write_text(tokenizer.read_text() + "}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -76,6 +77,30 @@ def test_the_same_command_runs_under_ray_job_submit_and_ray_job_stop_leaves_it_r
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["groups/trained"] == 2 for r in records)
     assert (run_dir / "checkpoint-final" / "transformer").is_dir() and (run_dir / "samples.png").is_file()
     assert json.loads((run_dir / "run_state.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_ray_workers_start_stops_with_one_line(ray_cluster, tmp_path):
+    """Loading the models can take minutes, the likeliest time for Ctrl-C: one line, 143, nothing to resume yet."""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    command = [sys.executable, "-m", "raygrpo.run", "cluster/tiny.yaml", "train.steps=2", f"run.output_root={tmp_path}"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # the driver logs as it goes: joined, then the actors load their models
+        seen.append(line)
+        if "joining Ray cluster" in line:
+            break
+    time.sleep(1.0)  # inside Controller._start: placement groups and model loading
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    stderr = "".join(seen) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr
+    (line,) = [x for x in stderr.splitlines() if x.startswith("raygrpo: ")]
+    assert line.startswith("raygrpo: ") and "stopped by SIGTERM" in line, line
+    for run_dir in tmp_path.glob("tiny-*"):  # stopped inside the controller: marked aborted, nothing to resume from
+        assert json.loads((run_dir / "run_state.json").read_text())["status"] == "aborted"
 
 
 @pytest.mark.parametrize(

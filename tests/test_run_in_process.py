@@ -181,6 +181,9 @@ def test_a_reward_server_that_never_answers_aborts_after_max_empty_steps(tmp_pat
     state = json.loads((run_dir / "run_state.json").read_text())
     assert state["status"] == "aborted" and state["step"] == 2 and state["checkpoint"] == "checkpoint-aborted"
     assert not (run_dir / "checkpoint-final").exists()
+    # ... and a checkpoint of step 2 that the same command continues from once the server is back
+    assert state["resume_from"] == "checkpoints/step-000002" and (run_dir / "checkpoints" / "step-000002" / "MANIFEST.json").is_file()
+    assert f"once the cause is fixed the same command resumes from {run_dir / 'checkpoints' / 'step-000002'}" in line
 
 
 def test_a_run_whose_every_sample_goes_unscored_never_finishes(tmp_path):
@@ -191,6 +194,36 @@ def test_a_run_whose_every_sample_goes_unscored_never_finishes(tmp_path):
     (line,) = raygrpo_lines(proc.stderr)
     assert "reward 'hue' gave no score for 16 samples" in line and "prompt names no colour" in line, line
     assert json.loads((run_folder(tmp_path) / "run_state.json").read_text())["status"] == "aborted"
+
+
+def test_a_run_whose_rewards_never_differ_within_a_group_learned_nothing_and_says_so(tmp_path):
+    """A threshold no sample reaches: every reward 0, every advantage 0, no gradient. Not a success."""
+    proc = run_cli("cluster/tiny.yaml", IN_PROCESS, *SMALL, "rewards.0.threshold=100", "train.steps=2", f"run.output_root={tmp_path}")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    (line,) = raygrpo_lines(proc.stderr)
+    assert "nothing was learned in 2 step(s)" in line and "every advantage was 0" in line, line
+    assert "zero advantages, nothing to learn this step" in proc.stderr  # said as it happens, once per streak
+    run_dir = run_folder(tmp_path)
+    assert [r["groups/zero_std"] for r in records(run_dir)] == [2, 2] and not (run_dir / "export").exists()
+
+
+def test_a_run_killed_while_writing_its_report_and_export_is_finished_by_the_same_command(tmp_path):
+    """What a kill after the last step leaves: checkpoint-final, a half-written export, run_state "finishing".
+    The same command writes the report and the export again, without training, and marks the run finished."""
+    args = ["cluster/tiny.yaml", IN_PROCESS, *SMALL, "train.steps=1", f"run.output_root={tmp_path}"]
+    assert run_cli(*args).returncode == 0
+    run_dir = run_folder(tmp_path)
+    state = json.loads((run_dir / "run_state.json").read_text())
+    (run_dir / "run_state.json").write_text(json.dumps({**state, "status": "finishing"}))
+    (run_dir / "samples.png").unlink()
+    (run_dir / "export" / "model_index.json").unlink()  # cut short
+    weights = (run_dir / "checkpoint-final" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "was trained to the end; writing its report and export again" in proc.stderr and "training:" not in proc.stderr
+    assert (run_dir / "samples.png").is_file() and (run_dir / "export" / "model_index.json").is_file()
+    assert (run_dir / "checkpoint-final" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+    assert json.loads((run_dir / "run_state.json").read_text())["status"] == "finished" and len(records(run_dir)) == 1
 
 
 def test_sigterm_saves_a_resumable_checkpoint_and_the_same_command_finishes_exactly(tmp_path):

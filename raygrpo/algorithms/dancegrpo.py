@@ -113,10 +113,10 @@ class DanceGRPO:
             rollout = wg.rollout
             sigmas = as_tensor(rollout.sigmas, device)  # [T+1]
             cond = ConditioningBatch.of(rollout.conditioning, 1, device)
-            weights = torch.as_tensor(wg.train.reward_weights, device=device)  # [K]
+            weights = torch.tensor(wg.train.reward_weights, device=device)  # [K]; a copy: the array may be a read-only object-store view
             for r, row in enumerate(wg.rows):
                 member = int(wg.train.members[row])
-                advantages = torch.as_tensor(wg.train.advantages[:, member], device=device)  # [K]
+                advantages = torch.tensor(wg.train.advantages[:, member], device=device)  # [K]
                 steps = wg.draw[row]
                 for s, j in enumerate(steps):
                     x = as_tensor(rollout.trajectory[member, j], device)[None]  # [1, S, D]

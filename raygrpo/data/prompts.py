@@ -127,7 +127,8 @@ def _read_records(prompt_file: str) -> list[tuple[str, _ImageSource | None]]:
     """``(prompt, image source or None)`` per non-empty prompt of the file."""
     path = Path(prompt_file)
     if not path.is_file():
-        raise PromptFileError(f"data.prompt_file: {str(path)!r} does not exist")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise PromptFileError(f"data.prompt_file: {str(path)!r} {what}")
     suffix = path.suffix.lower()
     if suffix in _NOT_PROMPT_FILES:
         raise PromptFileError(f"data.prompt_file: {str(path)!r} looks like {_NOT_PROMPT_FILES[suffix]}; use {_FORMATS}")

@@ -213,8 +213,9 @@ def check_pretrained(family: str, pretrained: str | os.PathLike) -> None:
     For a local folder: ``model_index.json`` parses, every component folder the family loads
     (:data:`PIPELINE_COMPONENTS`) is there with its main file (``config.json``,
     ``scheduler_config.json``, a tokenizer or processor file), and every JSON file in those folders
-    parses (a damaged one raises :class:`ModelFolderError` with the JSON error's line and column).
-    Weights are not read. For a hub id: :func:`resolve_pretrained` (cached, or reachable). For
+    parses (a damaged one raises :class:`ModelFolderError` with the JSON error's line and column), and
+    every ``.safetensors`` file is as long as its header says (a truncated download is named; the
+    tensors themselves are not read). For a hub id: :func:`resolve_pretrained` (cached, or reachable). For
     ``"tiny-random"``: nothing, the actors build it.
     """
     if family not in PIPELINE_COMPONENTS:
@@ -240,6 +241,32 @@ def check_pretrained(family: str, pretrained: str | os.PathLike) -> None:
             )
         for path in sorted(subfolder.glob("*.json")):
             _parse_json(path)
+        for path in sorted(subfolder.glob("*.safetensors")):
+            _check_safetensors(path)
+
+
+def _check_safetensors(path: Path) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header giving each tensor's byte range, then the
+    data: the file must reach the end of the last range. Reads the header only."""
+    size = path.stat().st_size
+    problem = None
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if length <= 0 or 8 + length > size:
+                problem = f"its header claims {length} bytes, the file has {size}"
+            else:
+                header = json.loads(f.read(length))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                if 8 + length + end > size:
+                    problem = f"its tensors need {8 + length + end} bytes, the file has {size}"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        problem = f"its header cannot be read ({type(exc).__name__}: {exc})"
+    if problem:
+        raise ModelFolderError(
+            f"{path} is damaged or cut short: {problem}. Download it again (`hf download <id> --local-dir DIR`) "
+            "and set model.pretrained=DIR."
+        )
 
 
 __all__ = [

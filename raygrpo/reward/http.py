@@ -346,15 +346,16 @@ class HttpReward(Reward):
 
     async def _check_token(self, client: httpx.AsyncClient, retries: Retries) -> None:
         """A score request with no items: the one call protocol v1 guards with the token on every server (many
-        leave /v1/info open), and one that costs the server nothing. Only 401/403 fail: what a server answers
-        about an empty batch otherwise (200, or a 4xx for no items) says the token was accepted."""
+        leave /v1/info open), and one that costs the server nothing. 401/403 fail, and so does a 200 that is not
+        the protocol's answer; a 4xx about the empty batch says the token was accepted."""
         request = ScoreRequest(request_id=f"preflight-{uuid.uuid4().hex[:8]}", policy_version=0, items=[])
         reply = await request_with_retries(
             client, "POST", self._endpoint("/v1/score"), label="http reward", retries=retries,
             max_body_bytes=_CONTROL_BODY_BYTES, content=request.model_dump_json(), headers={"Content-Type": "application/json"},
         )  # fmt: skip
-        if reply.status in AUTH_STATUS:
-            self._parse(reply, ScoreResponse)  # raises naming the token and where it comes from
+        if reply.status in AUTH_STATUS or reply.status == 200:
+            # 401/403: raises naming the token and where it comes from; 200: must be the protocol's answer
+            self._parse(reply, ScoreResponse)
 
     async def _prepare(self, client: httpx.AsyncClient, tally: CallTally) -> int:
         """Check health and learn ``max_batch`` once per instance (again after a failure); the batch size."""

@@ -229,7 +229,7 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 def describe_transport_error(exc: BaseException, timeout_s: float) -> str:
     """What went wrong on the wire, in words a user can act on."""
     if isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException)):
-        return f"timed out: did not answer within {timeout_s:g} s (timeout_s)"
+        return f"timed out: did not answer within {timeout_s:g} s"
     if isinstance(exc, httpx.ConnectError):
         if _caused_by(exc, ConnectionRefusedError):
             return "cannot connect: nothing is listening there (connection refused); is the server running, on this host and port?"
