@@ -72,7 +72,30 @@ def _resolve(value: Any) -> Any:
     return value.result() if isinstance(value, LocalRef) else value
 
 
-class LocalGroup:
+class _Group:
+    """What both kinds of group build on :meth:`call`: one method on every worker, or one item per worker."""
+
+    resources: RoleResources
+    actors: list
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def call(self, index: int, method: str, *args: Any, num_returns: int = 1) -> Any:
+        raise NotImplementedError
+
+    def foreach(self, method: str, *args: Any) -> list:
+        """``method(*args)`` on every worker at once; their results in worker order (the first failure raises)."""
+        return get([self.call(i, method, *args) for i in range(len(self))])
+
+    def map(self, method: str, items: Sequence) -> list:
+        """``workers[i].method(items[i])`` for every worker at once; their results in worker order."""
+        if len(items) != len(self):
+            raise ValueError(f"{self.resources.role}: {len(items)} items for {len(self)} workers")
+        return get([self.call(i, method, item) for i, item in enumerate(items)])
+
+
+class LocalGroup(_Group):
     """``count`` instances of ``actor_cls`` in this process; the API of :class:`ActorGroup`."""
 
     def __init__(self, actor_cls: type, resources: RoleResources, args: Sequence[tuple]):
@@ -80,9 +103,6 @@ class LocalGroup:
             raise ValueError(f"{resources.role}: {len(args)} argument tuples for {resources.count} workers")
         self.resources = resources
         self.actors = [actor_cls(*a) for a in args]
-
-    def __len__(self) -> int:
-        return len(self.actors)
 
     def call(self, index: int, method: str, *args: Any, num_returns: int = 1) -> Any:
         """Run ``actors[index].method(*args)`` now; a LocalRef (``num_returns`` > 1: a tuple of them)."""
@@ -95,14 +115,6 @@ class LocalGroup:
             return LocalRef(value)
         return tuple(LocalRef(v) for v in value)
 
-    def foreach(self, method: str, *args: Any) -> list:
-        return get([self.call(i, method, *args) for i in range(len(self))])
-
-    def map(self, method: str, items: Sequence) -> list:
-        if len(items) != len(self):
-            raise ValueError(f"{self.resources.role}: {len(items)} items for {len(self)} workers")
-        return get([self.call(i, method, item) for i, item in enumerate(items)])
-
     def ready(self) -> list:
         return []  # built in __init__
 
@@ -110,13 +122,10 @@ class LocalGroup:
         return True
 
     def shutdown(self) -> None:
-        for actor in self.actors:
-            close = getattr(actor, "close", None)
-            if callable(close):
-                close()
+        self.actors = []  # garbage: what a worker owns (a judge's vLLM server) is released with it
 
 
-class ActorGroup:
+class ActorGroup(_Group):
     """``resources.count`` Ray actors of ``actor_cls`` in one placement group of their own (packed onto as
     few nodes as possible); actor ``i`` is built with ``args[i]``.
 
@@ -170,9 +179,6 @@ class ActorGroup:
             for i, actor_args in enumerate(args)
         ]
 
-    def __len__(self) -> int:
-        return len(self.actors)
-
     def run_on_bundle(self, index: int, fn: Callable, *args: Any) -> Any:
         """``fn(*args)`` as a task on the node of bundle ``index`` (e.g. to pick a free port there), waited for."""
         import ray
@@ -196,16 +202,6 @@ class ActorGroup:
         if num_returns != 1:
             remote_method = remote_method.options(num_returns=num_returns)
         return remote_method.remote(*args)
-
-    def foreach(self, method: str, *args: Any) -> list:
-        """``method(*args)`` on every actor at once; their results in actor order (the first failure raises)."""
-        return get([self.call(i, method, *args) for i in range(len(self))])
-
-    def map(self, method: str, items: Sequence) -> list:
-        """``actors[i].method(items[i])`` for every actor at once; their results in actor order."""
-        if len(items) != len(self):
-            raise ValueError(f"{self.resources.role}: {len(items)} items for {len(self)} actors")
-        return get([self.call(i, method, item) for i, item in enumerate(items)])
 
     def ready(self) -> list:
         """Refs that resolve once every actor's ``__init__`` (model loading) has finished, or raise its error."""
@@ -245,8 +241,6 @@ def make_group(in_process: bool, actor_cls: type, resources: RoleResources, args
 
 def lost_actor(exc: BaseException) -> bool:
     """Whether a failed call means its actor died (the work can be sent again), not that the call itself raised."""
-    try:
-        import ray
-    except ImportError:  # pragma: no cover - ray is a dependency
-        return False
+    import ray
+
     return isinstance(exc, ray.exceptions.RayActorError)

@@ -90,7 +90,7 @@ def test_a_fatal_reward_answer_aborts_at_once_and_retries_are_counted():
     retried = [scored(0, [1, 2, 3, 4], [4, 3, 2, 1], retries=3, failures=1), scored(1, [1, 2, 3, 4], [4, 3, 2, 1], retries=1)]
     stats = build_batch(retried, make_config(), rng()).stats
     assert (stats["rewards/b/retries"], stats["rewards/b/errors"], stats["rewards/a/retries"]) == (4, 1, 0)
-    fatal = [scored(0, [1, 2, 3, 4], [4, 3, 2, 1], fatal="http://127.0.0.1:1 answered 401: check the token in $TOKEN")]
+    fatal = [scored(0, [1, 2, 3, 4], [4, 3, 2, 1], fatal="reward 'b': http://127.0.0.1:1 answered 401: check the token in $TOKEN")]
     with pytest.raises(RunAborted, match="reward 'b': .*401"):
         build_batch(fatal, make_config(), rng())
 

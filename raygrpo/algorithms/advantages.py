@@ -114,7 +114,7 @@ def build_batch(scored: list[ScoredGroup], config: Config, rng: np.random.Genera
         per_reward = [item.scores[n] for n in names]
         for s in per_reward:
             if s.fatal:
-                raise RunAborted(s.fatal if s.reward_name in s.fatal else f"reward {s.reward_name!r}: {s.fatal}")
+                raise RunAborted(s.fatal)  # names the reward already (Scores.fatal, from score_group)
             stats[f"rewards/{s.reward_name}/missing"] += float((~s.valid).sum())
             stats[f"rewards/{s.reward_name}/retries"] += float(s.retries)
             stats[f"rewards/{s.reward_name}/errors"] += float(s.failures)

@@ -32,7 +32,7 @@ import numpy as np
 
 from raygrpo.actor_group import ActorGroup, LocalGroup, get, lost_actor
 from raygrpo.config import Config
-from raygrpo.contracts import PromptGroup, ScoredGroup, Scores, merge_scores
+from raygrpo.contracts import PromptGroup, RolloutInfo, ScoredGroup, Scores, merge_scores
 from raygrpo.data.prompts import PromptImages, PromptOrder
 from raygrpo.errors import RunAborted
 
@@ -54,6 +54,7 @@ class InFlight:
     info: Any  # ref to its RolloutInfo (for the controller)
     scores: dict[str, Any] = field(default_factory=dict)  # reward name -> ref to (Scores, seconds)
     replicas: dict[str, int] = field(default_factory=dict)  # reward name -> replica scoring it
+    generated: RolloutInfo | None = None  # the fetched ``info``, once generation is done
 
 
 @dataclass
@@ -151,7 +152,7 @@ class RolloutScheduler:
     def _wait_generated(self, work: InFlight, version: int) -> None:
         while True:
             try:
-                get(work.info)
+                work.generated = get(work.info)
                 return
             except Exception as exc:
                 if not lost_actor(exc):
@@ -166,7 +167,7 @@ class RolloutScheduler:
 
     def wait_scored(self, parts: list[InFlight]) -> list[ScoredGroup]:
         """Whole groups with every reward's Scores; a scoring lost with its replica is sent again."""
-        scored = [(work, get(work.info), self._wait_scores(work)) for work in parts]
+        scored = [(work, work.generated, self._wait_scores(work)) for work in parts]
         by_group: dict[int, list] = {}
         for item in scored:
             by_group.setdefault(item[0].group.group_id, []).append(item)
@@ -246,6 +247,3 @@ class RolloutScheduler:
     def restore(self, position: DataPosition) -> None:
         self.order.load_state_dict(position.prompt_order)
         self.next_group_id, self.next_worker, self.next_replica = position.next_group_id, position.next_worker, dict(position.next_replica)
-
-    def worker_versions(self) -> list[int]:
-        return [version for version, _ in self.rollout.foreach("status")]
