@@ -11,15 +11,19 @@
 (b) learner: ``Learner.update`` in process on TrainGroups built from real rollouts, seconds per
     update, against a bare loop on a copy of the same network: the same forwards with gradient (same
     samples x trained timesteps, same batch shapes), a backward each, AdamW steps as often as the
-    algorithm steps. The baseline has no log-probs, no reference or EMA forwards and no clipping.
+    algorithm steps. DanceGRPO's baseline has no log-probs and no clipping; DGPO's does DGPO's whole
+    math in plain PyTorch (``bare_dgpo_step``: the no-gradient reference/base forwards, gate, clip, KL,
+    gradient clipping, AdamW, EMA updates) with its shadows as separate modules. Each figure's
+    ``time_split_s`` says where both sides' seconds go (forwards, backwards, optimizer, the rest).
 (c) end to end: the real Controller on Ray (tiny DanceGRPO preset, 2 rollout workers) at
     ``train.max_staleness`` 0 and 1, samples/s per step (step 1 and the last max_staleness steps skipped),
     against the serial sum of the stages read from metrics.jsonl: rollout busy s / workers + reward s /
     replicas + learner s + sync s; and staleness 1 against 0.
-(d) weight sync: learner export + every rollout worker's load and checksum verify (the controller's
-    ``_sync_weights``), against a raw object-store round trip of the same bytes: one actor returns the
-    same numpy arrays (a put), as many actors receive them (a get). On the tiny FLUX and on a wider one
-    (``--sync-width``, 2 + 4 blocks) whose bytes dominate.
+(d) weight sync: what ``WeightSync.push`` does (learner rank 0 puts its message, every rollout worker
+    copies it into its parameters and verifies the digest), against the honest floor: one actor returns
+    numpy arrays of the same shapes (a put), as many actors receive them (a get) and copy each once into
+    a tensor of its shape. The raw transfer (put and get alone) is reported beside it. On the tiny FLUX
+    and on a wider one (``--sync-width``, 2 + 4 blocks: 512 is 145 MB, 1408 is 1.09 GB) whose bytes dominate.
 
 Ratios are ``value / baseline`` (above 1: more images/s, or more seconds, than the baseline). Sides
 alternate repeat by repeat so both see the same machine load; medians are reported. Results go to
@@ -29,6 +33,7 @@ outputs/benchmarks/scale_out.json (untracked; override with --out). ``make figur
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import logging
@@ -40,7 +45,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,11 +186,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def alternate(system: Callable[[int], None], baseline: Callable[[int], None], repeats: int, device: str) -> tuple[list, list]:
-    """Seconds of ``repeats`` calls of each, alternating (same load for both), after one warm-up call of each."""
-    times: tuple[list, list] = ([], [])
+def alternate(
+    system: Callable[[int], None], baseline: Callable[[int], None], repeats: int, device: str, *more: Callable[[int], None]
+) -> tuple:
+    """Seconds of ``repeats`` calls of each (``more``: further baselines), alternating (same load for all), after one
+    warm-up call of each; one list per function, in their order."""
+    functions = (system, baseline, *more)
+    times: tuple[list, ...] = tuple([] for _ in functions)
     for r in range(-1, repeats):
-        for side, fn in enumerate((system, baseline)):
+        for side, fn in enumerate(functions):
             sync(device)
             start = time.perf_counter()
             fn(r + 1)
@@ -262,28 +272,160 @@ def train_batch(config: Config, worker) -> list[TrainGroup]:
     return groups
 
 
-def bare_forwards(config: Config, batch: list[TrainGroup], device: str) -> tuple[list[tuple[np.ndarray, float, Rollout]], int]:
-    """(latents, sigma, rollout) of every forward with gradient the algorithm makes, and after how many of them it steps.
+@dataclass
+class BareForward:
+    """One forward with gradient of the bare loop: its network inputs, and for DGPO the loss's constants."""
+
+    kwargs: dict  # FluxTransformer2DModel's keyword arguments, on the device
+    target: torch.Tensor | None = None  # DGPO: [G, ...] velocity target eps - x0
+    advantages: torch.Tensor | None = None  # DGPO: [G]
+
+
+def bare_forwards(config: Config, batch: list[TrainGroup], device: str, img_ids: torch.Tensor) -> tuple[list[BareForward], int]:
+    """Every forward with gradient the algorithm makes, built once (the baseline times the network, loss and optimizer
+    only), and after how many of them it steps.
 
     DanceGRPO: each sample alone at ``trained_timesteps`` of its transitions, a step every
     ``grad_accum_samples`` samples. DGPO: each whole group at ``num_train_timesteps`` noise levels, one step.
     """
-    algo, rng = config.algorithm, np.random.default_rng(0)
+    algo, rng, m = config.algorithm, np.random.default_rng(0), config.model
+
+    def inputs(x: np.ndarray, sigma: float, r: Rollout) -> dict:
+        b, text = len(x), torch.as_tensor(r.conditioning.prompt_embeds, device=device)
+        return {
+            "hidden_states": torch.as_tensor(x, device=device), "timestep": torch.full((b,), sigma, device=device),
+            "guidance": torch.full((b,), m.guidance_scale, device=device), "encoder_hidden_states": text[None].expand(b, -1, -1),
+            "pooled_projections": torch.as_tensor(r.conditioning.pooled_prompt_embeds, device=device)[None].expand(b, -1),
+            "txt_ids": torch.zeros(text.shape[0], 3, device=device), "img_ids": img_ids,
+        }  # fmt: skip
+
     forwards = []
     if algo.name == "dancegrpo":
         for group in batch:
             r = group.rollout
             for member in group.members:
                 for j in rng.permutation(len(r.sigmas) - 2)[: config.trained_timesteps]:
-                    forwards.append((r.trajectory[member, j][None], float(r.sigmas[j]), r))
+                    forwards.append(BareForward(inputs(r.trajectory[member, j][None], float(r.sigmas[j]), r)))
         return forwards, config.trained_timesteps * algo.grad_accum_samples
     for _ in range(algo.num_train_timesteps):
         sigma = float(rng.uniform(0.3, 1.0))
         for group in batch:
-            r = group.rollout
+            r, advantages = group.rollout, (group.reward_weights[:, None] * group.advantages).sum(axis=0)
             x0 = r.final_latents[group.members]
-            forwards.append(((1 - sigma) * x0 + sigma * rng.standard_normal(x0.shape, dtype=np.float32), sigma, r))
+            noise = np.broadcast_to(rng.standard_normal((1, *x0.shape[1:]), dtype=np.float32), x0.shape)  # one per group
+            target = torch.as_tensor(noise - x0, device=device)
+            x_t = (1 - sigma) * x0 + sigma * noise
+            forwards.append(BareForward(inputs(x_t, sigma, r), target, torch.as_tensor(advantages, device=device)))
     return forwards, len(forwards)
+
+
+def bare_dgpo_step(config: Config, networks: dict, adamw: torch.optim.Optimizer, forwards: list[BareForward], step: int) -> None:
+    """DGPO's update in plain PyTorch, the same math as ``raygrpo.algorithms.dgpo`` (whole groups, one optimizer step).
+
+    ``networks``: ``policy`` (trained), ``fast`` (fast-EMA copy: the clip's old policy, and the reference with
+    ``reference: fast_ema``), ``base`` (frozen copy: the KL's anchor, and the reference with ``reference: frozen``),
+    ``slow`` (slow-EMA copy). Separate modules, where raygrpo swaps shadow values into the one network.
+    """
+    algo = config.algorithm
+    policy, fast, base = networks["policy"], networks["fast"], networks["base"]
+    reference = fast if algo.reference == "fast_ema" else base
+    needs_old = algo.clip_dsm or algo.clip_kl  # the clip's old policy (the fast EMA) is evaluated only for a clip
+    samples = sum(len(f.advantages) for f in forwards) / algo.num_train_timesteps
+    adamw.zero_grad(set_to_none=True)
+    for f in forwards:
+        mse = lambda v: (v.float() - f.target).square().flatten(1).mean(dim=1)  # noqa: E731  [G]
+        with torch.no_grad():
+            v_ref = reference(**f.kwargs, return_dict=False)[0]
+            v_base = v_ref if reference is base or algo.kl_beta == 0 else base(**f.kwargs, return_dict=False)[0]
+            v_old = v_ref if reference is fast or not needs_old else fast(**f.kwargs, return_dict=False)[0]
+        loss_ref, loss_old = mse(v_ref), mse(v_old)
+        v = policy(**f.kwargs, return_dict=False)[0]
+        loss = mse(v)  # [G]
+        adv = f.advantages
+        gate = torch.sigmoid(algo.beta / len(adv) * (adv * (loss.detach() - loss_ref)).sum())
+        ratio = torch.exp(loss_old - loss.detach())
+        clipped = ((adv > 0) & (ratio > 1 + algo.clip_range)) | ((adv < 0) & (ratio < 1 - algo.clip_range))
+        clipped &= needs_old
+        used = torch.where(clipped, loss.detach(), loss) if algo.clip_dsm else loss
+        kl = (v.float() - v_base.float()).square().flatten(1).mean(dim=1)
+        kl = torch.where(clipped, kl.detach(), kl) if algo.clip_kl else kl
+        (((gate * adv * used).sum() + algo.kl_beta * kl.sum()) / (algo.num_train_timesteps * samples)).backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), config.optimizer.max_grad_norm)
+    adamw.step()
+    with torch.no_grad():
+        decay = min(algo.fast_ema_max_decay, algo.fast_ema_decay_rate * step)
+        for shadow, live in zip(fast.parameters(), policy.parameters()):
+            shadow.mul_(decay).add_(live, alpha=1 - decay)
+        if step % algo.slow_ema_every == 0:
+            decay = min((1 + step) / (10 + step), algo.slow_ema_decay)
+            for shadow, live in zip(networks["slow"].parameters(), policy.parameters()):
+                shadow.mul_(decay).add_(live, alpha=1 - decay)
+
+
+@contextmanager
+def _timed(obj: object, name: str, totals: dict[str, float], key: str) -> Iterator[None]:
+    """While the block runs, ``totals[key]`` adds up the seconds of the outermost calls of ``obj.name``, and
+    ``totals[key + ' calls']`` counts them."""
+    original, own, depth = getattr(obj, name), name in vars(obj), [0]
+    totals.setdefault(f"{key} calls", 0)
+
+    def wrapper(*args, **kwargs):
+        depth[0] += 1
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+            if depth[0] == 0:
+                totals[key] += time.perf_counter() - start
+                totals[f"{key} calls"] += 1
+
+    setattr(obj, name, wrapper)
+    try:
+        yield
+    finally:
+        if own:
+            setattr(obj, name, original)  # a class's own function (or an instance's own attribute)
+        else:
+            delattr(obj, name)  # the instance attribute that shadowed its class's method
+
+
+SPLIT_REPEATS = 3  # updates timed piece by piece per side, after the alternating repeats
+
+
+def time_split(step: Callable[[], None], networks: list[torch.nn.Module], optimizer, device: str, repeats: int = SPLIT_REPEATS) -> dict:
+    """Where one step's seconds go, medians of ``repeats``: the networks' forwards, every backward (the network's
+    and the loss's), the optimizer steps, and the rest (loss math, model adapter, tensors in and out, Python)."""
+    runs = []
+    for _ in range(repeats):
+        totals = dict.fromkeys(["forward", "backward", "optimizer"], 0.0)
+        with ExitStack() as stack:
+            for network in networks:
+                stack.enter_context(_timed(network, "forward", totals, "forward"))
+            stack.enter_context(_timed(torch.Tensor, "backward", totals, "backward"))
+            stack.enter_context(_timed(optimizer, "step", totals, "optimizer"))
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+        totals["total"] = time.perf_counter() - start
+        totals["rest"] = totals["total"] - totals["forward"] - totals["backward"] - totals["optimizer"]
+        runs.append(totals)
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def shadow_swap_seconds(learner, repeats: int = 20) -> float:
+    """One swap of a DGPO shadow into the network and back (median), what ``ParameterShadow.swapped`` costs each time."""
+    shadow = getattr(learner.algorithm, "fast_ema", None)
+    if shadow is None:
+        return 0.0
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with shadow.swapped():
+            pass
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def bench_learner(preset: str, args: argparse.Namespace) -> dict:
@@ -302,42 +444,50 @@ def bench_learner(preset: str, args: argparse.Namespace) -> dict:
     network = network.to(dev).train().requires_grad_(True)
     adamw = torch.optim.AdamW(network.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
     compute = learner.compute_dtype
-    forwards, step_every = bare_forwards(config, batch, dev)
     _, h, w = learner.model.unpacked_latent_shape
-    img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, dev, torch.float32)
-    inputs = []
-    for x, sigma, r in forwards:  # built once: the baseline times the network and optimizer only
-        c = r.conditioning
-        b, text = len(x), torch.as_tensor(c.prompt_embeds, device=dev)
-        inputs.append({
-            "hidden_states": torch.as_tensor(x, device=dev), "timestep": torch.full((b,), sigma, device=dev),
-            "guidance": torch.full((b,), m.guidance_scale, device=dev), "encoder_hidden_states": text[None].expand(b, -1, -1),
-            "pooled_projections": torch.as_tensor(c.pooled_prompt_embeds, device=dev)[None].expand(b, -1),
-            "txt_ids": torch.zeros(text.shape[0], 3, device=dev), "img_ids": img_ids,
-        })  # fmt: skip
-
+    forwards, step_every = bare_forwards(config, batch, dev, FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, dev, torch.float32))
+    dgpo = config.algorithm.name == "dgpo"
+    # DGPO's shadows as modules of their own (full fine-tuning: the fast EMA, the frozen base, the slow EMA).
+    networks = {"policy": network} | {k: copy.deepcopy(network).requires_grad_(False) for k in ("fast", "base", "slow") if dgpo}
     part = RankBatch.whole(batch)
 
     def system(r: int) -> None:
         learner.update(part)
 
     def baseline(r: int) -> None:
-        adamw.zero_grad(set_to_none=True)
-        for n, kwargs in enumerate(inputs):
+        if dgpo:
             with torch.autocast(dev, dtype=compute, enabled=compute != torch.float32):
-                v = network(**kwargs, return_dict=False)[0]
+                return bare_dgpo_step(config, networks, adamw, forwards, r + 1)
+        adamw.zero_grad(set_to_none=True)
+        for n, f in enumerate(forwards):
+            with torch.autocast(dev, dtype=compute, enabled=compute != torch.float32):
+                v = network(**f.kwargs, return_dict=False)[0]
             v.float().square().mean().backward()
-            if (n + 1) % step_every == 0 or n + 1 == len(inputs):
+            if (n + 1) % step_every == 0 or n + 1 == len(forwards):
                 adamw.step()
                 adamw.zero_grad(set_to_none=True)
 
     seconds = alternate(system, baseline, args.repeats, dev)
+    # Where the difference goes: both sides' forwards, backwards, optimizer and the rest, and DGPO's shadow swaps.
+    from raygrpo.learner.ema import ParameterShadow
+
+    swaps = {"swaps": 0.0}
+    with _timed(ParameterShadow, "swapped", swaps, "swaps"):
+        split = {"raygrpo": time_split(lambda: system(0), [learner.model.transformer], learner.optimizer, dev)}
+    split["raygrpo"]["shadow swaps"] = swaps["swaps calls"] / SPLIT_REPEATS * shadow_swap_seconds(learner)  # inside "rest"
+    split["baseline"] = time_split(lambda: baseline(args.repeats + 1), [n for n in networks.values()], adamw, dev)
     samples = sum(len(g.members) for g in batch)
+    baseline_what = (
+        "DGPO in plain PyTorch on copies of the network (policy, fast EMA, frozen base, slow EMA): the same no-gradient "
+        "reference/base forwards, gate, clip, KL, gradient clipping, AdamW and EMA updates, at the same batch shapes"
+        if dgpo
+        else "bare forward/backward/AdamW on a copy of the network, same forwards with gradient and batch shapes"
+    )
     return figure(
-        f"Learner.update ({config.algorithm.name}), one training step", "s/step", seconds[0], seconds[1],
-        "bare forward/backward/AdamW on a copy of the network, same forwards with gradient and batch shapes",
-        samples=samples, forwards_with_grad=len(inputs), batch_per_forward=len(forwards[0][0]), preset=PRESETS[preset],
-        samples_per_s=samples / statistics.median(seconds[0]), baseline_samples_per_s=samples / statistics.median(seconds[1]),
+        f"Learner.update ({config.algorithm.name}), one training step", "s/step", seconds[0], seconds[1], baseline_what,
+        samples=samples, forwards_with_grad=len(forwards), batch_per_forward=len(forwards[0].kwargs["hidden_states"]),
+        preset=PRESETS[preset], samples_per_s=samples / statistics.median(seconds[0]),
+        baseline_samples_per_s=samples / statistics.median(seconds[1]), time_split_s=split,
     )  # fmt: skip
 
 
@@ -386,12 +536,32 @@ class _Source:
 
 
 class _Sink:
+    """A rollout worker reduced to the floor: parameters of the same shapes, the same torch threads."""
+
+    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], str]], num_cpus: float):
+        from raygrpo.runtime import set_torch_threads
+
+        set_torch_threads(num_cpus)
+        self.params = {name: torch.from_numpy(np.zeros(shape, dtype)) for name, (shape, dtype) in shapes.items()}
+
     def take(self, arrays: dict[str, np.ndarray]) -> int:
+        """The raw transfer: the arrays arrive (zero-copy, read-only), nothing reads them."""
+        return sum(a.nbytes for a in arrays.values())
+
+    def load(self, arrays: dict[str, np.ndarray]) -> int:
+        """The floor: the arrays arrive and each is copied once into its parameter."""
+        import warnings
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only; copy_ only reads
+            for name, array in arrays.items():
+                self.params[name].copy_(torch.from_numpy(array))
         return sum(a.nbytes for a in arrays.values())
 
 
 def sync_model(args: argparse.Namespace) -> list[str]:
-    """Overrides for (d)'s second model: a FLUX of ``--sync-width`` (2 double + 4 single blocks), large enough that bytes dominate."""
+    """Overrides for (d)'s second model: a FLUX of ``--sync-width`` (2 double + 4 single blocks), large enough that
+    bytes dominate: 512 wide is 145 MB in float32, 1408 wide 1.09 GB."""
     width, blocks = (min(args.sync_width, 256), (1, 1)) if args.smoke else (args.sync_width, (2, 4))
     size = Realistic(width, *blocks, text_width=64, vae_width=8)
     cache = Path(os.environ.get("RAYGRPO_CACHE") or Path.home() / ".cache" / "raygrpo")
@@ -400,40 +570,57 @@ def sync_model(args: argparse.Namespace) -> list[str]:
 
 
 def bench_weight_sync(args: argparse.Namespace, *extra: str, workers: int = 2) -> dict:
+    """What ``WeightSync.push`` does (the learner puts its message, every worker loads and verifies it) against
+    the honest floor: one actor puts the same bytes, each of ``workers`` actors gets them and copies them once
+    into tensors of the same shapes. The raw transfer (the same without the copy) is reported beside it."""
     import ray
 
     from raygrpo.learner.learner import Learner
     from raygrpo.rollout.worker import RolloutWorker
 
-    config = make_config("dancegrpo", args, *extra)
+    config = make_config("dancegrpo", args, f"rollout.weight_verify={args.sync_verify}", *extra)
     learner = ray.remote(num_cpus=1)(Learner).remote(config)
     rollout = [ray.remote(num_cpus=0.5)(RolloutWorker).remote(config) for _ in range(workers)]
-    message = ray.get(learner.export_weights.remote())
+    message = ray.get(ray.get(learner.publish_weights.remote()))
     shapes = {name: (a.shape, a.dtype.str) for name, a in message.arrays.items()}
+    nbytes, tensors = message.nbytes, len(message.arrays)
+    del message  # the object store's copy is freed with its last reference
     source = ray.remote(num_cpus=0.25)(_Source).remote(shapes)
-    sinks = [ray.remote(num_cpus=0.25)(_Sink).remote() for _ in range(workers)]
+    sinks = [ray.remote(num_cpus=0.25)(_Sink).remote(shapes, config.rollout.num_cpus) for _ in range(workers)]
     ray.get([a.__ray_ready__.remote() for a in [learner, source, *rollout, *sinks]])
+    parts: dict[str, list[float]] = {"export": [], "load": []}
 
     def system(r: int) -> None:
-        ref = learner.export_weights.remote()
-        reports = [(r.policy_version, r.checksum) for r in ray.get([w.set_weights.remote(ref) for w in rollout])]
-        if len(set(reports)) != 1:
-            raise RuntimeError(f"rollout workers report different (version, checksum): {reports}")
+        start = time.perf_counter()
+        ref = ray.get(learner.publish_weights.remote())  # as LearnerGroup.export_weights: the put is done
+        parts["export"].append(time.perf_counter() - start)
+        reports = ray.get([w.set_weights.remote(ref) for w in rollout])
+        parts["load"].append(max(report.seconds for report in reports))
+        if len({(report.policy_version, report.checksum) for report in reports}) != 1:
+            raise RuntimeError(f"rollout workers report different (version, digest): {reports}")
 
-    def baseline(r: int) -> None:
+    def floor(r: int) -> None:
+        ref = source.publish.remote()
+        ray.get([s.load.remote(ref) for s in sinks])
+
+    def raw(r: int) -> None:
         ref = source.publish.remote()
         ray.get([s.take.remote(ref) for s in sinks])
 
     try:
-        seconds = alternate(system, baseline, args.repeats, "cpu")
+        seconds = alternate(system, floor, args.repeats, "cpu", raw)
     finally:
         for actor in [learner, source, *rollout, *sinks]:
             ray.kill(actor)
-    nbytes = sum(a.nbytes for a in message.arrays.values())
+    raw_median = statistics.median(seconds[2])
     return figure(
-        f"weight sync: Learner.export_weights + {workers} RolloutWorker.set_weights (load, checksum verify)", "s", seconds[0], seconds[1],
-        f"numpy arrays of the same shapes returned by one actor (put) and received by {workers} actors (get)",
-        bytes=nbytes, tensors=len(message.arrays), workers=workers, model=config.model.pretrained,
+        f"weight sync: Learner.publish_weights + {workers} RolloutWorker.set_weights (copy_ in place, {args.sync_verify} verify)", "s",
+        seconds[0], seconds[1],
+        f"the floor: one actor returns numpy arrays of the same shapes (put), {workers} actors receive them (get) and copy_ "
+        "each once into a tensor of its shape",
+        raw_transfer=raw_median, raw_transfer_values=seconds[2], ratio_vs_raw_transfer=statistics.median(seconds[0]) / raw_median,
+        export_s=statistics.median(parts["export"][1:]), slowest_load_s=statistics.median(parts["load"][1:]),
+        verify=args.sync_verify, bytes=nbytes, tensors=tensors, workers=workers, model=config.model.pretrained,
     )  # fmt: skip
 
 
@@ -486,7 +673,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads for the in-process parts (a, b), both sides")
     p.add_argument("--micro-batch", type=int, default=None, help="rollout.micro_batch_size for both presets (default: each preset's)")
     p.add_argument("--e2e-steps", type=int, default=8, help="training steps per end-to-end run (step 1 and the last max_staleness skipped)")
-    p.add_argument("--sync-width", type=int, default=512, help="(d): width of the second, larger FLUX whose sync is timed too")
+    p.add_argument("--sync-width", type=int, default=512, help="(d): width of the second FLUX timed (512: 145 MB, 1408: 1.09 GB)")
+    p.add_argument("--sync-verify", choices=["sample", "full"], default="sample", help="(d): rollout.weight_verify of the timed syncs")
     p.add_argument("--realistic", action="store_true", help="FLUX.1 widths at 512x512, random weights (parts a and b)")
     p.add_argument("--width", type=int, default=Realistic.width, help="--realistic: transformer width (multiple of 128)")
     p.add_argument("--layers", default=f"{Realistic.double_blocks},{Realistic.single_blocks}", help="--realistic: double,single blocks")

@@ -17,7 +17,9 @@ Arguments that are refs are resolved before the call in both, as Ray resolves to
 
 Health: an actor that dies is restarted by Ray up to ``max_restarts`` times; its calls in flight fail
 with ``RayActorError`` and the caller decides what to send again (:mod:`raygrpo.rollout.scheduler`).
-:meth:`ActorGroup.wait_alive` waits for a restart to finish. Objects in this process never die.
+:meth:`ActorGroup.wait_alive` waits for a restart to finish. When a whole node dies, Ray moves its
+bundles to nodes with room; a bundle no node has room for waits, unplaced, and :meth:`ActorGroup.bundle_nodes`
+reports it so (None): its actor cannot come back until a node joins. Objects in this process never die.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from raygrpo.placement import PlanError, RoleResources, plan_table
 logger = logging.getLogger(__name__)
 
 RESTART_TIMEOUT_S = 600.0  # how long to wait for Ray to bring a dead actor back (model loading included)
+LOCAL_NODE = "local"  # the node of every worker of a LocalGroup (this process)
 
 
 class LocalRef:
@@ -118,8 +121,14 @@ class LocalGroup(_Group):
     def ready(self) -> list:
         return []  # built in __init__
 
-    def wait_alive(self, index: int) -> bool:
+    def wait_alive(self, index: int, timeout_s: float = RESTART_TIMEOUT_S) -> bool:
         return True
+
+    def bundle_nodes(self) -> list[str | None]:
+        return [LOCAL_NODE] * len(self.actors)
+
+    def dead(self, timeout_s: float = 30.0) -> list[int]:
+        return []
 
     def shutdown(self) -> None:
         self.actors = []  # garbage: what a worker owns (a judge's vLLM server) is released with it
@@ -207,21 +216,65 @@ class ActorGroup(_Group):
         """Refs that resolve once every actor's ``__init__`` (model loading) has finished, or raise its error."""
         return [actor.__ray_ready__.remote() for actor in self.actors]
 
-    def wait_alive(self, index: int) -> bool:
+    def wait_alive(self, index: int, timeout_s: float = RESTART_TIMEOUT_S) -> bool:
         """True once actor ``index`` answers (at once if it is alive; after Ray restarted it if it was
-        dying); False if it is gone for good (out of restarts) or not back within ``RESTART_TIMEOUT_S``."""
+        dying); False if it is gone for good (out of restarts), if its bundle has no node (its node died
+        and no other has room: it cannot come back until one joins), or if it is not back within ``timeout_s``
+        (0: ask once)."""
         import ray
 
-        deadline = time.monotonic() + RESTART_TIMEOUT_S
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.bundle_nodes()[index] is None:
+                return False  # it would wait for a node forever (and asking a dead node's actor takes seconds)
             try:
                 ray.get(self.actors[index].__ray_ready__.remote(), timeout=max(deadline - time.monotonic(), 0.1))
                 return True
             except ray.exceptions.ActorUnavailableError:
-                time.sleep(0.5)  # restarting: its calls fail fast until it is back
+                # Restarting (its calls fail until it is back), or its node died and Ray has not noticed yet.
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.5)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 return False
-        return False
+
+    def dead(self, timeout_s: float = 30.0) -> list[int]:
+        """Indices of the actors that are dead for good (out of restarts, their node or process gone). An actor
+        that is unreachable is asked again until ``timeout_s``: Ray reports a dead node's actors unavailable until
+        it has noticed the node is gone, then dead. One still restarting then, or busy (waiting in a collective
+        for a dead peer), or answering, is not counted."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        pending, dead = set(range(len(self.actors))), []
+        while pending:
+            refs = {i: self.actors[i].__ray_ready__.remote() for i in sorted(pending)}
+            done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=max(deadline - time.monotonic(), 0.1))
+            for i, ref in refs.items():
+                try:
+                    if ref in done:
+                        ray.get(ref)
+                    pending.discard(i)  # answered, or busy
+                except ray.exceptions.ActorUnavailableError:
+                    pass  # restarting, or its node's death not known yet: ask again
+                except ray.exceptions.RayActorError:
+                    dead.append(i)
+                    pending.discard(i)
+            if pending and time.monotonic() >= deadline:
+                break
+            time.sleep(0.5 if pending else 0)
+        return sorted(dead)
+
+    def bundle_nodes(self) -> list[str | None]:
+        """The live node each actor's bundle is on now (Ray node ids), None for a bundle without one: its node
+        died and Ray found no room for it elsewhere yet. A bundle moves only when its node dies, so a changed
+        node means the actor was lost with its node, and the objects it had made there with it."""
+        import ray
+        from ray.util.placement_group import placement_group_table
+
+        alive = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+        placed = placement_group_table(self.placement_group)["bundles_to_node_id"]
+        return [placed.get(i) if placed.get(i) in alive else None for i in range(len(self.actors))]
 
     def shutdown(self) -> None:
         import ray

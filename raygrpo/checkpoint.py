@@ -63,10 +63,10 @@ _HASH_CHUNK = 8 << 20
 # optimizer, rewards, data, seeds, learner ranks) must be identical or the continuation would not be
 # the same run.
 MAY_CHANGE = (
-    "run.resume", "run.output_root", "run.in_process", "ray.", "train.steps", "train.checkpoint_every", "train.keep_checkpoints",
+    "run.resume", "run.output_root", "run.in_process", "run.device_override", "ray.", "train.steps", "train.checkpoint_every", "train.keep_checkpoints",
     "train.sample_grid_groups", "logging.", "rollout.num_workers", "rollout.num_cpus", "rollout.num_gpus",
-    "rollout.max_restarts", "rollout.weight_sync", "rollout.weight_sync_timeout_s", "learner.num_cpus", "learner.num_gpus",
-    "learner.reduce_every_backward", "learner.gradient_checkpointing",
+    "rollout.max_restarts", "rollout.weight_sync", "rollout.weight_sync_timeout_s", "rollout.weight_verify", "learner.num_cpus",
+    "learner.num_gpus", "learner.reduce_every_backward", "learner.gradient_checkpointing",
 )  # fmt: skip
 MAY_CHANGE_PER_REWARD = ("replicas", "num_cpus", "num_gpus", "max_restarts")
 # Of a reward's params only those that say where and how the reward is reached (raygrpo/reward/http.py,

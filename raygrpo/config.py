@@ -38,6 +38,11 @@ class RunConfig(_Section):
     """auto: continue the newest unfinished run of this name under output_root from its newest checkpoint
     (a resubmitted Ray job continues instead of restarting); never: always start a new run; or the path
     of a checkpoint folder (``<run>/checkpoints/step-NNNNNN``) or of a run folder to continue."""
+    device_override: Literal["cpu"] | None = None
+    """Test-only. "cpu": rollout workers and learner ranks run their models on the CPU even when they reserve
+    GPUs (``num_gpus`` > 0), so a Ray cluster whose nodes declare GPUs they do not have (a simulated multi-node
+    cluster, scripts/multinode_sim.py) runs the GPU layouts with tiny weights. The GPUs are still reserved and
+    placed as on a real cluster. None (every real run): a role with ``num_gpus`` > 0 runs on its GPU."""
 
 
 class RayConfig(_Section):
@@ -66,7 +71,7 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Rollout's weights and the learner's compute dtype. The learner keeps float32 master weights, gradients
     and AdamW state and computes in this dtype (the reference's fp32 master + bf16 autocast): through
-    FSDP2's MixedPrecisionPolicy when sharded, torch.autocast on one unsharded CPU rank."""
+    FSDP2's MixedPrecisionPolicy (a learner alone in its process joins a one-rank process group for it)."""
     height: int = Field(64, gt=0, multiple_of=16)
     width: int = Field(64, gt=0, multiple_of=16)
     guidance_scale: float = Field(3.5, ge=0)
@@ -100,17 +105,25 @@ class RolloutConfig(_Section):
     num_steps: int = Field(16, ge=2)
     shift: float = Field(3.0, gt=0)
     micro_batch_size: int = Field(1, ge=1)
-    """Samples per forward. DanceGRPO uses 1: larger batches change the numerics, so the learner's
-    recomputed log-probs (micro-batch 1) no longer match exactly and the first ratio drifts from 1."""
+    """Samples per rollout forward. DanceGRPO: 1 is the paper's (each sample its own trained steps); m > 1
+    samples m members per forward and the learner recomputes their log-probs in one forward of the same m
+    (they share their trained steps), so the first ratio stays exactly 1; it needs group_size and
+    grad_accum_samples / learner.num_ranks to be multiples of m, no best_of_n and no spread_groups.
+    DGPO (ODE, no log-probs): any value."""
     weight_sync: Literal["auto", "object_store", "collective"] = "auto"
-    """How new weights reach the rollout workers. object_store: one numpy message through Ray's object store,
-    CRC-32 checked. collective: learner rank 0 broadcasts raw tensors in a process group of its own (NCCL on
-    GPU, gloo on CPU) straight into the workers' parameters, fingerprint checked. auto: collective when the
+    """How new weights reach the rollout workers. object_store: one numpy message through Ray's object store.
+    collective: learner rank 0 broadcasts raw tensors in a process group of its own (NCCL on GPU, gloo on
+    CPU) straight into the workers' parameters. Both verified (``weight_verify``). auto: collective when the
     learner ranks and the rollout workers each have whole GPUs (NCCL needs one device per member), else
     object_store."""
     weight_sync_timeout_s: float = Field(300.0, gt=0)
     """collective: how long a member waits in a broadcast before failing (a member that died mid-broadcast
     stops the others after this; that version then goes through the object store)."""
+    weight_verify: Literal["sample", "full"] = "sample"
+    """How each worker proves it holds the version the learner sent (raygrpo/weights.py). Always: version,
+    names, shapes, dtypes. sample: a digest of about a thousand elements per tensor (the last included, the
+    positions moving with the version) on both sides; microseconds per tensor. full: a CRC-32 of every byte on
+    both sides (one extra pass over the weights per side, 0.25-0.5 s per GB on one CPU core); catches any changed byte."""
     spread_groups: bool = False
     """False (DanceGRPO): a group's G members are sampled by one worker. True (Flow-GRPO): they are split
     over the rollout workers (about G / num_workers each) and put back together for scoring statistics and
@@ -336,6 +349,26 @@ def _check_sampler_family(algo: DanceGRPOConfig, family: str) -> None:
         raise ValueError(f"algorithm.noise_level={algo.noise_level} is DDIM's eta here and must be in (0, 1] (1.0: DanceGRPO's SD recipe)")
 
 
+def _check_batched_rollout(algo: DanceGRPOConfig, rollout: RolloutConfig, ranks: int) -> None:
+    """DanceGRPO at ``rollout.micro_batch_size`` m > 1: the learner recomputes each rollout micro-batch whole
+    (raygrpo/algorithms/dancegrpo.py), which needs every micro-batch to reach it whole and in order."""
+    m = rollout.micro_batch_size
+    if m == 1:
+        return
+    window = algo.grad_accum_samples // ranks
+    broken = [
+        f"algorithm.group_size={algo.group_size} is not a multiple of it" if algo.group_size % m else "",
+        f"grad_accum_samples / learner.num_ranks = {window} is not a multiple of it" if window % m else "",
+        f"algorithm.best_of_n={algo.best_of_n} trains a subset of each group" if algo.best_of_n else "",
+        "rollout.spread_groups splits groups at other points" if rollout.spread_groups else "",
+    ]
+    if any(broken):
+        raise ValueError(
+            f"rollout.micro_batch_size={m}: the learner recomputes DanceGRPO's log-probs one rollout micro-batch at a time, "
+            f"but {'; '.join(b for b in broken if b)}: change these, or set rollout.micro_batch_size: 1"
+        )
+
+
 class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -374,6 +407,7 @@ class Config(_Section):
             )
         if isinstance(algo, DanceGRPOConfig):
             _check_sampler_family(algo, self.model.family)
+            _check_batched_rollout(algo, self.rollout, ranks)
         gpus = {"rollout": self.rollout.num_gpus, "learner": self.learner.num_gpus}
         shared = [f"{role}.num_gpus={n:g}" for role, n in gpus.items() if 0 < n < 1]
         if self.run.in_process and ranks > 1:

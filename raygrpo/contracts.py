@@ -253,12 +253,14 @@ class WeightsMessage:
     """The trainable network's weights at one policy version, learner -> rollout workers.
 
     Put once, fetched by every worker. bfloat16, which numpy lacks, travels as raw 16-bit patterns.
+    What the digest proves: ``raygrpo/weights.py``.
     """
 
     policy_version: int
     arrays: dict[str, np.ndarray]  # parameter name -> array (bf16 as uint16 bit patterns)
     dtypes: dict[str, str]  # parameter name -> torch dtype name
-    checksum: int  # CRC-32 over the tensors' bytes in name order; the receiver recomputes it after loading
+    checksum: int  # weights.digest of the tensors sent; the receiver recomputes it from what it holds after loading
+    verify: str = "sample"  # the digest's kind (rollout.weight_verify): "sample" (sampled elements) or "full" (every byte)
     partial: bool = False  # only some tensors (the LoRA adapter); the receiver keeps the rest
 
     @property
@@ -271,7 +273,7 @@ class SyncReport:
     """What a rollout worker holds after a weight sync, rollout -> controller (which compares it with the learner's)."""
 
     policy_version: int
-    checksum: int  # of the tensors the worker now holds (CRC-32 for the object store, fingerprint for a broadcast)
+    checksum: int  # weights.digest of the tensors the worker now holds (object store or broadcast alike)
     seconds: float  # the worker's own loading time, not the time its call waited behind queued generation
 
 

@@ -145,11 +145,14 @@ class Controller:
             write_run_state(self.run_dir, "running", step=step)
             self._hold_if_asked(step)
             self._check_progress()
+            every = self.config.train.checkpoint_every
+            if every and step % every == 0 and step < self.config.train.steps:
+                self._save_checkpoint(step)
         except RunAborted as exc:
             self._abort(exc)
-        every = self.config.train.checkpoint_every
-        if every and step % every == 0 and step < self.config.train.steps:
-            self._save_checkpoint(step)
+        except Exception as exc:
+            self._stop_if_learner_lost(exc)
+            raise
         if self.stop.requested:
             raise self.stop.requested
 
@@ -159,13 +162,15 @@ class Controller:
         roles = {r.role: r for r in resource_plan(config)}
         n = config.rollout.num_workers
         try:
+            # The learner group is fail-stop: a run whose learner dies resumes from its latest checkpoint. Placed
+            # first: its ranks meet in collectives every step, so they get whole nodes before the fractional
+            # reward bundles split them (Ray places one group at a time; flux.yaml on 4 x 8 GPUs had 7 + 1 ranks).
+            self.learner = LearnerGroup(config, roles["learner"])
             self.rollout = make_group(in_process, RolloutWorker, roles["rollout"], [(config,)] * n, max_restarts=config.rollout.max_restarts)
             self.rewards = {
                 r.name: make_group(in_process, RewardWorker, roles[f"reward:{r.name}"], [(r,)] * r.replicas, max_restarts=r.max_restarts, out_of_order=True)
                 for r in config.rewards
             }
-            # The learner group is fail-stop: a run whose learner dies resumes from its latest checkpoint.
-            self.learner = LearnerGroup(config, roles["learner"])
             groups = [self.rollout, *self.rewards.values()]
             get([ref for group in groups for ref in group.ready()] + self.learner.ready())
         except PlanError:
@@ -211,7 +216,7 @@ class Controller:
             queue_depth = self.scheduler.queue_depth
             parts = self.scheduler.wait_generated(step, version)
         with timer("score_wait"), self.stop.interruptible():
-            groups = self.scheduler.wait_scored(parts)
+            groups = self.scheduler.wait_scored(parts, version)
         batch = build_batch(groups, self.config, self.rng)
         self._note_rewards(batch)
         trained = {g.group_id for g in batch.groups}
@@ -238,7 +243,7 @@ class Controller:
         """Bring every rollout worker to the learner's new version and verify it; later groups are stamped with it.
         A worker that died meanwhile gets it once Ray has restarted it. Returns the sync's own seconds."""
         version = self.learner.policy_version
-        result = self.weight_sync.sync(version)
+        result = self.weight_sync.sync(version, self.scheduler.refresh_pool(version))  # workers out of the pool wait
         for i in result.lost:
             self.scheduler.live_worker(i, version)
         return result.seconds
@@ -287,13 +292,39 @@ class Controller:
         """Keep what was learned so far: the weights in a folder no later abort overwrites, and a checkpoint of the
         last finished step that the same command resumes from once the cause is fixed."""
         last = self.finished_step
-        resume = self._resumable_checkpoint()
-        saved = save_weights(self.run_dir, ABORTED, lambda folder: self.learner.save(str(folder)), replace=False)
+        try:
+            resume = self._resumable_checkpoint()
+            saved = save_weights(self.run_dir, ABORTED, lambda folder: self.learner.save(str(folder)), replace=False)
+        except Exception as error:
+            self._stop_if_learner_lost(error, also=f"{exc}; ")  # the node that took the cause away took the learner too
+            raise
         more = {"resume_from": str(resume.relative_to(self.run_dir))} if resume else {}
         write_run_state(self.run_dir, "aborted", step=last, checkpoint=saved.name, reason=str(exc), **more)
         done = f"steps 1..{last} are in {self.metrics.path}" if last else "no step finished"
         then = f"; once the cause is fixed the same command resumes from {resume}" if resume else ""
         raise RunAborted(f"{exc}; {done}; weights in {saved}{then}") from None
+
+    def _stop_if_learner_lost(self, exc: Exception, also: str = "") -> None:
+        """The learner group is fail-stop: when ``exc`` came with a dead rank (its process or its whole node died),
+        end the run aborted (exit 3) with the newest complete checkpoint to resume from; nothing can be saved
+        now, the ranks' shards died with them. Any other error stays the caller's to raise. ``also``: a reason
+        to abort found before (it goes first in the message)."""
+        dead = self.learner.dead_ranks()
+        if not dead:
+            return
+        existing = complete_checkpoints(self.run_dir)
+        resume = existing[-1] if existing else None
+        cause = getattr(exc, "cause", None) or exc
+        reason = f"{also}learner rank(s) {dead} of {self.learner.world_size} died ({_one_line(cause)}); the learner group is fail-stop"
+        more = {"resume_from": str(resume.relative_to(self.run_dir))} if resume else {}
+        write_run_state(self.run_dir, "aborted", step=self.finished_step, reason=reason, **more)
+        ranks = self.config.learner.num_ranks
+        then = (
+            f"once the cluster has room for learner.num_ranks={ranks} again, the same command resumes from {resume}"
+            if resume else "no checkpoint was saved yet (train.checkpoint_every): the same command starts the run again"
+        )  # fmt: skip
+        done = f"steps 1..{self.finished_step} are in {self.metrics.path}" if self.finished_step else "no step finished"
+        raise RunAborted(f"{reason}; {done}; {then}") from None
 
     def _stopped(self, exc: RunStopped) -> None:
         """A stop asked for by a signal: a resumable checkpoint of the last finished step, and the run marked aborted."""

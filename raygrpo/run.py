@@ -34,11 +34,13 @@ logger = logging.getLogger("raygrpo")
 PREFLIGHT_TIMEOUT_S = 3.0
 
 
-def preflight(config: Config, check_rewards: bool = True) -> list[str]:
+def preflight(config: Config, check_rewards: bool = True, gpu_memory_bytes: int | None = None) -> list[str]:
     """Check what can be checked on the driver; return the prompts. Raises PreflightError listing every problem.
 
     ``check_rewards``: contact the server of every HTTP-backed reward (health, then an authenticated info);
-    ``--skip-reward-check`` turns it off for servers that come up after the run starts.
+    ``--skip-reward-check`` turns it off for servers that come up after the run starts. ``gpu_memory_bytes``:
+    when the rollout or learner ask for whole GPUs, dry-run the resource plan (raygrpo/plan/) against GPUs of
+    this memory and fail with its table if a role cannot fit; None (``--skip-plan``) skips it.
     """
     from raygrpo.data.prompts import PromptFileError, load_prompts
     from raygrpo.models import VIDEO_FAMILIES, ModelNotFoundError, check_pretrained
@@ -85,9 +87,29 @@ def preflight(config: Config, check_rewards: bool = True) -> list[str]:
                 f"rollout/reward/learner num_gpus: the plan needs {need_gpus:g} GPUs, this machine has {have_gpus} and no Ray "
                 "cluster is given (set ray.address or RAY_ADDRESS, or submit with `ray job submit`)"
             )
+    if not problems and gpu_memory_bytes is not None and max(config.rollout.num_gpus, config.learner.num_gpus) >= 1:
+        problem = _memory_plan_problem(config, gpu_memory_bytes)
+        if problem:
+            problems.append(problem)
     if problems:
         raise PreflightError("cannot start this run:\n" + "\n".join(f"  - {p}" for p in problems))
     return prompts
+
+
+def _memory_plan_problem(config: Config, gpu_memory_bytes: int) -> str | None:
+    """The resource planner's verdict on the run's GPUs: None when it fits (or its architecture is unknown), else the table."""
+    from raygrpo.plan import ArchitectureError, make_plan
+
+    try:
+        # The configured checkpointing only, cached by config and code: a repeated or resumed launch plans at once.
+        plan = make_plan(config, gpu_memory_bytes=gpu_memory_bytes, compare=False, cache=Path(config.run.output_root) / ".plans")
+    except ArchitectureError as exc:
+        logger.warning("no resource plan for this model (%s); starting without it", exc)
+        return None
+    logger.info("resource plan:\n%s", plan.table())
+    if plan.fits:
+        return None
+    return f"the resource plan does not fit GPUs of {gpu_memory_bytes / 2**30:g} GiB (--gpu-memory; --skip-plan starts anyway):\n{plan.table()}"
 
 
 def _conditioning_images_problem(config: Config) -> str | None:
@@ -177,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip-reward-check", action="store_true", help="do not contact reward servers before the run (for servers that come up later)"
     )
+    parser.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU the resource plan is checked against (default 80GiB)")
+    parser.add_argument("--skip-plan", action="store_true", help="do not dry-run the resource plan before the run (python -m raygrpo.plan)")
     args = parser.parse_intermixed_args(argv)  # the flag may stand anywhere among the overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Until the controller takes the signals over (it stops a run with a checkpoint), Ctrl-C and SIGTERM stop
@@ -198,8 +222,11 @@ def launch(args: argparse.Namespace) -> int:
     """Config, preflight, Ray, the controller; the exit code (see the module docstring)."""
     try:
         config = load_config(args.config, args.overrides)
-        prompts = preflight(config, check_rewards=not args.skip_reward_check)
-    except (ConfigError, PreflightError) as exc:
+        from raygrpo.plan import parse_bytes
+
+        gpu_memory = None if args.skip_plan else parse_bytes(args.gpu_memory)
+        prompts = preflight(config, check_rewards=not args.skip_reward_check, gpu_memory_bytes=gpu_memory)
+    except (ConfigError, PreflightError, ValueError) as exc:
         print(f"raygrpo: {exc}", file=sys.stderr)
         return 2
 

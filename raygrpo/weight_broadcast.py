@@ -8,8 +8,12 @@ and needs nothing of the rollout workers' (they have no default group).
 
 Tensors travel as their raw bytes (``uint8`` views: bfloat16 included, whatever the backend
 supports) in sorted name order, straight into the receivers' parameters, with no copy in the object
-store. Both sides then compute :func:`fingerprint` of what they hold; the controller requires every
-worker's to equal the learner's, so a short or misrouted transfer fails loudly.
+store. Both sides compute the same digest as the object-store path (``raygrpo/weights.py``,
+``rollout.weight_verify``): the sender tensor by tensor as it sends, each receiver from what its
+network holds afterwards. ``sample`` (the default) reads about a thousand elements per tensor where
+the tensor is (on a GPU: one small gather and read-back per tensor); ``full`` reads every byte (on a
+GPU through a copy to the CPU). The controller requires every worker's digest to equal the learner's,
+so a short or misrouted transfer fails loudly.
 
 The object-store path (``weights.py``) stays the default on CPU: there a broadcast buys nothing over
 Ray's shared memory, and it needs no extra ports.
@@ -21,10 +25,11 @@ import datetime
 import logging
 import os
 import socket
-import zlib
 
 import torch
 import torch.distributed as dist
+
+from raygrpo.weights import Verify, digest, digest_step
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +69,10 @@ class WeightBroadcastGroup:
         options.rootRank = 0
         self.group.broadcast([tensor], options).wait()
 
-    def send(self, tensors) -> int:
+    def send(self, tensors, verify: Verify = "sample", seed: int = 0) -> int:
         """Rank 0: broadcast ``(name, tensor)`` pairs in sorted name order, one tensor at a time (a dict works
-        too); returns the fingerprint of what was sent. Nothing beyond the tensor in flight is held."""
+        too); returns the digest of what was sent (``seed``: the policy version). Nothing beyond the tensor
+        in flight is held."""
         if self.rank != 0:
             raise RuntimeError("only rank 0 (the learner) sends weights")
         items = sorted(tensors.items()) if isinstance(tensors, dict) else tensors
@@ -76,12 +82,13 @@ class WeightBroadcastGroup:
                 raise RuntimeError(f"weights must be sent in sorted name order: {name!r} came after {last!r}")
             tensor = tensor.detach().to(self.device).contiguous()
             self._broadcast(_bytes(tensor))
-            crc, last = _fingerprint_step(crc, name, tensor), name
+            crc, last = digest_step(crc, name, tensor, verify, seed), name
         return crc
 
     @torch.no_grad()
-    def receive_into(self, module: torch.nn.Module, names: list[str]) -> int:
-        """Ranks > 0: receive the tensors ``names`` straight into ``module``'s state; returns its fingerprint."""
+    def receive_into(self, module: torch.nn.Module, names: list[str], verify: Verify = "sample", seed: int = 0) -> int:
+        """Ranks > 0: receive the tensors ``names`` straight into ``module``'s state; returns the digest of what
+        the module then holds (read back through a fresh ``state_dict()``), to compare with the sender's."""
         state = module.state_dict()
         missing = [n for n in names if n not in state]
         if missing:
@@ -94,7 +101,8 @@ class WeightBroadcastGroup:
                 buffer = torch.empty_like(target, device=self.device).contiguous()
                 self._broadcast(_bytes(buffer))
                 target.copy_(buffer)
-        return fingerprint({n: state[n] for n in names})
+        held = module.state_dict()
+        return digest({n: held[n] for n in names}, verify, seed)
 
     def close(self) -> None:
         """Leave the group; NCCL communicators are shut down (a rebuilt group must not meet a stale one)."""
@@ -110,28 +118,3 @@ class WeightBroadcastGroup:
 
 def _bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(-1).view(torch.uint8) if tensor.numel() else tensor.view(torch.uint8)
-
-
-@torch.no_grad()
-def fingerprint(state: dict[str, torch.Tensor]) -> int:
-    """A checksum computed where the tensors are (GPU included): per tensor, the sum of its raw 32-bit
-    (or 8-bit) words as int64 with position weights 1..4, mixed with its name through CRC-32.
-
-    Integer sums are exact and deterministic on every device, so sender and receivers agree bit for bit;
-    any changed, missing or reordered tensor changes it (up to int64 wrap-around collisions).
-    """
-    crc = 0
-    for name in sorted(state):
-        crc = _fingerprint_step(crc, name, state[name])
-    return crc
-
-
-@torch.no_grad()
-def _fingerprint_step(crc: int, name: str, tensor: torch.Tensor) -> int:
-    """:func:`fingerprint` extended by one tensor (tensors must come in sorted name order)."""
-    raw = _bytes(tensor.detach().contiguous())
-    words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
-    total = 0
-    for k in range(4):  # strided position weights catch swapped elements without a full-size index tensor
-        total += int(words[k::4].to(torch.int64).sum()) * (k + 1)
-    return zlib.crc32(f"{name}:{total}".encode(), crc)

@@ -4,22 +4,26 @@ The controller calls :meth:`WeightSync.sync` once per update, and :meth:`WeightS
 restarted rollout worker (which comes back at version 0) up to the current version. Two transports
 (``rollout.weight_sync``):
 
-* ``object_store``: the learner group exports one :class:`~raygrpo.contracts.WeightsMessage` (numpy,
-  CRC-32, raygrpo/weights.py); every worker loads the same object and reports what it now holds.
+* ``object_store``: learner rank 0 puts one :class:`~raygrpo.contracts.WeightsMessage` (numpy views,
+  no snapshot copy, raygrpo/weights.py) into the object store; every worker copies the same object into
+  its parameters in place, checks it against the learner's digest and reports what it now holds.
 * ``collective``: learner rank 0 broadcasts raw tensors, one at a time as the ranks gather them, in a
   process group of its own straight into the workers' parameters (raygrpo/weight_broadcast.py); sender
-  and receivers compare fingerprints. ``auto`` picks it when learner ranks and rollout workers have
+  and receivers compare the same digests. ``auto`` picks it when learner ranks and rollout workers have
   whole GPUs. A broadcast that fails (a member died, or ``rollout.weight_sync_timeout_s`` passed) sends
   that version through the object store, and the group is rebuilt at the next sync.
 
-Every worker's report (version, checksum) must match the learner's, or :class:`WeightsMismatchError`
-stops the run: a worker never silently samples with other weights.
+Every worker's report (version, digest) must match the learner's, or :class:`WeightsMismatchError`
+stops the run: a worker never silently samples with other weights, nor with a stale version. What a
+digest proves (``rollout.weight_verify``: ``sample`` by default, ``full`` for every byte) is in the
+docstring of raygrpo/weights.py.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from raygrpo.actor_group import ActorGroup, LocalGroup, get, lost_actor, wait_until_done
@@ -64,21 +68,25 @@ class WeightSync:
         self._message = None  # the latest exported WeightsMessage (restarted workers get it too)
         self._message_version = -1
 
-    def sync(self, version: int) -> SyncResult:
-        """Bring every rollout worker to ``version`` (the learner's, just updated) and verify it."""
-        if self.collective:
+    def sync(self, version: int, down: Collection[int] = ()) -> SyncResult:
+        """Bring every rollout worker to ``version`` (the learner's, just updated) and verify it. Workers ``down``
+        (out of the pool: their node is gone) are skipped; a broadcast needs every member of its group, so while
+        any is down the version goes through the object store."""
+        if self.collective and not down:
             try:
                 return SyncResult(self._broadcast(version))
             except Exception as exc:  # noqa: BLE001 - a dead member, a failed call or a timeout: the object store still works
                 logger.warning("weight broadcast of version %d failed (%s); sending it through the object store", version, exc)
                 self.group_stale = True
-        return self.push(range(len(self.rollout)), version)
+        return self.push([i for i in range(len(self.rollout)) if i not in down], version)
 
     def push(self, workers, version: int) -> SyncResult:
         """Send ``version`` through the object store to ``workers``; every live one must report it and the
-        same checksum (each worker also checks its checksum against the learner's)."""
+        same digest (each worker also checks its digest against the learner's)."""
         export = 0.0
         if self._message is None or self._message_version != version:
+            # The old version goes first: the object store then never holds two whole copies of the network.
+            self._message = None
             start = time.perf_counter()
             self._message, self._message_version = self.learner.export_weights(), version
             wait_until_done([self._message])
@@ -97,7 +105,10 @@ class WeightSync:
                 lost.append(i)
         held = {i: (r.policy_version, r.checksum) for i, r in reports.items()}
         if any(v != version for v, _ in held.values()) or len({crc for _, crc in held.values()}) > 1:
-            raise WeightsMismatchError(f"weight sync to version {version}: workers report (version, checksum) {held}")
+            raise WeightsMismatchError(
+                f"weight sync to version {version}: workers report (version, digest) {held}; a version other than "
+                f"{version} is a stale or future message (the learner exported another version than the controller expects)"
+            )
         return SyncResult(export + max((r.seconds for r in reports.values()), default=0.0), lost)
 
     def _open_group(self) -> None:
@@ -118,10 +129,10 @@ class WeightSync:
         sent = self.learner.send_weights()
         received = [self.rollout.call(i, "receive_weights", version, self.names) for i in range(len(self.rollout))]
         # Together: a receiver that fails must not leave the controller waiting on the sender's broadcast.
-        (sent_version, fingerprint), *reports = get_all([sent, *received], self.timeout_s)
-        if sent_version != version or any((r.policy_version, r.checksum) != (version, fingerprint) for r in reports):
+        (sent_version, sent_digest), *reports = get_all([sent, *received], self.timeout_s)
+        if sent_version != version or any((r.policy_version, r.checksum) != (version, sent_digest) for r in reports):
             raise WeightsMismatchError(
-                f"weight broadcast of version {version}: the learner sent (version, fingerprint) {(sent_version, fingerprint)}, "
+                f"weight broadcast of version {version}: the learner sent (version, digest) {(sent_version, sent_digest)}, "
                 f"the workers hold {[(r.policy_version, r.checksum) for r in reports]}"
             )
         return time.perf_counter() - start

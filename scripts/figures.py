@@ -124,12 +124,12 @@ SCALE_OUT_ROWS = [
     ("a_rollout_ode_dgpo", "rollout worker, ODE / DGPO preset, images/s", "`FluxPipeline` loop"),
     ("a_rollout_sde_dancegrpo", "rollout worker, SDE + log-probs / DanceGRPO preset, images/s", "bare SDE loop"),
     ("b_learner_dancegrpo", "learner step, DanceGRPO, s", "forward/backward/AdamW"),
-    ("b_learner_dgpo", "learner step, DGPO (adds reference and base forwards), s", "forward/backward/AdamW"),
+    ("b_learner_dgpo", "learner step, DGPO, s", "DGPO in plain PyTorch (reference and base forwards included)"),
     ("c_end_to_end_staleness0", "end to end, 2 rollout workers, `max_staleness` 0, samples/s", "serial sum of stages"),
     ("c_end_to_end_staleness1", "end to end, `max_staleness` 1, samples/s", "serial sum of stages"),
     ("c_staleness1_vs_staleness0", "end to end, `max_staleness` 1 vs 0, samples/s", "`max_staleness` 0"),
-    ("d_weight_sync", "weight sync to 2 workers, tiny FLUX, s", "raw `ray.put`/`get`"),
-    ("d_weight_sync_large", "weight sync to 2 workers, 145 MB FLUX, s", "raw `ray.put`/`get`"),
+    ("d_weight_sync", "weight sync to 2 workers, tiny FLUX, s", "floor: `ray.put`/`get` + one `copy_` into the parameters"),
+    ("d_weight_sync_large", "weight sync to 2 workers, 145 MB FLUX, s", "floor: `ray.put`/`get` + one `copy_` into the parameters"),
 ]
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from raygrpo.algorithms.advantages import advantage_statistics, best_of_n_members, group_advantages
-from raygrpo.algorithms.dancegrpo import clipped_surrogate, trained_steps
+from raygrpo.algorithms.dancegrpo import clipped_surrogate, term_loss, trained_steps
+from raygrpo.sampling import grid_steps, sigma_schedule
 
 
 def test_group_advantages_are_per_reward_unbiased_and_clipped():
@@ -76,6 +77,32 @@ def test_clipped_surrogate_gradient_vanishes_outside_the_band():
     ratio = torch.tensor([1.5, 1.05], requires_grad=True)
     clipped_surrogate(ratio, torch.tensor([1.0, 1.0]), 0.1).sum().backward()
     assert ratio.grad.tolist() == [0.0, -1.0]
+
+
+def test_term_loss_is_the_clipped_surrogate_with_its_autograd_gradient():
+    """The learner's one-node DanceGRPO term: the loss of sum_k w_k clipped_surrogate on the step's log-prob, and
+    autograd's gradient in v, at rho exactly 1 (on-policy: the branches tie), inside the band and outside it."""
+    eps, gen = 1e-3, torch.Generator().manual_seed(0)
+    steps = grid_steps("dance_sde", 0.3, sigma_schedule(6, 3.0))
+    x, v = torch.randn(5, 16, 8, generator=gen), torch.randn(5, 16, 8, generator=gen)  # [n, S, D]
+    x_next = steps.transition(x, v, 2).sample(gen)
+    advantages = torch.tensor([[1.0, -0.5], [-2.0, 0.3], [0.7, 1.2], [-1.0, -0.4], [0.0, 2.0]])  # [n, K]
+    weights = torch.tensor([0.7, 1.4])
+    on_policy = steps.transition(x, v, 2).log_prob(x_next)  # [n]
+    for shift in ([0.0] * 5, [5e-4, -5e-4, 3e-3, -4e-3, 2e-3]):
+        old = on_policy - torch.tensor(shift)
+        plain = v.clone().requires_grad_(True)
+        ratio_plain = torch.exp(steps.transition(x, plain, 2).log_prob(x_next) - old)
+        expected = (weights * clipped_surrogate(ratio_plain[:, None], advantages, eps)).sum()
+        expected.backward()
+        fused = v.clone().requires_grad_(True)
+        loss, ratio, log_ratio = term_loss(steps, x, fused, x_next, 2, old, advantages, weights, eps)
+        (loss * 3.0).backward()
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(fused.grad, 3.0 * plain.grad, rtol=1e-5, atol=1e-9)
+        assert torch.equal(ratio, ratio_plain.detach()) and not (ratio.requires_grad or log_ratio.requires_grad)
+    clipped = (ratio - 1).abs() > eps
+    assert clipped.any() and (plain.grad.flatten(1)[clipped] == 0).all(), "outside the band a one-sided sample has no gradient"
 
 
 def test_advantage_statistics_cover_only_the_trained_members():

@@ -81,6 +81,9 @@ def test_ray_parts_write_the_staleness_and_weight_sync_figures(tmp_path, ray_clu
     assert figures["c_end_to_end_staleness1"]["steps_measured"] == 1  # and the last: nothing left to overlap with
     assert figures["d_weight_sync"]["workers"] == 2 and figures["d_weight_sync"]["bytes"] > 0
     assert figures["d_weight_sync_large"]["bytes"] > 10 * figures["d_weight_sync"]["bytes"]  # the 256-wide FLUX of --smoke
+    for name in ("d_weight_sync", "d_weight_sync_large"):  # the floor (put, get, one copy_) and the raw transfer beside it
+        sync = figures[name]
+        assert sync["raw_transfer"] > 0 and sync["ratio_vs_raw_transfer"] == pytest.approx(sync["value"] / sync["raw_transfer"])
 
 
 def test_serial_sum_and_option_errors():

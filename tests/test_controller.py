@@ -167,7 +167,7 @@ def test_spread_groups_split_into_even_parts_and_come_back_whole_in_member_order
     scheduler.submit_through(1, version=0)
     parts = scheduler.wait_generated(1, version=0)
     assert [(p.group.member_offset, p.group.group_size, p.worker) for p in parts] == [(0, 2, 0), (2, 3, 1)]
-    (whole,) = scheduler.wait_scored(parts)
+    (whole,) = scheduler.wait_scored(parts, version=0)
     assert whole.group.group_size == 5 and whole.group.member_offset == 0
     assert get(whole.rollout) == ["rollout-0-0", "rollout-0-2"] and whole.scores["r"].values.tolist() == [0, 1, 2, 3, 4]
 

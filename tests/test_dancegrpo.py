@@ -94,6 +94,22 @@ def test_learner_recomputes_the_rollout_log_probs_exactly(worker_and_learner):
     assert changed, "the update must change the weights"
 
 
+def test_batched_rollout_keeps_the_first_ratio_exactly_one(monkeypatch):
+    """rollout.micro_batch_size 2: the learner recomputes each rollout micro-batch in one forward of the same two
+    members (sharing their trained steps), so the first ratio stays 1 (recomputed at batch 1 it is ~1.2e-7 off)."""
+    config = make_config("rollout.micro_batch_size=2")
+    worker, learner = RolloutWorker(config), Learner(config)
+    load_weights(worker.model.transformer, learner.export_weights())
+    rollout, _, _ = worker.generate(PromptGroup(6, 1, "a lighthouse at dawn", G, seed=13, policy_version=worker.policy_version))
+    sizes, velocity = [], learner.model.velocity
+    monkeypatch.setattr(learner.model, "velocity", lambda x, *a, **k: sizes.append(len(x)) or velocity(x, *a, **k))
+    metrics = update(learner, train_group(rollout, group_advantages(np.array([[0.1, 0.4, 0.2, 0.3]]), 5.0)))
+    assert metrics.first_ratio_max_abs_dev <= 1e-6  # 0.0 on CPU here
+    assert sizes == [2] * (G // 2 * config.trained_timesteps) and metrics.samples == G
+    with pytest.raises(ValueError, match="micro_batch_size=3.*group_size=4 is not a multiple"):
+        make_config("rollout.micro_batch_size=3")
+
+
 def _sgd_delta(config, rollout, advantages, weights, seed=0):
     """Parameter change of one DanceGRPO update with plain SGD (linear in the gradient)."""
     learner = Learner(config)

@@ -16,6 +16,7 @@ factor M, a gradient not averaged, another rank's noise or timesteps) moves para
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -280,6 +281,9 @@ def test_two_ranks_save_what_one_rank_saves_in_diffusers_layouts(two_rank_result
     mine = FluxTransformer2DModel.from_pretrained(tmp_path / "one" / "transformer").state_dict()
     theirs = FluxTransformer2DModel.from_pretrained(out / "dgpo-saved" / "transformer").state_dict()
     assert set(mine) == set(theirs) and max(float((mine[k] - theirs[k]).abs().max()) for k in mine) < TOLERANCE
+    # The config names the model's class, not the FSDP subclass fully_shard made of it (export loads by that name).
+    saved_config = json.loads((out / "dgpo-saved" / "transformer" / "config.json").read_text())
+    assert saved_config["_class_name"] == "FluxTransformer2DModel"
     one_lora, _, _ = two_rank_results["dgpo_lora"]
     one_lora.save(str(tmp_path / "one-lora"))
     files = [

@@ -9,6 +9,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from raygrpo.sampling import (
     dance_sde_transition,
     flow_sde_transition,
+    grid_steps,
     ode_step,
     predicted_x0,
     shift_sigmas,
@@ -128,6 +129,25 @@ def test_log_prob_is_element_mean_gaussian_density(xv):
     assert bool((step.log_prob(step.mean) > step.log_prob(x_next)).all())
     with pytest.raises(ValueError, match="std > 0"):
         step_transition("ode", 0.0, x, v, sigma_schedule(4, 1.0), 0).log_prob(x)
+
+
+def test_grid_log_prob_with_gradient_is_the_transition_log_prob_and_autograd_gradient(xv):
+    """GridSteps.log_prob_with_gradient (the learner's): bit for bit Transition.log_prob, which rollout records (the
+    on-policy ratio is exactly 1), and autograd's gradient of it in v, for every stochastic sampler."""
+    x, v = xv
+    sigmas = sigma_schedule(6, 3.0)
+    for sampler, level in (("dance_sde", 0.3), ("flow_sde", 0.7), ("ddim", 1.0)):
+        steps = grid_steps(sampler, level, sigmas)
+        for j in (0, 2, 4):  # DDIM's last step (into sigma = 0) has std 0
+            x_next = steps.transition(x, v, j).sample(torch.Generator().manual_seed(j))
+            plain = v.clone().requires_grad_(True)
+            expected = steps.transition(x, plain, j).log_prob(x_next)  # [B]
+            (gradient,) = torch.autograd.grad(expected.sum(), plain)
+            got, d_v = steps.log_prob_with_gradient(x, v, x_next, j)
+            assert torch.equal(got, expected.detach()), (sampler, j)
+            torch.testing.assert_close(d_v, gradient, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="std > 0"):
+        grid_steps("ode", 0.0, sigmas).log_prob_with_gradient(x, v, x, 0)
 
 
 def test_samples_have_the_stated_mean_and_std():

@@ -68,14 +68,17 @@ class WindowGroup:
 
 @dataclass
 class LossTerm:
-    """One backward's worth of loss: a differentiable scalar and what the metrics need of it."""
+    """One backward's worth of loss: a differentiable scalar and what the metrics need of it.
+
+    The statistics are detached tensors, read back once per update (a ``float()`` per term would make the
+    CPU wait for the device at every backward)."""
 
     loss: torch.Tensor  # scalar: sum over the samples it covers of their per-sample loss share (see the module docstring)
     slot: int  # the WindowGroup it belongs to (the learner weights padding groups 0)
     final: bool  # the window's last term: its backward reduce-scatters the gradients
-    ratios: list[float] = field(default_factory=list)  # importance ratios of the term's samples (for clip/ratio metrics)
-    clipped: list[bool] = field(default_factory=list)  # per sample: its loss lost its gradient to the clip
-    extras: dict[str, float] = field(default_factory=dict)  # algorithm statistics, averaged over real terms
+    ratios: torch.Tensor | None = None  # [n] importance ratios of the term's samples (for clip/ratio metrics); None: none
+    clipped: torch.Tensor | None = None  # [n] bool, per sample: its loss lost its gradient to the clip
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # 0-dim algorithm statistics, averaged over real terms
 
 
 class Algorithm(Protocol):

@@ -20,6 +20,20 @@ floor((T - 1) * timestep_fraction) are kept. ``backward`` runs once per (sample,
 each) and the optimizer steps every ``grad_accum_samples`` samples (the learner's window, after it
 clips the gradient norm). No KL and no reference model (DanceGRPO has none).
 
+Batched rollout (``rollout.micro_batch_size`` m > 1). A forward's numerics depend on its batch, so a
+log-prob recomputed at batch 1 from a rollout sampled at batch m drifts from the recorded one (on CPU
+by about one float32 ulp of the ratio, 1.2e-7; in bf16 on GPU by far more), and the first ratio leaves
+exactly 1. The learner therefore recomputes each rollout micro-batch in one forward of the same members,
+in the same order: the m members share their trained steps (one draw per micro-batch, where DanceGRPO
+draws per sample) and a term covers the micro-batch at one step. The first ratio is then exactly 1 again
+(tests/test_dancegrpo.py). This holds when the learner sees the rollout's micro-batches whole: every member
+trained (no ``best_of_n``), groups not spread over workers, ``group_size`` and the per-rank window
+``grad_accum_samples / num_ranks`` multiples of m (the config checks these). m = 1 is DanceGRPO exactly.
+
+The learner's per-term math (log-density, ratio, surrogate) runs as one autograd node with its
+closed-form gradient (:func:`term_loss`, tested against autograd): on small latents the twenty-odd small
+operations autograd would record per term cost as much as the network's own forward.
+
 Logged beside the loss, as a diagnostic only (it is no term of the loss and has no gradient):
 ``approx_kl``, the k3 estimator of KL(pi_old || pi_theta) over the trained transitions, with
 r_ij = log pi_theta - log pi_old as above::
@@ -52,7 +66,7 @@ import torch
 from raygrpo.algorithms.base import LossTerm, RolloutSpec, StepDraws, WindowGroup
 from raygrpo.config import Config
 from raygrpo.contracts import ConditioningBatch, Rollout, as_tensor
-from raygrpo.sampling import step_transition
+from raygrpo.sampling import GridSteps, grid_steps
 
 
 def rollout_spec(config: Config) -> RolloutSpec:
@@ -82,6 +96,9 @@ class DanceGRPO:
         self.config = config
         self.algo = config.algorithm
         self.spec = rollout_spec(config)
+        # Samples per rollout forward: the learner recomputes each micro-batch's log-probs in one forward of the
+        # same members, so the first ratio is exactly 1 at any micro-batch (module docstring).
+        self.micro_batch = config.rollout.micro_batch_size
 
     def setup(self, model, parameters: list[torch.nn.Parameter], lora: bool) -> None:
         """No reference model and no EMA: only where the tensors go."""
@@ -92,10 +109,15 @@ class DanceGRPO:
         return max(1, self.algo.grad_accum_samples // world_size)
 
     def draw(self, rng: np.random.Generator, total_groups: int, members: int, example: Rollout) -> StepDraws:
-        """Every trained member's timesteps, group by group in the step's order."""
+        """Every trained member's timesteps, group by group in the step's order; the members of one rollout
+        micro-batch share theirs (one draw per micro-batch: one per member at ``rollout.micro_batch_size`` 1)."""
         usable = len(example.sigmas) - 1
-        fraction = self.algo.timestep_fraction
-        return StepDraws([[trained_steps(usable, fraction, rng) for _ in range(members)] for _ in range(total_groups)])
+        fraction, m = self.algo.timestep_fraction, self.micro_batch
+        per_group = []
+        for _ in range(total_groups):
+            batches = [trained_steps(usable, fraction, rng) for _ in range(-(-members // m))]
+            per_group.append([batches[row // m] for row in range(members)])
+        return StepDraws(per_group)
 
     def sampling_weights(self) -> AbstractContextManager:
         return nullcontext()  # rollout samples with the current weights
@@ -107,31 +129,92 @@ class DanceGRPO:
         """Nothing follows the weights."""
 
     def loss_terms(self, policy, window: list[WindowGroup], draws: StepDraws) -> Iterator[LossTerm]:
-        """One term per (sample, trained step j): ``sum_k w_k L_k,ij / n_steps`` (the module docstring's L)."""
+        """One term per (rollout micro-batch, trained step j): ``sum_{i in batch} sum_k w_k L_k,ij / n_steps`` (the module
+        docstring's L), the batch's members in one forward as rollout sampled them."""
         device, clip = self.device, self.algo.clip_range
         for wg in window:
-            rollout = wg.rollout
+            rollout, train = wg.rollout, wg.train
             sigmas = as_tensor(rollout.sigmas, device)  # [T+1]
-            cond = ConditioningBatch.of(rollout.conditioning, 1, device)
-            weights = torch.tensor(wg.train.reward_weights, device=device)  # [K]; a copy: the array may be a read-only object-store view
-            for r, row in enumerate(wg.rows):
-                member = int(wg.train.members[row])
-                advantages = torch.tensor(wg.train.advantages[:, member], device=device)  # [K]
-                steps = wg.draw[row]
-                for s, j in enumerate(steps):
-                    x = as_tensor(rollout.trajectory[member, j], device)[None]  # [1, S, D]
-                    x_next = as_tensor(rollout.trajectory[member, j + 1], device)[None]  # [1, S, D]
-                    v = policy.velocity(x, sigmas[j].reshape(1), cond)  # [1, ...]
-                    step = step_transition(self.spec.sampler, self.spec.noise_level, x, v, sigmas, int(j))
-                    log_ratio = step.log_prob(x_next) - float(rollout.log_probs[member, j])  # [1]
-                    ratio = torch.exp(log_ratio)  # [1]
-                    per_reward = clipped_surrogate(ratio.expand_as(advantages), advantages, clip)  # [K]
-                    value, r_log = float(ratio.detach()), float(log_ratio.detach())
+            steps = grid_steps(self.spec.sampler, self.spec.noise_level, sigmas)  # the rollout's steps, computed once
+            weights = torch.tensor(train.reward_weights, device=device)  # [K]; a copy: the array may be a read-only object-store view
+            batches = _rollout_batches(wg.rows, self.micro_batch)
+            for b, rows in enumerate(batches):
+                members = train.members[rows]  # [n]
+                trajectory = as_tensor(rollout.trajectory[members], device)  # [n, T+1, ...]
+                old_log_probs = as_tensor(rollout.log_probs[members], device)  # [n, T]
+                advantages = as_tensor(train.advantages[:, members].T, device)  # [n, K]
+                cond = ConditioningBatch.of(rollout.conditioning, len(members), device)
+                trained = wg.draw[rows[0]]  # shared by the micro-batch
+                step_weights = weights / len(trained)  # [K]: w_k / n_steps
+                for s, j in enumerate(trained.tolist()):
+                    x, x_next = trajectory[:, j].contiguous(), trajectory[:, j + 1]  # [n, ...] each; x as rollout fed it
+                    v = policy.velocity(x, sigmas[j].expand(len(members)), cond)  # [n, ...]
+                    loss, ratio, log_ratio = term_loss(steps, x, v, x_next, j, old_log_probs[:, j], advantages, step_weights, clip)
+                    log_ratio = log_ratio.double()
                     yield LossTerm(
-                        loss=(weights * per_reward).sum() / len(steps),
+                        loss=loss,
                         slot=wg.slot,
-                        final=wg is window[-1] and r == len(wg.rows) - 1 and s == len(steps) - 1,
-                        ratios=[value],
-                        clipped=[abs(value - 1.0) > clip],
-                        extras={"approx_kl": math.expm1(r_log) - r_log},  # k3, see the module docstring
+                        final=wg is window[-1] and b == len(batches) - 1 and s == len(trained) - 1,
+                        ratios=ratio,
+                        clipped=(ratio - 1).abs() > clip,
+                        extras={"approx_kl": (torch.expm1(log_ratio) - log_ratio).mean()},  # k3, see the module docstring
                     )
+
+
+def term_loss(
+    steps: GridSteps,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    x_next: torch.Tensor,
+    index: int,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(L, rho, log rho)`` of ``n`` samples at one step: ``L = sum_{i,k} w_k max(-A_ik rho_i, -A_ik clip(rho_i))``,
+    ``rho = exp(log pi(x_next | x, v) - old_log_prob)`` (``x, v, x_next`` ``[n, ...]``, ``old_log_prob`` ``[n]``,
+    ``advantages`` ``[n, K]``, ``weights`` ``[K]``). Differentiable in ``v`` as one autograd node (:class:`_TermLoss`)."""
+    return _TermLoss.apply(v, steps, x, x_next, index, old_log_prob, advantages, weights, clip_range)
+
+
+class _TermLoss(torch.autograd.Function):
+    """:func:`term_loss` as one autograd node, its gradient in closed form.
+
+    The step's log-density and its gradient in v come from ``GridSteps.log_prob_with_gradient`` (bit for bit the
+    rollout's log-prob); the surrogate's gradient in log pi is that of autograd's own (sub)gradients of
+    ``maximum`` and ``clamp`` (where the branches tie, inside the band and at its edges, each gets half and
+    clamp passes it on)::
+
+        d L / d log pi_i = sum_k w_k (-A_ik rho_i) [ -A_ik rho_i >= -A_ik clip(rho_i) ]
+        d L / d v_i      = d L / d log pi_i * d log pi_i / d v_i
+
+    Autograd would record about twenty small operations per term; tests/test_advantages_and_loss.py checks
+    the two gradients agree.
+    """
+
+    @staticmethod
+    def forward(ctx, v, steps, x, x_next, index, old_log_prob, advantages, weights, clip_range):
+        log_prob, d_log_prob = steps.log_prob_with_gradient(x, v, x_next, index)  # [n], [n, ...]
+        log_ratio = log_prob - old_log_prob  # [n]
+        ratio = torch.exp(log_ratio)  # [n]
+        column = ratio[:, None]  # [n, 1]
+        per_reward = clipped_surrogate(column, advantages, clip_range)  # [n, K]
+        unclipped = -advantages * column  # [n, K]: -A rho, also its own derivative in log pi
+        slope = (weights * unclipped * (unclipped >= per_reward)).sum(dim=1)  # [n]: d L / d log pi
+        ctx.save_for_backward(d_log_prob * slope.reshape(-1, *([1] * (d_log_prob.ndim - 1))))
+        ctx.v_dtype = v.dtype
+        ctx.mark_non_differentiable(ratio, log_ratio)
+        return (weights * per_reward).sum(), ratio, log_ratio
+
+    @staticmethod
+    def backward(ctx, grad, _ratio, _log_ratio):
+        (d_v,) = ctx.saved_tensors
+        return (grad * d_v).to(ctx.v_dtype), None, None, None, None, None, None, None, None
+
+
+def _rollout_batches(rows: np.ndarray, micro_batch: int) -> list[np.ndarray]:
+    """``rows`` (positions into the trained members, in order) cut where ``row // micro_batch`` changes: the rollout's
+    micro-batches when every member is trained, each sharing its draw (:meth:`DanceGRPO.draw`)."""
+    cuts = np.flatnonzero(np.diff(rows // micro_batch)) + 1
+    return np.split(rows, cuts)

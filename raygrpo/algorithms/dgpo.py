@@ -148,6 +148,18 @@ def _micro_batches(size: int, micro_batch_size: int | None) -> list[slice]:
     return [slice(i, min(i + step, size)) for i in range(0, size, step)]
 
 
+def no_grad_forwards(algo: DGPOConfig, members: int) -> int:
+    """How many forwards without gradients each member of a group of ``members`` gets at each sigma, besides
+    its policy forward with gradients, as :meth:`DGPO._reference_terms` and ``_group_terms`` run them: the
+    reference; the fast EMA for the clip's l_old unless it is the reference; the frozen base for the KL
+    unless it is the reference; and the policy itself when the group is split into micro-batches.
+    (The resource planner counts FLOPs with it; tests/test_plan.py checks it against the forwards run.)"""
+    old = (algo.clip_dsm or algo.clip_kl) and algo.reference != "fast_ema"
+    base = algo.reference != "frozen" and algo.kl_beta != 0
+    split = len(_micro_batches(members, algo.micro_batch_size)) > 1
+    return 1 + int(old) + int(base) + int(split)
+
+
 class DGPO:
     """The learner half. ``setup`` creates the shadows (fast/slow EMA, frozen snapshot) once."""
 
@@ -276,9 +288,9 @@ class DGPO:
                 loss=((gate * group.advantages[rows] * used).sum() + algo.kl_beta * kl.sum()) / n_sigmas,
                 slot=slot,
                 final=last and j == len(slices) - 1,
-                ratios=ratios[rows].tolist() if ratios is not None else [],
-                clipped=clipped[rows].tolist(),
-                extras={"gate_mean": float(gate), "kl": float(kl.detach().mean())},
+                ratios=ratios[rows] if ratios is not None else None,
+                clipped=clipped[rows],
+                extras={"gate_mean": gate, "kl": kl.detach().mean()},
             )
 
     def _evaluate(

@@ -47,6 +47,19 @@ def init_process_group(rank: int, world_size: int, host: str, port: int, use_cud
     logger.info("learner rank %d/%d joined %s:%d (%s)", rank, world_size, host, port, torch.distributed.get_backend())
 
 
+def join_single_rank_group(use_cuda: bool) -> None:
+    """A process group of this process alone (NCCL on GPU, gloo on CPU), once per process: a learner that is the
+    only rank (``run.in_process``, tests) then shards its network with FSDP2's mixed-precision policy exactly
+    as a LearnerGroup rank does. Nothing crosses the process: the store is in memory."""
+    if torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() != 1:
+            raise RuntimeError("a one-rank learner was built in a process already in a larger process group: pass its rank and world size")
+        return
+    if use_cuda:
+        torch.cuda.set_device(0)
+    torch.distributed.init_process_group("nccl" if use_cuda else "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+
+
 def transformer_blocks(network: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks of a diffusers transformer (FLUX: double + single stream; SD3: joint blocks)."""
     blocks = []
@@ -57,12 +70,15 @@ def transformer_blocks(network: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def shard_network(network: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+def shard_network(network: torch.nn.Module, compute_dtype: torch.dtype, mesh=None) -> None:
     """``fully_shard`` every block, then the root (its embeddings and output layers), in place.
 
     Each block is one FSDP unit: its parameters are all-gathered just before its forward and freed
     after it, so peak memory holds one block's full weights, not the network's. ``compute_dtype``
     below float32 turns on mixed precision (parameters must be float32: they are the master copy).
+    A network loaded on the CPU moves to the mesh's device unit by unit as it is sharded, so a GPU
+    never holds more than one unit's whole weights besides its shards. ``mesh``: the device mesh
+    (None: FSDP's default over the process group; the planner passes a CPU mesh for fake tensors).
     """
     blocks = transformer_blocks(network)
     if not blocks:
@@ -71,8 +87,10 @@ def shard_network(network: torch.nn.Module, compute_dtype: torch.dtype) -> None:
     # must not: FLUX's blocks take the rotary embedding in float32, and rounding it to bf16 would make
     # the learner's forward differ from the rollout model's (the first ratio would leave 1).
     for block in blocks:
-        fully_shard(block, mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False))
-    fully_shard(network, mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32))
+        fully_shard(
+            block, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        )
+    fully_shard(network, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32))
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -67,12 +67,16 @@ class LearnerGroup:
         return metrics
 
     def export_weights(self):
-        """Ref to rank 0's :class:`WeightsMessage`; the other ranks' calls only join the gather."""
-        refs = [self.ranks.call(rank, "export_weights") for rank in range(self.world_size)]
+        """Ref to rank 0's :class:`WeightsMessage`; the other ranks' calls only join the gather.
+
+        On Ray rank 0 puts the message itself (``Learner.publish_weights``: no snapshot copy) and its
+        ObjectRef is returned once the put is done; in process the ref holds a snapshot copy."""
+        method = "export_weights" if isinstance(self.ranks, LocalGroup) else "publish_weights"
+        refs = [self.ranks.call(rank, method) for rank in range(self.world_size)]
         # Ranks > 0 return None; waiting on them surfaces a failed rank here rather than as a hang later.
         if any(value is not None for value in get(refs[1:])):
             raise RuntimeError("learner ranks > 0 returned weights")
-        return refs[0]
+        return refs[0] if method == "export_weights" else get(refs[0])
 
     def node_ip(self) -> str:
         """The address of rank 0's node (the sender of the weight broadcast)."""
@@ -91,7 +95,7 @@ class LearnerGroup:
         return get(self.ranks.call(0, "weight_names"))
 
     def send_weights(self):
-        """Broadcast the sampling weights from rank 0 (every rank joins the gather); ref to ``(policy_version, fingerprint)``."""
+        """Broadcast the sampling weights from rank 0 (every rank joins the gather); ref to ``(policy_version, digest)``."""
         return [self.ranks.call(rank, "send_weights") for rank in range(self.world_size)][0]
 
     def save(self, folder: str) -> str:
@@ -109,6 +113,10 @@ class LearnerGroup:
             raise RuntimeError(f"learner ranks restored different policy versions {versions} from {folder}")
         self.policy_version = versions[0]
         return self.policy_version
+
+    def dead_ranks(self) -> list[int]:
+        """Ranks whose actor died (its process or its node); the group has no restarts, so they stay dead."""
+        return self.ranks.dead()
 
     def shutdown(self) -> None:
         self.ranks.shutdown()

@@ -19,14 +19,15 @@ optimizer steps are the learner's (raygrpo/learner/shard.py says why each is the
 Precision (reference doc §6.4, DanceGRPO FLUX: "fp32 master weights + bf16 autocast"): the
 network, its gradients and the AdamW moments are always float32 here. With ``model.dtype``
 bfloat16/float16 the compute runs in that dtype: through FSDP2's ``MixedPrecisionPolicy`` when the
-network is sharded, through ``torch.autocast`` on an unsharded in-process learner. Exported weights
-are cast to ``model.dtype``, the dtype the rollout side holds. FSDP's policy computes exactly what
-the rollout's pure-bf16 model computes (the first ratio stays exactly 1); autocast keeps some ops
-in float32, so there it may not.
+network is sharded (always, below float32: a learner alone in its process joins a one-rank process
+group for it). Exported weights are cast to ``model.dtype``, the dtype the rollout side holds. FSDP's
+policy computes exactly what the rollout's pure-bf16 model computes, so the first ratio stays exactly 1;
+``torch.autocast``, used here before, keeps some ops in float32 (3e-4 off on tiny FLUX from step 2).
 
 Sharding: FSDP2 ``fully_shard`` on every transformer block and the root whenever a process group is
-up (every LearnerGroup rank) and there is more than one rank, a GPU, or a compute dtype below
-float32; one float32 CPU rank runs unsharded, as does ``Learner(config)`` without a process group.
+up (every LearnerGroup rank, and a one-rank group in this process for a GPU or a compute dtype below
+float32) and there is more than one rank, a GPU, or a compute dtype below float32; one float32 CPU rank
+runs unsharded, in process or not.
 
 Activation checkpointing (``learner.gradient_checkpointing``, DanceGRPO's per-block checkpointing,
 reference doc §9.1): diffusers' own ``enable_gradient_checkpointing`` on the trained network, so each
@@ -40,7 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,15 +49,15 @@ import numpy as np
 import torch
 
 from raygrpo.actor_group import get
-from raygrpo.algorithms import LossTerm, WindowGroup, make_algorithm
+from raygrpo.algorithms import LossTerm, StepDraws, WindowGroup, make_algorithm
 from raygrpo.config import Config
 from raygrpo.contracts import LearnerMetrics, Rollout, TrainGroup, WeightsMessage, merge_rollouts
-from raygrpo.learner.fsdp import full_state_dict, gathered_tensors, init_process_group, rendezvous_address, shard_network
-from raygrpo.learner.shard import RankBatch, clip_grad_norm, global_sum, pick
+from raygrpo.learner.fsdp import full_state_dict, gathered_tensors, init_process_group, join_single_rank_group, rendezvous_address, shard_network
+from raygrpo.learner.shard import RankBatch, clip_grad_norm, global_sums, pick
 from raygrpo.learner.state import load_training_state, save_training_state
 from raygrpo.models import load_model
 from raygrpo.models.lora import add_lora
-from raygrpo.runtime import set_torch_threads, torch_dtype
+from raygrpo.runtime import role_device, set_torch_threads, torch_dtype
 from raygrpo.weight_broadcast import WeightBroadcastGroup
 from raygrpo.weights import export_weights
 
@@ -74,21 +75,27 @@ class Learner:
 
     def __init__(self, config: Config, rank: int = 0, world_size: int = 1, rendezvous: tuple[str, int] | None = None):
         set_torch_threads(config.learner.num_cpus)
+        device = role_device(config.learner.num_gpus, config.run.device_override)
         if rendezvous is not None:
             # First: FSDP needs the process group when the network is sharded below.
-            init_process_group(rank, world_size, *rendezvous, use_cuda=config.learner.num_gpus > 0)
+            init_process_group(rank, world_size, *rendezvous, use_cuda=device.type == "cuda")
+        elif world_size == 1 and (device.type == "cuda" or torch_dtype(config.model.dtype) != torch.float32):
+            # Alone in this process (run.in_process, tests): shard as a Ray rank does, for the same numerics.
+            join_single_rank_group(use_cuda=device.type == "cuda")
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if world_size > 1 and not distributed:
             raise RuntimeError(f"a learner rank of {world_size} needs torch.distributed initialised first (LearnerGroup does it)")
         self.config, self.rank, self.world_size = config, rank, world_size
-        self.device = torch.device("cuda" if config.learner.num_gpus > 0 else "cpu")
+        self.device = device
         self.compute_dtype = torch_dtype(config.model.dtype)
         self.sharded = distributed and (world_size > 1 or self.device.type == "cuda" or self.compute_dtype != torch.float32)
         self.model = load_model(
             config.model.family,
             config.model.pretrained,
             torch_dtype=torch.float32,  # master weights; compute_dtype applies in the forward
-            device=self.device,
+            # A sharded rank loads on the CPU and fully_shard moves the network to its GPU unit by unit: loading
+            # there first held the whole float32 network on every GPU before sharding (FLUX: 48 GB per rank).
+            device="cpu" if self.sharded else self.device,
             load_text_encoders=False,
             load_vae=False,
             height=config.model.height,
@@ -101,22 +108,7 @@ class Learner:
             num_frames=config.model.num_frames,
         )
         network = self.model.transformer
-        network.train()
-        if config.model.lora is not None:
-            # A seeded adapter init: every rank (and a resumed learner) starts from the same adapter.
-            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.device.type == "cuda" else []):
-                torch.manual_seed(config.run.seed)
-                add_lora(network, config.model.lora)
-        else:
-            network.requires_grad_(True)
-        # With LoRA only the adapter travels to the rollout side; full fine-tuning sends everything.
-        self.synced_names = {n for n, p in network.named_parameters() if p.requires_grad} if config.model.lora else None
-        if config.learner.gradient_checkpointing:
-            # Before sharding: each block is then both the checkpointed function and the FSDP unit, and FSDP2
-            # skips its unshard/reshard hooks while the backward recomputes a block (the gather is already done).
-            network.enable_gradient_checkpointing()
-        if self.sharded:
-            shard_network(network, self.compute_dtype)  # parameters become DTensor shards, names unchanged
+        self.synced_names = prepare_network(network, config, shard=self.sharded)
         self.parameter_names = [n for n, p in network.named_parameters() if p.requires_grad]
         self.parameters = [p for p in network.parameters() if p.requires_grad]
         opt = config.optimizer
@@ -125,12 +117,6 @@ class Learner:
         self.algorithm.setup(self.model, self.parameters, lora=config.model.lora is not None)
         self.rng = np.random.default_rng(config.run.seed + 1)
         self.policy_version = 0
-
-    def _autocast(self) -> AbstractContextManager:
-        """bf16/fp16 compute on an unsharded rank (sharded ones get it from FSDP's MixedPrecisionPolicy)."""
-        if self.sharded or self.compute_dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def update(self, part: RankBatch) -> LearnerMetrics:
         """One training step on this rank's group slots; the rollouts are fetched here, never on the controller.
@@ -144,30 +130,40 @@ class Learner:
         draws = algorithm.draw(self.rng, shard.total_groups or len(part.groups), len(part.groups[0].members), rollouts[0])
         mine = pick(draws.per_group, shard.group_offset, len(part.groups))
         self.policy_version += 1
+        windows = list(self._windows(part, rollouts, mine))
+        # Each window's real samples over every rank, for all windows in one all-reduce.
+        n_real = global_sums([sum(len(wg.rows) for wg in window if part.is_real(wg.slot)) for window in windows], self.world_size)
         tally = _Tally()
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            for window in self._windows(part, rollouts, mine):
-                n_real = global_sum(sum(len(wg.rows) for wg in window if part.is_real(wg.slot)), self.world_size)
-                window_loss = 0.0
-                for term in algorithm.loss_terms(self.model, window, draws):
-                    real = part.is_real(term.slot)
-                    if self.sharded:
-                        # One reduce-scatter per window: only its last backward syncs gradients over the ranks.
-                        self.model.transformer.set_requires_gradient_sync(term.final or self.config.learner.reduce_every_backward)
-                    # M per real term undoes FSDP's average over the ranks; padding weighs 0 (learner/shard.py).
-                    (term.loss * ((self.world_size if real else 0.0) / n_real)).backward()
-                    if real:
-                        window_loss += float(term.loss.detach()) / n_real
-                        tally.add(term, first_window=not tally.grad_norms)
-                tally.losses.append(window_loss)
-                tally.grad_norms.append(clip_grad_norm(self.parameters, self.config.optimizer.max_grad_norm))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                algorithm.after_optimizer_step()
+        for window, n in zip(windows, n_real):
+            self._train_window(part, window, n, draws, tally)
         samples = sum(len(g.members) for k, g in enumerate(part.groups) if part.is_real(k))
         metrics = tally.metrics(self.policy_version, samples, time.perf_counter() - start, algorithm.on_policy_ratio, draws.extras)
         return global_metrics(metrics) if self.world_size > 1 else metrics
+
+    def _train_window(self, part: RankBatch, window: list[WindowGroup], n_real: float, draws: StepDraws, tally: _Tally) -> None:
+        """One optimizer step: a backward per loss term, then clip and step. Nothing here waits for the device
+        (the statistics stay tensors until the update ends), so a GPU runs the terms back to back."""
+        losses = []  # the real terms' losses, detached
+        first_window = not tally.grad_norms
+        synced = None  # FSDP's gradient sync as last set: toggling it walks every FSDP module, so only on change
+        for term in self.algorithm.loss_terms(self.model, window, draws):
+            real = part.is_real(term.slot)
+            if self.sharded and synced != (sync := term.final or self.config.learner.reduce_every_backward):
+                # One reduce-scatter per window: only its last backward syncs gradients over the ranks.
+                self.model.transformer.set_requires_gradient_sync(sync)
+                synced = sync
+            # M per real term undoes FSDP's average over the ranks; padding weighs 0 (learner/shard.py).
+            (term.loss * ((self.world_size if real else 0.0) / n_real)).backward()
+            if real:
+                losses.append(term.loss.detach())
+                tally.add(term, first_window)
+        # float64: the terms' losses carry the advantages' signs and largely cancel
+        tally.losses.append(torch.stack(losses).double().sum() / n_real if losses else torch.zeros((), dtype=torch.float64))
+        tally.grad_norms.append(clip_grad_norm(self.parameters, self.config.optimizer.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.algorithm.after_optimizer_step()
 
     def _windows(self, part: RankBatch, rollouts: list[Rollout], draws: list):
         """This rank's samples (slot by slot, member by member) cut into the algorithm's windows, as WindowGroups."""
@@ -191,7 +187,26 @@ class Learner:
             state = full_state_dict(self.model.transformer, self.synced_names, self.compute_dtype, keep=self.rank == 0)
         if self.rank != 0:
             return None
-        return export_weights(_StateView(state), self.policy_version, self.synced_names)
+        return export_weights(_StateView(state), self.policy_version, self.synced_names, self.config.rollout.weight_verify)
+
+    def publish_weights(self):
+        """As a Ray actor: :meth:`export_weights` without its snapshot copy, put into the object store here;
+        rank 0 returns the message's ObjectRef, the others None (every rank must call it: shards are gathered).
+
+        The message's arrays are views of the tensors; ``ray.put`` copies them into shared memory inside the
+        ``sampling_weights`` block, so before the block swaps the live weights back (DGPO's fast EMA) and
+        before any later call can change them: what is put is what rollout should sample with (weights.py).
+        """
+        import ray
+
+        with self.algorithm.sampling_weights():
+            tensors = gathered_tensors(self.model.transformer, self.synced_names, self.compute_dtype)
+            if self.rank != 0:
+                for _ in tensors:  # join every gather
+                    pass
+                return None
+            state = _StateView(dict(tensors))
+            return ray.put(export_weights(state, self.policy_version, self.synced_names, self.config.rollout.weight_verify, copy=False))
 
     @contextmanager
     def sampling_tensors(self):
@@ -260,13 +275,13 @@ class Learner:
 
     def send_weights(self) -> tuple[int, int] | None:
         """Every rank gathers the sampling weights tensor by tensor; rank 0 broadcasts each as it is gathered
-        and returns ``(policy_version, fingerprint)``. No rank holds a second whole copy of the network."""
+        and returns ``(policy_version, digest)``. No rank holds a second whole copy of the network."""
         with self.sampling_tensors() as tensors:
             if self.rank != 0:
                 for _ in tensors:  # join every gather
                     pass
                 return None
-            return self.policy_version, self.weight_group.send(tensors)
+            return self.policy_version, self.weight_group.send(tensors, self.config.rollout.weight_verify, self.policy_version)
 
     def save_state(self, folder: str) -> None:
         """The full training state for an exact resume (see :mod:`raygrpo.learner.state`); every rank calls it."""
@@ -276,6 +291,32 @@ class Learner:
         """Restore what :meth:`save_state` wrote; returns the restored policy version."""
         load_training_state(self, Path(folder))
         return self.policy_version
+
+
+def prepare_network(network: torch.nn.Module, config: Config, shard: bool, mesh=None) -> set[str] | None:
+    """Make a loaded network the learner's, in place: train mode, a seeded LoRA adapter or every parameter
+    trainable, activation checkpointing, then (``shard``) FSDP2 shards on ``mesh`` (None: the process group's).
+
+    Returns the names rollout receives: the adapter's with LoRA, None (everything) for full fine-tuning.
+    The planner prepares its fake-tensor network with this same function (raygrpo/plan/measure.py).
+    """
+    network.train()
+    if config.model.lora is not None:
+        # A seeded adapter init: every rank (and a resumed learner) starts from the same adapter.
+        on_gpu = next(network.parameters()).is_cuda
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if on_gpu else []):
+            torch.manual_seed(config.run.seed)
+            add_lora(network, config.model.lora)
+    else:
+        network.requires_grad_(True)
+    synced = {n for n, p in network.named_parameters() if p.requires_grad} if config.model.lora else None
+    if config.learner.gradient_checkpointing:
+        # Before sharding: each block is then both the checkpointed function and the FSDP unit, and FSDP2
+        # skips its unshard/reshard hooks while the backward recomputes a block (the gather is already done).
+        network.enable_gradient_checkpointing()
+    if shard:
+        shard_network(network, torch_dtype(config.model.dtype), mesh=mesh)  # parameters become DTensor shards, names unchanged
+    return synced
 
 
 class _StateView:
@@ -309,6 +350,13 @@ def _save_gathered(network: torch.nn.Module, state: dict[str, torch.Tensor], fol
 
     folder.mkdir(parents=True, exist_ok=True)
     network.save_config(folder)
+    # fully_shard swaps the module's class for a generated ``FSDP<Class>`` subclass, and save_config writes
+    # that name: diffusers could not load the folder by its _class_name. Write the model's own class.
+    from torch.distributed.fsdp import FSDPModule
+
+    own = next(cls for cls in type(network).__mro__ if not issubclass(cls, FSDPModule))
+    config_file = folder / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "_class_name": own.__name__}, indent=2, sort_keys=True) + "\n")
     # The file names diffusers' from_pretrained looks for, sharded with an index when large.
     save_torch_state_dict(state, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB")
 
@@ -324,38 +372,43 @@ def fetch_rollouts(batch: list[TrainGroup]) -> list[Rollout]:
 
 @dataclass
 class _Tally:
-    """The statistics of one update's real loss terms, summarised by :meth:`metrics`."""
+    """The statistics of one update's real loss terms, detached tensors read back once by :meth:`metrics`."""
 
-    losses: list[float] = field(default_factory=list)  # per window: sum of its real terms' loss / its real samples
-    grad_norms: list[float] = field(default_factory=list)  # per window, before clipping
-    ratios: list[float] = field(default_factory=list)
-    first_ratios: list[float] = field(default_factory=list)  # ratios of the first window (before any optimizer step)
-    clipped: list[bool] = field(default_factory=list)
-    extras: dict[str, list[float]] = field(default_factory=dict)
+    losses: list[torch.Tensor] = field(default_factory=list)  # per window: sum of its real terms' loss / its real samples
+    grad_norms: list[torch.Tensor] = field(default_factory=list)  # per window, before clipping
+    ratios: list[torch.Tensor] = field(default_factory=list)
+    first_ratios: list[torch.Tensor] = field(default_factory=list)  # ratios of the first window (before any optimizer step)
+    clipped: list[torch.Tensor] = field(default_factory=list)
+    extras: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def add(self, term: LossTerm, first_window: bool) -> None:
-        self.ratios += term.ratios
-        if first_window:
-            self.first_ratios += term.ratios
-        self.clipped += term.clipped
+        if term.ratios is not None:
+            self.ratios.append(term.ratios)
+            if first_window:
+                self.first_ratios.append(term.ratios)
+        if term.clipped is not None:
+            self.clipped.append(term.clipped)
         for key, value in term.extras.items():
             self.extras.setdefault(key, []).append(value)
 
     def metrics(self, version: int, samples: int, seconds: float, on_policy_ratio: bool, step_extras: dict[str, float]) -> LearnerMetrics:
-        ratios = np.asarray(self.ratios or [np.nan])  # a rank holding only padding, or an algorithm without ratios
-        first = np.asarray(self.first_ratios or [np.nan])
+        def values(tensors: list[torch.Tensor]) -> np.ndarray:
+            # float64 before the mean: the ratios' deviations from 1 are near float32's resolution
+            return torch.cat([t.reshape(-1) for t in tensors]).double().cpu().numpy() if tensors else np.full(1, np.nan)
+
+        ratios, first = values(self.ratios), values(self.first_ratios)  # NaN: only padding here, or no ratios
         return LearnerMetrics(
             policy_version=version,
-            loss=float(np.mean(self.losses)),
-            grad_norm=float(np.mean(self.grad_norms)),
-            clip_fraction=float(np.mean(self.clipped)) if self.clipped else float("nan"),
+            loss=float(np.mean(values(self.losses))),
+            grad_norm=float(np.mean(values(self.grad_norms))),
+            clip_fraction=float(np.mean(values(self.clipped))) if self.clipped else float("nan"),
             ratio_mean=float(ratios.mean()),
             ratio_max_abs_dev=float(np.abs(ratios - 1).max()),
             first_ratio_max_abs_dev=float(np.abs(first - 1).max()) if on_policy_ratio else float("nan"),
             optimizer_steps=len(self.grad_norms),
             samples=samples,
             seconds=seconds,
-            extras={key: float(np.mean(values)) for key, values in self.extras.items()} | step_extras,
+            extras={key: float(np.mean(values(v))) for key, v in self.extras.items()} | step_extras,
         )
 
 

@@ -64,27 +64,26 @@ def pick(draws: list, offset: int, count: int) -> list:
     return [draws[min(offset + i, len(draws) - 1)] for i in range(count)]
 
 
-def global_sum(value: float, world_size: int) -> float:
-    """``value`` summed over the ranks (an all-reduce; every rank must call it at the same point)."""
+def global_sums(values: list[float], world_size: int) -> list[float]:
+    """``values`` each summed over the ranks, in one all-reduce (every rank must call it at the same point)."""
     if world_size == 1:
-        return value
-    total = torch.tensor([float(value)], dtype=torch.float64)
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64)
     if torch.distributed.get_backend() == "nccl":
         total = total.cuda()
     torch.distributed.all_reduce(total)
-    return float(total.item())
+    return total.tolist()
 
 
-def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip the global gradient norm; returns the pre-clip norm over every rank's shard.
+def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm; returns the pre-clip norm over every rank's shard, a 0-dim tensor where
+    the gradients are (read it when the update is done: reading it here would wait for the device).
 
     With sharded (DTensor) parameters ``clip_grad_norm_`` returns a replicated DTensor: its value
     is the full norm, read with ``full_tensor``.
     """
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def split_batch(batch: list[TrainGroup], world_size: int) -> list[RankBatch]:

@@ -213,12 +213,12 @@ class FluxModel(ModelAdapter):
         noise = randn_tensor((num, c, h, w), generator=generator, device=self.device, dtype=torch.float32)
         return FluxPipeline._pack_latents(noise, num, c, h, w)
 
-    def _position_ids(self, text_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (text_length, self.device, self.dtype)
+    def _position_ids(self, text_length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (text_length, device, dtype)
         if key not in self._ids_cache:
             _, h, w = self.unpacked_latent_shape
-            txt_ids = torch.zeros(text_length, 3, device=self.device, dtype=self.dtype)
-            img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype)
+            txt_ids = torch.zeros(text_length, 3, device=device, dtype=dtype)
+            img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)
             self._ids_cache[key] = (txt_ids, img_ids)
         return self._ids_cache[key]
 
@@ -248,7 +248,7 @@ class FluxModel(ModelAdapter):
         if self.transformer.config.guidance_embeds:
             scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
             guidance = torch.full((batch,), scale, device=device, dtype=dtype)
-        txt_ids, img_ids = self._position_ids(cond.prompt_embeds.shape[1])
+        txt_ids, img_ids = self._position_ids(cond.prompt_embeds.shape[1], device, dtype)  # device/dtype looked up once per call
         prediction = self.transformer(
             hidden_states=latents.to(device, dtype),
             timestep=timestep,

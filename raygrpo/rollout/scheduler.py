@@ -5,7 +5,7 @@ For step ``t`` the controller calls::
 
     scheduler.submit_through(t, version)   # draw + submit the groups of steps t .. t + max_staleness not yet submitted
     parts = scheduler.wait_generated(t, version)   # step t's groups (parts), generated
-    groups = scheduler.wait_scored(parts)          # ... and scored by every reward: whole groups with their Scores
+    groups = scheduler.wait_scored(parts, version) # ... and scored by every reward: whole groups with their Scores
 
 Each group goes to a rollout worker (round robin), and its scoring to every reward pool at once: the
 media ref is the scoring call's argument, so a reward starts the moment its group is generated while
@@ -16,6 +16,11 @@ Faults: a dead rollout worker or reward replica is restarted by Ray (``max_resta
 sent again exactly once: a group to a live worker (the same group id and seed, stamped with the current
 version, after that worker was brought to the current weights), a scoring to a live replica. Nothing is
 lost and nothing is trained twice; ``reissued`` / ``rescored`` count it.
+
+A whole node that dies takes its workers and the objects they made there: a group generated on it and
+not trained yet is generated again too. Ray moves the workers' bundles to nodes with room; a worker no
+node has room for leaves the pool (it shrinks, :meth:`RolloutScheduler.refresh_pool`) and rejoins it,
+with the current weights, once a node with room joins the cluster and Ray has restarted it there.
 
 The data position (prompt order, group ids, round-robin cursors) is remembered as it was before each
 step's groups were drawn, so a checkpoint after step t resumes by drawing step t+1's groups again.
@@ -35,6 +40,7 @@ from raygrpo.config import Config
 from raygrpo.contracts import PromptGroup, RolloutInfo, ScoredGroup, Scores, merge_scores
 from raygrpo.data.prompts import PromptImages, PromptOrder
 from raygrpo.errors import RunAborted
+from raygrpo.rollout.worker import StaleWorkerError
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +61,7 @@ class InFlight:
     scores: dict[str, Any] = field(default_factory=dict)  # reward name -> ref to (Scores, seconds)
     replicas: dict[str, int] = field(default_factory=dict)  # reward name -> replica scoring it
     generated: RolloutInfo | None = None  # the fetched ``info``, once generation is done
+    node: str | None = None  # the node its worker was on when it was sent: its objects live there
 
 
 @dataclass
@@ -89,6 +96,9 @@ class RolloutScheduler:
         self.reissued = 0  # groups generated again because their rollout worker died (whole run)
         self.rescored = 0  # scorings sent again because their reward replica died (whole run)
         self.incarnations = [incarnation for _, incarnation in rollout.foreach("status")]
+        self.nodes = rollout.bundle_nodes()  # the node of every worker, as last looked up
+        self.pool_nodes = list(self.nodes)  # ... as refresh_pool last saw them
+        self.down: set[int] = set()  # workers out of the pool: no node for them, or not answering
 
     @property
     def queue_depth(self) -> int:
@@ -100,6 +110,7 @@ class RolloutScheduler:
     def submit_through(self, step: int, version: int) -> None:
         """Submit the groups of steps ``step .. step + max_staleness`` not submitted yet, stamped with ``version``."""
         last = min(step + self.config.train.max_staleness, self.config.train.steps)
+        self.refresh_pool(version)
         for s in range(step, last + 1):
             if s not in self.queue:
                 self.positions[s] = self.position()
@@ -126,12 +137,55 @@ class RolloutScheduler:
     def _submit(self, group: PromptGroup, step: int, worker: int | None = None) -> InFlight:
         """Send one group to a rollout worker (round robin unless given) and its scoring to every reward pool."""
         if worker is None:
-            worker, self.next_worker = self.next_worker % len(self.rollout), self.next_worker + 1
+            worker = self._next_in_pool()
         rollout, media, info = self.rollout.call(worker, "generate", group, num_returns=3)
-        work = InFlight(group, step, worker, rollout, media, info)
+        work = InFlight(group, step, worker, rollout, media, info, node=self.nodes[worker])
         for name in self.rewards:
             self._submit_scoring(work, name)
         return work
+
+    def _next_in_pool(self) -> int:
+        """The next worker of the round robin that is in the pool."""
+        for _ in range(len(self.rollout)):
+            worker, self.next_worker = self.next_worker % len(self.rollout), self.next_worker + 1
+            if worker not in self.down:
+                return worker
+        raise self._no_worker_left()
+
+    def _no_worker_left(self) -> RunAborted:
+        return RunAborted(
+            f"no rollout worker is left: all {len(self.rollout)} are dead (rollout.max_restarts={self.config.rollout.max_restarts} "
+            "used up) or lost their nodes with no node left with room for them; add nodes (or lower rollout.num_workers), "
+            "then the same command resumes the run"
+        )
+
+    def refresh_pool(self, version: int) -> set[int]:
+        """Look the workers' nodes up again: a worker whose node died leaves the pool, the pool shrinks (also while
+        Ray restarts it on a node with room: it comes back without weights and outside the broadcast group). One
+        out of the pool that answers again gets ``version`` and rejoins it. Returns the workers out of the pool."""
+        self.nodes = self.rollout.bundle_nodes()
+        for i, (before, node) in enumerate(zip(self.pool_nodes, self.nodes)):
+            if node is None:
+                self._leave_pool(i, "lost its node and no node has room for it")
+                continue
+            if node != before:
+                self._leave_pool(i, f"lost its node; Ray restarts it on node {node[:12]}")
+            if i in self.down and self.rollout.wait_alive(i, timeout_s=1.0):
+                self.down.discard(i)
+                self.live_worker(i, version)  # it answers: this brings it to ``version``
+                logger.warning("rollout worker %d is back (node %s): %d of %d workers take work now", i, node[:12], self.pool_size, len(self.rollout))
+        self.pool_nodes = list(self.nodes)
+        return set(self.down)
+
+    def _leave_pool(self, worker: int, why: str) -> None:
+        if worker not in self.down:
+            self.down.add(worker)
+            logger.warning("rollout worker %d %s: %d of %d workers take work now", worker, why, self.pool_size, len(self.rollout))
+
+    @property
+    def pool_size(self) -> int:
+        """Rollout workers that take work."""
+        return len(self.rollout) - len(self.down)
 
     def _submit_scoring(self, work: InFlight, name: str, replica: int | None = None) -> None:
         pool = self.rewards[name]
@@ -151,23 +205,51 @@ class RolloutScheduler:
 
     def _wait_generated(self, work: InFlight, version: int) -> None:
         while True:
+            if work.worker in self.down:
+                # Its worker left the pool since (its node died): what it made went with it, and asking takes seconds.
+                logger.warning("group %d was lost with rollout worker %d (out of the pool); generating it again", work.group.group_id, work.worker)
+                self._reissue(work, version)
+                continue
             try:
                 work.generated = get(work.info)
                 return
             except Exception as exc:
-                if not lost_actor(exc):
+                # A restarted worker that got the group before its weights says so: it is sent both, as a lost one.
+                if not (lost_actor(exc) or isinstance(exc, StaleWorkerError)):
                     raise
                 logger.warning("group %d was lost with rollout worker %d (%s); generating it again", work.group.group_id, work.worker, type(exc).__name__)
-                worker = self.live_worker(work.worker, version)
-                # Stamped with the current version: the (restarted) worker holds the current weights now.
-                fresh = self._submit(dataclasses.replace(work.group, policy_version=version), work.step, worker)
-                for f in dataclasses.fields(InFlight):
-                    setattr(work, f.name, getattr(fresh, f.name))
-                self.reissued += 1
+                self._reissue(work, version)
 
-    def wait_scored(self, parts: list[InFlight]) -> list[ScoredGroup]:
-        """Whole groups with every reward's Scores; a scoring lost with its replica is sent again."""
-        scored = [(work, work.generated, self._wait_scores(work)) for work in parts]
+    def _reissue(self, work: InFlight, version: int) -> None:
+        """Send a lost group again, in place (same group id and seed), to a live worker holding ``version``."""
+        worker = self.live_worker(work.worker, version)
+        self.nodes = self.rollout.bundle_nodes()  # it may be back on another node: the new work is recorded there
+        # Stamped with the current version: the (restarted) worker holds the current weights now.
+        fresh = self._submit(dataclasses.replace(work.group, policy_version=version), work.step, worker)
+        for f in dataclasses.fields(InFlight):
+            setattr(work, f.name, getattr(fresh, f.name))
+        self.reissued += 1
+
+    def _regenerate_if_node_lost(self, work: InFlight, version: int) -> bool:
+        """Generate ``work`` again if the node it was generated on is gone (its worker's node, as last looked up,
+        is another): its rollout and media died with it, whatever the controller already fetched. Returns whether it did."""
+        if self.nodes[work.worker] == work.node:
+            return False
+        logger.warning("group %d was generated on a node that is gone (rollout worker %d); generating it again", work.group.group_id, work.worker)
+        self._reissue(work, version)
+        self._wait_generated(work, version)
+        return True
+
+    def wait_scored(self, parts: list[InFlight], version: int) -> list[ScoredGroup]:
+        """Whole groups with every reward's Scores; a scoring lost with its replica is sent again, a group
+        whose node died since it was generated is generated (with ``version``) and scored again."""
+        self.nodes = self.rollout.bundle_nodes()
+        for work in parts:
+            self._regenerate_if_node_lost(work, version)
+        scored = []
+        for work in parts:
+            scores = self._wait_scores(work, version)  # first: it may generate the group again (a new ``generated``)
+            scored.append((work, work.generated, scores))
         by_group: dict[int, list] = {}
         for item in scored:
             by_group.setdefault(item[0].group.group_id, []).append(item)
@@ -190,15 +272,19 @@ class RolloutScheduler:
             )
         return groups
 
-    def _wait_scores(self, work: InFlight) -> dict[str, tuple[Scores, float]]:
-        scores = {}
-        for name in self.rewards:
-            while name not in scores:
-                try:
-                    scores[name] = get(work.scores[name])
-                except Exception as exc:
-                    if not lost_actor(exc):
-                        raise
+    def _wait_scores(self, work: InFlight, version: int) -> dict[str, tuple[Scores, float]]:
+        scores: dict[str, tuple[Scores, float]] = {}
+        while len(scores) < len(self.rewards):
+            name = next(n for n in self.rewards if n not in scores)
+            try:
+                scores[name] = get(work.scores[name])
+            except Exception as exc:
+                if not lost_actor(exc):
+                    raise
+                self.nodes = self.rollout.bundle_nodes()
+                if self._regenerate_if_node_lost(work, version):
+                    scores.clear()  # the media it was scored on died with the node: new media, new scores
+                else:
                     replica = self._live_replica(name, work.replicas[name])
                     logger.warning("scoring of group %d by %s was lost; scoring it again on replica %d", work.group.group_id, name, replica)
                     self._submit_scoring(work, name, replica)
@@ -207,10 +293,12 @@ class RolloutScheduler:
 
     def live_worker(self, preferred: int, version: int) -> int:
         """A rollout worker that is alive and holds ``version``: ``preferred`` once Ray has restarted it, else
-        another one. A restarted worker starts at version 0, so it gets the latest weights (verified) first."""
-        for i in [preferred, *(j for j in range(len(self.rollout)) if j != preferred)]:
+        another one in the pool. A restarted worker starts at version 0, so it gets the latest weights (verified) first."""
+        for i in [preferred, *(j for j in range(len(self.rollout)) if j != preferred and j not in self.down)]:
             if not self.rollout.wait_alive(i):
-                continue  # out of restarts, or not back in time: try the next worker
+                self._leave_pool(i, "is dead, without a node, or not back in time")  # until it answers again
+                continue
+            self.down.discard(i)
             worker_version, incarnation = get(self.rollout.call(i, "status"))
             if incarnation != self.incarnations[i]:
                 self.incarnations[i] = incarnation
@@ -219,7 +307,7 @@ class RolloutScheduler:
                 logger.warning("rollout worker %d came back at version %d; sending version %d", i, worker_version, version)
                 self.weight_sync.push([i], version)
             return i
-        raise RunAborted(f"every rollout worker is dead (rollout.max_restarts={self.config.rollout.max_restarts} used up)")
+        raise self._no_worker_left()
 
     def _live_replica(self, name: str, preferred: int) -> int:
         pool = self.rewards[name]
@@ -229,7 +317,7 @@ class RolloutScheduler:
             if i == preferred:
                 self.telemetry.restarted(f"reward:{name}")
             return i
-        raise RunAborted(f"every replica of reward {name!r} is dead (max_restarts used up)")
+        raise RunAborted(f"every replica of reward {name!r} is dead (max_restarts used up) or lost its node with no node left with room for it")
 
     # ----- the data position, for checkpoints -----
 

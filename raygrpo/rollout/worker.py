@@ -19,17 +19,22 @@ from raygrpo.config import Config
 from raygrpo.contracts import Conditioning, ConditioningBatch, GroupMedia, PromptGroup, Rollout, RolloutInfo, SyncReport, WeightsMessage
 from raygrpo.models import load_model
 from raygrpo.models.lora import add_lora
-from raygrpo.runtime import set_torch_threads, torch_dtype
-from raygrpo.sampling import make_ode_solver, predicted_x0, step_transition
+from raygrpo.runtime import role_device, set_torch_threads, torch_dtype
+from raygrpo.sampling import grid_steps, make_ode_solver, predicted_x0
 from raygrpo.weight_broadcast import WeightBroadcastGroup
-from raygrpo.weights import WeightsMismatchError, load_weights
+from raygrpo.weights import load_weights
+
+
+class StaleWorkerError(RuntimeError):
+    """A group asked for another policy version than the worker holds: it was restarted (at version 0) after the
+    controller last sent it weights. The scheduler sends it the current version and the group again."""
 
 
 class RolloutWorker:
     def __init__(self, config: Config):
         set_torch_threads(config.rollout.num_cpus)
         self.config = config
-        self.device = torch.device("cuda" if config.rollout.num_gpus > 0 else "cpu")
+        self.device = role_device(config.rollout.num_gpus, config.run.device_override)
         self.spec: RolloutSpec = rollout_spec(config)
         self.model = load_model(
             config.model.family,
@@ -56,13 +61,10 @@ class RolloutWorker:
         self.incarnation = uuid.uuid4().hex
 
     def set_weights(self, message: WeightsMessage) -> SyncReport:
-        """Load a version; reports the version and the checksum of the loaded tensors for the controller to verify."""
+        """Load a version in place; reports the version and the digest of what the network now holds (load_weights
+        has checked it against the learner's) for the controller to compare across workers."""
         start = time.perf_counter()
         crc = load_weights(self.model.transformer, message)
-        if crc != message.checksum:
-            raise WeightsMismatchError(
-                f"rollout worker loaded version {message.policy_version} with checksum {crc:#010x}, the learner sent {message.checksum:#010x}"
-            )
         self.policy_version = message.policy_version
         return SyncReport(self.policy_version, crc, time.perf_counter() - start)
 
@@ -78,9 +80,9 @@ class RolloutWorker:
 
     def receive_weights(self, policy_version: int, names: list[str]) -> SyncReport:
         """Receive version ``policy_version`` from the broadcast group into the network, in place; reports the
-        version and the fingerprint of the received tensors for the controller to compare with the learner's."""
+        version and the digest of the received tensors for the controller to compare with the learner's."""
         start = time.perf_counter()
-        crc = self.weight_group.receive_into(self.model.transformer, names)
+        crc = self.weight_group.receive_into(self.model.transformer, names, self.config.rollout.weight_verify, policy_version)
         self.policy_version = policy_version
         return SyncReport(self.policy_version, crc, time.perf_counter() - start)
 
@@ -93,7 +95,7 @@ class RolloutWorker:
     def generate(self, group: PromptGroup) -> tuple[Rollout, GroupMedia, RolloutInfo]:
         """Sample the G members of one group with the algorithm's sampler, recording what it asks for."""
         if group.policy_version != self.policy_version:
-            raise RuntimeError(
+            raise StaleWorkerError(
                 f"group {group.group_id} asks for policy version {group.policy_version}, this rollout worker has {self.policy_version}"
             )
         start = time.perf_counter()
@@ -141,6 +143,7 @@ class RolloutWorker:
         trajectory = torch.empty((g, num_steps + 1, *noise.shape[1:]), dtype=torch.float32)  # [G, T+1, ...]
         log_probs = torch.empty((g, num_steps), dtype=torch.float32)  # [G, T]
         final = torch.empty(noise.shape, dtype=torch.float32)  # [G, ...]
+        steps = grid_steps(self.spec.sampler, self.spec.noise_level, sigmas)  # the learner recomputes these very steps
         for batch, x, c in self._micro_batches(noise, cond):
             trajectory[batch, 0] = x.cpu()
             for i in range(num_steps):
@@ -148,7 +151,7 @@ class RolloutWorker:
                 if i == num_steps - 1:
                     # DanceGRPO decodes the last step's clean prediction, not the noisy final state.
                     final[batch] = predicted_x0(x, v, sigmas[i]).cpu()
-                step = step_transition(self.spec.sampler, self.spec.noise_level, x, v, sigmas, i)
+                step = steps.transition(x, v, i)
                 x_next = step.sample(generator)
                 log_probs[batch, i] = step.log_prob(x_next).cpu()
                 trajectory[batch, i + 1] = x_next.cpu()

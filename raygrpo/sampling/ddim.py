@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import torch
 
-from raygrpo.sampling.transition import Transition, batch_column
+from raygrpo.sampling.transition import StepCoefficients, Transition, batch_column
 
 
 def sigma_to_alpha_bar(sigma: torch.Tensor) -> torch.Tensor:
@@ -75,6 +75,25 @@ def vp_scale(sigma: torch.Tensor) -> torch.Tensor:
     return alpha_bar.sqrt() + (1.0 - alpha_bar).sqrt()
 
 
+def ddim_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: torch.Tensor) -> StepCoefficients:
+    """``(a, b, std)`` of the DDIM-eta step (module docstring), elementwise over tensors of one shape; float64 inside, float32 out.
+
+    ``mean = c_x0 x0_hat + c_eps eps_hat`` with ``x0_hat = y - sigma v`` and ``eps_hat = y + (1 - sigma) v``, regrouped
+    by ``y`` and ``v``: ``a = c_x0 + c_eps``, ``b = c_eps (1 - sigma) - c_x0 sigma``.
+    """
+    sigma, sigma_next, eta = (t.double() for t in (sigma, sigma_next, eta))
+    a, a_next = sigma_to_alpha_bar(sigma), sigma_to_alpha_bar(sigma_next)
+    # DDIM's sigma_t(eta), Eq. 16; clamped at 0 against rounding when a_next == a.
+    variance = ((1 - a_next) / (1 - a) * (1 - a / a_next)).clamp_min(0.0)
+    std_x = eta * variance.sqrt()
+    s_next = a_next.sqrt() + (1 - a_next).sqrt()
+    coef_x0 = a_next.sqrt() / s_next  # = 1 - sigma_next when eta = 0
+    coef_eps = (1 - a_next - std_x**2).clamp_min(0.0).sqrt() / s_next
+    return StepCoefficients(
+        a=(coef_x0 + coef_eps).float(), b=(coef_eps * (1 - sigma) - coef_x0 * sigma).float(), std=(std_x / s_next).float()
+    )
+
+
 def ddim_transition(
     x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor, eta: float | torch.Tensor
 ) -> Transition:
@@ -84,21 +103,8 @@ def ddim_transition(
     (1: DDPM-like, DanceGRPO's SD recipe; 0: deterministic DDIM = Euler, std 0). The schedule
     coefficients are computed in float64 and applied in float32.
     """
-    x, v = x.float(), v.float()  # [B, ...]
-    sigma, sigma_next = (batch_column(s, x).double() for s in (sigma, sigma_next))  # [B, 1, ...]
-    eta = batch_column(eta, x).double()  # [B, 1, ...]
-    a, a_next = sigma_to_alpha_bar(sigma), sigma_to_alpha_bar(sigma_next)  # [B, 1, ...]
-    # DDIM's sigma_t(eta), Eq. 16; clamped at 0 against rounding when a_next == a.
-    variance = ((1 - a_next) / (1 - a) * (1 - a / a_next)).clamp_min(0.0)  # [B, 1, ...]
-    std_x = eta * variance.sqrt()  # [B, 1, ...]
-    s_next = a_next.sqrt() + (1 - a_next).sqrt()  # [B, 1, ...]
-    coef_x0 = (a_next.sqrt() / s_next).float()  # [B, 1, ...]; = 1 - sigma_next when eta = 0
-    coef_eps = ((1 - a_next - std_x**2).clamp_min(0.0).sqrt() / s_next).float()  # [B, 1, ...]
-    x0_hat = x - sigma.float() * v  # [B, ...]
-    eps_hat = x + (1 - sigma.float()) * v  # [B, ...]
-    mean = coef_x0 * x0_hat + coef_eps * eps_hat  # [B, ...]
-    std = (std_x / s_next).float()  # [B, 1, ...]
-    return Transition(mean=mean, std=std)
+    columns = (batch_column(t, x) for t in (sigma, sigma_next, eta))  # each [B, 1, ...]
+    return ddim_coefficients(*columns).transition(x, v, deterministic=not isinstance(eta, torch.Tensor) and eta == 0)
 
 
-__all__ = ["alpha_bar_to_sigma", "ddim_transition", "sigma_to_alpha_bar", "vp_scale"]
+__all__ = ["alpha_bar_to_sigma", "ddim_coefficients", "ddim_transition", "sigma_to_alpha_bar", "vp_scale"]

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from raygrpo.sampling.transition import Transition, batch_column
+from raygrpo.sampling.transition import StepCoefficients, Transition, batch_column
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -49,16 +49,28 @@ def sigma_schedule(num_steps: int, shift: float) -> torch.Tensor:
     return shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift).float()
 
 
+def sde_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, g: torch.Tensor) -> StepCoefficients:
+    """``(a, b, std)`` of the shared-drift reverse SDE step, elementwise over float32 tensors of one shape.
+
+    The module docstring's mean regrouped by ``x`` and ``v`` (Flow-GRPO's form), with ``dsigma = sigma_next - sigma``::
+
+        mean = a x + b v,   a = 1 + dsigma g^2 / (2 sigma),   b = dsigma (1 + g^2 (1 - sigma) / (2 sigma)),   std = g sqrt(-dsigma)
+
+    With g = 0 this is ``a = 1, b = dsigma``: the ODE step exactly.
+    """
+    dsigma = sigma_next - sigma  # negative
+    drift = g * g / (2 * sigma)  # g^2 / (2 sigma)
+    return StepCoefficients(a=1 + dsigma * drift, b=dsigma * (1 + drift * (1 - sigma)), std=g * torch.sqrt(-dsigma))
+
+
 def sde_transition(
     x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor, g: float | torch.Tensor
 ) -> Transition:
-    """Mean and std of the shared-drift reverse SDE step (module docstring), all in float32."""
-    x, v = x.float(), v.float()  # [B, ...]; the step overflows in bf16 (Flow-GRPO casts for this reason)
-    sigma, sigma_next, g = (batch_column(t, x) for t in (sigma, sigma_next, g))  # [B, 1, ...]
-    dsigma = sigma_next - sigma  # [B, 1, ...], negative
-    mean = x + dsigma * (v + g**2 / (2 * sigma) * (x + (1 - sigma) * v))  # [B, ...]
-    std = g * torch.sqrt(-dsigma)  # [B, 1, ...]
-    return Transition(mean=mean, std=std)
+    """Mean and std of the shared-drift reverse SDE step (module docstring), all in float32.
+
+    x and v are cast to float32 (the step overflows in bf16; Flow-GRPO casts for this reason)."""
+    columns = (batch_column(t, x) for t in (sigma, sigma_next, g))  # each [B, 1, ...]
+    return sde_coefficients(*columns).transition(x, v, deterministic=not isinstance(g, torch.Tensor) and g == 0)
 
 
 def ode_step(x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor) -> torch.Tensor:
@@ -89,10 +101,16 @@ def flow_sde_transition(x, v, sigma, sigma_next, noise_level: float, sigma_max: 
     Since step 0 goes to ``sigma_next = sigma_max``, its std is exactly ``g sqrt(1 - sigma_max) = a``. The
     drift keeps sigma = 1 too, where ``(1 - sigma) v`` vanishes: ``mean = x + dsigma (v + g^2 x / 2)``.
     """
-    s = batch_column(sigma, x.float())  # [B, 1, ...]
-    denominator = 1 - torch.where(s >= 1.0, torch.full_like(s, sigma_max), s)  # [B, 1, ...]
-    g = noise_level * torch.sqrt(s / denominator)  # [B, 1, ...]
-    return sde_transition(x, v, sigma, sigma_next, g.flatten())
+    s = batch_column(sigma, x)  # [B, 1, ...]
+    transition = sde_transition(x, v, s, sigma_next, flow_sde_g(s, noise_level, sigma_max))
+    transition.deterministic = noise_level == 0
+    return transition
+
+
+def flow_sde_g(sigma: torch.Tensor, noise_level: float, sigma_max: float) -> torch.Tensor:
+    """Flow-GRPO's diffusion coefficient at ``sigma`` (any shape, float32): see :func:`flow_sde_transition`."""
+    denominator = 1 - torch.where(sigma >= 1.0, torch.full_like(sigma, sigma_max), sigma)
+    return noise_level * torch.sqrt(sigma / denominator)
 
 
 def predicted_x0(x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:

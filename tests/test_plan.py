@@ -1,0 +1,176 @@
+"""The resource planner (python -m raygrpo.plan, raygrpo/plan/) on the tiny FLUX: its fake-tensor numbers against the
+real model's, the verdict against a GPU memory size, the command line, and the driver's preflight refusing a plan
+that cannot fit. The real presets' dry runs are tests/test_dry_run.py; their plans are in the README."""
+
+from __future__ import annotations
+
+import pytest
+
+from raygrpo.config import load_config
+from raygrpo.errors import PreflightError
+from raygrpo.models import load_model
+from raygrpo.plan import parse_bytes, plan_from
+from raygrpo.plan.__main__ import main
+from raygrpo.plan.architecture import architecture
+from raygrpo.plan.measure import measure
+
+from .conftest import ROOT
+
+TINY = ROOT / "cluster" / "tiny.yaml"
+GPU = ["rollout.num_gpus=1", "learner.num_gpus=1", "model.dtype=bfloat16"]
+
+
+@pytest.fixture(scope="module")
+def measured():
+    config = load_config(TINY, GPU)
+    return config, measure(config, architecture("flux", "tiny-random"))
+
+
+@pytest.fixture(scope="module")
+def plan(measured):
+    return plan_from(*measured, mfu=0.4, gpu_memory_bytes=80 * 2**30, gpu_flops=1e15, name="tiny")
+
+
+def test_fake_weights_weigh_what_the_real_ones_do(plan):
+    """The rollout row's weights, measured on fake tensors, are the loaded tiny model's bytes in model.dtype."""
+    import torch
+
+    real = load_model("flux", "tiny-random", torch_dtype=torch.bfloat16)
+    rollout = next(r for r in plan.roles if r.role == "rollout")
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(real, name)
+        expected = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+        assert rollout.parts[f"weights: {name}"] == expected, name
+    assert rollout.peak_bytes > sum(v for k, v in rollout.parts.items() if k.startswith("weights"))
+
+
+def test_learner_row_holds_float32_shards_and_adam_states(plan):
+    """One rank: AdamW keeps two float32 moments per trained parameter (exp_avg, exp_avg_sq) besides the step count."""
+    import torch
+
+    real = load_model("flux", "tiny-random", torch_dtype=torch.float32)
+    params = sum(p.numel() for p in real.transformer.parameters())
+    learner = next(r for r in plan.roles if r.role == "learner")
+    assert learner.parts["optimizer states"] == 2 * 4 * params
+    assert learner.peak_bytes >= learner.parts["optimizer states"] + learner.parts["Sharded Param"]
+    assert learner.flops > 0 and plan.learner_seconds_per_step > 0 and plan.rollout_seconds_per_image > 0
+
+
+def test_verdict_and_speed_follow_the_gpu(plan, measured):
+    assert plan.fits
+    assert "verdict: fits" in plan.table()
+    small = plan_from(*measured, mfu=0.4, gpu_memory_bytes=2**20, gpu_flops=1e15, name="tiny")
+    assert not small.fits and "DOES NOT FIT" in small.table()
+    assert small.to_dict()["fits"] is False
+    slower = plan_from(*measured, mfu=0.2, gpu_memory_bytes=80 * 2**30, gpu_flops=1e15, name="tiny")
+    assert slower.learner_seconds_per_step == pytest.approx(2 * plan.learner_seconds_per_step)
+    assert slower.rollout_images_per_gpu_s == pytest.approx(plan.rollout_images_per_gpu_s / 2)
+
+
+def test_gradient_checkpointing_holds_less_than_the_plain_backward():
+    """Checkpointed blocks keep their inputs and recompute one block at a time in the backward: at 128 px and two
+    blocks of each kind the peak and its activations are below the plain backward's. (The FLOP counter's
+    per-module hooks used to keep every recomputed block alive, which made checkpointing look like a loss.)"""
+    from raygrpo.plan.architecture import scaled
+    from raygrpo.plan.measure import learner_step
+
+    arch = scaled(architecture("flux", "tiny-random"), {"num_layers": 2, "num_single_layers": 2})
+    on, off = (
+        learner_step(load_config(TINY, [*GPU, "model.height=128", "model.width=128", f"learner.gradient_checkpointing={gc}"]), arch).term
+        for gc in (True, False)
+    )
+    assert on.peak < off.peak
+    assert on.breakdown["Activation"] < off.breakdown["Activation"] / 3
+    assert on.flops > off.flops  # the recompute: a second forward of every block
+
+
+def test_command_line_exit_codes(capsys):
+    assert main([str(TINY), *GPU, "--gpu-memory", "1MiB", "--json"]) == 1
+    assert '"fits": false' in capsys.readouterr().out
+    assert main([str(TINY), "model.pretrained=no-such/model"]) == 2
+    assert "no architecture config" in capsys.readouterr().err
+
+
+def test_preflight_refuses_a_plan_that_cannot_fit(tmp_path):
+    from raygrpo.run import preflight
+
+    config = load_config(TINY, [*GPU, "ray.address=auto", f"run.output_root={tmp_path}"])  # a cluster: no local GPU count
+    with pytest.raises(PreflightError, match="resource plan does not fit") as error:
+        preflight(config, check_rewards=False, gpu_memory_bytes=2**20)
+    assert "DOES NOT FIT" in str(error.value)
+
+
+def test_a_plan_is_measured_once_per_config_and_code(measured, tmp_path, monkeypatch):
+    """The preflight's cache: the same config plans from the file, another config (or other code) measures again."""
+    from raygrpo.plan import cache, make_plan
+
+    config, measurements = measured
+    calls = []
+    monkeypatch.setattr(cache, "measure", lambda *args, **kwargs: calls.append(args[0]) or measurements)
+    first = make_plan(config, cache=tmp_path, compare=True)
+    again = make_plan(config, cache=tmp_path, compare=True)
+    assert len(calls) == 1 and len(list(tmp_path.glob("*.json"))) == 1
+    assert again.to_dict() == first.to_dict()  # the measurements came back whole from the file
+    make_plan(load_config(TINY, [*GPU, "learner.num_ranks=2", "algorithm.groups_per_step=2"]), cache=tmp_path)
+    assert len(calls) == 2
+    monkeypatch.setattr(cache, "_source_digest", lambda: b"other code")
+    make_plan(config, cache=tmp_path, compare=True)
+    assert len(calls) == 3
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("141GB") == 141 * 10**9 and parse_bytes("80") == 80 * 2**30
+    with pytest.raises(ValueError, match="80GiB"):
+        parse_bytes("eighty")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["algorithm.kl_beta=0"],  # 1: the fast EMA, reference and the clip's old policy at once
+        [],  # 2: the fast EMA, and the frozen base for the KL
+        ["algorithm.reference=frozen", "algorithm.micro_batch_size=2"],  # 3: frozen base, fast EMA, the split group's policy
+    ],
+    ids=["fast-ema", "fast-ema-kl", "frozen-split"],
+)
+def test_dgpo_no_grad_forwards_are_the_forwards_dgpo_runs(overrides, monkeypatch):
+    """What the planner counts DGPO's FLOPs with (no_grad_forwards) against the rows one real update feeds the network."""
+    import numpy as np
+    import torch
+
+    from raygrpo.algorithms.dgpo import no_grad_forwards
+    from raygrpo.contracts import PromptGroup, Rollout, TrainGroup
+    from raygrpo.learner.learner import Learner
+    from raygrpo.learner.shard import RankBatch
+    from raygrpo.plan.fake import conditioning
+
+    g = 4
+    config = load_config(ROOT / "cluster" / "tiny_dgpo.yaml", [f"algorithm.group_size={g}", "algorithm.num_train_timesteps=1", *overrides])
+    learner = Learner(config)
+    model = learner.model
+    sigmas = model.sigma_grid(config.algorithm.sampler, config.rollout.num_steps, config.rollout.shift)
+    rollout = Rollout(
+        PromptGroup(0, 0, "", g, 0, 0), 0, conditioning(config, architecture("flux", "tiny-random"), model),
+        np.asarray(sigmas, np.float32), np.zeros((g, *model.latent_shape), np.float32),
+    )  # fmt: skip
+    rows = {True: 0, False: 0}  # rows fed with / without gradients
+    velocity = model.velocity
+
+    def counted(x, *args, **kwargs):
+        rows[torch.is_grad_enabled()] += len(x)
+        return velocity(x, *args, **kwargs)
+
+    monkeypatch.setattr(model, "velocity", counted)
+    advantages = np.asarray([[1.0, -1.0, 0.5, -0.5]], np.float32)
+    learner.update(RankBatch.whole([TrainGroup(rollout, 0, advantages, np.ones(1, np.float32), np.arange(g))]))
+    assert rows[True] == g  # one sigma, one group: each member once with gradients
+    assert rows[False] == no_grad_forwards(config.algorithm, g) * g
+
+
+def test_dgpo_plan_counts_the_reference_forward():
+    """DGPO's term runs the reference without gradients before the policy: both are measured, the first apart."""
+    config = load_config(ROOT / "cluster" / "tiny_dgpo.yaml", GPU)
+    measured = measure(config, architecture(config.model.family, config.model.pretrained))
+    learner = measured.learner[config.learner.gradient_checkpointing]
+    assert 0 < learner.no_grad_flops < learner.term.flops  # a forward alone costs less than forward + backward
+    assert learner.shadow_bytes > 0  # the fast and slow EMA (and, without LoRA, the frozen copy) of the trained shards
