@@ -113,3 +113,14 @@ def pytest_unconfigure(config) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_exit_status)
+
+
+@pytest.fixture(scope="module")
+def without_process_group():
+    """No default process group in this process: an earlier test's bf16 or GPU learner left its one-rank group
+    (raygrpo.learner.fsdp.join_single_rank_group), and the planner's dry runs measure in this process only
+    without one (with one they run in a child process: tests/test_plan.py checks that path once)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

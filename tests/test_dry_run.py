@@ -18,6 +18,8 @@ from raygrpo.plan.measure import measure
 
 from .conftest import ROOT
 
+pytestmark = pytest.mark.usefixtures("without_process_group")
+
 REAL_PRESETS = ["flux", "flux_dgpo", "sd3", "sd3_dgpo", "sd15", "hunyuan_t2v", "wan_i2v"]
 
 

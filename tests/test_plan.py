@@ -16,6 +16,8 @@ from raygrpo.plan.measure import measure
 
 from .conftest import ROOT
 
+pytestmark = pytest.mark.usefixtures("without_process_group")
+
 TINY = ROOT / "cluster" / "tiny.yaml"
 GPU = ["rollout.num_gpus=1", "learner.num_gpus=1", "model.dtype=bfloat16"]
 
@@ -174,3 +176,19 @@ def test_dgpo_plan_counts_the_reference_forward():
     learner = measured.learner[config.learner.gradient_checkpointing]
     assert 0 < learner.no_grad_flops < learner.term.flops  # a forward alone costs less than forward + backward
     assert learner.shadow_bytes > 0  # the fast and slow EMA (and, without LoRA, the frozen copy) of the trained shards
+
+
+def test_a_process_in_a_process_group_measures_the_learner_in_a_child_process():
+    """An in-process bf16 learner joined a one-rank group here: the dry run needs its own fake group, so it runs apart."""
+    import torch
+
+    from raygrpo.learner.fsdp import join_single_rank_group
+    from raygrpo.plan.measure import _learner_step_apart
+
+    config = load_config(TINY, GPU)
+    join_single_rank_group(use_cuda=False)
+    try:
+        apart = _learner_step_apart(config, architecture("flux", "tiny-random"), memory_only=True)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert apart.term.peak > 0 and not torch.distributed.is_initialized()

@@ -272,6 +272,19 @@ def fake_process_group(world_size: int):
         torch.distributed.destroy_process_group()
 
 
+def _learner_step_apart(config: Config, arch: Architecture, **kwargs) -> LearnerMeasure:
+    """:func:`learner_step` here, or in a fresh child process when this one already belongs to a process group
+    (a learner alone in its process joins a one-rank group for bf16 or a GPU): the dry run needs a fake
+    process group of its own, and a process has one default group at a time."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return learner_step(config, arch, **kwargs)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(learner_step, config, arch, **kwargs).result()
+
+
 def learner_step(config: Config, arch: Architecture, track: bool = True, memory_only: bool = False) -> LearnerMeasure:
     """One loss term's forward+backward and the optimizer step of one learner rank, sharded as the learner shards.
 
@@ -428,9 +441,9 @@ def measure(
         arch = scaled(arch, {k: min(1, n) for k, n in blocks.items()})
     rollout = rollout_step(config, arch, track=track, media=media)
     gc = config.learner.gradient_checkpointing
-    learner = {gc: learner_step(config, arch, track=track)}
+    learner = {gc: _learner_step_apart(config, arch, track=track)}
     if depth == "full" and compare:
-        other = learner_step(_with_checkpointing(config, not gc), arch, track=track, memory_only=True)
+        other = _learner_step_apart(_with_checkpointing(config, not gc), arch, track=track, memory_only=True)
         learner[not gc] = replace(other, optimizer_bytes=learner[gc].optimizer_bytes)
     names = _BLOCK_NAMES | ({"num_layers": "double-stream blocks"} if "num_single_layers" in blocks else {})
     what = ", ".join(f"{n} {names.get(k, k)}" for k, n in arch.blocks().items()) or "whole network"
