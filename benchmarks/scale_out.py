@@ -699,14 +699,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def quiet_logging() -> None:
+    """INFO lines of the benchmark itself; diffusers' and transformers' loading bars and notices would drown the results."""
     import diffusers
     import transformers
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for library in (diffusers, transformers):  # loading bars and tokenizer notices would drown the results
+    for library in (diffusers, transformers):
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    quiet_logging()
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="raygrpo-scale-out-") as tmp:
         args.work = args.work or Path(tmp)

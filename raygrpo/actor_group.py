@@ -20,6 +20,13 @@ with ``RayActorError`` and the caller decides what to send again (:mod:`raygrpo.
 :meth:`ActorGroup.wait_alive` waits for a restart to finish. When a whole node dies, Ray moves its
 bundles to nodes with room; a bundle no node has room for waits, unplaced, and :meth:`ActorGroup.bundle_nodes`
 reports it so (None): its actor cannot come back until a node joins. Objects in this process never die.
+
+Layout: by default a group is one placement group (PACK) placed whole before any actor starts: the learner's
+ranks and a fixed rollout pool start together or not at all. An ``elastic`` group (the rollout pool with
+``rollout.autoscale``) gives every actor a placement group of its own, so :meth:`ActorGroup.add_workers` can
+start workers whose bundles wait for a node (Ray's autoscaler adds one) without holding the others, and
+:meth:`ActorGroup.remove_worker` hands one worker's resources back. A removed worker's slot stays (empty), so
+indices never shift under work in flight. A :class:`LocalGroup` resizes the same way, with objects here.
 """
 
 from __future__ import annotations
@@ -97,6 +104,18 @@ class _Group:
             raise ValueError(f"{self.resources.role}: {len(items)} items for {len(self)} workers")
         return get([self.call(i, method, item) for i, item in enumerate(items)])
 
+    def add_workers(self, args: Sequence[tuple]) -> list[int]:
+        """Start one more worker per argument tuple, without waiting for it; the new workers' indices."""
+        raise NotImplementedError
+
+    def remove_worker(self, index: int) -> None:
+        """Stop worker ``index`` and free what it holds; its slot stays empty (indices do not shift)."""
+        raise NotImplementedError
+
+    def started(self, index: int) -> bool:
+        """Whether worker ``index`` (added by :meth:`add_workers`) has finished starting; raises its start-up error."""
+        raise NotImplementedError
+
 
 class LocalGroup(_Group):
     """``count`` instances of ``actor_cls`` in this process; the API of :class:`ActorGroup`."""
@@ -104,7 +123,7 @@ class LocalGroup(_Group):
     def __init__(self, actor_cls: type, resources: RoleResources, args: Sequence[tuple]):
         if len(args) != resources.count:
             raise ValueError(f"{resources.role}: {len(args)} argument tuples for {resources.count} workers")
-        self.resources = resources
+        self.resources, self.actor_cls = resources, actor_cls
         self.actors = [actor_cls(*a) for a in args]
 
     def call(self, index: int, method: str, *args: Any, num_returns: int = 1) -> Any:
@@ -121,11 +140,22 @@ class LocalGroup(_Group):
     def ready(self) -> list:
         return []  # built in __init__
 
-    def wait_alive(self, index: int, timeout_s: float = RESTART_TIMEOUT_S) -> bool:
+    def add_workers(self, args: Sequence[tuple]) -> list[int]:
+        first = len(self.actors)
+        self.actors += [self.actor_cls(*a) for a in args]  # built at once: in process nothing waits for a node
+        return list(range(first, len(self.actors)))
+
+    def remove_worker(self, index: int) -> None:
+        self.actors[index] = None
+
+    def started(self, index: int) -> bool:
         return True
 
+    def wait_alive(self, index: int, timeout_s: float = RESTART_TIMEOUT_S) -> bool:
+        return self.actors[index] is not None
+
     def bundle_nodes(self) -> list[str | None]:
-        return [LOCAL_NODE] * len(self.actors)
+        return [LOCAL_NODE if actor is not None else None for actor in self.actors]
 
     def dead(self, timeout_s: float = 30.0) -> list[int]:
         return []
@@ -135,13 +165,14 @@ class LocalGroup(_Group):
 
 
 class ActorGroup(_Group):
-    """``resources.count`` Ray actors of ``actor_cls`` in one placement group of their own (packed onto as
-    few nodes as possible); actor ``i`` is built with ``args[i]``.
+    """``resources.count`` Ray actors of ``actor_cls``, packed onto as few nodes as possible in one placement
+    group of their own, or (``elastic``) each in a placement group of its own; actor ``i`` is built with ``args[i]``.
 
-    Construction returns once the placement group is placed and the actors are scheduled; wait on
+    Construction returns once the placement group(s) are placed and the actors are scheduled; wait on
     :meth:`ready` (every group's refs at once, so their model loading overlaps). ``max_restarts``: how
     often Ray restarts a dead actor. ``out_of_order``: run each call as soon as its arguments are ready
     (reward replicas: a group still generating must not hold up one that is done), one at a time all the same.
+    ``max_concurrency`` > 1: that many calls run at once, each in a thread (raygrpo/rollout/continuous.py).
     """
 
     def __init__(
@@ -152,58 +183,117 @@ class ActorGroup(_Group):
         *,
         max_restarts: int = 0,
         out_of_order: bool = False,
+        elastic: bool = False,
+        max_concurrency: int = 1,
     ):
         """``args``: one tuple per actor, or a function of the placed (still empty) group that makes them
         (the learner group asks its first bundle's node for a rendezvous address first)."""
         import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self.resources = resources
-        self.placement_group = placement_group([resources.bundle] * resources.count, strategy="PACK", name=f"raygrpo-{resources.role}")
+        self.resources, self.elastic = resources, elastic
+        self._remote_cls = ray.remote(actor_cls)
+        # A restarted actor comes back in the same bundle; the caller re-sends weights and work.
+        self._options = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "max_restarts": max_restarts}
+        self._options["allow_out_of_order_execution"] = out_of_order
+        if max_concurrency > 1:  # a threaded actor (continuous-batching rollout): calls run at once, in threads,
+            # in no guaranteed order (Ray refuses an ordered threaded actor); the actor orders what must be ordered itself
+            self._options.update(max_concurrency=max_concurrency, allow_out_of_order_execution=True)
+        if elastic:
+            self.slots = [(self._placement_group(1, i), 0) for i in range(resources.count)]
+        else:
+            group = self._placement_group(resources.count)
+            self.slots = [(group, i) for i in range(resources.count)]
         try:
-            ray.get(self.placement_group.ready(), timeout=60)
+            ray.get([pg.ready() for pg in self._placement_groups()], timeout=60)
         except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self.placement_group)
+            self._remove_placement_groups()
+            how = f"{resources.count} x one placement group of {resources.bundle}" if elastic else f"{resources.count} x {resources.bundle}"
             raise PlanError(
-                f"placement group for {resources.role} ({resources.count} x {resources.bundle}) was not placed within 60 s: "
+                f"placement group for {resources.role} ({how}) was not placed within 60 s: "
                 "the cluster's free resources are fragmented or held by other jobs (have = free now):\n"
                 + plan_table([resources], ray.available_resources())
             ) from None
         if callable(args):
             args = args(self)
         if len(args) != resources.count:
-            remove_placement_group(self.placement_group)
+            self._remove_placement_groups()
             raise ValueError(f"{resources.role}: {len(args)} argument tuples for {resources.count} actors")
-        remote_cls = ray.remote(actor_cls)
-        self.actors = [
-            remote_cls.options(
-                num_cpus=resources.num_cpus,
-                num_gpus=resources.num_gpus,
-                # A restarted actor comes back in the same bundle; the caller re-sends weights and work.
-                max_restarts=max_restarts,
-                allow_out_of_order_execution=out_of_order,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
-            ).remote(*actor_args)
-            for i, actor_args in enumerate(args)
-        ]
+        self.actors = [self._start_actor(i, actor_args) for i, actor_args in enumerate(args)]
+        self._started: dict[int, Any] = {}  # index -> ready ref of a worker added since, until it has started
+
+    def _placement_group(self, count: int, worker: int | None = None):
+        from ray.util.placement_group import placement_group
+
+        name = f"raygrpo-{self.resources.role}" + (f"-{worker}" if worker is not None else "")
+        return placement_group([self.resources.bundle] * count, strategy="PACK", name=name)
+
+    def _placement_groups(self) -> list:
+        """Every placement group the group holds, each once."""
+        return list({id(slot[0]): slot[0] for slot in self.slots if slot is not None}.values())
+
+    def _remove_placement_groups(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for group in self._placement_groups():
+            remove_placement_group(group)
+
+    def _strategy(self, index: int):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group, bundle = self.slots[index]
+        return PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle)
+
+    def _start_actor(self, index: int, actor_args: tuple) -> Any:
+        return self._remote_cls.options(**self._options, scheduling_strategy=self._strategy(index)).remote(*actor_args)
+
+    def add_workers(self, args: Sequence[tuple]) -> list[int]:
+        """Elastic groups only: one placement group and actor per tuple, not waited for (a bundle may wait for a
+        node the autoscaler is still adding); :meth:`started` says when each is up."""
+        if not self.elastic:
+            raise ValueError(f"{self.resources.role}: a group in one placement group cannot grow (start it elastic)")
+        added = []
+        for actor_args in args:
+            index = len(self.slots)
+            self.slots.append((self._placement_group(1, index), 0))
+            self.actors.append(self._start_actor(index, actor_args))
+            self._started[index] = self.actors[index].__ray_ready__.remote()  # one ref, polled: no task per poll
+            added.append(index)
+        return added
+
+    def started(self, index: int) -> bool:
+        import ray
+
+        ref = self._started.get(index)
+        if ref is None:
+            return self.actors[index] is not None
+        if not ray.wait([ref], timeout=0)[0]:
+            return False
+        del self._started[index]
+        ray.get(ref)  # its start-up error, if any
+        return True
+
+    def remove_worker(self, index: int) -> None:
+        """Elastic groups only: kill actor ``index`` and remove its placement group (its resources go back)."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        if not self.elastic:
+            raise ValueError(f"{self.resources.role}: a group in one placement group cannot shrink (start it elastic)")
+        ray.kill(self.actors[index])
+        remove_placement_group(self.slots[index][0])
+        self.actors[index], self.slots[index] = None, None
+        self._started.pop(index, None)
 
     def run_on_bundle(self, index: int, fn: Callable, *args: Any) -> Any:
         """``fn(*args)`` as a task on the node of bundle ``index`` (e.g. to pick a free port there), waited for."""
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         # A sliver of the bundle's CPU: the task must fit inside it and the bundle's actor does not exist yet.
-        task = ray.remote(fn).options(
-            num_cpus=0.001, scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=index)
-        )
-        return ray.get(task.remote(*args))
+        return ray.get(ray.remote(fn).options(num_cpus=0.001, scheduling_strategy=self._strategy(index)).remote(*args))
 
     def single_node(self) -> bool:
         """Whether every bundle of the group sits on one node (then its members can meet on loopback)."""
-        from ray.util.placement_group import placement_group_table
-
-        return len(set(placement_group_table(self.placement_group)["bundles_to_node_id"].values())) == 1
+        return len(set(filter(None, self.bundle_nodes()))) == 1
 
     def call(self, index: int, method: str, *args: Any, num_returns: int = 1) -> Any:
         """Send ``actors[index].method(*args)``; its ObjectRef (``num_returns`` > 1: a list of them)."""
@@ -273,20 +363,21 @@ class ActorGroup(_Group):
         from ray.util.placement_group import placement_group_table
 
         alive = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
-        placed = placement_group_table(self.placement_group)["bundles_to_node_id"]
-        return [placed.get(i) if placed.get(i) in alive else None for i in range(len(self.actors))]
+        tables = {id(group): placement_group_table(group)["bundles_to_node_id"] for group in self._placement_groups()}
+        placed = [tables[id(slot[0])].get(slot[1]) if slot is not None else None for slot in self.slots]
+        return [node if node in alive else None for node in placed]
 
     def shutdown(self) -> None:
         import ray
-        from ray.util.placement_group import remove_placement_group
 
         for actor in self.actors:
-            ray.kill(actor)
-        remove_placement_group(self.placement_group)
+            if actor is not None:
+                ray.kill(actor)
+        self._remove_placement_groups()
 
 
 def make_group(in_process: bool, actor_cls: type, resources: RoleResources, args: Sequence[tuple], **options: Any) -> ActorGroup | LocalGroup:
-    """A :class:`LocalGroup` for ``run.in_process`` runs, else an :class:`ActorGroup` (``options``: its restart/ordering knobs)."""
+    """A :class:`LocalGroup` for ``run.in_process`` runs, else an :class:`ActorGroup` (``options``: its restart/ordering/elastic knobs)."""
     if in_process:
         return LocalGroup(actor_cls, resources, args)
     return ActorGroup(actor_cls, resources, args, **options)

@@ -65,8 +65,11 @@ _HASH_CHUNK = 8 << 20
 MAY_CHANGE = (
     "run.resume", "run.output_root", "run.in_process", "run.device_override", "ray.", "train.steps", "train.checkpoint_every", "train.keep_checkpoints",
     "train.sample_grid_groups", "logging.", "rollout.num_workers", "rollout.num_cpus", "rollout.num_gpus",
-    "rollout.max_restarts", "rollout.weight_sync", "rollout.weight_sync_timeout_s", "rollout.weight_verify", "learner.num_cpus",
+    "rollout.max_restarts", "rollout.autoscale", "rollout.autoscale.", "rollout.weight_sync", "rollout.weight_sync_timeout_s",
+    "rollout.weight_verify", "learner.num_cpus",
     "learner.num_gpus", "learner.reduce_every_backward", "learner.gradient_checkpointing",
+    "guard",  # the reward-hacking guard (on, off, its rules) may change, e.g. after it stopped a run
+    "guard.",
 )  # fmt: skip
 MAY_CHANGE_PER_REWARD = ("replicas", "num_cpus", "num_gpus", "max_restarts")
 # Of a reward's params only those that say where and how the reward is reached (raygrpo/reward/http.py,

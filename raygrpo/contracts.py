@@ -94,6 +94,25 @@ class ConditioningBatch:
         """The conditioning of samples ``index`` (a learner micro-batch); views, no copies."""
         return ConditioningBatch(**{f.name: None if (t := getattr(self, f.name)) is None else t[index] for f in fields(self)})
 
+    @classmethod
+    def concat(cls, batches: list[ConditioningBatch]) -> ConditioningBatch:
+        """The rows of ``batches`` (several prompts) stacked in order: one batch for one forward (continuous batching).
+        A single batch comes back as it is (no copy). Every prompt of a family has the same padded shapes."""
+        if len(batches) == 1:
+            return batches[0]
+        stacked = {}
+        for f in fields(cls):
+            tensors = [getattr(b, f.name) for b in batches]
+            if any(t is None for t in tensors):
+                if any(t is not None for t in tensors):
+                    raise ValueError(f"ConditioningBatch.concat: {f.name} is set in some batches and None in others (mixed model families?)")
+                stacked[f.name] = None
+                continue
+            if len({tuple(t.shape[1:]) for t in tensors}) > 1:
+                raise ValueError(f"ConditioningBatch.concat: {f.name} rows differ in shape {sorted({tuple(t.shape[1:]) for t in tensors})}")
+            stacked[f.name] = torch.cat(tensors)
+        return cls(**stacked)
+
 
 @dataclass
 class Rollout:
@@ -105,19 +124,29 @@ class Rollout:
     sigmas: np.ndarray  # [T+1] float32, the noise levels of the sampler, sigmas[0] = 1
     final_latents: np.ndarray  # [G, S, D] float32, packed latents the media were decoded from
     # GRPO-style algorithms record the trajectory; ODE-only algorithms leave these as None.
-    trajectory: np.ndarray | None = None  # [G, T+1, S, D] float32, x_0 (noise) .. x_T
-    log_probs: np.ndarray | None = None  # [G, T] float32, log pi_old(x_{i+1} | x_i), element mean
+    trajectory: np.ndarray | None = None  # [G, W+1, S, D] float32, x at steps start..stop (every step: x_0 (noise) .. x_T)
+    log_probs: np.ndarray | None = None  # [G, W] float32, log pi_old(x_{i+1} | x_i) of steps start..stop-1, element mean
+    window: tuple[int, int] | None = None  # [start, stop): the SDE steps recorded (Flow-GRPO-Fast, MixGRPO); None: all T
 
     def __post_init__(self) -> None:
         g = self.group.group_size
         if self.final_latents.shape[0] != g:
             raise ValueError(f"final_latents has {self.final_latents.shape[0]} samples, group size is {g}")
+        start, stop = self.sde_steps
+        if not 0 <= start < stop <= len(self.sigmas) - 1:
+            raise ValueError(f"window {self.window} is not a non-empty range of the {len(self.sigmas) - 1} steps")
         if self.trajectory is not None:
-            t = len(self.sigmas) - 1
-            if self.trajectory.shape[:2] != (g, t + 1):
-                raise ValueError(f"trajectory shape {self.trajectory.shape} does not start with (G, T+1) = ({g}, {t + 1})")
-            if self.log_probs is None or self.log_probs.shape != (g, t):
-                raise ValueError(f"log_probs must have shape (G, T) = ({g}, {t}) when a trajectory is recorded")
+            w = stop - start
+            if self.trajectory.shape[:2] != (g, w + 1):
+                raise ValueError(f"trajectory shape {self.trajectory.shape} does not start with (G, W+1) = ({g}, {w + 1})")
+            if self.log_probs is None or self.log_probs.shape != (g, w):
+                raise ValueError(f"log_probs must have shape (G, W) = ({g}, {w}) when a trajectory is recorded")
+
+    @property
+    def sde_steps(self) -> tuple[int, int]:
+        """``(start, stop)``: ``trajectory[:, k]`` is x at grid step ``start + k`` (noise level ``sigmas[start + k]``)
+        and ``log_probs[:, k]`` the log-prob of step ``start + k``; ``(0, T)`` without a window."""
+        return self.window if self.window is not None else (0, len(self.sigmas) - 1)
 
     @property
     def nbytes(self) -> int:
@@ -137,8 +166,8 @@ def merge_rollouts(parts: list[Rollout]) -> Rollout:
     first = parts[0]
     if len(parts) == 1:
         return first
-    if len({r.group.group_id for r in parts}) != 1 or any(not np.array_equal(r.sigmas, first.sigmas) for r in parts):
-        raise ValueError("merge_rollouts: the parts belong to different groups or were sampled on different noise grids")
+    if len({r.group.group_id for r in parts}) != 1 or any(not np.array_equal(r.sigmas, first.sigmas) or r.window != first.window for r in parts):
+        raise ValueError("merge_rollouts: the parts belong to different groups or were sampled on different noise grids or SDE windows")
     size = sum(r.group.group_size for r in parts)
     stack = lambda arrays: None if arrays[0] is None else np.concatenate(arrays)  # noqa: E731
     return Rollout(
@@ -149,6 +178,7 @@ def merge_rollouts(parts: list[Rollout]) -> Rollout:
         final_latents=np.concatenate([r.final_latents for r in parts]),
         trajectory=stack([r.trajectory for r in parts]),
         log_probs=stack([r.log_probs for r in parts]),
+        window=first.window,
     )
 
 

@@ -46,14 +46,18 @@ from raygrpo.checkpoint import (
 from raygrpo.config import Config
 from raygrpo.data.prompts import load_prompt_images
 from raygrpo.errors import PreflightError, RunAborted, RunStopped
+from raygrpo.guard.guard import Guard
+from raygrpo.guard.rules import Verdict
 from raygrpo.learner.group import LearnerGroup
 from raygrpo.metrics import MetricsLog, PhaseTimer, StepOutcome, keep_steps_up_to, read_metrics, step_record
 from raygrpo.outputs import RunOutputs
 from raygrpo.placement import PlanError, resource_plan
 from raygrpo.ray_metrics import NullTelemetry, RunTelemetry
 from raygrpo.reward.worker import RewardWorker
+from raygrpo.rollout.resize import PoolResizer
 from raygrpo.rollout.scheduler import DataPosition, RolloutScheduler
-from raygrpo.rollout.worker import RolloutWorker
+from raygrpo.rollout.continuous import actor_concurrency
+from raygrpo.rollout.roles import rollout_worker_class
 from raygrpo.weight_sync import WeightSync
 
 logger = logging.getLogger(__name__)
@@ -91,6 +95,7 @@ class Controller:
         self.telemetry = NullTelemetry() if config.run.in_process else RunTelemetry(run_dir.name)
         self.outputs = RunOutputs(config, run_dir)
         self.stop = _StopSignal()
+        self.guard: Guard | None = None  # the reward-hacking guard (config.guard), built in _start
 
     # ----- lifecycle -----
 
@@ -140,11 +145,15 @@ class Controller:
     def _run_step(self, step: int) -> None:
         """One step and what follows it: its record, the run state, a checkpoint when due, the abort and stop checks."""
         try:
-            self.metrics.write(self.step(step))
+            record = self.step(step)
+            verdict, guard_metrics = self._guard_round(step)
+            self.metrics.write(record | guard_metrics)
             self.finished_step, self.consistent = step, True
             write_run_state(self.run_dir, "running", step=step)
             self._hold_if_asked(step)
             self._check_progress()
+            if verdict is not None:
+                self._guard_act(verdict)
             every = self.config.train.checkpoint_every
             if every and step % every == 0 and step < self.config.train.steps:
                 self._save_checkpoint(step)
@@ -166,7 +175,11 @@ class Controller:
             # first: its ranks meet in collectives every step, so they get whole nodes before the fractional
             # reward bundles split them (Ray places one group at a time; flux.yaml on 4 x 8 GPUs had 7 + 1 ranks).
             self.learner = LearnerGroup(config, roles["learner"])
-            self.rollout = make_group(in_process, RolloutWorker, roles["rollout"], [(config,)] * n, max_restarts=config.rollout.max_restarts)
+            elastic = config.rollout.autoscale is not None  # a placement group per worker: the pool can resize
+            self.rollout = make_group(
+                in_process, rollout_worker_class(config), roles["rollout"], [(config,)] * n,
+                max_restarts=config.rollout.max_restarts, elastic=elastic, max_concurrency=actor_concurrency(config),
+            )  # fmt: skip
             self.rewards = {
                 r.name: make_group(in_process, RewardWorker, roles[f"reward:{r.name}"], [(r,)] * r.replicas, max_restarts=r.max_restarts, out_of_order=True)
                 for r in config.rewards
@@ -188,6 +201,8 @@ class Controller:
         self.weight_sync = WeightSync(config, self.learner, self.rollout)
         images = load_prompt_images(config.data)  # image-to-video: one conditioning image per prompt, else None
         self.scheduler = RolloutScheduler(config, self.prompts, images, self.rollout, self.rewards, self.weight_sync, self.telemetry)
+        self.pool = PoolResizer(config, self.run_dir, self.scheduler)  # resize commands and rollout.autoscale
+        self.guard = Guard(config, self.run_dir) if config.guard is not None else None
         where = "in this process" if in_process else "as Ray actors"
         logger.info("workers ready %s: rollout x%d, %s, learner x%d", where, n, ", ".join(f"{k} x{len(g)}" for k, g in self.rewards.items()), self.learner.world_size)
 
@@ -213,7 +228,7 @@ class Controller:
         reissued, rescored = self.scheduler.reissued, self.scheduler.rescored
         with timer("generate"), self.stop.interruptible():
             self.scheduler.submit_through(step, version)
-            queue_depth = self.scheduler.queue_depth
+            queue_depth, pool_size = self.scheduler.queue_depth, self.scheduler.pool_size
             parts = self.scheduler.wait_generated(step, version)
         with timer("score_wait"), self.stop.interruptible():
             groups = self.scheduler.wait_scored(parts, version)
@@ -230,14 +245,38 @@ class Controller:
             with timer("sync"):
                 sync_seconds = self._sync_weights()
         self.outputs.after_step(step, groups)
-        actors = {"rollout": len(self.rollout)} | {f"reward/{name}": len(g) for name, g in self.rewards.items()}
+        actors = {"rollout": pool_size} | {f"reward/{name}": len(g) for name, g in self.rewards.items()}
         outcome = StepOutcome(
             step, self.learner.policy_version, groups, batch, staleness, learned, sync_seconds, queue_depth,
             self.scheduler.reissued - reissued, self.scheduler.rescored - rescored, timer, actors,
         )  # fmt: skip
         record = step_record(outcome, self.config)
+        record |= self.pool.after_step(record, pool_size)  # a resize command or the autoscale policy; the pool's metrics
         self.telemetry.record_step(record, queue_depth, {name: [g.seconds[name] for g in groups] for name in self.rewards})
         return record
+
+    # ----- the reward-hacking guard (raygrpo/guard/) -----
+
+    def _guard_round(self, step: int) -> tuple[Verdict | None, dict[str, float]]:
+        """A guard round when one is due after ``step`` (held-out samples of the policy just synced): its verdict and metrics."""
+        if self.guard is None or not self.guard.due(step):
+            return None, {}
+        workers = [i for i in range(len(self.rollout)) if i not in self.scheduler.out_of_pool]  # elastic pools: starting/leaving too
+        return self.guard.run_round(step, self.rollout, workers, lambda folder: self.learner.save_state(str(folder)))
+
+    def _guard_act(self, verdict: Verdict) -> None:
+        """warn: already logged; stop: abort (exit 3) with a resumable checkpoint; rollback: restore the learner's whole
+        training state from the target round's checkpoint and bring every rollout worker to it, then go on."""
+        if verdict.action == "stop":
+            raise RunAborted(f"reward-hacking guard: {verdict.message()}")
+        if verdict.action != "rollback":
+            return
+        folder = self.run_dir / verdict.rollback_to.checkpoint
+        version = self.learner.load_state(str(folder))
+        self.weight_sync.push([i for i in range(len(self.rollout)) if i not in self.scheduler.out_of_pool], version)
+        self.guard.rolled_back()
+        step = verdict.rollback_to.step
+        logger.warning("guard: rolled back to the round of step %d: learner and rollout at its policy version %d", step, version)
 
     def _sync_weights(self) -> float:
         """Bring every rollout worker to the learner's new version and verify it; later groups are stamped with it.
@@ -361,6 +400,7 @@ class Controller:
             reissued=self.scheduler.reissued,
             rescored=self.scheduler.rescored,
             learned=self.learned,
+            extra={"guard": self.guard.state_dict()} if self.guard is not None else {},
             **asdict(position),
         )
         save_checkpoint(self.run_dir, state, self.config, lambda folder: self.learner.save_state(str(folder)), self.config.train.keep_checkpoints)
@@ -392,6 +432,8 @@ class Controller:
         self.scheduler.reissued, self.scheduler.rescored = state.reissued, state.rescored
         self.trained_group_ids = list(state.trained_group_ids)
         self.learned = state.learned
+        if self.guard is not None:
+            self.guard.load_state_dict(state.extra.get("guard"))
         if version > 0:
             self.weight_sync.push(range(len(self.rollout)), version)
         (self.run_dir / f"config-resumed-{time.strftime(RUN_STAMP)}.yaml").write_text(self.config.to_yaml())

@@ -201,10 +201,13 @@ def prompt_generator(seed: int, prompt_index: int) -> torch.Generator:
 
 
 @torch.inference_mode()
-def sample_images(model, prompt: str, noise: torch.Tensor, sigmas: torch.Tensor, sampler: str, batch_size: int) -> np.ndarray:
-    """Integrate the flow ODE from ``noise [N, ...]`` over ``sigmas [T+1]`` and decode: ``[N, H, W, 3]`` uint8."""
+def sample_final(
+    model, prompt: str, noise: torch.Tensor, sigmas: torch.Tensor, sampler: str, batch_size: int
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Integrate the flow ODE from ``noise [N, ...]`` over ``sigmas [T+1]``: the final latents ``[N, ...]`` (float32,
+    CPU) and their decoded images ``[N, H, W, 3]`` uint8."""
     cond = model.encode_prompt(prompt)
-    images = []
+    latents, images = [], []
     for chunk in noise.split(batch_size):
         solver = make_ode_solver(sampler, sigmas)  # stateful (DPM-Solver++ keeps its history): one per loop
         batch = ConditioningBatch.of(cond, len(chunk), model.device)
@@ -212,31 +215,35 @@ def sample_images(model, prompt: str, noise: torch.Tensor, sigmas: torch.Tensor,
         for i in range(len(sigmas) - 1):
             v = model.velocity(x, sigmas[i].expand(len(x)), batch)  # [B, ...] float32
             x = solver.step(x, v, i)
+        latents.append(x.float().cpu())
         images.append(model.decode(x))
-    return np.concatenate(images)
+    return torch.cat(latents), np.concatenate(images)
+
+
+def sample_images(model, prompt: str, noise: torch.Tensor, sigmas: torch.Tensor, sampler: str, batch_size: int) -> np.ndarray:
+    """:func:`sample_final`'s decoded images ``[N, H, W, 3]`` uint8."""
+    return sample_final(model, prompt, noise, sigmas, sampler, batch_size)[1]
+
+
+def score_with(reward: Reward, name: str, images: np.ndarray, prompt: str) -> tuple[np.ndarray, list[str]]:
+    """``[N]`` raw scores of ``images`` under one reward (NaN where it has none) and the distinct errors it gave.
+
+    Never raises: a reward that fails for a whole batch is a missing score for each sample, as in training."""
+    try:
+        outcome = reward.score_outcome(images, [prompt] * len(images))
+    except Exception as exc:  # noqa: BLE001 - see above
+        logger.warning("reward %s failed on %r: %s: %s", name, prompt, type(exc).__name__, exc)
+        return np.full(len(images), np.nan), [f"{type(exc).__name__}: {exc}"]
+    errors = sorted({e for e in outcome.errors if e})
+    if not outcome.valid.all():
+        missing = int((~outcome.valid).sum())
+        logger.warning("reward %s: no score for %d of %d samples of %r: %s", name, missing, len(outcome.valid), prompt, errors)
+    return np.where(outcome.valid, outcome.values, np.nan).astype(np.float64), errors
 
 
 def score_images(rewards: list[Reward], config: Config, images: np.ndarray, prompt: str) -> np.ndarray:
     """``[K, N]`` raw scores of ``images`` under each configured reward; NaN where a reward has none."""
-    rows = []
-    for reward, reward_config in zip(rewards, config.rewards):
-        try:
-            outcome = reward.score_outcome(images, [prompt] * len(images))
-        except Exception as exc:  # noqa: BLE001 - a reward that fails for a whole batch is a missing score, as in training
-            logger.warning("reward %s failed on %r: %s: %s", reward_config.name, prompt, type(exc).__name__, exc)
-            rows.append(np.full(len(images), np.nan))
-            continue
-        if not outcome.valid.all():
-            logger.warning(
-                "reward %s: no score for %d of %d samples of %r: %s",
-                reward_config.name,
-                (~outcome.valid).sum(),
-                len(outcome.valid),
-                prompt,
-                sorted({e for e in outcome.errors if e}),
-            )
-        rows.append(np.where(outcome.valid, outcome.values, np.nan).astype(np.float64))
-    return np.stack(rows)
+    return np.stack([score_with(reward, r.name, images, prompt)[0] for reward, r in zip(rewards, config.rewards)])
 
 
 def evaluate_model(name: str, model, rewards: list[Reward], config: Config, settings: EvalSettings) -> ModelResult:

@@ -38,7 +38,9 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "raygrpo_state.json"
 EXPORT_FILE = "raygrpo_export.json"
-NETWORK_COMPONENTS = ("transformer", "unet")  # the trainable network of a diffusers pipeline
+# The trainable network of a diffusers pipeline; transformer_2: Wan 2.2 A14B's low-noise expert (model.train_expert=low),
+# exported in place of the base's, the base's high-noise transformer/ kept (raygrpo/models/wan_experts.py).
+NETWORK_COMPONENTS = ("transformer", "unet", "transformer_2")
 LORA_SUFFIX = "_lora"  # Learner.save writes the adapter of <component> to <component>_lora/
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name, read by load_lora_weights
 LORA_METADATA_KEY = "lora_adapter_metadata"  # where save_lora_adapter keeps the peft config (rank, alpha, targets)

@@ -52,19 +52,21 @@ def preflight(config: Config, check_rewards: bool = True, gpu_memory_bytes: int 
         check_pretrained(config.model.family, config.model.pretrained)  # folder readable, JSON parses; tiny-random is built here
     except ModelNotFoundError as exc:
         problems.append(f"model.pretrained: {exc}")
-    for i, reward in enumerate(config.rewards):
+    entries = [(f"rewards.{i}", reward) for i, reward in enumerate(config.rewards)]
+    entries += [(f"guard.gold_rewards.{i}", gold) for i, gold in enumerate(config.guard.gold_rewards if config.guard else [])]
+    for where, reward in entries:
         try:
             if check_rewards:
                 check_reward_service(reward.name, reward.kind, reward.params, timeout_s=PREFLIGHT_TIMEOUT_S)
             else:
                 make_reward(reward.kind, reward.params)
         except RewardServiceError as exc:
-            problems.append(f"rewards.{i}: {exc} (start the server, fix the URL or token; --skip-reward-check if it comes up later)")
+            problems.append(f"{where}: {exc} (start the server, fix the URL or token; --skip-reward-check if it comes up later)")
         except (ValueError, TypeError) as exc:
-            problems.append(f"rewards.{i} ({reward.name}): {exc}")
+            problems.append(f"{where} ({reward.name}): {exc}")
         if config.model.family in VIDEO_FAMILIES and not accepts_video(reward.kind, reward.params):
             what = f"model.family={config.model.family!r} makes videos and {reward.kind!r} scores images"
-            problems.append(f"rewards.{i} ({reward.name}): {what}: {VIDEO_HINT}")
+            problems.append(f"{where} ({reward.name}): {what}: {VIDEO_HINT}")
     try:
         prompts = load_prompts(config.data)
         problem = _conditioning_images_problem(config)
@@ -72,6 +74,11 @@ def preflight(config: Config, check_rewards: bool = True, gpu_memory_bytes: int 
             problems.append(problem)
     except PromptFileError as exc:
         problems.append(str(exc))
+    if config.guard is not None:  # its gold rewards are checked above with the trained ones
+        try:
+            load_prompts(config.guard.data)
+        except PromptFileError as exc:
+            problems.append(f"guard.prompt_file: {exc}")
     problem = _unwritable(Path(config.run.output_root))
     if problem:
         problems.append(f"run.output_root: {problem}")
@@ -113,21 +120,22 @@ def _memory_plan_problem(config: Config, gpu_memory_bytes: int) -> str | None:
 
 
 def _conditioning_images_problem(config: Config) -> str | None:
-    """Image-to-video needs a readable conditioning image per prompt; text-conditioned families take none."""
+    """Image-to-video and image editing need a readable conditioning image per prompt; text-conditioned families take none."""
     from raygrpo.data.prompts import load_prompt_images
-    from raygrpo.models import IMAGE_CONDITIONED_FAMILIES
+    from raygrpo.models import IMAGE_CONDITIONED_FAMILIES, VIDEO_FAMILIES
 
     family = config.model.family
     images = load_prompt_images(config.data)  # PromptFileError for a half-illustrated file
     if family in IMAGE_CONDITIONED_FAMILIES and images is None:
         return (
-            f"data: model.family={family!r} is image-to-video and needs a conditioning image per prompt: set data.prompt_file "
+            f"data: model.family={family!r} is {'image-to-video' if family in VIDEO_FAMILIES else 'image editing'} and needs a "
+            "conditioning image per prompt: set data.prompt_file "
             'to a .jsonl of {"prompt": ..., "image": path} lines or a .parquet with an image column'
         )
     if family not in IMAGE_CONDITIONED_FAMILIES and images is not None:
         return (
             f"data.prompt_file: {config.data.prompt_file!r} gives conditioning images, but model.family={family!r} is "
-            f"conditioned on text only (image-to-video families: {sorted(IMAGE_CONDITIONED_FAMILIES)}); drop the images"
+            f"conditioned on text only (image-conditioned families: {sorted(IMAGE_CONDITIONED_FAMILIES)}); drop the images"
         )
     if images is not None:
         images.check()  # every image decodes, or PromptFileError listing the bad ones

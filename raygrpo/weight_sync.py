@@ -13,6 +13,12 @@ restarted rollout worker (which comes back at version 0) up to the current versi
   whole GPUs. A broadcast that fails (a member died, or ``rollout.weight_sync_timeout_s`` passed) sends
   that version through the object store, and the group is rebuilt at the next sync.
 
+The broadcast group is the rollout workers in the pool: one that is out of it (its node is gone, it is
+still starting or it is leaving an elastic pool, raygrpo/rollout/scheduler.py) is left out, and the group is
+rebuilt at the next sync whenever the pool's members changed. A worker that joins (or comes back) gets the
+current version through the object store before its first group, and joins the broadcast group at the
+next sync.
+
 Every worker's report (version, digest) must match the learner's, or :class:`WeightsMismatchError`
 stops the run: a worker never silently samples with other weights, nor with a stale version. What a
 digest proves (``rollout.weight_verify``: ``sample`` by default, ``full`` for every byte) is in the
@@ -64,21 +70,23 @@ class WeightSync:
         whole_gpus = config.learner.num_gpus >= 1 and config.rollout.num_gpus >= 1
         self.collective = not config.run.in_process and (mode == "collective" or (mode == "auto" and whole_gpus))
         self.group_stale = True  # the broadcast group is built at the first collective sync
+        self.members: list[int] = []  # the rollout workers of the broadcast group, rank 1 + position
         self.names: list[str] = []  # what every broadcast sends, in its order
         self._message = None  # the latest exported WeightsMessage (restarted workers get it too)
         self._message_version = -1
 
     def sync(self, version: int, down: Collection[int] = ()) -> SyncResult:
-        """Bring every rollout worker to ``version`` (the learner's, just updated) and verify it. Workers ``down``
-        (out of the pool: their node is gone) are skipped; a broadcast needs every member of its group, so while
-        any is down the version goes through the object store."""
-        if self.collective and not down:
+        """Bring every rollout worker in the pool to ``version`` (the learner's, just updated) and verify it.
+        Workers ``down`` (out of the pool: their node is gone, or they are starting or leaving) are skipped; the
+        broadcast group is rebuilt when the pool's members changed."""
+        members = [i for i in range(len(self.rollout)) if i not in down]
+        if self.collective and members:
             try:
-                return SyncResult(self._broadcast(version))
+                return SyncResult(self._broadcast(version, members))
             except Exception as exc:  # noqa: BLE001 - a dead member, a failed call or a timeout: the object store still works
                 logger.warning("weight broadcast of version %d failed (%s); sending it through the object store", version, exc)
                 self.group_stale = True
-        return self.push([i for i in range(len(self.rollout)) if i not in down], version)
+        return self.push(members, version)
 
     def push(self, workers, version: int) -> SyncResult:
         """Send ``version`` through the object store to ``workers``; every live one must report it and the
@@ -111,23 +119,23 @@ class WeightSync:
             )
         return SyncResult(export + max((r.seconds for r in reports.values()), default=0.0), lost)
 
-    def _open_group(self) -> None:
-        """Build the learner-to-rollout broadcast group (again, after a member was restarted)."""
-        nodes = set(self.rollout.foreach("node_ip")) | {self.learner.node_ip()}
+    def _open_group(self, members: list[int]) -> None:
+        """Build the learner-to-rollout broadcast group of ``members`` (again, after a member was restarted or the pool changed)."""
+        nodes = set(get([self.rollout.call(i, "node_ip") for i in members])) | {self.learner.node_ip()}
         host, port = get(self.learner.weight_group_address(len(nodes) == 1))
-        world = 1 + len(self.rollout)
+        world = 1 + len(members)
         joins = [self.learner.join_weight_group(host, port, world, self.timeout_s)]
-        joins += [self.rollout.call(i, "join_weight_group", host, port, 1 + i, world, self.timeout_s) for i in range(len(self.rollout))]
+        joins += [self.rollout.call(i, "join_weight_group", host, port, 1 + rank, world, self.timeout_s) for rank, i in enumerate(members)]
         get_all(joins, self.timeout_s)
         self.names = self.learner.weight_names()
-        self.group_stale = False
+        self.members, self.group_stale = list(members), False
 
-    def _broadcast(self, version: int) -> float:
-        if self.group_stale:
-            self._open_group()
+    def _broadcast(self, version: int, members: list[int]) -> float:
+        if self.group_stale or members != self.members:
+            self._open_group(members)
         start = time.perf_counter()
         sent = self.learner.send_weights()
-        received = [self.rollout.call(i, "receive_weights", version, self.names) for i in range(len(self.rollout))]
+        received = [self.rollout.call(i, "receive_weights", version, self.names) for i in members]
         # Together: a receiver that fails must not leave the controller waiting on the sender's broadcast.
         (sent_version, sent_digest), *reports = get_all([sent, *received], self.timeout_s)
         if sent_version != version or any((r.policy_version, r.checksum) != (version, sent_digest) for r in reports):

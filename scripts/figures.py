@@ -1,7 +1,8 @@
 """Every figure the README quotes, measured again by one command: ``make figures``.
 
-    .venv/bin/python scripts/figures.py                 # demo runs, eval, both benchmarks (~8 min on 2 idle cores)
+    .venv/bin/python scripts/figures.py                 # demo runs, eval, both benchmarks (~20 min on 2 cores)
     .venv/bin/python scripts/figures.py --only demo     # just the demo runs and the eval table (~2 min)
+    .venv/bin/python scripts/figures.py --only algorithms   # just benchmarks/algorithms.py's table (~12-16 min)
 
 Runs the commands a user runs (``python -m raygrpo.run`` on a local Ray instance, ``python -m raygrpo.eval``,
 ``benchmarks/*.py``) in a scratch folder, writes what they printed and measured to ``docs/figures.json``,
@@ -17,7 +18,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures.json"
 README = ROOT / "README.md"
+# Every algorithm of benchmarks/algorithms.py, all with the same seeds and steps.
+ALGORITHMS_ARGS = ("--seeds", "0", "1", "2", "--steps", "30", "--target", "-3.0")
 BLOCK = re.compile(r"(<!-- figures:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /figures -->)", re.DOTALL)
 
 
@@ -77,7 +79,7 @@ def benchmark(script: str, work: Path, env: dict[str, str], *args: str) -> dict:
 
 
 def render(name: str, figures: dict) -> str:
-    return {"demo": _render_demo, "eval": _render_eval, "dgpo_vs_dancegrpo": _render_race, "scale_out": _render_scale_out}[name](figures)
+    return {"demo": _render_demo, "eval": _render_eval, "algorithms": _render_algorithms, "scale_out": _render_scale_out}[name](figures)
 
 
 def _render_demo(f: dict) -> str:
@@ -99,25 +101,14 @@ def _render_eval(f: dict) -> str:
     )
 
 
-def _render_race(f: dict) -> str:
-    r = f["dgpo_vs_dancegrpo"]
-    d, g = r["summary"]["dancegrpo"], r["summary"]["dgpo"]
-
-    def seconds(name: str) -> str:
-        runs = [x["seconds"] for x in r["runs"][name] if x["reached"]]
-        return f"{statistics.median(runs):.2f} ({', '.join(f'{s:.2f}' for s in runs)})" if runs else "not reached"
-
-    ratios = r["ratios"]
-    rows = [
-        "| | DanceGRPO (`tiny.yaml`) | DGPO (`tiny_dgpo.yaml`) | ratio |",
-        "|---|---|---|---|",
-        f"| seconds to target (median of {len(r['seeds'])}) | {seconds('dancegrpo')} | {seconds('dgpo')} | {ratios.get('time_dancegrpo_over_dgpo', float('nan')):.1f}× |",
-        f"| generated samples to target (median) | {d['median_samples']:.0f} | {g['median_samples']:.0f} | {ratios.get('samples_dancegrpo_over_dgpo', float('nan')):.2f}× |",
-        f"| seconds per step (16 samples) | {d['seconds_per_step']:.2f} | {g['seconds_per_step']:.2f} | {d['seconds_per_step'] / g['seconds_per_step']:.1f}× |",
-        f"| bytes per sample reaching the learner | {d['bytes_per_sample']:,.0f} | {g['bytes_per_sample']:,.0f} | {ratios['bytes_per_sample_dancegrpo_over_dgpo']:.1f}× |",
-    ]
-    head = f"Measured {f['date']} on the {f['machine']}, target {r['target']}, seeds {r['seeds']} ({r['wall_seconds']:.0f} s in all):\n\n"
-    return head + "\n".join(rows) + "\n"
+def _render_algorithms(f: dict) -> str:
+    r = f["algorithms"]  # benchmarks/algorithms.py's report: it renders its own table, printed and quoted alike
+    head = (
+        f"Measured {r['date']} on the {f['machine']}, target {r['target']}, seeds {r['seeds']}, {r['steps']} steps per run, "
+        f"{r['parallel']} run at a time ({r['wall_seconds']:.0f} s in all; load average {r['machine']['loadavg_before'][0]:.1f} "
+        f"before, {r['machine']['loadavg_after'][0]:.1f} after):\n\n"
+    )
+    return head + r["table"]
 
 
 SCALE_OUT_ROWS = [
@@ -150,7 +141,7 @@ def _render_scale_out(f: dict) -> str:
 def rewrite_readme(figures: dict, readme: Path = README) -> None:
     text = readme.read_text()
     names = {m.group("name") for m in BLOCK.finditer(text)}
-    missing = {"demo", "eval", "dgpo_vs_dancegrpo", "scale_out"} - names
+    missing = {"demo", "eval", "algorithms", "scale_out"} - names
     if missing:
         raise SystemExit(f"README.md lacks the figure blocks {sorted(missing)} (<!-- figures:NAME --> ... <!-- /figures -->)")
     readme.write_text(BLOCK.sub(lambda m: m.group(1) + render(m.group("name"), figures) + m.group(4), text))
@@ -158,7 +149,7 @@ def rewrite_readme(figures: dict, readme: Path = README) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["demo", "benchmarks"], help="regenerate only these figures (the others stay as they are)")
+    parser.add_argument("--only", choices=["demo", "benchmarks", "algorithms"], help="regenerate only these figures (the others stay as they are)")
     parser.add_argument("--render", action="store_true", help="only rewrite the README blocks from docs/figures.json")
     args = parser.parse_args()
     figures = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
@@ -175,11 +166,12 @@ def main() -> None:
                 for run in figures["demo"].values():
                     run.pop("run_dir")
                 print(f"demo: {figures['demo']['dancegrpo']['printed']}", flush=True)
-            if args.only in (None, "benchmarks"):
-                figures["dgpo_vs_dancegrpo"] = benchmark("benchmarks/dgpo_vs_dancegrpo.py", work, env, "--work", str(work / "race"))
-                figures["scale_out"] = benchmark("benchmarks/scale_out.py", work, env, "--work", str(work / "scale"))
-                for run in (r for runs in figures["dgpo_vs_dancegrpo"]["runs"].values() for r in runs):
+            if args.only in (None, "benchmarks", "algorithms"):
+                figures["algorithms"] = benchmark("benchmarks/algorithms.py", work, env, "--work", str(work / "algorithms"), *ALGORITHMS_ARGS)
+                for run in (r for runs in figures["algorithms"]["runs"].values() for r in runs):
                     run.pop("run_dir", None)
+            if args.only in (None, "benchmarks"):
+                figures["scale_out"] = benchmark("benchmarks/scale_out.py", work, env, "--work", str(work / "scale"))
         FIGURES.parent.mkdir(exist_ok=True)
         FIGURES.write_text(json.dumps(figures, indent=1) + "\n")
     rewrite_readme(figures)

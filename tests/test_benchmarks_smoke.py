@@ -1,4 +1,5 @@
-"""benchmarks/scale_out.py at its smallest sizes: every part runs and writes every figure, finite and positive."""
+"""benchmarks/scale_out.py at its smallest sizes: every part runs and writes every figure, finite and positive;
+benchmarks/algorithms.py: its reach/summary arithmetic, its preset checks, and two algorithms end to end."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from raygrpo.config import load_config
 
 from .conftest import ROOT
+from .conftest import load_script as load_named_script
 
 SCRIPT = ROOT / "benchmarks" / "scale_out.py"
 IN_PROCESS = {"a_rollout_ode_dgpo", "a_rollout_sde_dancegrpo", "b_learner_dancegrpo", "b_learner_dgpo"}
@@ -98,3 +100,79 @@ def test_serial_sum_and_option_errors():
     args = bench.parse_args(["--only", "b", "--layers", "3,5", "--width", "1024"])
     assert args.parts == ["b"] and (args.size.double_blocks, args.size.single_blocks, args.size.width) == (3, 5, 1024)
     assert bench.Realistic().pooled_width == 768  # FLUX.1's CLIP-L width from T5-XXL's 4096
+
+
+# ----- benchmarks/algorithms.py -----
+
+ALGORITHMS_SCRIPT = ROOT / "benchmarks" / "algorithms.py"
+
+
+def metrics(rewards: list[float], seconds: list[float]) -> list[dict]:
+    return [
+        {"reward/total/mean": r, "time/step": t, "samples/generated": 16.0, "rollout/bytes_per_sample": 100.0 + i}
+        for i, (r, t) in enumerate(zip(rewards, seconds))
+    ]
+
+
+def test_algorithms_reach_is_the_first_window_whose_mean_reaches_the_target():
+    bench = load_named_script(ALGORITHMS_SCRIPT, "bench_algorithms")
+    assert bench.WINDOW == 3
+    # running means over steps 1-3, 2-4, 3-5: -3.2, -2.9667, -3.1333: the window of steps 2-4 is the first to reach -3.0
+    hit = bench.reach(metrics([-3.6, -3.0, -3.0, -2.9, -3.5], [1.0, 2.0, 3.0, 4.0, 5.0]), target=-3.0)
+    assert (hit["reached"], hit["steps_to_target"], hit["samples_to_target"], hit["seconds_to_target"]) == (True, 4, 64, 10.0)
+    assert hit["seconds_per_step"] == 3.0 and hit["samples_per_step"] == 16.0 and hit["bytes_per_sample"] == 102.0
+    assert hit["first_reward"] == pytest.approx(-3.2) and hit["last_reward"] == pytest.approx(-9.4 / 3)
+    miss = bench.reach(metrics([-3.6, -2.0, -3.9, -3.6], [1.0] * 4), target=-3.0)  # single steps above it, no window
+    assert not miss["reached"] and miss["steps_to_target"] is miss["samples_to_target"] is miss["seconds_to_target"] is None
+    short = bench.reach(metrics([-1.0, -1.0], [1.0, 1.0]), target=-3.0)  # fewer steps than the window reach nothing
+    assert not short["reached"] and short["steps"] == 2
+
+
+def test_algorithms_summary_takes_median_and_range_over_the_seeds_that_reached():
+    bench = load_named_script(ALGORITHMS_SCRIPT, "bench_algorithms")
+    run = {"samples_per_step": 16.0, "bytes_per_sample": 10.0, "first_reward": -3.8, "steps": 10, "wall_seconds": 9.0, "run_dir": ""}
+    runs = [
+        bench.RunResult("x", 0, True, 4, 64, 2.0, 0.5, last_reward=-2.9, **run),
+        bench.RunResult("x", 1, True, 8, 128, 6.0, 0.7, last_reward=-2.7, **run),
+        bench.RunResult("x", 2, False, None, None, None, 0.9, last_reward=-3.1, **run),
+    ]
+    summary = bench.summarise(runs)
+    assert (summary["reached"], summary["seeds"]) == (2, 3)
+    assert summary["steps_to_target"] == {"median": 6.0, "min": 4, "max": 8}
+    assert summary["seconds_to_target"] == {"median": 4.0, "min": 2.0, "max": 6.0}
+    assert summary["seconds_per_step"] == pytest.approx(0.7) and summary["last_reward"] == pytest.approx(-2.9)
+    row = bench.table({"x": summary, "y": bench.summarise(runs[2:])}, {"x": "cluster/tiny.yaml", "y": "cluster/tiny_dgpo.yaml"})
+    assert "| x (`tiny.yaml`) | 2/3 | 6 (4–8) | 96 (64–128) | 4.00 (2.00–6.00) | 0.70 |" in row
+    assert "| y (`tiny_dgpo.yaml`) | 0/1 | not reached | not reached | not reached | 0.90 |" in row
+
+
+def test_algorithms_refuses_a_missing_preset_or_another_reward(monkeypatch):
+    bench = load_named_script(ALGORITHMS_SCRIPT, "bench_algorithms")
+    monkeypatch.setitem(bench.ALGORITHMS, "dgpo", "cluster/tiny_missing.yaml")
+    monkeypatch.setitem(bench.ALGORITHMS, "dancegrpo", "cluster/tiny_two_rewards.yaml")
+    with pytest.raises(SystemExit) as exc:
+        bench.check_presets(["dancegrpo", "dgpo"])
+    message = str(exc.value)
+    assert "dgpo: config file" in message and "cluster/tiny_missing.yaml" in message and "--algorithms" in message
+    assert "dancegrpo: cluster/tiny_two_rewards.yaml scores with [('jpeg_compressibility', 1.0), ('http', 0.5)]" in message
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--algorithms", "dancegrpo", "no_such_algorithm"])
+    assert bench.parse_args([]).algorithms == list(bench.ALGORITHMS)  # every algorithm unless told otherwise
+
+
+@pytest.mark.slow
+def test_algorithms_benchmark_runs_two_algorithms_on_one_cluster(tmp_path, ray_cluster):
+    """Two presets, one seed, 3 steps each (one running-mean window), joining the session's cluster; an
+    always-reached target, so every figure to target is present."""
+    out = tmp_path / "algorithms.json"
+    command = [sys.executable, str(ALGORITHMS_SCRIPT), "--algorithms", "dancegrpo", "dgpo", "--seeds", "0", "--steps", "3",
+               "--target", "-100", "--out", str(out), "--work", str(tmp_path / "work"), "--ray-address", ray_cluster.address]  # fmt: skip
+    proc = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert list(report["summary"]) == ["dancegrpo", "dgpo"] and report["table"] in proc.stdout
+    for name, (run,) in report["runs"].items():
+        assert (run["reached"], run["steps_to_target"], run["samples_to_target"]) == (True, 3, 48), name  # 2 groups of 8 a step
+        assert 0 < run["seconds_to_target"] < run["wall_seconds"] and run["first_reward"] < 0, name
+    # DGPO ships final latents only, DanceGRPO the whole trajectory and its log-probs
+    assert report["summary"]["dgpo"]["bytes_per_sample"] < report["summary"]["dancegrpo"]["bytes_per_sample"] / 3

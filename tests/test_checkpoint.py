@@ -30,7 +30,7 @@ from raygrpo.checkpoint import (
 from raygrpo.config import load_config
 from raygrpo.data.prompts import PromptOrder
 
-from .conftest import ROOT
+from .conftest import ROOT, run_main
 
 
 def config_for(tmp_path, *overrides):
@@ -234,7 +234,7 @@ def test_the_entry_point_refuses_a_bad_resume_with_exit_2_and_touches_nothing(tm
     else:
         overrides.append(damage)
     before = _snapshot(tmp_path)
-    proc = _raygrpo_cli(*overrides)
+    proc = run_main("cluster/tiny.yaml", *overrides)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "Ray instance" not in proc.stderr and "Ray cluster" not in proc.stderr, "it must fail before Ray starts"

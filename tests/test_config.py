@@ -9,6 +9,8 @@ import pytest
 
 from raygrpo.config import ConfigError, load_config
 
+from .conftest import run_main
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "cluster" / "tiny.yaml"
 
@@ -92,11 +94,8 @@ def test_config_errors_exit_before_ray_starts():
 
 def test_preflight_lists_every_problem(tmp_path):
     """Unknown reward kind, missing prompt file, missing model folder: one message with each field."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "raygrpo.run", str(TINY), "rewards.0.kind=aesthetics_v9", f"data.prompt_file={tmp_path}/p.txt",
-         "data.prompts=null", f"model.pretrained={tmp_path}/no-model", f"run.output_root={tmp_path}/out"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )
+    proc = run_main(str(TINY), "rewards.0.kind=aesthetics_v9", f"data.prompt_file={tmp_path}/p.txt", "data.prompts=null",
+                    f"model.pretrained={tmp_path}/no-model", f"run.output_root={tmp_path}/out")  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     for words in ("model.pretrained", "rewards.0 (jpeg)", "aesthetics_v9", "data.prompt_file", "p.txt"):
         assert words in proc.stderr, proc.stderr

@@ -163,7 +163,7 @@ def test_groups_get_unique_ids_distinct_seeds_the_current_version_and_visit_ever
 
 
 def test_spread_groups_split_into_even_parts_and_come_back_whole_in_member_order():
-    scheduler = make_scheduler("rollout.spread_groups=true", "algorithm.group_size=5", "algorithm.groups_per_step=1", workers=2)
+    scheduler = make_scheduler("rollout.spread_groups=true", "rollout.num_workers=2", "algorithm.group_size=5", "algorithm.groups_per_step=1", workers=2)
     scheduler.submit_through(1, version=0)
     parts = scheduler.wait_generated(1, version=0)
     assert [(p.group.member_offset, p.group.group_size, p.worker) for p in parts] == [(0, 2, 0), (2, 3, 1)]

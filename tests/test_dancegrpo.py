@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -157,3 +158,47 @@ def test_rollout_refuses_a_stale_policy_version(worker_and_learner):
     worker, _ = worker_and_learner
     with pytest.raises(RuntimeError, match="policy version 99"):
         worker.generate(PromptGroup(6, 0, "a cat", G, seed=1, policy_version=99))
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedWindow:
+    """An SdeWindow that always answers the same steps."""
+
+    start: int
+    stop: int
+
+    def bounds(self, group: PromptGroup, num_steps: int) -> tuple[int, int]:
+        return self.start, self.stop
+
+
+def test_sde_window_records_only_its_steps_and_takes_euler_steps_elsewhere(worker_and_learner):
+    """With ``RolloutSpec.sde_window`` (Flow-GRPO-Fast, MixGRPO) the worker records x and log-probs of the window's
+    steps only; before it the group follows the deterministic Euler path, and the recorded log-probs are the window
+    steps' densities of the recorded transitions."""
+    worker, _ = worker_and_learner
+    spec = worker.spec
+    worker.spec = dataclasses.replace(spec, sde_window=FixedWindow(2, 4))
+    try:
+        rollout, _, _ = worker.generate(PromptGroup(5, 0, "a lighthouse at dawn", G, seed=3, policy_version=worker.policy_version))
+    finally:
+        worker.spec = spec
+    assert rollout.window == rollout.sde_steps == (2, 4)
+    assert rollout.trajectory.shape[:2] == (G, 3) and rollout.log_probs.shape == (G, 2)
+    sigmas = as_tensor(rollout.sigmas)
+    cond = ConditioningBatch.of(rollout.conditioning, G)
+    with torch.no_grad():
+        x = worker.model.initial_noise(torch.Generator().manual_seed(3), 1).float()  # the group's shared noise
+        for i in range(2):  # the Euler prefix, identical for every member (batch 1, as the worker's forwards)
+            x = x + (sigmas[i + 1] - sigmas[i]) * worker.model.velocity(x, sigmas[i].expand(1), cond.rows(slice(0, 1))).float()
+        assert all(torch.equal(x[0], as_tensor(rollout.trajectory[m, 0])) for m in range(G))
+        for m in range(G):
+            for k in range(2):
+                x = as_tensor(rollout.trajectory[m : m + 1, k])
+                v = worker.model.velocity(x, sigmas[2 + k].expand(1), cond.rows(slice(0, 1)))
+                step = step_transition("dance_sde", 0.3, x, v, sigmas, 2 + k)
+                assert torch.equal(step.log_prob(as_tensor(rollout.trajectory[m : m + 1, k + 1])), as_tensor(rollout.log_probs[m : m + 1, k]))
+    assert not np.array_equal(rollout.trajectory[0, -1], rollout.trajectory[1, -1])  # the SDE steps branch the members
+    with pytest.raises(ValueError, match="trajectory shape"):
+        dataclasses.replace(rollout, window=(1, 4))
+    with pytest.raises(ValueError, match="not a non-empty range"):
+        dataclasses.replace(rollout, window=(4, 4))

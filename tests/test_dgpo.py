@@ -231,21 +231,13 @@ def test_sd3_rolls_out_with_cfg_and_trains_without(monkeypatch):
     assert np.isfinite(metrics.loss) and metrics.samples == G
 
 
-def _split_group_gate(rank: int, world: int, port: int, values: torch.Tensor, out) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        mine = values[:, rank::world]  # this rank's members of the group
-        s = group_gate_logit(mine[0], mine[1], mine[2], beta=3.0, group_size=values.shape[1], process_group=torch.distributed.group.WORLD)
-        out[rank] = float(s)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def test_the_gate_of_a_group_split_over_two_ranks_is_the_whole_groups():
     """Two gloo processes, each with half of a group, gate with exactly the S_g of the whole group."""
     import socket
 
     import torch.multiprocessing as mp
+
+    from .spawned import split_group_gate
 
     values = torch.rand(3, 6, generator=torch.Generator().manual_seed(0))  # rows: A, l, l_ref; 6 members
     whole = float(group_gate_logit(values[0], values[1], values[2], beta=3.0))
@@ -254,7 +246,7 @@ def test_the_gate_of_a_group_split_over_two_ranks_is_the_whole_groups():
         port = sock.getsockname()[1]
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_split_group_gate, args=(2, port, values, out), nprocs=2, join=True)
+    mp.spawn(split_group_gate, args=(2, port, values, out), nprocs=2, join=True)
     assert out[0] == pytest.approx(whole, rel=1e-6) and out[1] == pytest.approx(whole, rel=1e-6)
 
 

@@ -20,7 +20,7 @@ from .conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("without_process_group")
 
-REAL_PRESETS = ["flux", "flux_dgpo", "sd3", "sd3_dgpo", "sd15", "hunyuan_t2v", "wan_i2v"]
+REAL_PRESETS = ["flux", "flux_dgpo", "sd3", "sd3_dgpo", "sd15", "hunyuan_t2v", "wan_i2v", "wan22_t2v", "wan22_i2v", "flux2_klein", "flux_kontext", "qwen_image"]
 
 
 @pytest.mark.parametrize("name", REAL_PRESETS)
@@ -31,10 +31,10 @@ def test_preset_dry_runs_at_real_size(name):
     rollout = measured.rollout
     assert set(rollout.params) >= {arch.network, "vae"}, "the rollout worker holds the network and the VAE"
     assert all(size > 0 for size in rollout.params.values())
-    # One latent per sample at the preset's size: 16 channels for the flow families, 4 for SD's VAE.
+    # One latent per sample at the preset's size: 16 channels for the flow families (FLUX.2: 32), 4 for SD's VAE.
     h, w = config.model.height // 8, config.model.width // 8
     frames = (config.model.num_frames - 1) // 4 + 1 if config.model.num_frames else 1
-    channels = 4 if config.model.family == "sd" else 16
+    channels = 4 if config.model.family == "sd" else 32 if config.model.family == "flux2" else 16  # FLUX.2's VAE: 32
     assert rollout.latent_bytes == 4 * channels * frames * h * w
     assert rollout.conditioning_bytes > 0
     assert set(measured.learner) == {config.learner.gradient_checkpointing}

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from .conftest import run_main
 from .test_run_e2e import printed_run_dir, run_raygrpo
 
 DGPO = "algorithm={name: dgpo, group_size: 4, groups_per_step: 2, sampler: dpmpp_2m, trunc_steps: 6, num_train_timesteps: 2}"
@@ -36,11 +37,12 @@ def test_dancegrpo_ddim_on_tiny_sd(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_dgpo_on_tiny_sd(ray_cluster, tmp_path):
-    """DGPO on the same tiny SD: DPM-Solver++(2M) rollouts in flow coordinates, CFG in rollout, none in training."""
-    proc = run_raygrpo(
-        "cluster/tiny_sd.yaml", "train.steps=2", DGPO, "rollout.micro_batch_size=4", "model.train_guidance_scale=1.0",
-        f"run.output_root={tmp_path}", ray_address=ray_cluster.address,
+def test_dgpo_on_tiny_sd(tmp_path):
+    """DGPO on the same tiny SD: DPM-Solver++(2M) rollouts in flow coordinates, CFG in rollout, none in training. In
+    process (run.in_process=true): DGPO ships a subset of what DanceGRPO's run above sends through Ray."""
+    proc = run_main(
+        "cluster/tiny_sd.yaml", "run.in_process=true", "train.steps=2", DGPO, "rollout.micro_batch_size=4",
+        "model.train_guidance_scale=1.0", f"run.output_root={tmp_path}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     records, _ = _records(proc.stdout)

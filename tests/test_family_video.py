@@ -18,9 +18,10 @@ from raygrpo.data.prompts import PromptFileError, load_prompt_images, load_promp
 from raygrpo.errors import PreflightError
 from raygrpo.run import preflight
 
-from .conftest import ROOT
+from .conftest import ROOT, run_main
 from .test_run_e2e import printed_run_dir, run_raygrpo
 
+IN_PROCESS = "run.in_process=true"
 DGPO = "algorithm={name: dgpo, group_size: 4, groups_per_step: 2, sampler: dpmpp_2m, trunc_steps: 6, num_train_timesteps: 2}"
 
 
@@ -206,13 +207,14 @@ def test_image_rewards_refuse_videos_with_a_pointer_to_frame_average():
     assert not accepts_video("http", {}) and not accepts_video("clip_score")
 
 
-# ------------------------------------------------------------------------------- end to end through Ray
+# ----------------------------------- end to end: Wan's DanceGRPO through the session's Ray cluster, the others in process
 
 
 @pytest.mark.slow
-def test_dancegrpo_on_tiny_hunyuan_video(ray_cluster, tmp_path):
-    """cluster/tiny_hunyuan.yaml for 2 steps: video latents through Dance-SDE rollouts, best-of-N, exact first ratio."""
-    proc = run_raygrpo("cluster/tiny_hunyuan.yaml", "train.steps=2", f"run.output_root={tmp_path}", ray_address=ray_cluster.address)
+def test_dancegrpo_on_tiny_hunyuan_video(tmp_path):
+    """cluster/tiny_hunyuan.yaml for 2 steps: video latents through Dance-SDE rollouts, best-of-N, exact first ratio. In
+    process (run.in_process=true): test_dancegrpo_on_tiny_wan_i2v sends video trajectories (and an image) through Ray."""
+    proc = run_main("cluster/tiny_hunyuan.yaml", IN_PROCESS, "train.steps=2", f"run.output_root={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     records, run_dir = _records(proc.stdout)
     assert [r["step"] for r in records] == [1, 2]
@@ -228,12 +230,12 @@ def test_dancegrpo_on_tiny_hunyuan_video(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_dgpo_on_tiny_hunyuan_video(ray_cluster, tmp_path):
-    """DGPO on the same tiny HunyuanVideo: deterministic DPM-Solver++(2M) rollouts, final video latents only."""
-    proc = run_raygrpo(
-        "cluster/tiny_hunyuan.yaml", "train.steps=2", DGPO, "rollout.micro_batch_size=4", f"run.output_root={tmp_path}",
-        ray_address=ray_cluster.address,
-    )  # fmt: skip
+def test_dgpo_on_tiny_hunyuan_video(tmp_path):
+    """DGPO on the same tiny HunyuanVideo: deterministic DPM-Solver++(2M) rollouts, final video latents only. In process
+    (run.in_process=true): its data through Ray is a subset of DanceGRPO's (final latents, the same conditioning), which
+    test_dancegrpo_on_tiny_hunyuan_video sends through the session cluster."""
+    proc = run_main("cluster/tiny_hunyuan.yaml", IN_PROCESS, "train.steps=2", DGPO, "rollout.micro_batch_size=4",
+                    f"run.output_root={tmp_path}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     records, _ = _records(proc.stdout)
     assert [r["step"] for r in records] == [1, 2]
@@ -261,13 +263,14 @@ def test_dancegrpo_on_tiny_wan_i2v(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_dgpo_on_tiny_wan_i2v(ray_cluster, tmp_path):
+def test_dgpo_on_tiny_wan_i2v(tmp_path):
     """DGPO on the same tiny Wan 2.1 I2V: ODE rollouts of image-conditioned groups, CFG in rollout and training, the
-    learner in micro-batches of 2 of each group's 4 members with activation checkpointing (the video presets' knobs)."""
+    learner in micro-batches of 2 of each group's 4 members with activation checkpointing (the video presets' knobs).
+    In process, as test_dgpo_on_tiny_hunyuan_video: test_dancegrpo_on_tiny_wan_i2v sends the image conditioning through Ray."""
     dgpo = DGPO.replace("num_train_timesteps: 2}", "num_train_timesteps: 2, micro_batch_size: 2}")
-    proc = run_raygrpo(
-        "cluster/tiny_wan_i2v.yaml", "train.steps=2", dgpo, "rollout.micro_batch_size=4", "learner.gradient_checkpointing=true",
-        f"run.output_root={tmp_path}", ray_address=ray_cluster.address,
+    proc = run_main(
+        "cluster/tiny_wan_i2v.yaml", IN_PROCESS, "train.steps=2", dgpo, "rollout.micro_batch_size=4", "learner.gradient_checkpointing=true",
+        f"run.output_root={tmp_path}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     records, run_dir = _records(proc.stdout)

@@ -16,4 +16,4 @@ def test_the_readme_quotes_exactly_what_make_figures_measured(tmp_path):
     readme.write_text(original)
     figures.rewrite_readme(json.loads((ROOT / "docs" / "figures.json").read_text()), readme)
     assert readme.read_text() == original, "README figure blocks differ from docs/figures.json: run `make figures` (or --render)"
-    assert {m.group("name") for m in figures.BLOCK.finditer(original)} == {"demo", "eval", "dgpo_vs_dancegrpo", "scale_out"}
+    assert {m.group("name") for m in figures.BLOCK.finditer(original)} == {"demo", "eval", "algorithms", "scale_out"}

@@ -84,7 +84,7 @@ def test_resolve_pretrained_unreachable_hub_fails_fast(monkeypatch, empty_hf_cac
 # --------------------------------------------------------------------------- check_pretrained (preflight)
 @pytest.mark.parametrize("build", sorted(TINY_BUILDERS))
 def test_check_pretrained_passes_a_complete_folder(build):
-    family = "wan_i2v" if build == "skyreels_v2_i2v" else build
+    family = {"skyreels_v2_i2v": "wan_i2v", "flux2_dev": "flux2", "wan22_i2v": "wan_i2v", "wan22_ti2v": "wan_t2v"}.get(build, build)  # second builds of a family
     check_pretrained(family, str(tiny_model_folder(build)))
     check_pretrained(family, "tiny-random")  # built by the actors, nothing to check on the driver
 

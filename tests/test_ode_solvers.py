@@ -276,7 +276,7 @@ def test_bad_grids_are_rejected(bad):
 
 def test_factory_names():
     sigmas = dpm_flow_sigmas(4, 3.0)
-    assert ODE_SOLVERS == ("euler", "dpmpp_2m")
+    assert ODE_SOLVERS == ("euler", "dpmpp_2m", "consistency")  # consistency: tests/test_rg_lcd.py
     assert isinstance(make_ode_solver("euler", sigmas), EulerSolver)
     assert isinstance(make_ode_solver("dpmpp_2m", sigmas), DPMSolverPP2M)
     assert make_ode_solver("dpmpp_2m", sigmas) is not make_ode_solver("dpmpp_2m", sigmas)

@@ -86,14 +86,24 @@ def test_gradient_checkpointing_holds_less_than_the_plain_backward():
     assert on.flops > off.flops  # the recompute: a second forward of every block
 
 
-def test_command_line_exit_codes(capsys):
+@pytest.fixture
+def measured_once(measured, monkeypatch):
+    """The planner's dry run answered with the module's measurements of the same tiny GPU config (the preflight and
+    the command line differ from it only in run.* fields, which change nothing measured): they test the verdict's
+    path through the entry points, not the measuring again (tests/test_plan's fixtures and cache test cover that)."""
+    from raygrpo.plan import cache
+
+    monkeypatch.setattr(cache, "measure", lambda config, *args, **kwargs: measured[1])
+
+
+def test_command_line_exit_codes(capsys, measured_once):
     assert main([str(TINY), *GPU, "--gpu-memory", "1MiB", "--json"]) == 1
     assert '"fits": false' in capsys.readouterr().out
     assert main([str(TINY), "model.pretrained=no-such/model"]) == 2
     assert "no architecture config" in capsys.readouterr().err
 
 
-def test_preflight_refuses_a_plan_that_cannot_fit(tmp_path):
+def test_preflight_refuses_a_plan_that_cannot_fit(tmp_path, measured_once):
     from raygrpo.run import preflight
 
     config = load_config(TINY, [*GPU, "ray.address=auto", f"run.output_root={tmp_path}"])  # a cluster: no local GPU count

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,7 +12,7 @@ import pytest
 from raygrpo.config import DataConfig
 from raygrpo.data.prompts import PromptFileError, load_prompts
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import run_main
 
 
 def _load(path: Path) -> list[str]:
@@ -135,11 +133,7 @@ def test_cli_exits_2_naming_file_and_line_before_ray_starts(tmp_path):
     bad = tmp_path / "prompts.txt"
     bad.write_bytes(b"a cat\n\na d\xf6g\n")  # Latin-1 "ö" on line 3
     output_root = tmp_path / "runs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "raygrpo.run", "cluster/tiny.yaml", "data.prompts=null", f"data.prompt_file={bad}",
-         f"run.output_root={output_root}"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )  # fmt: skip
+    proc = run_main("cluster/tiny.yaml", "data.prompts=null", f"data.prompt_file={bad}", f"run.output_root={output_root}")
     assert proc.returncode == 2, proc.stderr
     # Libraries may warn on stderr first (transformers without torchvision): read from raygrpo's own message.
     ours = proc.stderr[proc.stderr.index("raygrpo: cannot start this run:") :].splitlines()

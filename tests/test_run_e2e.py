@@ -17,7 +17,7 @@ import pytest
 
 from raygrpo.controller import HOLD_AFTER_STEP_ENV
 
-from .conftest import ROOT, ray_cli
+from .conftest import ROOT, ray_cli, run_main
 
 
 def run_raygrpo(*args: str, ray_address: str | None, timeout: int = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
@@ -112,11 +112,15 @@ def test_sigterm_while_the_ray_workers_start_stops_with_one_line(ray_cluster, tm
     ],
 )
 def test_real_model_presets_fail_fast_without_weights_or_gpus(tmp_path, preset, hub_id, gpus, reward_problem):
-    """No weights and no GPU here: a clear list of what is missing within seconds, and no hang."""
+    """No weights and no GPU here: a clear list of what is missing within seconds, and no hang. Offline in this
+    process (run_main); an unreachable hub in a process of its own, since huggingface_hub reads HF_HUB_OFFLINE at import."""
     modes = ({"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0"}) if preset == "flux.yaml" else ({"HF_HUB_OFFLINE": "1"},)
     for extra in modes:  # offline mode, and an unreachable hub
         start = time.monotonic()
-        proc = run_raygrpo(f"cluster/{preset}", f"run.output_root={tmp_path}", ray_address=None, timeout=120, extra_env=extra)
+        if extra["HF_HUB_OFFLINE"] == "1":
+            proc = run_main(f"cluster/{preset}", f"run.output_root={tmp_path}", env=extra)
+        else:
+            proc = run_raygrpo(f"cluster/{preset}", f"run.output_root={tmp_path}", ray_address=None, timeout=120, extra_env=extra)
         elapsed = time.monotonic() - start
         assert proc.returncode == 2, proc.stderr
         message = proc.stderr
@@ -129,8 +133,9 @@ def test_real_model_presets_fail_fast_without_weights_or_gpus(tmp_path, preset, 
 
 
 def test_a_plan_that_does_not_fit_the_cluster_names_need_and_have(ray_cluster, tmp_path):
-    proc = run_raygrpo("cluster/tiny.yaml", "rollout.num_gpus=1", "rollout.num_workers=3", f"run.output_root={tmp_path}",
-                       ray_address=ray_cluster.address, timeout=180)  # fmt: skip
+    """Joined to the session cluster (RAY_ADDRESS) from this process, which the entry point leaves as it found it."""
+    proc = run_main("cluster/tiny.yaml", "rollout.num_gpus=1", "rollout.num_workers=3", f"run.output_root={tmp_path}",
+                    env={"RAY_ADDRESS": ray_cluster.address})  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "needs more GPU than the cluster has" in proc.stderr
     assert re.search(r"rollout\s+3\s+0.5\s+1", proc.stderr) and re.search(r"need\s+2.75\s+3", proc.stderr), proc.stderr

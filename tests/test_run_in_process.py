@@ -26,16 +26,10 @@ from raygrpo.config import load_config
 from raygrpo.controller import HOLD_AFTER_STEP_ENV, Controller
 from raygrpo.errors import RunAborted
 
-from .conftest import ROOT, wait_healthy
+from .conftest import ROOT, run_main, wait_healthy
 
 IN_PROCESS = "run.in_process=true"
 SMALL = ["algorithm.group_size=4", "algorithm.groups_per_step=2", "algorithm.grad_accum_samples=4", "rollout.num_steps=4"]
-
-
-def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "raygrpo.run", *args], capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=timeout)
 
 
 def run_folder(root: Path) -> Path:
@@ -91,7 +85,7 @@ def red_server():
 @pytest.mark.parametrize("preset", ["tiny.yaml", "tiny_dgpo.yaml"])
 def test_tiny_presets_learn_in_process_and_write_their_outputs(tmp_path, preset):
     """The tiny presets as shipped (30 steps), every role in this one process: the reward clearly improves."""
-    proc = run_cli(f"cluster/{preset}", IN_PROCESS, f"run.output_root={tmp_path}")
+    proc = run_main(f"cluster/{preset}", IN_PROCESS, f"run.output_root={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Ray" not in proc.stderr.replace("(Ray", "")  # no local Ray instance was started
     run_dir = run_folder(tmp_path)
@@ -129,7 +123,7 @@ def test_tiny_presets_learn_in_process_and_write_their_outputs(tmp_path, preset)
 def test_a_dead_reward_server_stops_the_run_before_it_starts(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
-    proc = run_cli("cluster/tiny_two_rewards.yaml", IN_PROCESS, f"rewards.1.params.url={dead}", f"run.output_root={tmp_path}")
+    proc = run_main("cluster/tiny_two_rewards.yaml", IN_PROCESS, f"rewards.1.params.url={dead}", f"run.output_root={tmp_path}")
     elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr[-3000:]
     message = "\n".join(raygrpo_lines(proc.stderr) + proc.stderr.split("raygrpo: ", 1)[-1:])
@@ -142,13 +136,13 @@ def test_a_rejected_token_fails_preflight_and_aborts_a_run_that_skipped_it(tmp_p
     args = ["cluster/tiny_two_rewards.yaml", IN_PROCESS, *SMALL, "rewards.1.params.token_env=CLIENT_TOKEN",
             f"rewards.1.params.url={red_server.url}", f"run.output_root={tmp_path}"]  # fmt: skip
     start = time.monotonic()
-    proc = run_cli(*args, env={"CLIENT_TOKEN": "wrong-token"})
+    proc = run_main(*args, env={"CLIENT_TOKEN": "wrong-token"})
     elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "401" in proc.stderr and red_server.url in proc.stderr and "reward 'red'" in proc.stderr, proc.stderr[-2000:]
     assert elapsed < 15 and not any(tmp_path.iterdir())
     # Told not to look first, the run meets the 401 on its first scoring: it stops at once, never retrying.
-    proc = run_cli(*args, "--skip-reward-check", env={"CLIENT_TOKEN": "wrong-token"})
+    proc = run_main(*args, "--skip-reward-check", env={"CLIENT_TOKEN": "wrong-token"})
     assert proc.returncode == 3, proc.stderr[-3000:]
     (line,) = raygrpo_lines(proc.stderr)
     assert line.startswith("raygrpo: run aborted: reward 'red'") and "401" in line and "no step finished" in line, line
@@ -158,7 +152,7 @@ def test_a_rejected_token_fails_preflight_and_aborts_a_run_that_skipped_it(tmp_p
     assert state["status"] == "aborted" and "401" in state["reason"] and state["step"] == 0
     assert not (run_dir / "checkpoint-final").exists() and not (run_dir / "export").exists()
     # With the right token the same run trains, and both rewards score every sample.
-    proc = run_cli(*args, "train.steps=2", "run.resume=never", env={"CLIENT_TOKEN": "right-token"})
+    proc = run_main(*args, "train.steps=2", "run.resume=never", env={"CLIENT_TOKEN": "right-token"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = records(Path(proc.stdout.split("outputs: ")[1].strip()))
     assert all(r["rewards/red/missing"] == 0 and r["rewards/red/retries"] == 0 and r["groups/trained"] == 2 for r in rows)
@@ -167,7 +161,7 @@ def test_a_rejected_token_fails_preflight_and_aborts_a_run_that_skipped_it(tmp_p
 
 def test_a_reward_server_that_never_answers_aborts_after_max_empty_steps(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
-    proc = run_cli("cluster/tiny_two_rewards.yaml", IN_PROCESS, *SMALL, "--skip-reward-check", f"rewards.1.params.url={dead}",
+    proc = run_main("cluster/tiny_two_rewards.yaml", IN_PROCESS, *SMALL, "--skip-reward-check", f"rewards.1.params.url={dead}",
                    "rewards.1.params.max_attempts=2", "rewards.1.params.backoff_s=0.01", f"run.output_root={tmp_path}")  # fmt: skip
     assert proc.returncode == 3, proc.stderr[-3000:]
     (line,) = raygrpo_lines(proc.stderr)
@@ -188,7 +182,7 @@ def test_a_reward_server_that_never_answers_aborts_after_max_empty_steps(tmp_pat
 
 def test_a_run_whose_every_sample_goes_unscored_never_finishes(tmp_path):
     """A local reward that cannot score these prompts (they name no colour): every group dropped, exit 3."""
-    proc = run_cli("cluster/tiny.yaml", IN_PROCESS, *SMALL, "rewards=[{name: hue, kind: color, params: {from_prompt: true}}]",
+    proc = run_main("cluster/tiny.yaml", IN_PROCESS, *SMALL, "rewards=[{name: hue, kind: color, params: {from_prompt: true}}]",
                    "data.prompts=[a cat, a dog]", "train.steps=5", f"run.output_root={tmp_path}")  # fmt: skip
     assert proc.returncode == 3, proc.stderr[-3000:]
     (line,) = raygrpo_lines(proc.stderr)
@@ -198,7 +192,7 @@ def test_a_run_whose_every_sample_goes_unscored_never_finishes(tmp_path):
 
 def test_a_run_whose_rewards_never_differ_within_a_group_learned_nothing_and_says_so(tmp_path):
     """A threshold no sample reaches: every reward 0, every advantage 0, no gradient. Not a success."""
-    proc = run_cli("cluster/tiny.yaml", IN_PROCESS, *SMALL, "rewards.0.threshold=100", "train.steps=2", f"run.output_root={tmp_path}")
+    proc = run_main("cluster/tiny.yaml", IN_PROCESS, *SMALL, "rewards.0.threshold=100", "train.steps=2", f"run.output_root={tmp_path}")
     assert proc.returncode == 3, proc.stderr[-3000:]
     (line,) = raygrpo_lines(proc.stderr)
     assert "nothing was learned in 2 step(s)" in line and "every advantage was 0" in line, line
@@ -211,14 +205,14 @@ def test_a_run_killed_while_writing_its_report_and_export_is_finished_by_the_sam
     """What a kill after the last step leaves: checkpoint-final, a half-written export, run_state "finishing".
     The same command writes the report and the export again, without training, and marks the run finished."""
     args = ["cluster/tiny.yaml", IN_PROCESS, *SMALL, "train.steps=1", f"run.output_root={tmp_path}"]
-    assert run_cli(*args).returncode == 0
+    assert run_main(*args).returncode == 0
     run_dir = run_folder(tmp_path)
     state = json.loads((run_dir / "run_state.json").read_text())
     (run_dir / "run_state.json").write_text(json.dumps({**state, "status": "finishing"}))
     (run_dir / "samples.png").unlink()
     (run_dir / "export" / "model_index.json").unlink()  # cut short
     weights = (run_dir / "checkpoint-final" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
-    proc = run_cli(*args)
+    proc = run_main(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "was trained to the end; writing its report and export again" in proc.stderr and "training:" not in proc.stderr
     assert (run_dir / "samples.png").is_file() and (run_dir / "export" / "model_index.json").is_file()
@@ -230,7 +224,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_the_same_command_finishes_exac
     """SIGTERM (what `ray job stop` sends) after step 2: exit 143, one line, a checkpoint of step 2; the same
     command resumes from it and ends with the metrics and weights of a run that never stopped."""
     args = ["cluster/tiny.yaml", IN_PROCESS, *SMALL, "train.steps=4", "train.checkpoint_every=0"]
-    straight = run_cli(*args, f"run.output_root={tmp_path / 'straight'}")
+    straight = run_main(*args, f"run.output_root={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr[-3000:]
     out = tmp_path / "stopped"
     env = {**os.environ, HOLD_AFTER_STEP_ENV: "2"}
@@ -251,7 +245,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_the_same_command_finishes_exac
     assert "Traceback" not in stderr
     state = json.loads((run_dir / "run_state.json").read_text())
     assert (state["status"], state["step"], state["checkpoint"]) == ("aborted", 2, "checkpoints/step-000002")
-    resumed = run_cli(*args, f"run.output_root={out}")
+    resumed = run_main(*args, f"run.output_root={out}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     clock = ("time/", "idle/", "learner/seconds")
     comparable = [[{k: v for k, v in r.items() if not k.startswith(clock)} for r in records(d)] for d in (run_folder(tmp_path / "straight"), run_dir)]

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from raygrpo.algorithms import dancegrpo, dgpo
+from raygrpo.algorithms import dancegrpo, dcpo, dgpo, di_star, diffusionnft, distill, flow_grpo, mixgrpo, rg_lcd
 from raygrpo.algorithms.base import Algorithm, LossTerm, RolloutSpec, StepDraws, WindowGroup
 from raygrpo.algorithms.dancegrpo import DanceGRPO
 from raygrpo.algorithms.dgpo import DGPO
 from raygrpo.config import Config
 
-_ALGORITHMS = {"dancegrpo": (DanceGRPO, dancegrpo.rollout_spec), "dgpo": (DGPO, dgpo.rollout_spec)}
+_ALGORITHMS = {
+    "dancegrpo": (DanceGRPO, dancegrpo.rollout_spec),
+    "dgpo": (DGPO, dgpo.rollout_spec),
+    "mixgrpo": (mixgrpo.MixGRPO, mixgrpo.rollout_spec),
+    "flow_grpo": (flow_grpo.FlowGRPO, flow_grpo.rollout_spec),
+    "diffusionnft": (diffusionnft.DiffusionNFT, diffusionnft.rollout_spec),
+    "diffusion_dpo": (dcpo.DiffusionDPO, dcpo.rollout_spec),
+    "dcpo": (dcpo.DiffusionDPO, dcpo.rollout_spec),  # the same loss; the captions differ in the data
+    "rg_lcd": (rg_lcd.RGLCD, distill.rollout_spec),  # both students sample with consistency (distill.py)
+    "di_star": (di_star.DiffInstructStar, distill.rollout_spec),
+}
 
 
 def make_algorithm(config: Config) -> Algorithm:

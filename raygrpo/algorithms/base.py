@@ -2,7 +2,8 @@
 
 An algorithm (one file each: ``dancegrpo.py``, ``dgpo.py``) says
 
-* what rollout must record (:class:`RolloutSpec`: sampler, noise sharing, trajectory and log-probs);
+* what rollout must record (:class:`RolloutSpec`: sampler, noise sharing, trajectory and log-probs, and with
+  an :class:`SdeWindow` which steps are SDE steps; ``Rollout.sde_steps`` says which steps were recorded);
 * the random draws of one update (:meth:`Algorithm.draw`: DanceGRPO's timesteps, DGPO's sigmas and noises),
   made for every group of the step in order so that M learner ranks draw what one rank draws;
 * the loss of one optimizer step's samples as a stream of :class:`LossTerm` (:meth:`Algorithm.loss_terms`),
@@ -20,6 +21,20 @@ the metrics. Its contract with an algorithm, for one window of samples::
 
 so an algorithm writes ``loss_t`` as its per-sample loss summed over the samples the term covers (and
 divided by the number of terms each sample gets, e.g. DanceGRPO's trained timesteps).
+
+Offline algorithms (Diffusion-DPO, DCPO: ``dcpo.py``) train on data rather than on samples. The extension is on the
+rollout side only: their rollout role (``raygrpo/rollout/preference.py``, chosen by ``rollout_worker_class``) still
+samples each group for the reward metrics, and also encodes the group's data record (a preference pair: VAE latents
+and caption encodings) into a :class:`~raygrpo.data.preferences.PreferenceRollout`; ``loss_terms`` reads that and
+ignores the samples and advantages. A group's one pair is written as its trained members' share (loss times
+``len(rows)``), so the learner's normalisation above gives the mean over pairs.
+
+Few-step students (RG-LCD, Diff-Instruct*: ``rg_lcd.py``, ``di_star.py`` on ``distill.py``) fit the protocol as it
+is: rollout samples the student with the ``consistency`` sampler (``rollout.num_steps`` 1 for a one-step generator);
+``loss_terms`` may train networks of its own before its first term (the latent reward model; the fake score as a
+:class:`~raygrpo.learner.ema.ParameterShadow` stepped through the live network while it holds no gradient), and
+reaches rewards with gradients through a VAE decoder it loads itself. The advantages feed only the latent reward
+model; the samples are the LCD data (RG-LCD) or unused by the loss (Diff-Instruct*: data-free).
 """
 
 from __future__ import annotations
@@ -32,7 +47,27 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from raygrpo.contracts import Rollout, TrainGroup
+from raygrpo.contracts import PromptGroup, Rollout, TrainGroup
+
+
+class SdeWindow(Protocol):
+    """Which steps of a group are sampled with the SDE (and recorded); every other step is a deterministic Euler
+    step. Flow-GRPO-Fast draws a window per group, MixGRPO slides one along with training. Implementations are
+    frozen, picklable dataclasses (rollout workers receive them) and deterministic in the group, so that every
+    worker sampling a part of a spread group, or a group generated again, uses the same window."""
+
+    def bounds(self, group: PromptGroup, num_steps: int) -> tuple[int, int]:
+        """``[start, stop)`` within ``0..num_steps``: the SDE steps of ``group``."""
+
+
+class PostWindowOde(Protocol):
+    """How the steps after a group's SDE window are taken when not by Euler on the rollout grid (MixGRPO-Flash:
+    DPM-Solver++(2M) on a compressed tail). A frozen, picklable dataclass, as :class:`SdeWindow`."""
+
+    solver: str  # one of raygrpo.sampling.ODE_SOLVERS; fed every step of the group (a multistep solver's history)
+
+    def sigmas(self, sigmas: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+        """The group's grid: ``sigmas`` ``[T+1]`` through the window's end, then the steps after it (recorded in the Rollout)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +78,8 @@ class RolloutSpec:
     noise_level: float  # eta (dance_sde), a (flow_sde), DDIM's eta (ddim); unused by ODE samplers
     shared_noise: bool  # one initial noise per group
     record_trajectory: bool  # keep x_0..x_T and the per-step log-probs
+    sde_window: SdeWindow | None = None  # record_trajectory only: SDE (recorded) steps; None: every step
+    post_window: PostWindowOde | None = None  # sde_window only: the steps after the window; None: Euler on the same grid
 
 
 @dataclass

@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -81,10 +82,22 @@ def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_range:
     return torch.maximum(unclipped, clipped)
 
 
-def trained_steps(num_steps: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """A random subset of the first T - 1 transitions, ``floor((T - 1) * fraction)`` of them."""
+def trained_steps(num_steps: int, fraction: float, rng: np.random.Generator, trainable: np.ndarray | None = None) -> np.ndarray:
+    """A random subset of the first T - 1 transitions, ``floor((T - 1) * fraction)`` of them.
+
+    ``trainable`` ``[T]`` bool (``ModelAdapter.trainable_levels`` of the grid's levels): where it leaves some of
+    those transitions out (Wan 2.2's two experts: the trained one owns its side of the boundary,
+    raygrpo/models/wan_experts.py), the subset is ``floor(n * fraction)`` of the ``n`` transitions it keeps."""
     usable = num_steps - 1
-    return rng.permutation(usable)[: math.floor(usable * fraction)]
+    if trainable is None or trainable[:usable].all():
+        return rng.permutation(usable)[: math.floor(usable * fraction)]
+    owned = np.flatnonzero(trainable[:usable])
+    if math.floor(len(owned) * fraction) == 0:
+        raise ValueError(
+            f"the trained expert owns {len(owned)} of the {usable} trainable steps, and timestep_fraction {fraction} of them is "
+            "none: raise rollout.num_steps or algorithm.timestep_fraction, or train the other expert (model.train_expert)"
+        )
+    return rng.permutation(owned)[: math.floor(len(owned) * fraction)]
 
 
 class DanceGRPO:
@@ -101,8 +114,8 @@ class DanceGRPO:
         self.micro_batch = config.rollout.micro_batch_size
 
     def setup(self, model, parameters: list[torch.nn.Parameter], lora: bool) -> None:
-        """No reference model and no EMA: only where the tensors go."""
-        self.device = parameters[0].device
+        """No reference model and no EMA: where the tensors go, and the model (which noise levels it trains)."""
+        self.model, self.device = model, parameters[0].device
 
     def window_samples(self, world_size: int) -> int:
         # Each rank accumulates its 1/M share of a window; the M shares together are one window.
@@ -113,9 +126,10 @@ class DanceGRPO:
         micro-batch share theirs (one draw per micro-batch: one per member at ``rollout.micro_batch_size`` 1)."""
         usable = len(example.sigmas) - 1
         fraction, m = self.algo.timestep_fraction, self.micro_batch
+        trainable = self.model.trainable_levels(as_tensor(example.sigmas[:-1])).cpu().numpy()  # [T]: step j's level is sigma_j
         per_group = []
         for _ in range(total_groups):
-            batches = [trained_steps(usable, fraction, rng) for _ in range(-(-members // m))]
+            batches = [trained_steps(usable, fraction, rng, trainable) for _ in range(-(-members // m))]
             per_group.append([batches[row // m] for row in range(members)])
         return StepDraws(per_group)
 
@@ -136,29 +150,55 @@ class DanceGRPO:
             rollout, train = wg.rollout, wg.train
             sigmas = as_tensor(rollout.sigmas, device)  # [T+1]
             steps = grid_steps(self.spec.sampler, self.spec.noise_level, sigmas)  # the rollout's steps, computed once
+            start = rollout.sde_steps[0]  # trajectory[:, k] is x at grid step start + k (0 without an SDE window)
             weights = torch.tensor(train.reward_weights, device=device)  # [K]; a copy: the array may be a read-only object-store view
             batches = _rollout_batches(wg.rows, self.micro_batch)
             for b, rows in enumerate(batches):
                 members = train.members[rows]  # [n]
-                trajectory = as_tensor(rollout.trajectory[members], device)  # [n, T+1, ...]
-                old_log_probs = as_tensor(rollout.log_probs[members], device)  # [n, T]
+                trajectory = as_tensor(rollout.trajectory[members], device)  # [n, W+1, ...]: the recorded steps (W = T without a window)
+                old_log_probs = as_tensor(rollout.log_probs[members], device)  # [n, W]
                 advantages = as_tensor(train.advantages[:, members].T, device)  # [n, K]
                 cond = ConditioningBatch.of(rollout.conditioning, len(members), device)
-                trained = wg.draw[rows[0]]  # shared by the micro-batch
+                trained = wg.draw[rows[0]]  # shared by the micro-batch: positions k among the recorded steps
                 step_weights = weights / len(trained)  # [K]: w_k / n_steps
-                for s, j in enumerate(trained.tolist()):
-                    x, x_next = trajectory[:, j].contiguous(), trajectory[:, j + 1]  # [n, ...] each; x as rollout fed it
-                    v = policy.velocity(x, sigmas[j].expand(len(members)), cond)  # [n, ...]
-                    loss, ratio, log_ratio = term_loss(steps, x, v, x_next, j, old_log_probs[:, j], advantages, step_weights, clip)
-                    log_ratio = log_ratio.double()
+                for s, k in enumerate(trained.tolist()):
+                    j = start + k  # the grid step
+                    x, x_next = trajectory[:, k].contiguous(), trajectory[:, k + 1]  # [n, ...] each; x as rollout fed it
+                    step = TrainedStep(steps, sigmas, j, x, x_next, cond, old_log_probs[:, k], advantages, step_weights)
+                    loss, ratio, extras = self.step_loss(policy, step)
                     yield LossTerm(
                         loss=loss,
                         slot=wg.slot,
                         final=wg is window[-1] and b == len(batches) - 1 and s == len(trained) - 1,
                         ratios=ratio,
                         clipped=(ratio - 1).abs() > clip,
-                        extras={"approx_kl": (torch.expm1(log_ratio) - log_ratio).mean()},  # k3, see the module docstring
+                        extras=extras,
                     )
+
+    def step_loss(self, policy, step: TrainedStep) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Extension point (Flow-GRPO adds its KL and GRPO-Guard): ``(loss, ratios [n], statistics)`` of one trained step
+        of a micro-batch; here the clipped surrogate and the k3 ``approx_kl`` of the module docstring."""
+        v = policy.velocity(step.x, step.sigmas[step.index].expand(len(step.x)), step.cond)  # [n, ...]
+        loss, ratio, log_ratio = term_loss(
+            step.steps, step.x, v, step.x_next, step.index, step.old_log_prob, step.advantages, step.weights, self.algo.clip_range
+        )
+        log_ratio = log_ratio.double()
+        return loss, ratio, {"approx_kl": (torch.expm1(log_ratio) - log_ratio).mean()}  # k3, see the module docstring
+
+
+@dataclass
+class TrainedStep:
+    """One trained step j of a rollout micro-batch of n members, as :meth:`DanceGRPO.step_loss` takes it."""
+
+    steps: GridSteps  # the rollout's steps (coefficients of every step of its grid)
+    sigmas: torch.Tensor  # [T+1] the rollout's grid
+    index: int  # j, the grid step
+    x: torch.Tensor  # [n, ...] x_j as rollout fed it
+    x_next: torch.Tensor  # [n, ...] the recorded x_{j+1}
+    cond: ConditioningBatch  # expanded to n
+    old_log_prob: torch.Tensor  # [n] log pi_old(x_{j+1} | x_j), recorded by rollout
+    advantages: torch.Tensor  # [n, K]
+    weights: torch.Tensor  # [K] w_k / n_steps
 
 
 def term_loss(

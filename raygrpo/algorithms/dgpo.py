@@ -64,14 +64,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from raygrpo.algorithms.base import LossTerm, RolloutSpec, StepDraws, WindowGroup
+from raygrpo.algorithms.forward_process import (
+    GroupTensors,
+    base_weights,
+    frozen_snapshot,
+    group_tensors,
+    micro_batches,
+    velocities,
+    velocity,
+)
 from raygrpo.config import Config, DGPOConfig
-from raygrpo.contracts import ConditioningBatch, Rollout, as_tensor
+from raygrpo.contracts import Rollout, as_tensor
 from raygrpo.learner.ema import ParameterShadow, fast_ema_decay, slow_ema_decay
 from raygrpo.sampling import shift_sigmas
 
@@ -124,28 +132,37 @@ def ppo_clip_mask(advantages: torch.Tensor, loss: torch.Tensor, loss_old: torch.
     return ((advantages > 0) & (ratio > 1 + clip_range)) | ((advantages < 0) & (ratio < 1 - clip_range))
 
 
-def training_sigmas(algo: DGPOConfig, rollout_sigmas: torch.Tensor, shift: float, rng: np.random.Generator) -> torch.Tensor:
-    """The M noise levels of one update, shared by every sample (the timestep clip). ``[M]`` float32."""
+def training_sigmas(
+    algo: DGPOConfig, rollout_sigmas: torch.Tensor, shift: float, rng: np.random.Generator, trainable=None
+) -> torch.Tensor:
+    """The M noise levels of one update, shared by every sample (the timestep clip). ``[M]`` float32.
+
+    ``trainable`` (``ModelAdapter.trainable_levels``; None: every level) restricts them to the levels the trained
+    network owns (Wan 2.2's two experts, raygrpo/models/wan_experts.py): ``trunc_steps`` draws among the owned grid
+    levels, the uniform draw is redrawn where it falls outside them (the uniform law conditioned on the owned
+    levels). Every level owned: the draws are the unrestricted ones, the random stream unchanged."""
     if algo.trunc_steps is not None:
-        indices = rng.choice(algo.trunc_steps + 1, size=algo.num_train_timesteps, replace=False)
+        candidates = np.arange(algo.trunc_steps + 1)
+        if trainable is not None:
+            candidates = candidates[trainable(rollout_sigmas[: algo.trunc_steps + 1]).cpu().numpy()]
+            if len(candidates) < algo.num_train_timesteps:
+                raise ValueError(
+                    f"the trained expert owns {len(candidates)} of the first {algo.trunc_steps + 1} grid levels, fewer than "
+                    f"num_train_timesteps={algo.num_train_timesteps}: raise trunc_steps or train the other expert (model.train_expert)"
+                )
+        indices = rng.choice(candidates, size=algo.num_train_timesteps, replace=False)
         return rollout_sigmas[torch.as_tensor(indices)].float()
     t = torch.as_tensor(rng.uniform(algo.t_min, 1.0, size=algo.num_train_timesteps), dtype=torch.float64)
-    return shift_sigmas(t, shift).float()
-
-
-@dataclass
-class _Group:
-    """One group's tensors for an update."""
-
-    x0: torch.Tensor  # [G, ...] final latents of the trained members
-    advantages: torch.Tensor  # [G] sum_k w_k A_k
-    cond: ConditioningBatch  # expanded to G
-
-
-def _micro_batches(size: int, micro_batch_size: int | None) -> list[slice]:
-    """The member slices of a group of ``size``: one slice for None (the whole group)."""
-    step = micro_batch_size or size
-    return [slice(i, min(i + step, size)) for i in range(0, size, step)]
+    sigmas = shift_sigmas(t, shift).float()
+    if trainable is None:
+        return sigmas
+    for _ in range(1000):
+        outside = ~trainable(sigmas).cpu()
+        if not outside.any():
+            return sigmas
+        t = torch.as_tensor(rng.uniform(algo.t_min, 1.0, size=int(outside.sum())), dtype=torch.float64)
+        sigmas[outside] = shift_sigmas(t, shift).float()
+    raise ValueError(f"t_min={algo.t_min} at shift {shift} leaves (almost) no noise level to the trained expert (model.train_expert)")
 
 
 def no_grad_forwards(algo: DGPOConfig, members: int) -> int:
@@ -156,7 +173,7 @@ def no_grad_forwards(algo: DGPOConfig, members: int) -> int:
     (The resource planner counts FLOPs with it; tests/test_plan.py checks it against the forwards run.)"""
     old = (algo.clip_dsm or algo.clip_kl) and algo.reference != "fast_ema"
     base = algo.reference != "frozen" and algo.kl_beta != 0
-    split = len(_micro_batches(members, algo.micro_batch_size)) > 1
+    split = len(micro_batches(members, algo.micro_batch_size)) > 1
     return 1 + int(old) + int(base) + int(split)
 
 
@@ -175,13 +192,10 @@ class DGPO:
         self.model, self.device = model, parameters[0].device
         self.fast_ema = ParameterShadow(parameters)
         self.slow_ema = ParameterShadow(parameters)
-        # With LoRA the base is the network with the adapter switched off; otherwise keep the start.
-        self.frozen = None if lora else ParameterShadow(parameters)
+        self.frozen = frozen_snapshot(parameters, lora)  # None with LoRA: the base is the adapter switched off
 
     def _frozen_base(self) -> AbstractContextManager:
-        if self.frozen is not None:
-            return self.frozen.swapped()
-        return _adapters_disabled(self.model.transformer)
+        return base_weights(self.model, self.frozen)
 
     def _reference(self) -> AbstractContextManager:
         return self.fast_ema.swapped() if self.algo.reference == "fast_ema" else self._frozen_base()
@@ -202,7 +216,7 @@ class DGPO:
         One noise per group at each sigma, shared by its members (paper §3: variance reduction).
         ``per_group[k][t]`` is group k's ``[1, ...]`` noise at sigma t.
         """
-        sigmas = training_sigmas(self.algo, as_tensor(example.sigmas), self.config.rollout.shift, rng)  # [M]
+        sigmas = training_sigmas(self.algo, as_tensor(example.sigmas), self.config.rollout.shift, rng, self.model.trainable_levels)  # [M]
         noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         shape = (1, *example.final_latents.shape[1:])
         at_sigma = [[torch.randn(shape, generator=noise_gen) for _ in range(total_groups)] for _ in range(len(sigmas))]
@@ -213,7 +227,7 @@ class DGPO:
         """At each sigma, every group's terms (one per micro-batch), each shadow swapped in once per sigma."""
         device = self.device
         sigmas = draws.shared.to(device)  # [M]
-        groups = [self._group(wg, device) for wg in window]
+        groups = [group_tensors(wg, device) for wg in window]
         for t_index, sigma in enumerate(sigmas):
             noise = [wg.draw[t_index].to(device).expand_as(g.x0) for wg, g in zip(window, groups)]
             x_t = [(1 - sigma) * g.x0 + sigma * eps for g, eps in zip(groups, noise)]  # each [G, ...]
@@ -231,7 +245,7 @@ class DGPO:
             self.slow_ema.update(slow_ema_decay(k, algo.slow_ema_decay))
 
     def _reference_terms(
-        self, groups: list[_Group], x_t: list[torch.Tensor], targets: list[torch.Tensor], sigma: torch.Tensor
+        self, groups: list[GroupTensors], x_t: list[torch.Tensor], targets: list[torch.Tensor], sigma: torch.Tensor
     ) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
         """Per group ``(l_ref [G], l_old [G] or None, v_base [G, ...])``, each shadow swapped in once for every group."""
         algo = self.algo
@@ -250,7 +264,7 @@ class DGPO:
 
     def _group_terms(
         self,
-        group: _Group,
+        group: GroupTensors,
         slot: int,
         x_t: torch.Tensor,
         target: torch.Tensor,
@@ -267,7 +281,7 @@ class DGPO:
         ``last``: this group is the update's last at its last sigma, so its last term is the window's final one.
         """
         algo = self.algo
-        slices = _micro_batches(len(group.x0), algo.micro_batch_size)
+        slices = micro_batches(len(group.x0), algo.micro_batch_size)
         needs_old = loss_old is not None
         # The gate needs every member's l_i before any backward: a group trained in one forward gets them from
         # that forward; a split group from a no-gradient pass of the policy first (module docstring).
@@ -296,45 +310,17 @@ class DGPO:
     def _evaluate(
         self,
         weights: AbstractContextManager,
-        groups: list[_Group],
+        groups: list[GroupTensors],
         x_t: list[torch.Tensor],
         targets: list[torch.Tensor],
         sigma: torch.Tensor,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per group ``(l [G], v [G, ...])`` under ``weights`` (swapped in once) without gradients, a micro-batch per forward."""
-        with torch.no_grad(), weights:
-            vs = [
-                torch.cat([self._velocity(g, x, sigma, rows) for rows in _micro_batches(len(g.x0), self.algo.micro_batch_size)])
-                for g, x in zip(groups, x_t)
-            ]
+        sigmas = [sigma.expand(len(g.x0)) for g in groups]  # [G] each
+        vs = velocities(self.model, weights, groups, x_t, sigmas, self.algo.micro_batch_size)
         return [(denoising_loss(v, target), v) for v, target in zip(vs, targets)]
 
-    def _policy(self, group: _Group, x_t: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, rows: slice):
+    def _policy(self, group: GroupTensors, x_t: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, rows: slice):
         """``(v [b, ...], l [b])`` of the trained weights on micro-batch ``rows``, with gradients."""
-        v = self._velocity(group, x_t, sigma, rows)
+        v = velocity(self.model, group, x_t, sigma.expand(len(x_t)), rows)
         return v, denoising_loss(v, target[rows])
-
-    def _velocity(self, group: _Group, x_t: torch.Tensor, sigma: torch.Tensor, rows: slice) -> torch.Tensor:
-        x = x_t[rows]
-        return self.model.velocity(x, sigma.expand(len(x)), group.cond.rows(rows))
-
-    def _group(self, wg: WindowGroup, device) -> _Group:
-        members = wg.train.members[wg.rows]
-        x0 = as_tensor(wg.rollout.final_latents[members], device)  # [G, ...]
-        weighted = (wg.train.reward_weights[:, None] * wg.train.advantages[:, members]).sum(axis=0)  # [G]
-        cond = ConditioningBatch.of(wg.rollout.conditioning, len(members), device)
-        return _Group(x0, torch.as_tensor(weighted, dtype=torch.float32, device=device), cond)
-
-
-class _adapters_disabled(AbstractContextManager):
-    """Evaluate a diffusers model with its (peft) LoRA adapters switched off."""
-
-    def __init__(self, transformer):
-        self.transformer = transformer
-
-    def __enter__(self):
-        self.transformer.disable_adapters()
-
-    def __exit__(self, *exc):
-        self.transformer.enable_adapters()
-        return False

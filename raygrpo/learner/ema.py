@@ -43,9 +43,11 @@ class ParameterShadow:
                     p.copy_(value)
 
 
-def fast_ema_decay(step: int, max_decay: float, rate: float) -> float:
-    """DGPO's fast EMA ("old policy"): min(max_decay, rate * step); it lags the policy by about one step."""
-    return min(max_decay, rate * step)
+def fast_ema_decay(step: int, max_decay: float, rate: float, delay: int = 0) -> float:
+    """The "old policy" EMA's ramped decay: min(max_decay, rate * max(0, step - delay)); it lags the policy by about one
+    step early on. DGPO: min(0.3, 0.001 step); DiffusionNFT: min(0.5, 0.001 step), or its OCR recipe's
+    min(0.999, 0.0075 (step - 75)) after 75 steps of decay 0 (``return_decay`` of train_nft_sd3.py)."""
+    return min(max_decay, rate * max(0, step - delay))
 
 
 def slow_ema_decay(step: int, max_decay: float) -> float:

@@ -106,6 +106,7 @@ class Learner:
             else config.model.guidance_scale,
             max_sequence_length=config.model.max_sequence_length,
             num_frames=config.model.num_frames,
+            train_expert=config.model.train_expert,  # Wan 2.2 A14B: the expert this side trains / receives
         )
         network = self.model.transformer
         self.synced_names = prepare_network(network, config, shard=self.sharded)

@@ -167,7 +167,7 @@ class ModelAdapter(ABC):
     - :attr:`device` / :attr:`dtype`: where the network is and the dtype of its weights;
     - :attr:`latent_shape`: one sample's latent shape, in which the shapes below are stated;
     - :meth:`from_pretrained`, :meth:`encode_prompt`, :meth:`sigma_grid`, :meth:`initial_noise`,
-      :meth:`velocity`, :meth:`decode`.
+      :meth:`velocity`, :meth:`decode`, :meth:`trainable_levels`.
 
     Latents are float32 tensors ``[B, *latent_shape]`` in flow coordinates, ``x_sigma = (1 - sigma)
     x0 + sigma eps``, with the family's layout (FLUX: packed tokens ``[B, S, D]``; SD3 and SD: ``[B,
@@ -227,6 +227,15 @@ class ModelAdapter(ABC):
         first level (variance-preserving Stable Diffusion) overrides it.
         """
         return sigma_grid(sampler, num_steps, shift)
+
+    def trainable_levels(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """``[N]`` bool: the trained network predicts at each noise level of ``sigmas [N]``, so a step there can train.
+
+        Every level, except for Wan 2.2's two-expert models, whose trained expert owns only its side of the
+        boundary (raygrpo/models/wan_experts.py); the algorithms that draw training steps or noise levels
+        (DanceGRPO, DGPO) draw among these.
+        """
+        return torch.ones(len(sigmas), dtype=torch.bool)
 
     @abstractmethod
     def initial_noise(self, generator: torch.Generator | None, num: int) -> torch.Tensor:

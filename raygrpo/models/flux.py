@@ -10,6 +10,7 @@ that outputs match the pipeline's.
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ class FluxModel(ModelAdapter):
 
     family = "flux"
     network_component = "transformer"  # the pipeline component the trained network is (checkpoints and export name it so)
+    pipeline_class: ClassVar[type[FluxPipeline]] = FluxPipeline  # whose helpers encode, pack and position (subclasses: their pipeline)
 
     def __init__(
         self,
@@ -103,7 +105,8 @@ class FluxModel(ModelAdapter):
 
         ``height``/``width`` default to 64 for ``"tiny-random"`` and 512 otherwise.
         """
-        source = pretrained_source("flux", name_or_path)
+        source = pretrained_source(cls.family, name_or_path)
+        cls._check_source(source)
 
         def load(cls_, subfolder: str, **kwargs):
             return load_component(source, cls_, subfolder, device, **kwargs)
@@ -139,6 +142,10 @@ class FluxModel(ModelAdapter):
             **text_modules,
         )
 
+    @classmethod
+    def _check_source(cls, source: str) -> None:
+        """Extension point: refuse a checkpoint of another FLUX variant before its weights load (FLUX.1 takes any)."""
+
     # -------------------------------------------------------------------------------- properties
     @property
     def num_latent_channels(self) -> int:
@@ -159,9 +166,9 @@ class FluxModel(ModelAdapter):
 
     @property
     def pipeline(self) -> FluxPipeline:
-        """A FluxPipeline over the loaded components (absent ones are None), for its helper methods."""
+        """A :attr:`pipeline_class` pipeline over the loaded components (absent ones are None), for its helper methods."""
         if self._pipeline is None:
-            self._pipeline = FluxPipeline(
+            self._pipeline = self.pipeline_class(
                 scheduler=self.scheduler,
                 vae=self.vae,
                 text_encoder=self.text_encoder,
@@ -181,7 +188,14 @@ class FluxModel(ModelAdapter):
         returned for a repeated prompt; treat its arrays as read-only.
         """
         if image is not None:
-            raise ValueError("FLUX here is text-to-image: a prompt group with a conditioning image needs an image-to-video family")
+            raise ValueError(
+                "FLUX here is text-to-image: a prompt group with a conditioning image needs an image-conditioned family "
+                "(flux_kontext edits images, wan_i2v animates them)"
+            )
+        return self._encode_text(prompt)
+
+    def _encode_text(self, prompt: str) -> Conditioning:
+        """The text half of :meth:`encode_prompt`, cached per prompt (image-conditioned subclasses add their image to it)."""
         cached = self._prompt_cache.get(prompt)
         if cached is not None:
             return cached
@@ -216,11 +230,19 @@ class FluxModel(ModelAdapter):
     def _position_ids(self, text_length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (text_length, device, dtype)
         if key not in self._ids_cache:
-            _, h, w = self.unpacked_latent_shape
             txt_ids = torch.zeros(text_length, 3, device=device, dtype=dtype)
-            img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)
-            self._ids_cache[key] = (txt_ids, img_ids)
+            self._ids_cache[key] = (txt_ids, self._image_position_ids(device, dtype))
         return self._ids_cache[key]
+
+    def _image_position_ids(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``[S, 3]`` RoPE ids ``(0, row, column)`` of the packed tokens, as FluxPipeline makes them (extension point)."""
+        _, h, w = self.unpacked_latent_shape
+        return FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)
+
+    def _network_input(self, latents: torch.Tensor, cond: ConditioningBatch) -> torch.Tensor:
+        """The transformer's ``hidden_states`` for ``latents [B, S, D]``: the latents themselves (extension point:
+        a subclass appends conditioning tokens; :meth:`velocity` keeps the first ``S`` output tokens)."""
+        return latents
 
     def velocity(
         self,
@@ -250,7 +272,7 @@ class FluxModel(ModelAdapter):
             guidance = torch.full((batch,), scale, device=device, dtype=dtype)
         txt_ids, img_ids = self._position_ids(cond.prompt_embeds.shape[1], device, dtype)  # device/dtype looked up once per call
         prediction = self.transformer(
-            hidden_states=latents.to(device, dtype),
+            hidden_states=self._network_input(latents.to(device, dtype), cond),
             timestep=timestep,
             guidance=guidance,
             pooled_projections=cond.pooled_prompt_embeds.to(device, dtype),
@@ -258,7 +280,7 @@ class FluxModel(ModelAdapter):
             txt_ids=txt_ids,
             img_ids=img_ids,
             return_dict=False,
-        )[0]
+        )[0][:, :tokens]  # the noisy tokens' velocity (appended conditioning tokens, if any, dropped)
         return prediction.float()
 
     @torch.inference_mode()
@@ -281,6 +303,6 @@ class FluxModel(ModelAdapter):
     def __repr__(self) -> str:
         loaded = [name for name in ("vae", "text_encoder", "text_encoder_2") if getattr(self, name) is not None]
         return (
-            f"FluxModel({self.height}x{self.width}, guidance={self.guidance_scale}, dtype={self.dtype}, "
+            f"{type(self).__name__}({self.height}x{self.width}, guidance={self.guidance_scale}, dtype={self.dtype}, "
             f"device={self.device}, loaded={['transformer', *loaded]})"
         )

@@ -19,7 +19,11 @@ from typing import Any
 import torch
 
 from raygrpo.models.tiny import TINY_IMAGE_BUILDERS, TINY_IMAGE_VERSIONS
+from raygrpo.models.tiny_flux2 import TINY_FLUX2_BUILDERS, TINY_FLUX2_VERSIONS
+from raygrpo.models.tiny_flux_kontext import TINY_KONTEXT_BUILDERS, TINY_KONTEXT_VERSIONS
+from raygrpo.models.tiny_qwen_image import TINY_QWEN_IMAGE_BUILDERS, TINY_QWEN_IMAGE_VERSIONS
 from raygrpo.models.tiny_video import TINY_VIDEO_BUILDERS, TINY_VIDEO_VERSIONS
+from raygrpo.models.tiny_wan22 import TINY_WAN22_BUILDERS, TINY_WAN22_VERSIONS
 
 TINY_RANDOM = "tiny-random"  # special ``model.pretrained``: the family's cached tiny random build
 DEFAULT_RESOLUTION = 512  # the image families' default size (px) where the model does not say otherwise
@@ -36,11 +40,24 @@ PIPELINE_COMPONENTS = {
     "sd": ("unet", "scheduler", "vae", "text_encoder", "tokenizer"),
     "hunyuan_video": ("transformer", "scheduler", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
     "wan_i2v": ("transformer", "scheduler", "vae", "text_encoder", "tokenizer", "image_encoder", "image_processor"),
+    "wan_t2v": ("transformer", "scheduler", "vae", "text_encoder", "tokenizer"),
+    "flux_kontext": ("transformer", "scheduler", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
+    "flux2": ("transformer", "scheduler", "vae", "text_encoder", "tokenizer"),
+    "qwen_image": ("transformer", "scheduler", "vae", "text_encoder", "tokenizer"),
+    "qwen_image_edit": ("transformer", "scheduler", "vae", "text_encoder", "tokenizer", "processor"),
 }
 
 # Keyed by tiny build: "skyreels_v2_i2v" is a build of the wan_i2v family, not a family of its own.
 TINY_BUILDERS = {**TINY_IMAGE_BUILDERS, **TINY_VIDEO_BUILDERS}
 TINY_VERSIONS = {**TINY_IMAGE_VERSIONS, **TINY_VIDEO_VERSIONS}
+TINY_BUILDERS |= TINY_KONTEXT_BUILDERS  # FLUX.1 Kontext (raygrpo/models/tiny_flux_kontext.py)
+TINY_VERSIONS |= TINY_KONTEXT_VERSIONS
+TINY_BUILDERS |= TINY_WAN22_BUILDERS  # Wan 2.2 A14B (two experts) and TI2V-5B (raygrpo/models/tiny_wan22.py)
+TINY_VERSIONS |= TINY_WAN22_VERSIONS
+TINY_BUILDERS |= TINY_FLUX2_BUILDERS  # FLUX.2 [klein] base and [dev] (raygrpo/models/tiny_flux2.py)
+TINY_VERSIONS |= TINY_FLUX2_VERSIONS
+TINY_BUILDERS |= TINY_QWEN_IMAGE_BUILDERS  # Qwen-Image and Qwen-Image-Edit (raygrpo/models/tiny_qwen_image.py)
+TINY_VERSIONS |= TINY_QWEN_IMAGE_VERSIONS
 
 
 class ModelNotFoundError(RuntimeError):
@@ -191,6 +208,7 @@ _MAIN_FILES = {
     "scheduler": ("scheduler_config.json",),
     "tokenizer": ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model"),
     "image_processor": ("preprocessor_config.json", "processor_config.json"),
+    "processor": ("preprocessor_config.json", "processor_config.json"),  # Qwen-Image-Edit's Qwen2-VL processor
 }
 
 
@@ -229,7 +247,10 @@ def check_pretrained(family: str, pretrained: str | os.PathLike) -> None:
     index = _parse_json(folder / "model_index.json")
     if not isinstance(index, dict):
         raise ModelFolderError(f"{folder / 'model_index.json'} holds a JSON {type(index).__name__}, not the object of a diffusers pipeline")
-    for component in PIPELINE_COMPONENTS[family]:
+    # A pipeline's own index settles its optional parts: Wan 2.2 I2V-A14B has no image encoder ([null, null]) and
+    # a second expert, transformer_2 (raygrpo/models/wan_experts.py).
+    declared = [c for c in PIPELINE_COMPONENTS[family] if index.get(c, [""])[0] is not None]
+    for component in declared + [c for c in ("transformer_2",) if (index.get(c) or [None])[0] is not None]:
         subfolder = folder / component
         if not subfolder.is_dir():
             raise _incomplete(str(folder), component)

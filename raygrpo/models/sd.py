@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 NEGATIVE_PROMPT = ""  # StableDiffusionPipeline's unconditional branch when no negative prompt is given
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-ODE_GRID_SAMPLERS = ("ode", "euler")  # DDIM's timesteps, ending at sigma = 0 (x0 exactly)
+ODE_GRID_SAMPLERS = ("ode", "euler", "consistency")  # DDIM's timesteps, ending at sigma = 0 (x0 exactly)
 _SNAP = 1e-3  # a timestep this close to an integer is that integer (float32 sigmas of the DDIM grid)
 
 

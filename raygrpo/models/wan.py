@@ -1,4 +1,4 @@
-"""Wan 2.1 image-to-video adapter: the conditioning image travels with the prompt group.
+"""Wan 2.1 and Wan 2.2 image-to-video adapter: the conditioning image travels with the prompt group.
 
 Rollout and learner talk to :class:`WanI2VModel` exactly as to the other adapters; the image
 enters once, in :meth:`WanI2VModel.encode_prompt`, and rides in the group's
@@ -12,7 +12,7 @@ enters once, in :meth:`WanI2VModel.encode_prompt`, and rides in the group's
   is folded 4 to a latent frame). They are concatenated to the noisy latents along the channels
   on every forward (``in_channels = C + 4 + C``);
 - ``image_embeds [N, D_img]``: the CLIP vision encoder's penultimate hidden states, fed to the
-  transformer's image cross-attention;
+  transformer's image cross-attention (Wan 2.1; Wan 2.2 has neither, and conditions on the latents alone);
 - ``prompt_embeds [L, D]``: UMT5 states, zero beyond the prompt's length (the pipeline's own
   padding; the transformer takes no mask, so ``prompt_mask`` stays None).
 
@@ -36,11 +36,19 @@ Variants (:data:`VARIANTS`, chosen by the ``_class_name`` of the folder's ``mode
   Its fps embedding (``inject_sample_info``) and causal block attention (``num_frame_per_block > 1``)
   belong to the diffusion-forcing models and are refused, as are those pipelines.
 
+- Wan 2.2 image-to-video A14B, ``WanImageToVideoPipeline`` with ``boundary_ratio`` (e.g.
+  ``Wan-AI/Wan2.2-I2V-A14B-Diffusers``): two experts, ``transformer`` (high noise) and ``transformer_2`` (low
+  noise), switched at ``boundary_ratio`` (0.9) of the timesteps, without CLIP image encoder (``image_dim`` None:
+  no ``image_embeds``). ``model.train_expert`` chooses the trained one; the other is frozen in rollout and
+  absent from the learner (:mod:`raygrpo.models.wan_experts` says what trains, what syncs and why).
+
 Not loaded, with a clear error: SkyReels-V1 image-to-video, which DanceGRPO trains, is a
 HunyuanVideo derivative (``HunyuanSkyreelsImageToVideoPipeline``: first-frame latents concatenated
 to HunyuanVideo's input channels, Llama + CLIP text conditioning, CFG), which would be an adapter on
-:mod:`raygrpo.models.hunyuan_video` rather than this one; Wan 2.2's two-expert and expanded-timestep
-pipelines; the diffusion-forcing SkyReels-V2 pipelines (per-frame noise levels).
+:mod:`raygrpo.models.hunyuan_video` rather than this one; Wan2.2-TI2V-5B's image-to-video mode
+(``expand_timesteps``: the first latent frame is the clean image at timestep 0 inside the noisy latents, a
+timestep per token; its text-to-video mode is :mod:`raygrpo.models.wan_t2v`'s); the diffusion-forcing
+SkyReels-V2 pipelines (per-frame noise levels).
 """
 
 from __future__ import annotations
@@ -80,6 +88,7 @@ from raygrpo.models.base import (
 )
 from raygrpo.models.hub import TINY_RANDOM, ModelNotFoundError, init_defaults, load_component, pretrained_source
 from raygrpo.models.tiny_video import TINY_NUM_FRAMES, TINY_VIDEO_RESOLUTION
+from raygrpo.models.wan_experts import ExpertSwitch, TrainExpert, WanLayout, load_experts, route
 
 DEFAULT_RESOLUTION = 480
 DEFAULT_NUM_FRAMES = 81  # WanImageToVideoPipeline's default (5 s at 16 fps)
@@ -97,14 +106,16 @@ class Variant:
     name: str
     pipeline: type  # for its encode_prompt / encode_image / prepare_latents
     transformer: type
-    image_encoder: type
+    image_encoder: type | None  # None: no CLIP image states (Wan 2.2 conditions on the image latents alone)
     scheduler: type  # config only: raygrpo samples on its own sigma grid
+    image_to_video: bool = True  # False: text-to-video (raygrpo.models.wan_t2v), the latents alone enter the network
 
 
 WAN_21 = Variant("Wan 2.1", WanImageToVideoPipeline, WanTransformer3DModel, CLIPVisionModel, FlowMatchEulerDiscreteScheduler)
 SKYREELS_V2 = Variant(
     "SkyReels-V2", SkyReelsV2ImageToVideoPipeline, SkyReelsV2Transformer3DModel, CLIPVisionModelWithProjection, UniPCMultistepScheduler
 )
+WAN_22 = Variant("Wan 2.2 A14B", WanImageToVideoPipeline, WanTransformer3DModel, None, FlowMatchEulerDiscreteScheduler)
 VARIANTS = {"WanImageToVideoPipeline": WAN_21, "SkyReelsV2ImageToVideoPipeline": SKYREELS_V2}
 
 
@@ -121,9 +132,11 @@ class WanI2VModel(ModelAdapter):
     - ``image_encoder`` / ``image_processor``: :class:`~transformers.CLIPVisionModel`
       (``CLIPVisionModelWithProjection``) / :class:`~transformers.CLIPImageProcessor` (ViT-H/14 for the real model);
     - ``scheduler``: :class:`~diffusers.FlowMatchEulerDiscreteScheduler` (``UniPCMultistepScheduler``), config only;
-    - ``variant``: the :class:`Variant` these classes came from.
+    - ``variant``: the :class:`Variant` these classes came from;
+    - ``experts``: the :class:`~raygrpo.models.wan_experts.ExpertSwitch` (Wan 2.2 A14B: which expert ``transformer`` is,
+      the frozen other one in rollout, the boundary; one transformer otherwise).
 
-    The learner loads the transformer alone: it never encodes (the conditioning arrives with each
+    The learner loads the (trained) transformer alone: it never encodes (the conditioning arrives with each
     rollout), except the empty prompt that CFG needs, see :attr:`negative_conditioning`.
     """
 
@@ -149,10 +162,13 @@ class WanI2VModel(ModelAdapter):
         max_sequence_length: int = 512,
         source: str | None = None,
         variant: Variant = WAN_21,
+        experts: ExpertSwitch | None = None,
     ):
-        _check_transformer(transformer)
+        _check_transformer(transformer, variant)
         self.variant = variant
         self.transformer = transformer
+        self.experts = experts or ExpertSwitch("high", None, None)
+        self.network_component = self.experts.trained_folder  # transformer_2 when the low-noise expert trains
         self.vae = vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.image_encoder, self.image_processor = image_encoder, image_processor
@@ -189,21 +205,23 @@ class WanI2VModel(ModelAdapter):
         num_frames: int | None = None,
         guidance_scale: float = DEFAULT_GUIDANCE,
         max_sequence_length: int = 512,
+        train_expert: TrainExpert = "high",
     ) -> WanI2VModel:
         """Load from a hub id, a local diffusers folder, or ``"tiny-random"``, component by component.
 
-        ``load_text_encoders`` covers the UMT5 and CLIP vision encoders; ``load_vae`` the VAE (the
-        rollout needs it to encode the conditioning image as well as to decode). Defaults: 480x480
-        and 81 frames, or 32x32 and 5 frames for ``"tiny-random"``.
+        ``load_text_encoders`` covers the UMT5 and CLIP vision encoders, and a two-expert model's frozen
+        expert (``train_expert`` names the trained one): all three are rollout's, the learner loads none;
+        ``load_vae`` the VAE (the rollout needs it to encode the conditioning image as well as to decode).
+        Defaults: 480x480 and 81 frames, or 32x32 and 5 frames for ``"tiny-random"``.
         """
         tiny = str(name_or_path) == TINY_RANDOM
         source = pretrained_source("wan_i2v", name_or_path)
-        variant = pipeline_variant(source)
+        variant, layout = pipeline_variant(source)
 
         def load(cls_, subfolder: str, **kwargs):
             return load_component(source, cls_, subfolder, device, **kwargs)
 
-        transformer = load(variant.transformer, "transformer", torch_dtype=torch_dtype)
+        transformer, experts = load_experts(load, source, variant.transformer, layout, train_expert, load_text_encoders, torch_dtype)
         scheduler = load(variant.scheduler, "scheduler")
         encoders = {}
         if load_text_encoders:
@@ -211,10 +229,11 @@ class WanI2VModel(ModelAdapter):
                 "tokenizer": load(AutoTokenizer, "tokenizer"),
                 # transformers 5 names the argument ``dtype``; ``torch_dtype`` only warns.
                 "text_encoder": load(UMT5EncoderModel, "text_encoder", dtype=torch_dtype),
-                # SkyReels-V2 saves a CLIPProcessor here; its image half is this processor's config.
-                "image_processor": load(CLIPImageProcessor, "image_processor"),
-                "image_encoder": load(variant.image_encoder, "image_encoder", dtype=torch_dtype),
             }
+            if variant.image_encoder is not None:
+                # SkyReels-V2 saves a CLIPProcessor here; its image half is this processor's config.
+                encoders["image_processor"] = load(CLIPImageProcessor, "image_processor")
+                encoders["image_encoder"] = load(variant.image_encoder, "image_encoder", dtype=torch_dtype)
         vae = load(AutoencoderKLWan, "vae", torch_dtype=torch_dtype) if load_vae else None
         # From the file on both sides, so that rollout (VAE loaded) and learner (not loaded) agree.
         spatial, temporal = vae_compression(AutoencoderKLWan.load_config(source, subfolder="vae"))
@@ -232,6 +251,7 @@ class WanI2VModel(ModelAdapter):
             max_sequence_length=max_sequence_length,
             source=source,
             variant=variant,
+            experts=experts,
             **encoders,
         )
 
@@ -258,7 +278,7 @@ class WanI2VModel(ModelAdapter):
                 scheduler=self.scheduler,
                 image_processor=self.image_processor,
                 image_encoder=self.image_encoder,
-                transformer=self.transformer,
+                transformer=self.transformer,  # only for its config (the pipeline's calls used here run no transformer)
             )
         return self._pipeline
 
@@ -276,7 +296,7 @@ class WanI2VModel(ModelAdapter):
                 "data.prompt_file as a .jsonl ({'prompt': ..., 'image': path}) or a .parquet with an image column"
             )
         image = _check_image(image)
-        if self.text_encoder is None or self.image_encoder is None or self.vae is None:
+        if self.text_encoder is None or self.vae is None or (self.variant.image_encoder is not None and self.image_encoder is None):
             raise RuntimeError(
                 "this WanI2VModel was loaded with load_text_encoders=False or load_vae=False (the learner's view) and cannot encode"
             )
@@ -304,17 +324,17 @@ class WanI2VModel(ModelAdapter):
         return embeds[0].float().cpu().numpy()  # [L, D]
 
     @torch.inference_mode()
-    def _encode_image(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(image_embeds [N, D_img], image_latents [4 + C, F_lat, h, w])`` exactly as the pipeline computes them."""
+    def _encode_image(self, image: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """``(image_embeds [N, D_img] or None (Wan 2.2), image_latents [4 + C, F_lat, h, w])`` exactly as the pipeline computes them."""
         pipeline, pil = self.pipeline, Image.fromarray(image)
-        image_embeds = pipeline.encode_image(pil, self.image_encoder.device)  # [1, N, D_img]
+        image_embeds = None if self.image_encoder is None else pipeline.encode_image(pil, self.image_encoder.device)[0]  # [N, D_img]
         pixels = self.video_processor.preprocess(pil, height=self.height, width=self.width)  # [1, 3, H, W] in [-1, 1]
         pixels = pixels.to(self.vae.device, torch.float32)
         zeros = torch.zeros((1, *self.latent_shape), device=self.vae.device)  # given, so prepare_latents draws no noise
         _, condition = pipeline.prepare_latents(
             pixels, 1, self.num_latent_channels, self.height, self.width, self.num_frames, torch.float32, self.vae.device, None, zeros
         )  # [1, 4 + C, F_lat, h, w]
-        return image_embeds[0].float().cpu().numpy(), condition[0].float().cpu().numpy()
+        return None if image_embeds is None else image_embeds.float().cpu().numpy(), condition[0].float().cpu().numpy()
 
     @property
     def negative_conditioning(self) -> Conditioning:
@@ -355,6 +375,10 @@ class WanI2VModel(ModelAdapter):
             )
         return embeds[0].float().numpy()
 
+    def trainable_levels(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """``[N]`` bool: the trained expert owns each noise level (every level with one transformer)."""
+        return self.experts.trainable(sigmas)
+
     # ----------------------------------------------------------------------------------- latents
     # Copied from raygrpo.models.sd3.SD3Model.initial_noise
     def initial_noise(self, generator: torch.Generator | None, num: int) -> torch.Tensor:
@@ -376,6 +400,9 @@ class WanI2VModel(ModelAdapter):
         ``self.guidance_scale``; above 1 the conditional and the unconditional (empty prompt, same
         image) predictions come from one batched forward and the result is ``v_u + s (v_c - v_u)``;
         at 1 or below it is the conditional prediction alone. Gradients flow when the caller enables them.
+
+        A two-expert model (Wan 2.2 A14B) feeds each sample to the expert that owns its timestep, as the
+        pipeline does (:func:`~raygrpo.models.wan_experts.route`; Wan 2.2 has no ``image_embeds``).
         """
         batch = latents.shape[0]
         if tuple(latents.shape[1:]) != self.latent_shape:
@@ -383,27 +410,50 @@ class WanI2VModel(ModelAdapter):
                 f"latents have shape {tuple(latents.shape[1:])} per sample; {self.num_frames} frames at "
                 f"{self.height}x{self.width} have {self.latent_shape}"
             )
-        if cond.image_latents is None or cond.image_embeds is None:
-            raise ValueError("wan_i2v needs image_latents and image_embeds in the conditioning (encode_prompt with an image)")
+        self._check_conditioning(cond)
         scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
-        device, dtype = self.device, self.dtype
+        device = self.device
         sigmas = torch.as_tensor(sigmas, device=device).reshape(-1).expand(batch)
         timestep = quantize_timestep(sigmas) * 1000  # [B] float32, as the pipeline's scheduler timesteps
+
+        def forward(network: torch.nn.Module, rows: torch.Tensor | None) -> torch.Tensor:
+            part = cond if rows is None else cond.rows(rows)
+            x, t = (latents, timestep) if rows is None else (latents[rows], timestep[rows])
+            return self._predict(network, x, t, part, scale)
+
+        return route(self.experts, self.transformer, timestep, sigmas, forward)
+
+    def _check_conditioning(self, cond: ConditioningBatch) -> None:
+        if cond.image_latents is None or (cond.image_embeds is None) != (self.variant.image_encoder is None):
+            raise ValueError(
+                f"{self.variant.name} image-to-video needs image_latents{'' if self.variant.image_encoder is None else ' and image_embeds'} "
+                "in the conditioning (encode_prompt with an image)"
+            )
+
+    def _negative_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The CFG negative's UMT5 states expanded to ``embeds [B, L, D]`` (its device and dtype)."""
+        negative = torch.as_tensor(self.negative_conditioning.prompt_embeds, device=embeds.device, dtype=embeds.dtype)
+        if negative.shape != embeds.shape[1:]:
+            raise ValueError(
+                f"prompt_embeds are {tuple(embeds.shape[1:])} per sample but the negative prompt's are "
+                f"{tuple(negative.shape)}: encode both with the same max_sequence_length"
+            )
+        return negative[None].expand(len(embeds), -1, -1)
+
+    def _predict(self, network: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor, cond: ConditioningBatch, scale: float):
+        """One expert's (guided) prediction ``[B, C, F_lat, h, w]`` float32 at network timesteps ``timestep [B]``."""
+        device, dtype = self.device, self.dtype
         hidden = torch.cat([latents.to(device, dtype), cond.image_latents.to(device, dtype)], dim=1)  # [B, 2C + 4, F_lat, h, w]
         embeds = cond.prompt_embeds.to(device, dtype)  # [B, L, D]
-        image_embeds = cond.image_embeds.to(device, dtype)  # [B, N, D_img]
+        image_embeds = None if cond.image_embeds is None else cond.image_embeds.to(device, dtype)  # [B, N, D_img]
         guided = scale > 1.0
         if guided:
-            negative = torch.as_tensor(self.negative_conditioning.prompt_embeds, device=device, dtype=dtype)[None].expand(batch, -1, -1)
-            if negative.shape[1:] != embeds.shape[1:]:
-                raise ValueError(
-                    f"prompt_embeds are {tuple(embeds.shape[1:])} per sample but the negative prompt's are "
-                    f"{tuple(negative.shape[1:])}: encode both with the same max_sequence_length"
-                )
+            negative = self._negative_embeds(embeds)  # [B, L, D]
             # Unconditional first; both branches share the latents, the timestep and the image conditioning.
             hidden, timestep = torch.cat([hidden, hidden]), torch.cat([timestep, timestep])
-            embeds, image_embeds = torch.cat([negative, embeds]), torch.cat([image_embeds, image_embeds])
-        prediction = self.transformer(
+            embeds = torch.cat([negative, embeds])
+            image_embeds = None if image_embeds is None else torch.cat([image_embeds, image_embeds])
+        prediction = network(
             hidden_states=hidden,
             timestep=timestep,
             encoder_hidden_states=embeds,
@@ -446,35 +496,54 @@ def _check_image(image: Any) -> np.ndarray:
     return image
 
 
-def pipeline_variant(source: str) -> Variant:
-    """The :class:`Variant` of the pipeline in ``source`` (its ``model_index.json``); unsupported layouts fail
-    here, before any weights load. A folder without a readable index is taken for Wan 2.1 (the component
-    loads then report what is missing)."""
+def pipeline_variant(source: str) -> tuple[Variant, WanLayout]:
+    """The :class:`Variant` and :class:`~raygrpo.models.wan_experts.WanLayout` of the pipeline in ``source`` (its
+    ``model_index.json``); unsupported layouts fail here, before any weights load. A folder without a readable
+    index is taken for Wan 2.1 (the component loads then report what is missing)."""
     try:
         index = WanImageToVideoPipeline.load_config(source)
     except OSError:
-        return WAN_21
+        return WAN_21, WanLayout(None, False)
     name = index.get("_class_name")
-    if index.get("boundary_ratio") is not None or index.get("expand_timesteps") or (index.get("transformer_2") or [None])[0]:
+    layout = WanLayout.of(index)
+    if name == "WanImageToVideoPipeline" and layout.expand_timesteps:
         raise ModelNotFoundError(
-            f"{source} is a Wan 2.2 pipeline (two experts or expanded timesteps); wan_i2v supports Wan 2.1 image-to-video "
-            "checkpoints such as Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
+            f"{source} is Wan 2.2 TI2V-5B's image-to-video layout (expand_timesteps: a clean first latent frame at timestep 0 "
+            "inside the noisy latents, a timestep per token), which wan_i2v does not sample; model.family wan_t2v trains "
+            "TI2V-5B as text-to-video, and Wan2.2-I2V-A14B / Wan 2.1 I2V checkpoints are wan_i2v's"
         )
-    if name in VARIANTS:
-        return VARIANTS[name]
+    if name == "WanImageToVideoPipeline" and (index.get("image_encoder") or [None])[0] is None:
+        return WAN_22, layout  # Wan 2.2 A14B: no CLIP image encoder (its transformers have no image cross-attention)
+    if name in VARIANTS and layout.boundary_ratio is None:
+        return VARIANTS[name], layout
     if name == "HunyuanSkyreelsImageToVideoPipeline":
         hint = "SkyReels-V1 is HunyuanVideo-based, not Wan-based, and has no adapter here (README, model families)"
     elif name and name.startswith("SkyReelsV2DiffusionForcing"):
         hint = "diffusion forcing (a noise level per frame) does not fit the one-sigma-per-sample samplers; use SkyReels-V2-I2V"
     elif name in ("WanPipeline", "SkyReelsV2Pipeline"):
-        hint = "a text-to-video pipeline; use an image-to-video checkpoint"
+        hint = "a text-to-video pipeline (model.family wan_t2v loads WanPipeline); use an image-to-video checkpoint"
     else:
         hint = "not an image-to-video pipeline this adapter knows"
     raise ModelNotFoundError(f"{source} holds a {name}: {hint}. model.family wan_i2v loads {sorted(VARIANTS)}")
 
 
-def _check_transformer(transformer: torch.nn.Module) -> None:
+def _check_transformer(transformer: torch.nn.Module, variant: Variant) -> None:
     config = transformer.config
+    if not variant.image_to_video:
+        if config.image_dim is not None or config.in_channels != config.out_channels:
+            raise ValueError(
+                f"this {type(transformer).__name__} has image_dim={config.image_dim} and in_channels={config.in_channels} for "
+                f"{config.out_channels} latent channels: an image-to-video model; model.family wan_t2v needs a text-to-video one"
+            )
+        return
+    if variant.image_encoder is None:
+        if config.image_dim is not None or config.in_channels != 2 * config.out_channels + 4:
+            raise ValueError(
+                f"this {type(transformer).__name__} has image_dim={config.image_dim} and in_channels={config.in_channels}: a "
+                f"{variant.name} image-to-video expert takes noise + 4 mask + image-latent channels ({2 * config.out_channels + 4}) "
+                "and no CLIP image states"
+            )
+        return
     if config.image_dim is None:
         raise ValueError(
             f"this {type(transformer).__name__} has no image cross-attention (image_dim is None): it is a text-to-video "
@@ -505,4 +574,4 @@ def vae_compression(vae_config: dict[str, Any]) -> tuple[int, int]:
     return vae_config.get("scale_factor_spatial") or spatial, vae_config.get("scale_factor_temporal") or temporal
 
 
-__all__ = ["NEGATIVE_PROMPT", "SKYREELS_V2", "VARIANTS", "WAN_21", "Variant", "WanI2VModel", "pipeline_variant", "vae_compression"]
+__all__ = ["NEGATIVE_PROMPT", "SKYREELS_V2", "VARIANTS", "WAN_21", "WAN_22", "Variant", "WanI2VModel", "pipeline_variant", "vae_compression"]

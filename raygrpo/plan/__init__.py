@@ -15,9 +15,10 @@ What the numbers are. Rollout (per worker): every weight it holds (network, enco
 micro-batch, one decode call); the trajectory lives in host memory (rollout/worker.py copies each step
 there). Learner (per rank): FSDPMemTracker's categories at the peak of one loss term's forward and
 backward (sharded and gathered parameters, sharded and unsharded gradients, activations, temporaries),
-plus the AdamW states and DGPO's parameter shadows that persist across windows. FLOPs per learner step
+plus the AdamW states and the algorithm's parameter shadows (EMAs, frozen copies) that persist across windows. FLOPs per learner step
 count every loss term of the step (DanceGRPO: trained members x trained timesteps; DGPO: its timesteps x
-groups x micro-batches, each with the no-gradient forwards dgpo.py runs, :func:`~raygrpo.algorithms.dgpo.no_grad_forwards`);
+groups x micro-batches, each with the no-gradient forwards dgpo.py runs, :func:`~raygrpo.algorithms.dgpo.no_grad_forwards`;
+DiffusionNFT: each sample's noise levels x groups x micro-batches, with the old policy's and the reference's forwards);
 with gradient checkpointing they include the backward's recompute of every block. Seconds assume the step is
 compute-bound at ``mfu`` of ``gpu_flops``.
 """
@@ -29,8 +30,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from raygrpo.algorithms.dgpo import no_grad_forwards
-from raygrpo.config import Config, DGPOConfig
+from raygrpo.algorithms import diffusionnft, dgpo, rollout_spec
+from raygrpo.config import Config, DGPOConfig, DiffusionNFTConfig
 from raygrpo.models import VIDEO_FAMILIES
 from raygrpo.plan.architecture import ArchitectureError, architecture
 from raygrpo.plan.cache import cached_measure
@@ -184,7 +185,7 @@ def _rollout_row(config: Config, m: RolloutMeasure) -> tuple[RolePlan, float, in
     parts = {f"weights: {name}": size for name, size in m.params.items()} | {f"{worst} (transient)": transients[worst]}
     decode_calls = g if config.model.family in VIDEO_FAMILIES else 1  # videos decode one at a time, images a group at once
     group_flops = m.encode.flops + steps * math.ceil(g / micro) * m.step.flops + decode_calls * m.decode.flops
-    records = not isinstance(config.algorithm, DGPOConfig)
+    records = rollout_spec(config).record_trajectory
     host = g * ((steps + 1) * m.latent_bytes + steps * 4) if records else g * m.latent_bytes
     note = f"peak in {worst}; conditioning {m.conditioning_bytes / 2**20:.1f} MiB per group"
     row = RolePlan("rollout", config.rollout.num_workers, config.rollout.num_gpus, parts, weights + transients[worst], group_flops / g, note)
@@ -196,12 +197,15 @@ def _learner_row(config: Config, m: LearnerMeasure) -> tuple[RolePlan, int]:
     algo, ranks = config.algorithm, config.learner.num_ranks
     groups = algo.groups_per_step // ranks  # per rank: whole groups
     members = algo.best_of_n or algo.group_size
-    if isinstance(algo, DGPOConfig):
+    if isinstance(algo, DGPOConfig | DiffusionNFTConfig):
         chunks = math.ceil(members / min(algo.micro_batch_size or members, members))
-        # The measured term holds one no-gradient forward (the reference's) besides the policy's forward and
-        # backward: add the others dgpo.py runs per micro-batch (fast EMA, frozen base, the split group's policy).
-        extra = no_grad_forwards(algo, members) - 1
-        flops = algo.num_train_timesteps * groups * chunks * (m.term.flops + extra * m.no_grad_flops)
+        # The measured term holds one no-gradient forward (DGPO's reference, DiffusionNFT's old policy) besides the
+        # policy's forward and backward: add the others the algorithm runs per micro-batch and noise level.
+        if isinstance(algo, DGPOConfig):
+            extra, levels = dgpo.no_grad_forwards(algo, members) - 1, algo.num_train_timesteps
+        else:
+            extra, levels = diffusionnft.no_grad_forwards(algo) - 1, config.trained_timesteps
+        flops = levels * groups * chunks * (m.term.flops + extra * m.no_grad_flops)
     else:
         flops = groups * members * config.trained_timesteps * m.term.flops
     parts = dict(m.term.breakdown) | {"optimizer states": m.optimizer_bytes, "EMA / frozen copies": m.shadow_bytes}

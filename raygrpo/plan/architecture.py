@@ -25,9 +25,11 @@ CONFIGS = Path(__file__).resolve().parents[1] / "models" / "configs"
 # in the blocks listed in dual_attention_layers, the first ones.
 BLOCK_KEYS = {
     "FluxTransformer2DModel": ("num_layers", "num_single_layers"),
+    "Flux2Transformer2DModel": ("num_layers", "num_single_layers"),
     "HunyuanVideoTransformer3DModel": ("num_layers", "num_single_layers"),
     "WanTransformer3DModel": ("num_layers",),
     "SkyReelsV2Transformer3DModel": ("num_layers",),
+    "QwenImageTransformer2DModel": ("num_layers",),
     "SD3Transformer2DModel": ("dual_attention_blocks", "joint_blocks"),
 }
 

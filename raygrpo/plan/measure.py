@@ -38,16 +38,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
-import numpy as np
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from raygrpo.algorithms import rollout_spec
 from raygrpo.algorithms.dancegrpo import clipped_surrogate
+from raygrpo.algorithms.diffusionnft import nft_policy_loss, reward_weight
 from raygrpo.algorithms.dgpo import denoising_loss, group_gate_logit
-from raygrpo.config import Config, DGPOConfig
+from raygrpo.config import Config, DGPOConfig, DiffusionNFTConfig
 from raygrpo.contracts import ConditioningBatch
+from raygrpo.learner.ema import ParameterShadow
 from raygrpo.learner.fsdp import transformer_blocks
 from raygrpo.plan.architecture import Architecture, scaled
 from raygrpo.plan.fake import build_components, conditioning, decode_input_shape, encoders, fake_adapter
@@ -243,7 +244,7 @@ def rollout_step(config: Config, arch: Architecture, track: bool = True, media: 
 
 
 def _encode(config: Config, arch: Architecture, adapter, components) -> None:
-    """Each encoder's forward on one group's input (and Wan's VAE encode of the conditioning video)."""
+    """Each encoder's forward on one group's input (and the VAE encode of Wan's conditioning video or Kontext's reference)."""
     for enc in encoders(config, arch):
         module = components[enc.component]
         if enc.image_size:
@@ -254,6 +255,10 @@ def _encode(config: Config, arch: Architecture, adapter, components) -> None:
         # WanImageToVideoPipeline.prepare_latents encodes the first frame followed by F - 1 black frames.
         video = torch.zeros(1, 3, adapter.num_frames, adapter.height, adapter.width, dtype=adapter.vae.dtype)
         adapter.vae.encode(video).latent_dist.mode()
+    if arch.family == "flux_kontext":  # the reference image, resized to the output size
+        adapter.vae.encode(torch.zeros(1, 3, adapter.height, adapter.width, dtype=adapter.vae.dtype)).latent_dist.mode()
+    if arch.family == "qwen_image_edit":  # the reference image at the output's pixel count, one frame of the 3-D VAE
+        adapter.vae.encode(torch.zeros(1, 3, 1, adapter.height, adapter.width, dtype=adapter.vae.dtype)).latent_dist.mode()
 
 
 # ------------------------------------------------------------------------------------------------ learner
@@ -308,7 +313,7 @@ def learner_step(config: Config, arch: Architecture, track: bool = True, memory_
             adapter = fake_adapter(config, arch, components)
             spec = rollout_spec(config)
             sigmas = adapter.sigma_grid(spec.sampler, config.rollout.num_steps, config.rollout.shift)  # [T+1]
-            steps = None if isinstance(config.algorithm, DGPOConfig) else grid_steps(spec.sampler, spec.noise_level, sigmas)
+            steps = grid_steps(spec.sampler, spec.noise_level, sigmas) if spec.record_trajectory else None
             with fake, _adapters_stay_put():
                 prepare_network(network, config, shard=True, mesh=mesh)
             with fake:
@@ -317,12 +322,12 @@ def learner_step(config: Config, arch: Architecture, track: bool = True, memory_
                 optimizer = torch.optim.AdamW(parameters, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
                 algorithm = make_algorithm(config)
                 algorithm.setup(adapter, parameters, lora=config.model.lora is not None)
-                shadows = [s for s in (getattr(algorithm, n, None) for n in ("fast_ema", "slow_ema", "frozen")) if s is not None]
+                shadows = [s for s in vars(algorithm).values() if isinstance(s, ParameterShadow)]  # EMAs, frozen copies
                 term = Phase()
                 network.set_requires_gradient_sync(config.learner.reduce_every_backward)  # a term that is not the window's last
                 tracker = peak_only(FSDPMemTracker)(network, optimizer) if track else None
                 with _measured(tracker, term, track, flops=not memory_only):
-                    # FSDPMemTracker takes one forward per iteration: DGPO's reference forward comes first.
+                    # FSDPMemTracker takes one forward per iteration: DGPO's reference (NFT's old policy) forward comes first.
                     reset = tracker.reset_mod_stats if tracker is not None else lambda: None
                     loss, no_grad_flops = _loss_term(config, arch, adapter, sigmas, steps, track and not memory_only, reset)
                     loss.backward()
@@ -372,12 +377,12 @@ def _adapters_stay_put() -> Iterator[None]:
 
 def _loss_term(config: Config, arch: Architecture, adapter, sigmas, steps, track: bool, between=None) -> tuple[torch.Tensor, int]:
     """One loss term of the configured algorithm on zeros, as the algorithm computes it (raygrpo/algorithms/),
-    and the FLOPs of the no-gradient forwards it needs first (DGPO's reference). ``steps``: the sampler's
-    step coefficients (GRPO), built outside the fake mode like ``sigmas``; ``between``: called between
-    DGPO's reference forward and its policy forward."""
+    and the FLOPs of the no-gradient forward it needs first (DGPO's reference, DiffusionNFT's old policy). ``steps``:
+    the sampler's step coefficients (GRPO), built outside the fake mode like ``sigmas``; ``between``: called between
+    that no-gradient forward and the policy's forward."""
     algo = config.algorithm
     cond = conditioning(config, arch, adapter)
-    if isinstance(algo, DGPOConfig):
+    if isinstance(algo, DGPOConfig | DiffusionNFTConfig):
         members = algo.best_of_n or algo.group_size
         rows = min(algo.micro_batch_size or members, members)
         x0 = torch.zeros(rows, *adapter.latent_shape)  # [b, ...]
@@ -387,10 +392,16 @@ def _loss_term(config: Config, arch: Architecture, adapter, sigmas, steps, track
         batch = ConditioningBatch.of(cond, rows)
         counter = flop_counter()
         with torch.no_grad(), counter if track else nullcontext():
-            v_ref = adapter.velocity(x_t, sigma.expand(rows), batch)  # [b, ...] the reference (and v_base), no gradient
+            v_ref = adapter.velocity(x_t, sigma.expand(rows), batch)  # [b, ...] the reference (and v_base) / v_old, no gradient
         if between is not None:
             between()
         v = adapter.velocity(x_t, sigma.expand(rows), batch)  # [b, ...] with gradients
+        if isinstance(algo, DiffusionNFTConfig):
+            r = reward_weight(torch.zeros(rows), algo.adv_clip_max)  # [b]
+            policy = nft_policy_loss(v, v_ref, x_t, x0, sigma.expand(rows), r, algo.beta, algo.adv_clip_max)  # [b]
+            kl = ((v - v_ref) ** 2).flatten(1).mean(dim=1)  # [b]
+            term = (policy + algo.kl_beta * kl).sum() / config.trained_timesteps
+            return term, counter.get_total_flops() if track else 0
         loss = denoising_loss(v, target)  # [b]
         advantages = torch.zeros(rows)  # [b]
         gate = torch.sigmoid(group_gate_logit(advantages, loss, denoising_loss(v_ref, target), algo.beta))

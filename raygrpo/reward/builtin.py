@@ -171,13 +171,32 @@ class Color(Reward):
         return targets, errors
 
 
+class Contrast(Reward):
+    """RMS contrast: the standard deviation of the image's luma over its pixels, scaled to [0, 0.5].
+
+    Peli, "Contrast in complex images" (JOSA A 7(10), 1990), RMS contrast; luma with the ITU-R BT.601
+    weights ``Y = 0.299 R + 0.587 G + 0.114 B`` on pixel values / 255. A flat image scores 0, an image of
+    half black and half white pixels 0.5. Of this project: the reward-hacking guard's gold reward for the
+    JPEG-compressibility task (raygrpo/guard/), which dislikes exactly the flat images that reward drives to.
+    """
+
+    name = "contrast"
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        check_batch(images, prompts)
+        luma = _flat_pixels(images) @ np.array([0.299, 0.587, 0.114]) / 255.0  # [N, H*W]
+        return luma.std(axis=1).astype(np.float32)
+
+
 def find_color_name(prompt: str) -> str | None:
     """The earliest colour name of :data:`COLORS` in ``prompt`` (lower case), or None."""
     match = _COLOR_WORD.search(prompt)
     return match.group(1).lower() if match else None
 
 
-PIXEL_REWARDS: dict[str, type[Reward]] = {cls.name: cls for cls in (JpegCompressibility, JpegIncompressibility, Brightness, Color)}
+PIXEL_REWARDS: dict[str, type[Reward]] = {
+    cls.name: cls for cls in (JpegCompressibility, JpegIncompressibility, Brightness, Color, Contrast)
+}
 
 
 def _flat_pixels(images: np.ndarray) -> np.ndarray:

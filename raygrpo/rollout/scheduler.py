@@ -22,6 +22,16 @@ not trained yet is generated again too. Ray moves the workers' bundles to nodes 
 node has room for leaves the pool (it shrinks, :meth:`RolloutScheduler.refresh_pool`) and rejoins it,
 with the current weights, once a node with room joins the cluster and Ray has restarted it there.
 
+Elastic pools (``rollout.autoscale``): :meth:`RolloutScheduler.resize` sets the pool size to aim for, and
+:meth:`RolloutScheduler.refresh_pool` (before every step's submissions and every weight sync) moves the pool
+towards it. A worker added is *pending* (its bundle may wait for a node) and gets no work until it has
+started; then it is sent the current weights, and only then work. A worker removed first stops getting work
+(*draining*); once none of its groups is left in the queue (each was generated and trained, or lost and
+generated again elsewhere) it is stopped and its placement group removed. Pending workers go first, then
+workers out of the pool, then the highest-numbered ones. Which worker generates a group never changes the
+group (its id, seed and member noise are fixed when it is drawn, and a spread group is split into
+``rollout.num_workers`` parts whatever the pool), so a run's results do not depend on when workers came and went.
+
 The data position (prompt order, group ids, round-robin cursors) is remembered as it was before each
 step's groups were drawn, so a checkpoint after step t resumes by drawing step t+1's groups again.
 """
@@ -99,6 +109,12 @@ class RolloutScheduler:
         self.nodes = rollout.bundle_nodes()  # the node of every worker, as last looked up
         self.pool_nodes = list(self.nodes)  # ... as refresh_pool last saw them
         self.down: set[int] = set()  # workers out of the pool: no node for them, or not answering
+        # Elastic pools: the size to aim for, and workers on their way in or out (never taking work).
+        self.target = len(rollout)
+        self.pending: set[int] = set()  # added, still starting (their bundle may wait for a node)
+        self.draining: set[int] = set()  # leaving: no new work, stopped once none of their groups is queued
+        self.retired: set[int] = set()  # stopped, their slot empty
+        self.joined = self.left = 0  # workers that joined / left the pool by a resize (whole run)
 
     @property
     def queue_depth(self) -> int:
@@ -127,8 +143,10 @@ class RolloutScheduler:
         return groups
 
     def _split(self, group: PromptGroup) -> list[PromptGroup]:
-        """The group itself, or (``rollout.spread_groups``) one part per rollout worker, as even as can be."""
-        workers = len(self.rollout)
+        """The group itself, or (``rollout.spread_groups``) one part per configured rollout worker, as even as can
+        be. ``num_workers``, not the pool's size now: a part's SDE noise follows its offset, so the split must not
+        follow the pool (the round robin spreads the parts over whichever workers there are)."""
+        workers = self.config.rollout.num_workers
         if not self.config.rollout.spread_groups or workers == 1:
             return [group]
         bounds = np.linspace(0, group.group_size, min(workers, group.group_size) + 1).round().astype(int)
@@ -146,11 +164,17 @@ class RolloutScheduler:
 
     def _next_in_pool(self) -> int:
         """The next worker of the round robin that is in the pool."""
+        out = self.out_of_pool
         for _ in range(len(self.rollout)):
             worker, self.next_worker = self.next_worker % len(self.rollout), self.next_worker + 1
-            if worker not in self.down:
+            if worker not in out:
                 return worker
         raise self._no_worker_left()
+
+    @property
+    def out_of_pool(self) -> set[int]:
+        """Workers that take no work (and get no weights): down, starting, leaving or gone."""
+        return self.down | self.pending | self.draining | self.retired
 
     def _no_worker_left(self) -> RunAborted:
         return RunAborted(
@@ -162,9 +186,14 @@ class RolloutScheduler:
     def refresh_pool(self, version: int) -> set[int]:
         """Look the workers' nodes up again: a worker whose node died leaves the pool, the pool shrinks (also while
         Ray restarts it on a node with room: it comes back without weights and outside the broadcast group). One
-        out of the pool that answers again gets ``version`` and rejoins it. Returns the workers out of the pool."""
+        out of the pool that answers again gets ``version`` and rejoins it. An elastic pool also moves towards its
+        target (module docstring). Returns the workers out of the pool (the weight sync skips them)."""
+        self._resize_towards_target(version)
         self.nodes = self.rollout.bundle_nodes()
+        self.pool_nodes += self.nodes[len(self.pool_nodes) :]
         for i, (before, node) in enumerate(zip(self.pool_nodes, self.nodes)):
+            if i in self.pending | self.retired:
+                continue
             if node is None:
                 self._leave_pool(i, "lost its node and no node has room for it")
                 continue
@@ -175,7 +204,63 @@ class RolloutScheduler:
                 self.live_worker(i, version)  # it answers: this brings it to ``version``
                 logger.warning("rollout worker %d is back (node %s): %d of %d workers take work now", i, node[:12], self.pool_size, len(self.rollout))
         self.pool_nodes = list(self.nodes)
-        return set(self.down)
+        return self.out_of_pool
+
+    # ----- resizing (elastic pools) -----
+
+    def resize(self, workers: int) -> None:
+        """Aim the pool at ``workers`` workers; the next :meth:`refresh_pool` starts or drains workers to get there."""
+        if workers != self.target:
+            logger.info("rollout pool: target %d -> %d workers (%d take work now)", self.target, workers, self.pool_size)
+        self.target = workers
+
+    def _members(self) -> list[int]:
+        """Workers that count towards the target: in the pool, down (they come back) or starting."""
+        return [i for i in range(len(self.rollout)) if i not in self.draining | self.retired]
+
+    def _resize_towards_target(self, version: int) -> None:
+        members = self._members()
+        if len(members) < self.target:
+            added = self.rollout.add_workers([(self.config,)] * (self.target - len(members)))
+            self.incarnations += [None] * len(added)
+            self.pending.update(added)
+            logger.info("rollout pool: starting worker(s) %s (pending until they are up)", added)
+        # Who leaves first: starting workers (nothing to finish), then ones out of the pool, then the newest.
+        order = sorted(reversed(members), key=lambda i: 0 if i in self.pending else 1 if i in self.down else 2)
+        for i in order[: max(len(members) - self.target, 0)]:
+            if i in self.pending | self.down:
+                self._retire(i)  # no work to finish: a pending worker has none, a down one's is generated again
+            else:
+                self.draining.add(i)
+                logger.info("rollout pool: worker %d drains (no new work; stopped once its queued groups are done)", i)
+        queued = {work.worker for parts in self.queue.values() for work in parts}
+        for i in sorted(self.draining - queued):
+            self._retire(i)
+        for i in sorted(self.pending):
+            self._join_if_started(i, version)
+
+    def _join_if_started(self, worker: int, version: int) -> None:
+        try:
+            if not self.rollout.started(worker):
+                return
+        except Exception as exc:  # noqa: BLE001 - its model failed to load, its node vanished...: it never joins
+            logger.warning("rollout worker %d failed to start (%s); the pool tries another at the next step", worker, exc)
+            self._retire(worker)
+            return
+        self.pending.discard(worker)
+        self.weight_sync.push([worker], version)  # the current weights before its first group
+        self.incarnations[worker] = get(self.rollout.call(worker, "status"))[1]
+        self.joined += 1
+        logger.info("rollout worker %d joined at version %d: %d workers take work", worker, version, self.pool_size)
+
+    def _retire(self, worker: int) -> None:
+        self.rollout.remove_worker(worker)
+        self.left += worker not in self.pending
+        self.pending.discard(worker)
+        self.down.discard(worker)
+        self.draining.discard(worker)
+        self.retired.add(worker)
+        logger.info("rollout worker %d left the pool: %d workers take work", worker, self.pool_size)
 
     def _leave_pool(self, worker: int, why: str) -> None:
         if worker not in self.down:
@@ -185,7 +270,7 @@ class RolloutScheduler:
     @property
     def pool_size(self) -> int:
         """Rollout workers that take work."""
-        return len(self.rollout) - len(self.down)
+        return len(self.rollout) - len(self.out_of_pool)
 
     def _submit_scoring(self, work: InFlight, name: str, replica: int | None = None) -> None:
         pool = self.rewards[name]
@@ -205,7 +290,7 @@ class RolloutScheduler:
 
     def _wait_generated(self, work: InFlight, version: int) -> None:
         while True:
-            if work.worker in self.down:
+            if work.worker in self.down | self.retired:
                 # Its worker left the pool since (its node died): what it made went with it, and asking takes seconds.
                 logger.warning("group %d was lost with rollout worker %d (out of the pool); generating it again", work.group.group_id, work.worker)
                 self._reissue(work, version)
@@ -294,7 +379,9 @@ class RolloutScheduler:
     def live_worker(self, preferred: int, version: int) -> int:
         """A rollout worker that is alive and holds ``version``: ``preferred`` once Ray has restarted it, else
         another one in the pool. A restarted worker starts at version 0, so it gets the latest weights (verified) first."""
-        for i in [preferred, *(j for j in range(len(self.rollout)) if j != preferred and j not in self.down)]:
+        out, leaving = self.out_of_pool, self.pending | self.draining | self.retired
+        candidates = [preferred] if preferred not in leaving else []
+        for i in candidates + [j for j in range(len(self.rollout)) if j != preferred and j not in out]:
             if not self.rollout.wait_alive(i):
                 self._leave_pool(i, "is dead, without a node, or not back in time")  # until it answers again
                 continue

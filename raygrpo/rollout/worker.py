@@ -17,6 +17,7 @@ import torch
 from raygrpo.algorithms import RolloutSpec, rollout_spec
 from raygrpo.config import Config
 from raygrpo.contracts import Conditioning, ConditioningBatch, GroupMedia, PromptGroup, Rollout, RolloutInfo, SyncReport, WeightsMessage
+from raygrpo.guard.sampling import HeldOutRequest, HeldOutSamples, sample_held_out
 from raygrpo.models import load_model
 from raygrpo.models.lora import add_lora
 from raygrpo.runtime import role_device, set_torch_threads, torch_dtype
@@ -46,6 +47,7 @@ class RolloutWorker:
             guidance_scale=config.model.guidance_scale,
             max_sequence_length=config.model.max_sequence_length,
             num_frames=config.model.num_frames,
+            train_expert=config.model.train_expert,  # Wan 2.2 A14B: the expert this side trains / receives
         )
         # One dtype for every tensor of the network, as the learner computes it (FSDP2 all-gathers every
         # parameter as model.dtype). diffusers keeps some modules in float32 (Wan: time embedder, norms,
@@ -86,6 +88,10 @@ class RolloutWorker:
         self.policy_version = policy_version
         return SyncReport(self.policy_version, crc, time.perf_counter() - start)
 
+    def sample_held_out(self, request: HeldOutRequest) -> HeldOutSamples:
+        """The reward-hacking guard's held-out samples with the weights this worker holds (raygrpo/guard/sampling.py)."""
+        return sample_held_out(self.model, request, self.policy_version)
+
     def status(self) -> tuple[int, str]:
         """``(policy version it samples with, incarnation)``: the version is 0 after a restart until weights are
         pushed again; the incarnation is new for every start of the actor, so the controller can tell a restart."""
@@ -113,8 +119,15 @@ class RolloutWorker:
         if offset:
             # A part of a spread group draws its SDE noise from its own stream (parts run in parallel).
             generator = torch.Generator().manual_seed(int(np.random.SeedSequence([group.seed, offset]).generate_state(1)[0]))
-        sample = self._sample_sde if self.spec.record_trajectory else self._sample_ode
-        final, trajectory, log_probs = sample(noise, sigmas, cond, generator)
+        window = None
+        if self.spec.record_trajectory and self.spec.sde_window is not None:
+            window = self.spec.sde_window.bounds(group, len(sigmas) - 1)
+            if self.spec.post_window is not None:
+                sigmas = self.spec.post_window.sigmas(sigmas, window)  # MixGRPO-Flash: this group's grid
+        if self.spec.record_trajectory:
+            final, trajectory, log_probs = self._sample_sde(noise, sigmas, cond, generator, window)
+        else:
+            final, trajectory, log_probs = self._sample_ode(noise, sigmas, cond)
         images = self.model.decode(final.to(self.device))  # [G, H, W, 3] uint8
         rollout = Rollout(
             group=group,
@@ -124,6 +137,7 @@ class RolloutWorker:
             final_latents=final.numpy(),
             trajectory=None if trajectory is None else trajectory.numpy(),
             log_probs=None if log_probs is None else log_probs.numpy(),
+            window=window,
         )
         info = RolloutInfo(group.group_id, self.policy_version, time.perf_counter() - start, rollout.nbytes)
         return rollout, GroupMedia(group=group, images=np.ascontiguousarray(images)), info
@@ -137,28 +151,39 @@ class RolloutWorker:
             b = batch.stop - lo
             yield batch, noise[batch].to(self.device, torch.float32), full if b == micro else ConditioningBatch.of(cond, b, self.device)
 
-    def _sample_sde(self, noise, sigmas, cond, generator):
-        """SDE sampling that records x_0..x_T and each step's log-prob (GRPO-style algorithms)."""
+    def _sample_sde(self, noise, sigmas, cond, generator, window: tuple[int, int] | None):
+        """SDE sampling that records x and each step's log-prob (GRPO-style algorithms): over every step, or over the
+        SDE steps ``[start, stop)`` of ``window`` only, with deterministic Euler steps before and after it (after it:
+        ``spec.post_window``'s solver when set, MixGRPO-Flash)."""
         g, num_steps = len(noise), len(sigmas) - 1
-        trajectory = torch.empty((g, num_steps + 1, *noise.shape[1:]), dtype=torch.float32)  # [G, T+1, ...]
-        log_probs = torch.empty((g, num_steps), dtype=torch.float32)  # [G, T]
+        start, stop = window if window is not None else (0, num_steps)
+        trajectory = torch.empty((g, stop - start + 1, *noise.shape[1:]), dtype=torch.float32)  # [G, W+1, ...]
+        log_probs = torch.empty((g, stop - start), dtype=torch.float32)  # [G, W]
         final = torch.empty(noise.shape, dtype=torch.float32)  # [G, ...]
         steps = grid_steps(self.spec.sampler, self.spec.noise_level, sigmas)  # the learner recomputes these very steps
+        euler = grid_steps("ode", 0.0, sigmas)
+        post = self.spec.post_window
         for batch, x, c in self._micro_batches(noise, cond):
-            trajectory[batch, 0] = x.cpu()
+            after = None if post is None else make_ode_solver(post.solver, sigmas)  # fed every step: a multistep history
             for i in range(num_steps):
+                if i == start:
+                    trajectory[batch, 0] = x.cpu()
                 v = self.model.velocity(x, sigmas[i].expand(len(x)), c)
+                x_after = None if after is None else after.step(x, v, i)
                 if i == num_steps - 1:
                     # DanceGRPO decodes the last step's clean prediction, not the noisy final state.
                     final[batch] = predicted_x0(x, v, sigmas[i]).cpu()
+                if not start <= i < stop:
+                    x = x_after if x_after is not None and i >= stop else euler.transition(x, v, i).mean
+                    continue
                 step = steps.transition(x, v, i)
                 x_next = step.sample(generator)
-                log_probs[batch, i] = step.log_prob(x_next).cpu()
-                trajectory[batch, i + 1] = x_next.cpu()
+                log_probs[batch, i - start] = step.log_prob(x_next).cpu()
+                trajectory[batch, i - start + 1] = x_next.cpu()
                 x = x_next
         return final, trajectory, log_probs
 
-    def _sample_ode(self, noise, sigmas, cond, generator):
+    def _sample_ode(self, noise, sigmas, cond):
         """Deterministic ODE sampling that keeps only the final latents (DGPO)."""
         final = torch.empty(noise.shape, dtype=torch.float32)  # [G, ...]
         for batch, x, c in self._micro_batches(noise, cond):

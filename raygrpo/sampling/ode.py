@@ -63,6 +63,7 @@ same grid values diffusers uses); the tensor arithmetic runs in float32, as diff
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Protocol
 
@@ -71,7 +72,8 @@ from torch import Tensor
 
 from raygrpo.sampling.flow import ode_step, shift_sigmas
 
-ODE_SOLVERS = ("euler", "dpmpp_2m")
+ODE_SOLVERS = ("euler", "dpmpp_2m", "consistency")
+"""``consistency``: LCM's multistep sampling of a few-step (consistency) student, :class:`ConsistencySampler`."""
 
 
 class OdeSolver(Protocol):
@@ -183,6 +185,46 @@ class DPMSolverPP2M(_SequentialSolver):
         return self._ratio[index] * x + self._data_coef[index] * data
 
 
+class ConsistencySampler(_SequentialSolver):
+    """Multistep sampling of a consistency model (LCM, Luo et al., arXiv 2310.04378, Algorithm 3; diffusers'
+    ``LCMScheduler.step``): at each level the model's clean prediction, then fresh noise to the next level::
+
+        x0_i    = x_i - sigma_i v_i                               (the consistency function in flow coordinates)
+        x_{i+1} = (1 - sigma_{i+1}) x0_i + sigma_{i+1} eps_i       eps_i ~ N(0, I);  the last step returns x0_{T-1}
+
+    A one-level grid ``[sigma_0, 0]`` is one-step generation, ``x0 = x - sigma_0 v`` (Diff-Instruct*'s generator).
+
+    Deviation: ``step`` takes no generator (every solver here has one call form, used alike by rollout, continuous
+    batching, eval and the guard), so each row draws its eps_i from a generator seeded with a digest of its own
+    starting noise and the step index: a sample's draws are its own, reproducible, and the same whatever other rows
+    share its forward (continuous batching).
+    """
+
+    def __init__(self, sigmas: Tensor):
+        super().__init__(sigmas)
+        self._seeds: list[int] = []
+
+    def step(self, x: Tensor, v: Tensor, index: int) -> Tensor:
+        self._check_index(index)
+        x, v = x.float(), v.float()  # [B, ...]
+        if index == 0:
+            self._seeds = [_row_seed(row) for row in x]
+        x0 = x - self._grid[index] * v  # [B, ...] the clean prediction
+        sigma_next = self._grid[index + 1]
+        if sigma_next == 0.0:
+            return x0
+        noise = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(s + index)) for s in self._seeds])  # [B, ...]
+        return (1 - sigma_next) * x0 + sigma_next * noise.to(x.device)
+
+
+def _row_seed(row: Tensor) -> int:
+    """A 62-bit seed from one row's float32 bytes (its starting noise); 0 for a tensor without values (the planner's fake tensors)."""
+    if type(row) is not torch.Tensor:
+        return 0
+    digest = hashlib.blake2b(row.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
 def _half_log_snr(sigma: float) -> float:
     """``lambda = log(1 - sigma) - log(sigma)`` with the infinite ends made explicit (math.log(0) raises)."""
     if sigma >= 1.0:
@@ -198,4 +240,6 @@ def make_ode_solver(name: str, sigmas: Tensor) -> OdeSolver:
         return EulerSolver(sigmas)
     if name == "dpmpp_2m":
         return DPMSolverPP2M(sigmas)
+    if name == "consistency":
+        return ConsistencySampler(sigmas)
     raise ValueError(f"unknown ODE solver {name!r}; choose one of {ODE_SOLVERS}")

@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import torch
 
+from raygrpo.sampling.cps import cps_grid_steps
 from raygrpo.sampling.ddim import ddim_coefficients
 from raygrpo.sampling.flow import flow_sde_g, sde_coefficients, sigma_schedule
 from raygrpo.sampling.ode import dpm_flow_sigmas
 from raygrpo.sampling.transition import GridSteps, StepCoefficients, Transition
 
-SAMPLERS = ("ode", "dance_sde", "flow_sde", "ddim")
-"""``ddim``: DDIM-eta for variance-preserving models in flow coordinates (:mod:`raygrpo.sampling.ddim`)."""
+SAMPLERS = ("ode", "dance_sde", "flow_sde", "ddim", "cps")
+"""``ddim``: DDIM-eta for variance-preserving models in flow coordinates (:mod:`raygrpo.sampling.ddim`); ``cps``:
+Coefficients-Preserving Sampling with the released code's constant-free log-prob (:mod:`raygrpo.sampling.cps`)."""
 
 
 def grid_steps(sampler: str, noise_level: float, sigmas: torch.Tensor) -> GridSteps:
     """Every step of schedule ``sigmas`` ([T+1]) for one of :data:`SAMPLERS`, its coefficients computed once.
 
-    ``noise_level`` is eta for ``dance_sde`` and ``ddim``, a for ``flow_sde`` and ignored by ``ode``.
+    ``noise_level`` is eta for ``dance_sde``, ``ddim`` and ``cps``, a for ``flow_sde`` and ignored by ``ode``.
     ``flow_sde`` takes its ``sigma_max`` from ``sigmas[1]``, as Flow-GRPO takes ``scheduler.sigmas[1]``.
     Rollout and learner build it once per group and take each step from it (:meth:`GridSteps.transition`).
     """
+    if sampler == "cps":
+        return cps_grid_steps(sigmas, noise_level)  # its own log-prob (no Gaussian constants)
     sigma, sigma_next = sigmas[:-1].float(), sigmas[1:].float()  # [T] each
     if sampler == "ode":
         coefficients = StepCoefficients(torch.ones_like(sigma), sigma_next - sigma, torch.zeros_like(sigma))

@@ -12,6 +12,8 @@ JSON API (what the pages read):
     GET /api/runs/{name}/metrics            {steps: [..], series: {key: [..]}} from metrics.jsonl (null: absent / not finite)
     GET /api/runs/{name}/samples            {steps: [..]} steps with a gallery
     GET /api/runs/{name}/samples/{step}     one step's gallery: groups, prompts, each sample's scores and media URL
+    GET /api/runs/{name}/guard              the reward-hacking guard: its gallery steps and events (<run>/guard/events.jsonl)
+    GET /api/runs/{name}/guard/samples/{step}  one guard round's gallery of held-out samples (as /samples/{step})
     GET /runs/{name}/files/{path}           an image of the run folder (PNG, GIF, JPEG); nothing outside the run folder
 """
 
@@ -26,7 +28,8 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse
 
 from raygrpo.gallery import gallery_steps, read_step_gallery
-from services.dashboard.runs import METRICS, RunNotFound, list_runs, read_metrics, run_dir, run_info
+from raygrpo.guard.layout import GUARD_DIR
+from services.dashboard.runs import METRICS, RunNotFound, list_runs, read_guard_events, read_metrics, run_dir, run_info
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +86,22 @@ def create_app(root: Path, stale_after_s: float = STALE_AFTER_S) -> FastAPI:
 
     @app.get("/api/runs/{name}/samples/{step}")
     def samples(name: str, step: int) -> dict:
+        return gallery_json(name, folder(name), step, "")
+
+    @app.get("/api/runs/{name}/guard")
+    def guard(name: str) -> dict:
         path = folder(name)
-        gallery = read_step_gallery(path, step)
+        return {"run": name, "steps": gallery_steps(path / GUARD_DIR), "events": read_guard_events(path)}
+
+    @app.get("/api/runs/{name}/guard/samples/{step}")
+    def guard_samples(name: str, step: int) -> dict:
+        return gallery_json(name, folder(name), step, GUARD_DIR)
+
+    def gallery_json(name: str, path: Path, step: int, under: str) -> dict:
+        """One gallery of the run (``under``: "" for the training samples, "guard" for the guard's held-out ones)."""
+        gallery = read_step_gallery(path / under, step)
         if gallery is None:
-            raise HTTPException(404, f"run {name!r} has no gallery for step {step}")
+            raise HTTPException(404, f"run {name!r} has no {under + ' ' if under else ''}gallery for step {step}")
         base = f"/runs/{quote(name)}/files/{gallery.path.relative_to(path).as_posix()}"
         groups = []
         for group in gallery.groups:

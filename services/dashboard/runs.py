@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raygrpo.checkpoint import ABORTED, FINAL, RUN_STATE, read_run_state
+from raygrpo.guard.layout import EVENTS as GUARD_EVENTS
+from raygrpo.guard.layout import GUARD_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -168,3 +170,22 @@ def read_metrics(path: Path) -> Metrics:
                 keys.setdefault(key)
     series = {key: [_finite(r.get(key)) for r in records] for key in keys}
     return Metrics(steps=[r["step"] for r in records], series=series)
+
+
+def read_guard_events(folder: Path) -> list[dict]:
+    """The reward-hacking guard's rounds that acted (warn, rollback, stop) with their evidence, from
+    ``<run>/guard/events.jsonl`` (raygrpo/guard/guard.py); a half-written last line is skipped."""
+    path = folder / GUARD_DIR / GUARD_EVENTS
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    events = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("action") not in (None, "none"):
+            events.append(record)
+    return events

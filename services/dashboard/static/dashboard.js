@@ -192,6 +192,26 @@ const Dashboard = (() => {
     container.replaceChildren(...(cells.length ? cells : [el("p", { class: "muted" }, "no reward failure counts yet")]));
   }
 
+  // The guard's signals exist at guard rounds only: one chart per signal over those rounds (rewards, gold rewards,
+  // diversity), then its actions (warn, rollback, stop) with their evidence. Hidden for runs without a guard.
+  function drawGuard(panel, metrics, guard) {
+    const keys = Object.keys(metrics.series).filter((k) => /^guard\/(reward|gold|diversity)\//.test(k)).sort();
+    panel.hidden = !keys.length;
+    if (!keys.length) return false;
+    const rounds = metrics.steps.map((_, i) => i).filter((i) => keys.some((k) => metrics.series[k][i] !== null));
+    const steps = rounds.map((i) => metrics.steps[i]);
+    const cells = keys.map((key, n) => {
+      const cell = el("div", { "data-guard": key.slice(6) });
+      const values = rounds.map((i) => metrics.series[key][i]);
+      cell.append(el("h3", {}, key.slice(6)), lineChart(steps, [{ name: key, values, color: COLORS[n % COLORS.length] }], { width: 300, height: 130, compact: true }));
+      return cell;
+    });
+    document.getElementById("chart-guard").replaceChildren(...cells);
+    const items = guard.events.map((e) => el("li", { class: `guard-${e.action}` }, `step ${e.step}: ${e.action}: ${e.message}`));
+    document.getElementById("guard-events").replaceChildren(...(items.length ? items : [el("li", { class: "muted" }, "no rule fired")]));
+    return true;
+  }
+
   // A prompt may be very long (100k characters): headings and tooltips show its start.
   function shortPrompt(prompt) {
     return prompt.length > 300 ? `${prompt.slice(0, 300)}…` : prompt;
@@ -262,6 +282,11 @@ const Dashboard = (() => {
       shownStep = step;
     }
 
+    async function showGuardGallery(step) {
+      const gallery = await api(`/api/runs/${encodeURIComponent(name)}/guard/samples/${step}`);
+      drawGallery(document.getElementById("guard-gallery"), gallery);
+    }
+
     async function refresh() {
       const [info, metrics] = await Promise.all([api(`/api/runs/${encodeURIComponent(name)}`), api(`/api/runs/${encodeURIComponent(name)}/metrics`)]);
       const status = document.getElementById("status");
@@ -275,6 +300,16 @@ const Dashboard = (() => {
       drawFailures(document.getElementById("chart-failures"), metrics);
       drawLearner(document.getElementById("chart-learner"), metrics);
       drawAdvantages(document.getElementById("chart-advantages"), metrics);
+      const guard = await api(`/api/runs/${encodeURIComponent(name)}/guard`);
+      if (drawGuard(document.getElementById("guard-panel"), metrics, guard)) {
+        const guardSelect = document.getElementById("guard-step");
+        const rounds = guard.steps.slice().reverse();  // newest first
+        if (guardSelect.options.length !== rounds.length) {
+          guardSelect.replaceChildren(...rounds.map((s) => el("option", { value: s }, `step ${s}`)));
+          guardSelect.onchange = () => showGuardGallery(Number(guardSelect.value)).catch(console.error);
+          if (rounds.length) await showGuardGallery(rounds[0]);
+        }
+      }
       const steps = info.sample_steps.slice().reverse();  // newest first
       if (select.options.length !== steps.length) {
         const keep = select.value;

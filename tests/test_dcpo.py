@@ -1,0 +1,182 @@
+"""Diffusion-DPO and DCPO (raygrpo/algorithms/dcpo.py): the loss against hand-computed values, the preference data,
+the learner half on a toy network, and each tiny preset for two steps in process."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from raygrpo.algorithms.base import WindowGroup
+from raygrpo.algorithms.dcpo import DiffusionDPO, diffusion_dpo_loss, dpo_logit, loss_space, squared_error
+from raygrpo.config import ConfigError, load_config
+from raygrpo.contracts import Conditioning, PromptGroup, TrainGroup
+from raygrpo.data.preferences import (
+    EncodedPair,
+    PreferenceFileError,
+    PreferenceRollout,
+    load_preferences,
+    pair_captions,
+    write_synthetic_preferences,
+)
+
+from .conftest import ROOT, train_in_process
+
+PROMPTS = ["a cat on a mat", "a red car on a road"]
+
+
+def test_loss_against_hand_computed_values():
+    err_w, err_l = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 1.0])
+    ref_w, ref_l = torch.tensor([1.5, 1.5]), torch.tensor([1.5, 1.5])
+    # logit = -beta/2 [(l_w - ref_w) - (l_l - ref_l)]: pair 0 -> -1 * (-0.5 - 0.5) = 1, pair 1 -> -1
+    assert dpo_logit(err_w, err_l, ref_w, ref_l, beta=2.0).tolist() == [1.0, -1.0]
+    loss = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, beta=2.0)
+    assert loss.tolist() == pytest.approx([math.log1p(math.exp(-1)), math.log1p(math.exp(1))])
+    # Policy = reference: log 2 whatever beta; the gradient lowers the preferred error and raises the rejected one.
+    err_w, err_l = torch.tensor([0.7], requires_grad=True), torch.tensor([0.9], requires_grad=True)
+    at_start = diffusion_dpo_loss(err_w, err_l, torch.tensor([0.7]), torch.tensor([0.9]), beta=5000.0)
+    assert at_start.item() == pytest.approx(math.log(2))
+    at_start.sum().backward()
+    assert err_w.grad.item() == pytest.approx(5000 / 4) and err_l.grad.item() == pytest.approx(-5000 / 4)  # beta/2 * sigmoid(0)
+
+
+def test_epsilon_space_is_the_papers_epsilon_error():
+    torch.manual_seed(0)
+    x0, eps, v = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    sigma = torch.tensor([0.1, 0.5, 0.9])
+    s = sigma[:, None, None, None]
+    x_t = (1 - s) * x0 + s * eps
+    eps_theta = x_t + (1 - s) * v  # the epsilon a velocity v implies at x_t in flow coordinates
+    expected = ((eps - eps_theta) ** 2).flatten(1).mean(1)
+    assert torch.allclose(squared_error(v, eps - x0, sigma, "epsilon"), expected, atol=1e-6)
+    assert torch.allclose(squared_error(v, eps - x0, sigma, "velocity"), ((eps - x0 - v) ** 2).flatten(1).mean(1))
+
+
+def _config(preset: str = "tiny_dcpo.yaml", *overrides: str):
+    return load_config(ROOT / "cluster" / preset, list(overrides))
+
+
+def test_config_picks_the_loss_space_and_refuses_what_cannot_work():
+    assert loss_space(_config()) == "velocity"
+    assert loss_space(_config("tiny_dcpo.yaml", "model.family=sd", "model.guidance_scale=1.0", "algorithm.loss_space=auto")) == "epsilon"
+    for overrides, message in [
+        (["data.prompt_file=null", "data.prompts=[a cat]"], "preference pairs"),
+        (["model.family=sd", "model.guidance_scale=7.5"], "train_guidance_scale: 1.0"),
+        (["algorithm.captions=whatever"], "captions"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            _config("tiny_dcpo.yaml", *overrides)
+
+
+def test_jsonl_and_parquet_pairs_and_the_captions_of_each_variant(tmp_path):
+    path = write_synthetic_preferences(tmp_path / "set", PROMPTS, size=16, seed=1)
+    records = load_preferences(path)
+    assert [r.prompt for r in records] == PROMPTS
+    preferred, rejected = records[0].preferred.load((8, 8)), records[0].rejected.load()
+    assert preferred.shape == (8, 8, 3) and rejected.shape == (16, 16, 3)
+    assert _jpeg_bytes(records[0].preferred.load()) < _jpeg_bytes(rejected)  # the preferred image is the smoother one
+    r = records[0]
+    assert pair_captions(r, None) == (r.prompt, r.prompt)
+    assert pair_captions(r, "captioner") == (r.preferred_caption, r.rejected_caption)
+    assert pair_captions(r, "perturbed") == (r.prompt, r.perturbed_prompt)
+    assert pair_captions(r, "hybrid") == (r.preferred_caption, r.perturbed_rejected_caption)
+    # Parquet with in-line image bytes (Hugging Face's struct), and a record without DCPO captions.
+    png = (tmp_path / "set" / "0000_preferred.png").read_bytes()
+    table = pa.table({"prompt": ["x"], "preferred": [{"bytes": png, "path": None}], "rejected": [png]})
+    pq.write_table(table, tmp_path / "pairs.parquet")
+    (record,) = load_preferences(tmp_path / "pairs.parquet")
+    assert record.preferred.load().shape == (16, 16, 3)
+    assert pair_captions(record, None) == ("x", "x")
+    with pytest.raises(PreferenceFileError, match=r"row 0: .*needs preferred_caption and perturbed_rejected_caption"):
+        pair_captions(record, "hybrid")
+
+
+def test_bad_records_name_the_line_and_the_field(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "preferred": "a.png", "rejected": "b.png"}) + "\n" + json.dumps({"prompt": " ", "preferred": "a.png", "rejected": "b.png"}) + "\n")
+    with pytest.raises(PreferenceFileError, match="line 2: the prompt is empty"):
+        load_preferences(bad)
+    bad.write_text(json.dumps({"prompt": "a", "preferred": "a.png"}) + "\n")
+    with pytest.raises(PreferenceFileError, match="line 1: rejected missing"):
+        load_preferences(bad)
+    bad.write_text(json.dumps({"prompt": "a", "preferred": "nope.png", "rejected": "nope.png"}) + "\n")
+    with pytest.raises(PreferenceFileError, match=r"line 1 \(preferred\): image .*nope.png"):
+        load_preferences(bad)[0].preferred.load()
+
+
+class _ToyModel:
+    """A velocity network small enough to reason about: v = W x + the caption's mean embedding."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.transformer = torch.nn.Linear(4, 4)
+
+    def sigma_grid(self, sampler, num_steps, shift):
+        return torch.linspace(1, 0, num_steps + 1)
+
+    def velocity(self, latents, sigmas, cond):
+        return self.transformer(latents) + cond.prompt_embeds.mean(dim=1, keepdim=True)
+
+
+def _window(pairs: int) -> list[WindowGroup]:
+    rng = np.random.default_rng(0)
+    window = []
+    for k in range(pairs):
+        cond = [Conditioning(prompt_embeds=rng.normal(size=(3, 4)).astype(np.float32)) for _ in range(2)]
+        pair = EncodedPair(rng.normal(size=(2, 5, 4)).astype(np.float32), *cond)
+        group = PromptGroup(k, k, "p", 2, k, 0)
+        rollout = PreferenceRollout(group, 0, cond[0], np.linspace(1, 0, 5, dtype=np.float32), np.zeros((2, 5, 4), np.float32), pair=pair)
+        train = TrainGroup(None, k, np.zeros((1, 2), np.float32), np.ones(1, np.float32), np.arange(2))
+        window.append(WindowGroup(k, train, rollout, np.arange(2), None))
+    return window
+
+
+def test_the_learner_half_starts_at_log_2_and_one_step_makes_the_policy_prefer_the_preferred_images():
+    config = _config("tiny_diffusion_dpo.yaml", "algorithm.beta=50")
+    algo, model = DiffusionDPO(config), _ToyModel()
+    params = list(model.transformer.parameters())
+    algo.setup(model, params, lora=False)
+    window = _window(3)
+    draws = algo.draw(np.random.default_rng(0), 3, 2, window[0].rollout)
+    for wg, draw in zip(window, draws.per_group):
+        wg.draw = draw
+    terms = list(algo.loss_terms(model, window, draws))
+    assert [t.final for t in terms] == [False, False, True]
+    assert all(t.loss.item() == pytest.approx(2 * math.log(2)) for t in terms)  # log 2 per pair, times its 2 members
+    optimizer = torch.optim.SGD(params, lr=1e-2)
+    torch.stack([t.loss for t in terms]).sum().backward()
+    optimizer.step()
+    after = list(algo.loss_terms(model, window, draws))
+    assert all(t.extras["implicit_acc"].item() == 1.0 for t in after)  # every pair's logit left 0 on the right side
+    assert sum(t.loss.item() for t in after) < sum(t.loss.item() for t in terms)
+    with algo.frozen.swapped():  # the reference is still the start: against itself the logit is 0 again
+        assert all(t.extras["dpo_logit"].item() == 0.0 for t in algo.loss_terms(model, window, draws))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny_dcpo.yaml", "tiny_diffusion_dpo.yaml"])
+def test_the_tiny_preset_runs_two_steps_in_process(tmp_path, preset):
+    quick = ["algorithm.group_size=2", "algorithm.groups_per_step=2", "rollout.num_steps=4", "train.steps=2"]
+    run_dir, rows = train_in_process(ROOT / "cluster" / preset, tmp_path, *quick)
+    assert [r["policy_version"] for r in rows] == [1, 2]
+    assert rows[0]["learner/loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts as the reference
+    assert rows[1]["learner/loss"] < math.log(2) and all(np.isfinite(r["reward/jpeg/mean"]) for r in rows)
+    assert (run_dir / "checkpoint-final" / "transformer").is_dir()
+
+
+def _jpeg_bytes(image: np.ndarray) -> int:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+    return buffer.tell()
+
+
+def test_the_config_carries_the_captions_variant():
+    assert _config().algorithm.captions == "hybrid"
+    assert not hasattr(_config("tiny_diffusion_dpo.yaml").algorithm, "captions")
