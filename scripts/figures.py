@@ -1,6 +1,6 @@
 """Every figure the README quotes, measured again by one command: ``make figures``.
 
-    .venv/bin/python scripts/figures.py                 # demo runs, eval, both benchmarks (~20 min on 2 cores)
+    .venv/bin/python scripts/figures.py                 # demo runs, eval, both benchmarks (~13 min on 2 quiet cores)
     .venv/bin/python scripts/figures.py --only demo     # just the demo runs and the eval table (~2 min)
     .venv/bin/python scripts/figures.py --only algorithms   # just benchmarks/algorithms.py's table (~12-16 min)
 
