@@ -180,3 +180,38 @@ def _jpeg_bytes(image: np.ndarray) -> int:
 def test_the_config_carries_the_captions_variant():
     assert _config().algorithm.captions == "hybrid"
     assert not hasattr(_config("tiny_diffusion_dpo.yaml").algorithm, "captions")
+
+
+def test_the_planner_measures_a_pair_per_term_and_refuses_what_it_cannot_model():
+    """The resource planner's learner for Diffusion-DPO / DCPO: one term per pair of the step (the reference's forward,
+    the policy's forward and backward of its two rows), a frozen copy counted; a VP model's DDPM levels are read
+    outside the fake mode (the SD grid needs real numbers). RG-LCD / Diff-Instruct* learners are refused by name,
+    which the run's preflight turns into a start without a plan."""
+    from raygrpo.plan import ArchitectureError, plan_from
+    from raygrpo.plan.architecture import architecture
+    from raygrpo.plan.measure import measure
+
+    gpus = ["rollout.num_gpus=1", "learner.num_gpus=1", "model.dtype=bfloat16"]
+    config = load_config(ROOT / "cluster" / "tiny_dcpo.yaml", gpus)
+    measured = measure(config, architecture("flux", "tiny-random"), compare=False)
+    m = measured.learner[config.learner.gradient_checkpointing]
+    assert m.term.flops > 0 and m.shadow_bytes > 0
+    plan = plan_from(config, measured, mfu=0.4, gpu_memory_bytes=80 * 2**30, gpu_flops=1e15, name="tiny")
+    learner = next(r for r in plan.roles if r.role == "learner")
+    assert learner.flops == config.algorithm.groups_per_step * m.term.flops  # one term per pair, one rank
+    student = load_config(ROOT / "cluster" / "tiny_rg_lcd.yaml", gpus)
+    with pytest.raises(ArchitectureError, match="does not model the 'rg_lcd' learner"):
+        measure(student, architecture("flux", "tiny-random"), compare=False)
+
+
+def test_a_vp_model_trains_on_its_ddpm_levels():
+    """Stable Diffusion (VP): Diffusion-DPO draws t from the scheduler's own T_train levels (a 1000-step DDIM grid would
+    index past the table); flow models keep the shifted Euler grid's levels."""
+    from raygrpo.models import load_model
+
+    config = load_config(ROOT / "cluster" / "tiny_dcpo.yaml", ["model.family=sd", "model.train_guidance_scale=1.0", "algorithm.train_timesteps=1000"])
+    model = load_model("sd", "tiny-random", torch_dtype=torch.float32, device="cpu", height=64, width=64, guidance_scale=1.0, max_sequence_length=16)
+    algo = DiffusionDPO(config)
+    algo.setup(model, [p for p in model.transformer.parameters()], lora=False)
+    assert torch.equal(algo.levels, model.train_sigmas.float())  # [1000], sigma of t = 0..999
+    assert len(algo.levels) == 1000 and 0 < float(algo.levels.min()) < float(algo.levels.max()) < 1

@@ -57,7 +57,7 @@ import torch
 from raygrpo.algorithms.base import LossTerm, RolloutSpec, StepDraws, WindowGroup
 from raygrpo.algorithms.dgpo import denoising_loss
 from raygrpo.algorithms.forward_process import GroupTensors, base_weights, frozen_snapshot, velocities, velocity
-from raygrpo.config import Config, DiffusionDPOConfig
+from raygrpo.config import VP_FAMILIES, Config, DiffusionDPOConfig
 from raygrpo.contracts import ConditioningBatch, Rollout
 
 
@@ -112,8 +112,13 @@ class DiffusionDPO:
     def setup(self, model, parameters: list[torch.nn.Parameter], lora: bool) -> None:
         self.model, self.device = model, parameters[0].device
         self.frozen = frozen_snapshot(parameters, lora)  # None with LoRA: the reference is the adapter switched off
-        grid = model.sigma_grid("euler", self.algo.train_timesteps, self.config.rollout.shift)  # [T+1], last 0
-        self.levels = grid[:-1].float().to(self.device)  # [T]
+        if self.config.model.family in VP_FAMILIES:
+            # A VP model trains on its DDPM levels t = 0..T_train-1 (Diffusion-DPO's t ~ U{0..999}); a DDIM grid of
+            # T_train steps would start past the table (leading spacing with steps_offset 1 gives t = 1000).
+            levels = model.train_sigmas[: self.algo.train_timesteps]
+        else:
+            levels = model.sigma_grid("euler", self.algo.train_timesteps, self.config.rollout.shift)[:-1]  # last (0) dropped
+        self.levels = levels.float().to(self.device)  # [T]
 
     def sampling_weights(self) -> AbstractContextManager:
         return nullcontext()

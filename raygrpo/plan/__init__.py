@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from raygrpo.algorithms import diffusionnft, dgpo, rollout_spec
-from raygrpo.config import Config, DGPOConfig, DiffusionNFTConfig
+from raygrpo.config import Config, DGPOConfig, DiffusionDPOConfig, DiffusionNFTConfig
 from raygrpo.models import VIDEO_FAMILIES
 from raygrpo.plan.architecture import ArchitectureError, architecture
 from raygrpo.plan.cache import cached_measure
@@ -197,7 +197,11 @@ def _learner_row(config: Config, m: LearnerMeasure) -> tuple[RolePlan, int]:
     algo, ranks = config.algorithm, config.learner.num_ranks
     groups = algo.groups_per_step // ranks  # per rank: whole groups
     members = algo.best_of_n or algo.group_size
-    if isinstance(algo, DGPOConfig | DiffusionNFTConfig):
+    if isinstance(algo, DiffusionDPOConfig):
+        # Offline pairs: one term per pair of the step (the measured term holds its reference forward too); the
+        # group's members are evaluation samples and train nothing. Two images (x^w, x^l) train per pair.
+        flops, members = groups * m.term.flops, 2
+    elif isinstance(algo, DGPOConfig | DiffusionNFTConfig):
         chunks = math.ceil(members / min(algo.micro_batch_size or members, members))
         # The measured term holds one no-gradient forward (DGPO's reference, DiffusionNFT's old policy) besides the
         # policy's forward and backward: add the others the algorithm runs per micro-batch and noise level.

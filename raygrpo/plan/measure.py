@@ -44,13 +44,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from raygrpo.algorithms import rollout_spec
 from raygrpo.algorithms.dancegrpo import clipped_surrogate
+from raygrpo.algorithms.dcpo import diffusion_dpo_loss
 from raygrpo.algorithms.diffusionnft import nft_policy_loss, reward_weight
 from raygrpo.algorithms.dgpo import denoising_loss, group_gate_logit
-from raygrpo.config import Config, DGPOConfig, DiffusionNFTConfig
+from raygrpo.config import Config, DGPOConfig, DiffusionDPOConfig, DiffusionNFTConfig
 from raygrpo.contracts import ConditioningBatch
 from raygrpo.learner.ema import ParameterShadow
 from raygrpo.learner.fsdp import transformer_blocks
-from raygrpo.plan.architecture import Architecture, scaled
+from raygrpo.plan.architecture import Architecture, ArchitectureError, scaled
 from raygrpo.plan.fake import build_components, conditioning, decode_input_shape, encoders, fake_adapter
 from raygrpo.sampling import grid_steps, make_ode_solver
 
@@ -320,8 +321,11 @@ def learner_step(config: Config, arch: Architecture, track: bool = True, memory_
                 parameters = [p for p in network.parameters() if p.requires_grad]
                 opt = config.optimizer
                 optimizer = torch.optim.AdamW(parameters, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
-                algorithm = make_algorithm(config)
-                algorithm.setup(adapter, parameters, lora=config.model.lora is not None)
+            # Outside the mode: setup may read the adapter's real scheduler tables (a VP model's grid); copies it makes
+            # of the fake parameters are fake all the same (a fake tensor dispatches to its own mode).
+            algorithm = make_algorithm(config)
+            algorithm.setup(adapter, parameters, lora=config.model.lora is not None)
+            with fake:
                 shadows = [s for s in vars(algorithm).values() if isinstance(s, ParameterShadow)]  # EMAs, frozen copies
                 term = Phase()
                 network.set_requires_gradient_sync(config.learner.reduce_every_backward)  # a term that is not the window's last
@@ -382,6 +386,18 @@ def _loss_term(config: Config, arch: Architecture, adapter, sigmas, steps, track
     that no-gradient forward and the policy's forward."""
     algo = config.algorithm
     cond = conditioning(config, arch, adapter)
+    if isinstance(algo, DiffusionDPOConfig):  # DCPO too: one pair (x^w, x^l) per term, the reference's forward first
+        x_t = torch.zeros(2, *adapter.latent_shape)  # [2, ...]
+        sigma = sigmas[0].expand(2)
+        batch = ConditioningBatch.of(cond, 2)  # two captions of one length: the prompt's conditioning stands for both
+        counter = flop_counter()
+        with torch.no_grad(), counter if track else nullcontext():
+            v_ref = adapter.velocity(x_t, sigma, batch)  # [2, ...]
+        if between is not None:
+            between()
+        v = adapter.velocity(x_t, sigma, batch)  # [2, ...] with gradients
+        err, ref = denoising_loss(v, x_t), denoising_loss(v_ref, x_t)  # [2] each
+        return diffusion_dpo_loss(err[:1], err[1:], ref[:1], ref[1:], algo.beta).sum(), counter.get_total_flops() if track else 0
     if isinstance(algo, DGPOConfig | DiffusionNFTConfig):
         members = algo.best_of_n or algo.group_size
         rows = min(algo.micro_batch_size or members, members)
@@ -408,6 +424,11 @@ def _loss_term(config: Config, arch: Architecture, adapter, sigmas, steps, track
         kl = ((v - v_ref) ** 2).flatten(1).mean(dim=1)  # [b]
         term = ((gate * advantages * loss).sum() + algo.kl_beta * kl.sum()) / algo.num_train_timesteps
         return term, counter.get_total_flops() if track else 0
+    if steps is None:  # an ODE rollout the branches above do not model (RG-LCD's and Diff-Instruct*'s students)
+        raise ArchitectureError(
+            f"the planner does not model the {algo.name!r} learner yet (its teacher, extra networks and forwards); "
+            "a run starts without a plan (or pass --skip-plan)"
+        )
     x = torch.zeros(1, *adapter.latent_shape)  # [1, ...] x_j of one member
     v = adapter.velocity(x, sigmas[0].reshape(1), ConditioningBatch.of(cond, 1))  # [1, ...]
     step = steps.transition(x, v, 0)
