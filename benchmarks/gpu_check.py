@@ -418,7 +418,9 @@ def planner_prediction(config, args: argparse.Namespace, rollout: dict, learner:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     peak = peak_flops(args)
     try:
-        plan = make_plan(config, mfu=args.plan_mfu, gpu_memory_bytes=memory, **({"gpu_flops": peak} if peak else {}))
+        # compare=False: only the checkpointing setting measured here is set beside the planner's; the other one's
+        # dry run would double the learner's (about a third of this section's time in --dry-run).
+        plan = make_plan(config, mfu=args.plan_mfu, gpu_memory_bytes=memory, compare=False, **({"gpu_flops": peak} if peak else {}))
         roles = {role.role: role for role in plan.roles}
         predicted = {"rollout": plan.rollout_seconds_per_image, "learner": plan.learner_seconds_per_step}
         measured = {"rollout": rollout["seconds_per_image"], "learner": learner["seconds_per_step"]}

@@ -11,7 +11,8 @@
 (b) learner: ``Learner.update`` in process on TrainGroups built from real rollouts, seconds per
     update, against a bare loop on a copy of the same network: the same forwards with gradient (same
     samples x trained timesteps, same batch shapes), a backward each, AdamW steps as often as the
-    algorithm steps. DanceGRPO's baseline has no log-probs and no clipping; DGPO's does DGPO's whole
+    algorithm steps. DanceGRPO's baseline has no log-probs and no surrogate clipping (it clips the gradient norm
+    before AdamW, as the learner and the released scripts do); DGPO's does DGPO's whole
     math in plain PyTorch (``bare_dgpo_step``: the no-gradient reference/base forwards, gate, clip, KL,
     gradient clipping, AdamW, EMA updates) with its shadows as separate modules. Each figure's
     ``time_split_s`` says where both sides' seconds go (forwards, backwards, optimizer, the rest).
@@ -187,20 +188,31 @@ def sync(device: str) -> None:
 
 
 def alternate(
-    system: Callable[[int], None], baseline: Callable[[int], None], repeats: int, device: str, *more: Callable[[int], None]
+    system: Callable[[int], None],
+    baseline: Callable[[int], None],
+    repeats: int,
+    device: str,
+    *more: Callable[[int], None],
+    cpu: list[list[float]] | None = None,
 ) -> tuple:
     """Seconds of ``repeats`` calls of each (``more``: further baselines), alternating (same load for all), after one
-    warm-up call of each; one list per function, in their order."""
+    warm-up call of each; one list per function, in their order. ``cpu`` (an empty list) receives the same per
+    function in CPU seconds of this process (every thread counted): on a shared machine far less disturbed by
+    other load than wall time, and equal to it for one busy thread on an idle one."""
     functions = (system, baseline, *more)
     times: tuple[list, ...] = tuple([] for _ in functions)
+    if cpu is not None:
+        cpu.extend([] for _ in functions)
     for r in range(-1, repeats):
         for side, fn in enumerate(functions):
             sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fn(r + 1)
             sync(device)
             if r >= 0:
                 times[side].append(time.perf_counter() - start)
+                if cpu is not None:
+                    cpu[side].append(time.process_time() - cpu_start)
     return times
 
 
@@ -216,6 +228,16 @@ def figure(what: str, unit: str, values: list[float], baseline: list[float], bas
         "what": what, "unit": unit, "value": value, "baseline": base, "ratio": value / base, "baseline_what": baseline_what,
         "values": values, "baseline_values": baseline, **details,
     }  # fmt: skip
+
+
+def cpu_figures(cpu: list[list[float]], per_call: bool) -> dict:
+    """The figure's ratio in CPU seconds of this process (``alternate(cpu=...)``, system and baseline): ``cpu_ratio``
+    of the medians, oriented as the figure's ratio (``per_call``: a rate, calls per CPU second, so baseline / system
+    seconds), and ``cpu_ratios`` repeat by repeat (both sides of one repeat ran back to back)."""
+    system, baseline = cpu[0], cpu[1]
+    ratios = [(b / s) if per_call else (s / b) for s, b in zip(system, baseline)]
+    median = statistics.median(system) / statistics.median(baseline)
+    return {"cpu_s": system, "cpu_baseline_s": baseline, "cpu_ratio": 1 / median if per_call else median, "cpu_ratios": ratios}
 
 
 # ------------------------------------------------------------------------------------- (a) rollout
@@ -246,7 +268,8 @@ def bench_rollout(preset: str, args: argparse.Namespace) -> dict:
             pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_images_per_prompt=min(micro, g - lo), num_inference_steps=steps,
                  height=m.height, width=m.width, guidance_scale=m.guidance_scale, generator=generator, output_type="np")  # fmt: skip
 
-    seconds = alternate(system, baseline, args.repeats, args.device)
+    cpu: list[list[float]] = []
+    seconds = alternate(system, baseline, args.repeats, args.device, cpu=cpu)
     rate = [[g / s for s in side] for side in seconds]
     sampler = config.algorithm.sampler
     return figure(
@@ -254,6 +277,7 @@ def bench_rollout(preset: str, args: argparse.Namespace) -> dict:
         "images/s per GPU" if args.device == "cuda" else "images/s",
         rate[0], rate[1], f"FluxPipeline loop, num_images_per_prompt={micro}, output_type='np'",
         group_size=g, micro_batch=micro, num_steps=steps, resolution=m.height, preset=PRESETS[preset],
+        **cpu_figures(cpu, per_call=True),
     )  # fmt: skip
 
 
@@ -464,10 +488,13 @@ def bench_learner(preset: str, args: argparse.Namespace) -> dict:
                 v = network(**f.kwargs, return_dict=False)[0]
             v.float().square().mean().backward()
             if (n + 1) % step_every == 0 or n + 1 == len(forwards):
+                # DanceGRPO's optimizer step clips the gradient norm (the released scripts' max_grad_norm) before AdamW
+                torch.nn.utils.clip_grad_norm_(network.parameters(), config.optimizer.max_grad_norm)
                 adamw.step()
                 adamw.zero_grad(set_to_none=True)
 
-    seconds = alternate(system, baseline, args.repeats, dev)
+    cpu: list[list[float]] = []
+    seconds = alternate(system, baseline, args.repeats, dev, cpu=cpu)
     # Where the difference goes: both sides' forwards, backwards, optimizer and the rest, and DGPO's shadow swaps.
     from raygrpo.learner.ema import ParameterShadow
 
@@ -481,13 +508,13 @@ def bench_learner(preset: str, args: argparse.Namespace) -> dict:
         "DGPO in plain PyTorch on copies of the network (policy, fast EMA, frozen base, slow EMA): the same no-gradient "
         "reference/base forwards, gate, clip, KL, gradient clipping, AdamW and EMA updates, at the same batch shapes"
         if dgpo
-        else "bare forward/backward/AdamW on a copy of the network, same forwards with gradient and batch shapes"
+        else "bare forward/backward, gradient clipping and AdamW on a copy of the network, same forwards with gradient and batch shapes"
     )
     return figure(
         f"Learner.update ({config.algorithm.name}), one training step", "s/step", seconds[0], seconds[1], baseline_what,
         samples=samples, forwards_with_grad=len(forwards), batch_per_forward=len(forwards[0].kwargs["hidden_states"]),
         preset=PRESETS[preset], samples_per_s=samples / statistics.median(seconds[0]),
-        baseline_samples_per_s=samples / statistics.median(seconds[1]), time_split_s=split,
+        baseline_samples_per_s=samples / statistics.median(seconds[1]), time_split_s=split, **cpu_figures(cpu, per_call=False),
     )  # fmt: skip
 
 
@@ -760,7 +787,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _line(f: dict) -> str:
-    return f"{f['value']:.4g} {f['unit']} vs baseline {f['baseline']:.4g} (ratio {f['ratio']:.3f})"
+    cpu = f", CPU-seconds ratio {f['cpu_ratio']:.3f}" if "cpu_ratio" in f else ""
+    return f"{f['value']:.4g} {f['unit']} vs baseline {f['baseline']:.4g} (ratio {f['ratio']:.3f}{cpu})"
 
 
 def _check(figures: dict) -> None:
@@ -770,8 +798,11 @@ def _check(figures: dict) -> None:
 
 
 def _table(figures: dict) -> str:
-    rows = ["| figure | raygrpo | baseline | ratio |", "|---|---|---|---|"]
-    rows += [f"| {k} | {f['value']:.4g} {f['unit']} | {f['baseline']:.4g} | {f['ratio']:.3f} |" for k, f in figures.items()]
+    rows = ["| figure | raygrpo | baseline | ratio | ratio in CPU seconds |", "|---|---|---|---|---|"]
+    rows += [
+        f"| {k} | {f['value']:.4g} {f['unit']} | {f['baseline']:.4g} | {f['ratio']:.3f} | {f.get('cpu_ratio', float('nan')):.3f} |"
+        for k, f in figures.items()
+    ]
     return "\n".join(rows)
 
 

@@ -69,15 +69,6 @@ def get(refs: Any, timeout: float | None = None) -> Any:
     return ray.get(refs, timeout=timeout)
 
 
-def wait_until_done(refs: list) -> None:
-    """Block until every ref is computed, without fetching it here (local refs are done already)."""
-    remote = [r for r in refs if not isinstance(r, LocalRef)]
-    if remote:
-        import ray
-
-        ray.wait(remote, num_returns=len(remote), fetch_local=False)
-
-
 def _resolve(value: Any) -> Any:
     return value.result() if isinstance(value, LocalRef) else value
 

@@ -9,6 +9,7 @@ field. Override values are parsed as YAML scalars (``3`` is an int, ``1e-4`` a f
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -112,6 +113,24 @@ class ModelConfig(_Section):
                 below = (self.num_frames - 1) // 4 * 4 + 1
                 raise ValueError(f"num_frames must be 4k+1 (the video VAEs compress time 4x after its first frame): {below} or {below + 4}")
         return self
+
+    def guidance_kind(self) -> GuidanceKind:
+        """How ``guidance_scale`` acts on this model: ``cfg`` (classifier-free: an unconditional branch when it is above 1),
+        ``embedded`` (guidance-distilled: the value enters the one forward), ``none`` (ignored), or ``unknown``.
+
+        By family (:data:`FAMILY_GUIDANCE`); FLUX.2 by variant, from its pipeline's ``model_index.json`` as the adapter
+        tells them apart (raygrpo/models/flux2.py): [klein] base ``cfg``, [dev] ``embedded``, step-distilled [klein]
+        ``none``. ``unknown``: a FLUX.2 hub id not downloaded yet; the loaded adapter, which knows its variant
+        (``ModelAdapter.guidance``), is asked again where it matters (DiffusionNFT's learner)."""
+        return FAMILY_GUIDANCE.get(self.family) or _flux2_guidance(self.pretrained)
+
+    def cfg_scales(self, guidance: GuidanceKind | None = None) -> list[str]:
+        """The settings (``"model.guidance_scale=4.5"``) that turn on classifier-free guidance in rollout or training: a
+        scale other than 1 where the guidance is ``cfg`` (``guidance``: the adapter's word; None: :meth:`guidance_kind`)."""
+        if (guidance or self.guidance_kind()) != "cfg":
+            return []
+        scales = {"model.guidance_scale": self.guidance_scale, "model.train_guidance_scale": self.train_guidance_scale}
+        return [f"{key}={value:g}" for key, value in scales.items() if value is not None and value != 1.0]
 
 
 class AutoscaleConfig(_Section):
@@ -252,6 +271,11 @@ class _AlgorithmBase(_Section):
     # How the algorithm's reference code normalises (not user knobs): (r - mean) / (std(ddof) + eps).
     advantage_eps: ClassVar[float] = 1e-8
     advantage_ddof: ClassVar[int] = 1
+
+    def teacher_guidance(self, model: ModelConfig) -> float | None:
+        """The guidance of the learner's frozen teacher / reference forwards where it is a scale of its own (RG-LCD,
+        Diff-Instruct*: the learner then keeps CFG's negative encoding even though the policy trains without CFG)."""
+        return None
 
     @model_validator(mode="after")
     def _check_best_of_n(self):
@@ -486,7 +510,7 @@ class DiffusionNFTConfig(_AlgorithmBase):
         """Noise levels each sample trains on: int(T * timestep_fraction) of the T rollout steps."""
         return int(num_steps * self.timestep_fraction)
 
-    def check_run(self, num_steps: int, family: str, guidance_scale: float, train_guidance_scale: float | None, samples: int) -> None:
+    def check_run(self, num_steps: int, model: ModelConfig, samples: int) -> None:
         """What depends on other sections: at least one trained noise level; CFG-free sampling and training (the
         method's premise: v_old in the loss must be the velocity that sampled); equal optimizer-step shares of the
         ``samples`` each learner rank trains per step."""
@@ -495,17 +519,21 @@ class DiffusionNFTConfig(_AlgorithmBase):
                 f"algorithm.timestep_fraction={self.timestep_fraction} of rollout.num_steps={num_steps} trains no noise level: "
                 "raise either (DiffusionNFT: 0.99)"
             )
-        scales = {"model.guidance_scale": guidance_scale, "model.train_guidance_scale": train_guidance_scale}
-        guided = [f"{key}={value:g}" for key, value in scales.items() if value is not None and value != 1.0]
-        if family in CFG_FAMILIES and guided:
-            raise ValueError(
-                f"DiffusionNFT is CFG-free, but {' and '.join(guided)} turns on classifier-free guidance of model.family={family!r}: "
-                "set model.guidance_scale: 1.0 and leave model.train_guidance_scale unset"
-            )
+        self.check_cfg_free(model)
         if samples % self.optimizer_steps_per_update:
             raise ValueError(
                 f"algorithm.optimizer_steps_per_update={self.optimizer_steps_per_update} does not divide the {samples} samples each "
                 "learner rank trains per step (groups_per_step / learner.num_ranks x trained members): change either"
+            )
+
+    def check_cfg_free(self, model: ModelConfig, guidance: GuidanceKind | None = None) -> None:
+        """No classifier-free guidance in rollout or training (``guidance``: the loaded adapter's word, see
+        :meth:`ModelConfig.cfg_scales`)."""
+        guided = model.cfg_scales(guidance)
+        if guided:
+            raise ValueError(
+                f"DiffusionNFT is CFG-free, but {' and '.join(guided)} turns on classifier-free guidance of model.family={model.family!r} "
+                f"({model.pretrained}): set model.guidance_scale: 1.0 and leave model.train_guidance_scale unset"
             )
 
 
@@ -531,6 +559,12 @@ class DiffusionDPOConfig(_AlgorithmBase):
     ||(eps - x0) - v_theta||^2 (flow matching). auto: epsilon for model.family sd, velocity otherwise."""
     train_timesteps: int = Field(1000, ge=2)
     """Each pair's noise level is drawn uniformly from this many levels of the model's grid (released: t ~ U{0..999})."""
+    eval_groups: int | None = Field(None, ge=0)
+    """Pairs per step that also sample ``group_size`` evaluation images (the step's first pairs); the others are only
+    VAE- and text-encoded for the loss, which does not change. None: every pair. At real size a few dozen of the
+    step's 2048 pairs measure the policy as well, without sampling 4096 images a step (raygrpo/algorithms/dcpo.py)."""
+    eval_every: int = Field(1, ge=1)
+    """Evaluate on every this many steps (step 1 and the last step always); the steps between sample nothing."""
 
 
 class DCPOConfig(DiffusionDPOConfig):
@@ -557,7 +591,7 @@ class _DistillConfig(_AlgorithmBase):
     """Weight of the reward term in the student's loss (RG-LCD's beta, released ``--reward_scale`` 1.0; DI*'s alpha)."""
     reward_source: Literal["pixel", "latent"] = "latent"
     """pixel: decode the student's latents with the VAE in the learner and score them with the config's rewards in torch
-    (raygrpo/reward/differentiable.py: brightness, color, contrast); latent: a latent reward model learns the pools'
+    (raygrpo/reward/differentiable.py: brightness, color, contrast and the neural rewards); latent: a latent reward model learns the pools'
     scores online (any reward, JPEG and HTTP included) and gives the gradient (RG-LCD's LRM)."""
     lrm_lr: float = Field(1e-3, gt=0)
     """AdamW learning rate of the latent reward model (released 3.3e-6 for a pretrained latent CLIP; ours starts from scratch)."""
@@ -568,11 +602,15 @@ class _DistillConfig(_AlgorithmBase):
     lrm_temperature: float = Field(1.0, gt=0)
     """T of the pools' pair preference sigmoid((A_i - A_j) / T) the latent reward model is fitted to."""
 
-    def check_run(self, family: str, guidance_scale: float, train_guidance_scale: float | None) -> None:
+    def teacher_guidance(self, model: ModelConfig) -> float:
+        """The teacher's (RG-LCD) or reference's (Diff-Instruct*) guidance; unset in the config: model.guidance_scale."""
+        scale = getattr(self, "teacher_guidance_scale", None) or getattr(self, "reference_guidance_scale", None)
+        return model.guidance_scale if scale is None else scale
+
+    def check_run(self, model: ModelConfig) -> None:
         """The student samples and trains without CFG (guidance is the teacher's, distilled into it)."""
-        scales = {"model.guidance_scale": guidance_scale, "model.train_guidance_scale": train_guidance_scale}
-        guided = [f"{key}={value:g}" for key, value in scales.items() if value is not None and value != 1.0]
-        if family in CFG_FAMILIES and guided:
+        guided, family = model.cfg_scales(), model.family
+        if guided:
             raise ValueError(
                 f"the few-step student of {self.name} samples without classifier-free guidance, but {' and '.join(guided)} turns it on "
                 f"for model.family={family!r}: set model.guidance_scale: 1.0 and give the teacher's scale in the algorithm section"
@@ -748,7 +786,8 @@ class GuardConfig(_Section):
     prompts: list[str] | None = None
     """Held-out prompts given inline (a set of their own: not the training prompts)."""
     prompt_file: str | None = None
-    """Or a file of them, as data.prompt_file (.txt one per line, or .parquet with a ``prompt`` column)."""
+    """Or a file of them, as data.prompt_file (.txt one per line, or .parquet with a ``prompt`` column); image editing
+    and image-to-video: a .jsonl or .parquet with an image per prompt."""
     samples_per_prompt: int = Field(4, ge=2)
     """Samples per held-out prompt, each from its own fixed noise (2 or more: within-prompt diversity needs pairs)."""
     sampler: Literal["euler", "dpmpp_2m"] | None = None
@@ -786,7 +825,8 @@ class GuardConfig(_Section):
 
 
 def _check_guard(guard: GuardConfig, config: Config) -> None:
-    """Every signal a rule names exists; rollback needs a strictly on-policy run and a text-conditioned family."""
+    """Every signal a rule names exists; rollback needs a strictly on-policy run; image-conditioned families take
+    held-out prompts from a file with their images."""
     known = {f"reward/{r.name}" for r in config.rewards} | {"reward/total"} | {f"gold/{g.name}" for g in guard.gold_rewards}
     known |= set(GUARD_DIVERSITY_SIGNALS)
     named = [(f"guard.rules.{i}.signal", r.signal) for i, r in enumerate(guard.rules)]
@@ -795,10 +835,10 @@ def _check_guard(guard: GuardConfig, config: Config) -> None:
     for where, signal in named:
         if signal not in known:
             raise ValueError(f"{where}={signal!r} is not a guard signal; known: {', '.join(sorted(known))}")
-    if config.model.family in ("wan_i2v", "flux_kontext", "qwen_image_edit"):
+    if config.model.family in ("wan_i2v", "flux_kontext", "qwen_image_edit") and guard.prompts is not None:
         raise ValueError(
-            f"guard: model.family {config.model.family} is image-conditioned and needs a conditioning image per held-out "
-            "prompt; not supported"
+            f"guard.prompts: model.family {config.model.family} is image-conditioned and needs a conditioning image per "
+            'held-out prompt: give guard.prompt_file, a .jsonl of {"prompt": ..., "image": path} lines or a .parquet with an image column'
         )
     if any(r.action == "rollback" for r in guard.rules) and config.train.max_staleness:
         raise ValueError(
@@ -809,9 +849,41 @@ def _check_guard(guard: GuardConfig, config: Config) -> None:
 
 VP_FAMILIES = ("sd",)
 """Variance-preserving diffusion families: their DanceGRPO sampler is DDIM-eta (raygrpo/sampling/ddim.py)."""
-CFG_FAMILIES = ("sd3", "sd", "wan_i2v", "qwen_image", "qwen_image_edit")
-"""Families whose guidance is classifier-free (a second, unconditional branch above 1.0); FLUX.1-dev and HunyuanVideo
-embed a distilled guidance value in their one forward instead."""
+GuidanceKind = Literal["cfg", "embedded", "none", "unknown"]
+FAMILY_GUIDANCE: dict[str, GuidanceKind] = {
+    **dict.fromkeys(("sd3", "sd", "wan_i2v", "wan_t2v", "qwen_image", "qwen_image_edit"), "cfg"),
+    **dict.fromkeys(("flux", "hunyuan_video", "flux_kontext"), "embedded"),
+}
+"""How each family's guidance acts (ModelConfig.guidance_kind): classifier-free (a second, unconditional branch above
+1.0), or a guidance-distilled value embedded in the one forward (FLUX.1-dev, HunyuanVideo, FLUX.1 Kontext). FLUX.2 is
+not listed: its variant decides."""
+
+
+def _flux2_guidance(pretrained: str) -> GuidanceKind:
+    """A FLUX.2 variant's guidance from its ``model_index.json`` (a local folder or the Hugging Face cache), without loading it.
+
+    The same reading as raygrpo/models/flux2.py's ``pipeline_variant`` (tests/test_config.py holds them together)."""
+    if pretrained == "tiny-random":
+        return "cfg"  # the tiny FLUX.2 is [klein] base (raygrpo/models/tiny_flux2.py)
+    index_file = Path(pretrained).expanduser() / "model_index.json"
+    if not index_file.is_file():
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.errors import HFValidationError
+
+        try:
+            cached = try_to_load_from_cache(pretrained, "model_index.json")
+        except HFValidationError:  # neither a folder nor a hub id: the preflight's check_pretrained says so
+            return "unknown"
+        if not isinstance(cached, str):
+            return "unknown"
+        index_file = Path(cached)
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError):  # a damaged file: check_pretrained names it
+        return "unknown"
+    if index.get("_class_name") == "Flux2KleinPipeline":
+        return "none" if index.get("is_distilled") else "cfg"
+    return "embedded" if index.get("_class_name") == "Flux2Pipeline" else "unknown"
 
 
 def _check_preference_run(config: Config) -> None:
@@ -828,7 +900,7 @@ def _check_preference_run(config: Config) -> None:
     if model.family in ("hunyuan_video", "wan_i2v"):
         raise ValueError(f"algorithm {config.algorithm.name!r} trains on image pairs; model.family {model.family!r} makes videos")
     train_scale = model.train_guidance_scale if model.train_guidance_scale is not None else model.guidance_scale
-    if model.family in CFG_FAMILIES and train_scale != 1.0:
+    if model.guidance_kind() == "cfg" and train_scale != 1.0:
         raise ValueError(
             f"algorithm {config.algorithm.name!r} trains the conditional prediction (no CFG), but model.family={model.family!r} would "
             f"train with guidance {train_scale:g}: set model.train_guidance_scale: 1.0 (model.guidance_scale stays the evaluation samples')"
@@ -918,11 +990,11 @@ class Config(_Section):
             algo.check_run(self.rollout.num_steps, self.train.max_staleness)
         if isinstance(algo, DiffusionNFTConfig):
             model, per_rank = self.model, algo.groups_per_step // ranks * (algo.best_of_n or algo.group_size)
-            algo.check_run(self.rollout.num_steps, model.family, model.guidance_scale, model.train_guidance_scale, per_rank)
+            algo.check_run(self.rollout.num_steps, model, per_rank)
         if isinstance(algo, DiffusionDPOConfig):
             _check_preference_run(self)
         if isinstance(algo, _DistillConfig):
-            algo.check_run(self.model.family, self.model.guidance_scale, self.model.train_guidance_scale)
+            algo.check_run(self.model)
         if isinstance(algo, DiffInstructStarConfig) and self.rollout.num_steps != 1:
             raise ValueError(f"Diff-Instruct* trains a one-step generator: set rollout.num_steps: 1 (got {self.rollout.num_steps})")
         if self.rollout.num_steps < 2 and getattr(algo, "sampler", None) != "consistency":

@@ -35,7 +35,7 @@ class PromptGroup:
     group_size: int  # G
     seed: int  # seeds the initial noise and the SDE noise of the whole group
     policy_version: int  # version of the weights the controller wants this group sampled with
-    image: np.ndarray | None = None  # [H, W, 3] uint8 conditioning image (image-to-video); None for text-only
+    image: np.ndarray | None = None  # [H, W, 3] uint8 conditioning image (editing, image-to-video; rewards' reference); None: text-only
     member_offset: int = 0  # index of this request's first member when a group is spread over workers (Flow-GRPO)
 
 
@@ -194,6 +194,10 @@ class GroupMedia:
     images: np.ndarray  # [G, H, W, 3] uint8 images, or [G, F, H, W, 3] uint8 videos
 
 
+# The error of every member of a group that was not sampled for evaluation (Scores.not_evaluated).
+NOT_EVALUATED = "not evaluated: this group sampled nothing to score (algorithm.eval_groups / eval_every)"
+
+
 @dataclass
 class Scores:
     """One reward model's verdict on one group, and how getting it went."""
@@ -212,6 +216,16 @@ class Scores:
             self.errors = [None] * len(self.values)
         if not (len(self.values) == len(self.valid) == len(self.errors)):
             raise ValueError("Scores.values, valid and errors must have one entry per group member")
+
+    @classmethod
+    def not_evaluated(cls, group_id: int, reward_name: str, n: int) -> Scores:
+        """The scores of a group that sampled nothing to score (an offline algorithm's pair between evaluations,
+        Diffusion-DPO's ``algorithm.eval_groups``): no member has one, and none is missing."""
+        return cls(group_id, reward_name, np.full(n, np.nan, np.float32), np.zeros(n, bool), [NOT_EVALUATED] * n)
+
+    @property
+    def evaluated(self) -> bool:
+        return not self.errors or self.errors[0] != NOT_EVALUATED
 
 
 def merge_scores(parts: list[Scores]) -> Scores:
@@ -263,6 +277,11 @@ class ScoredGroup:
     seconds: dict[str, float]  # reward name -> seconds its replicas spent scoring it
 
     @property
+    def evaluated(self) -> bool:
+        """Whether the group sampled members for the rewards (False: an offline pair trained without evaluation)."""
+        return all(s.evaluated for s in self.scores.values())
+
+    @property
     def policy_version(self) -> int:
         """The version that sampled it (a group's oldest part decides)."""
         return min(info.policy_version for info in self.infos)
@@ -270,12 +289,20 @@ class ScoredGroup:
 
 @dataclass
 class RolloutInfo:
-    """What the controller learns about a generated group without fetching it."""
+    """What the controller learns about a generated group without fetching it.
+
+    Two clocks: ``seconds`` is the group's latency (the generate call, start to return) and ``busy_seconds`` the
+    worker's time spent on it. A plain worker runs one group at a time, so the two are equal. A continuous-batching
+    worker (raygrpo/rollout/continuous.py) runs many at once: latencies overlap and add up to more than its wall
+    time, while busy seconds split each shared forward between the groups in it by rows, so a worker's groups add
+    up to the wall seconds it spent working (``time/rollout_worker_sum``, ``idle/rollout``, the autoscale policy).
+    """
 
     group_id: int
     policy_version: int
-    seconds: float
+    seconds: float  # latency: the generate call, start to return
     rollout_bytes: int  # Rollout.nbytes: what this group sends to the learner
+    busy_seconds: float  # the worker's seconds spent on this group (its share of shared forwards)
 
 
 @dataclass

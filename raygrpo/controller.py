@@ -262,11 +262,11 @@ class Controller:
         if self.guard is None or not self.guard.due(step):
             return None, {}
         workers = [i for i in range(len(self.rollout)) if i not in self.scheduler.out_of_pool]  # elastic pools: starting/leaving too
-        return self.guard.run_round(step, self.rollout, workers, lambda folder: self.learner.save_state(str(folder)))
+        return self.guard.run_round(step, self.rollout, workers, lambda folder: self.learner.save_state(str(folder), rollback=True))
 
     def _guard_act(self, verdict: Verdict) -> None:
-        """warn: already logged; stop: abort (exit 3) with a resumable checkpoint; rollback: restore the learner's whole
-        training state from the target round's checkpoint and bring every rollout worker to it, then go on."""
+        """warn: already logged; stop: abort (exit 3) with a resumable checkpoint; rollback: restore the learner's
+        rollback state of the target round (raygrpo/learner/state.py) and bring every rollout worker to it, then go on."""
         if verdict.action == "stop":
             raise RunAborted(f"reward-hacking guard: {verdict.message()}")
         if verdict.action != "rollback":

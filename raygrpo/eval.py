@@ -6,7 +6,10 @@
 What is measured, for the base model and (with ``--checkpoint``) the trained one:
 
 * prompts: ``--prompts`` (a .txt file, one per line, or a .parquet file with a ``prompt`` column), else
-  ``data.eval_prompts`` when the config has it, else the training prompts (``data``);
+  ``data.eval_prompts`` when the config has it, else the training prompts (``data``). Image editing and
+  image-to-video (flux_kontext, qwen_image_edit, wan_i2v) need a conditioning image per prompt: a .jsonl of
+  ``{"prompt", "image"}`` lines or a .parquet with an ``image`` column (raygrpo/data/prompts.py), encoded with its
+  prompt as in training; rewards that want it (``edit_fidelity``, ``send_reference: true``) get it as the reference;
 * sampling: a deterministic ODE solver (``raygrpo.sampling.make_ode_solver``: Euler, or DPM-Solver++(2M)
   on diffusers' flow-DPM grid) over the whole grid of ``--num-steps`` steps (default
   ``rollout.num_steps``), with the rollout's guidance and shift. Training may sample with an SDE and
@@ -36,7 +39,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +47,11 @@ import torch
 
 from raygrpo.config import Config, ConfigError, DataConfig, load_config
 from raygrpo.contracts import ConditioningBatch
-from raygrpo.data.prompts import PromptFileError, load_prompts
+from raygrpo.data.prompts import PromptFileError, PromptImages, load_prompt_images, load_prompts
 from raygrpo.export import LORA_WEIGHT_NAME, ExportError, TrainedCheckpoint, check_network_config, read_checkpoint
 from raygrpo.report import GridRow, sample_grid
 from raygrpo.reward import Reward, make_reward
+from raygrpo.reward.base import score_outcome_of
 from raygrpo.runtime import torch_dtype
 from raygrpo.sampling import ODE_SOLVERS, make_ode_solver
 
@@ -68,6 +72,7 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 8  # samples per forward
     grid_prompts: int = 4  # prompts shown in samples.png
+    images: PromptImages | None = None  # the prompts' conditioning images (editing, image-to-video); None: text only
 
 
 @dataclass
@@ -103,23 +108,42 @@ def _nanstd(values: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------------------- inputs
-def eval_prompts(config: Config, prompt_file: str | None) -> list[str]:
-    """``prompt_file``, else ``data.eval_prompts`` (when the config has that field), else the training prompts."""
+def eval_prompts(config: Config, prompt_file: str | None) -> tuple[list[str], PromptImages | None]:
+    """The prompts and their conditioning images (None: text only) of ``prompt_file``, else of ``data.eval_prompts``
+    (when the config has that field), else of the training data; checked against the family (:func:`conditioning_images`)."""
+    if prompt_file is not None:
+        if not Path(prompt_file).is_file():
+            raise EvalError(f"--prompts: {prompt_file!r} does not exist (a .txt, .jsonl or .parquet file of prompts)")
+        source, where = DataConfig(prompt_file=prompt_file), "--prompts"
+    elif held_out := getattr(config.data, "eval_prompts", None):
+        source = DataConfig(prompts=list(held_out)) if isinstance(held_out, list) else DataConfig(prompt_file=held_out)
+        where = "data.eval_prompts"
+    else:
+        source, where = config.data, "data"
     try:
-        if prompt_file is not None:
-            if not Path(prompt_file).is_file():
-                raise EvalError(f"--prompts: {prompt_file!r} does not exist (a .txt file with one prompt per line, or a .parquet file)")
-            return load_prompts(DataConfig(prompt_file=prompt_file))
-        held_out = getattr(config.data, "eval_prompts", None)
-        if held_out:
-            return (
-                load_prompts(DataConfig(prompts=list(held_out)))
-                if isinstance(held_out, list)
-                else load_prompts(DataConfig(prompt_file=held_out))
-            )
-        return load_prompts(config.data)
+        return load_prompts(source), conditioning_images(config, source, where)
     except PromptFileError as exc:
         raise EvalError(str(exc)) from None
+
+
+def conditioning_images(config: Config, source: DataConfig, where: str) -> PromptImages | None:
+    """The conditioning images of prompt ``source`` (each decoded once here, to fail early), or None for a text-only
+    source; PromptFileError naming ``where`` unless image editing and image-to-video families have one per prompt and
+    text-conditioned families none."""
+    from raygrpo.models import IMAGE_CONDITIONED_FAMILIES
+
+    family = config.model.family
+    images = load_prompt_images(source)
+    if family in IMAGE_CONDITIONED_FAMILIES and images is None:
+        raise PromptFileError(
+            f"{where}: model.family={family!r} is conditioned on an image and needs one per prompt: give a .jsonl of "
+            '{"prompt": ..., "image": path} lines or a .parquet with an image column'
+        )
+    if family not in IMAGE_CONDITIONED_FAMILIES and images is not None:
+        raise PromptFileError(f"{where}: the prompts come with images, but model.family={family!r} is conditioned on text only")
+    if images is not None:
+        images.check()
+    return images
 
 
 def build_rewards(config: Config) -> list[Reward]:
@@ -145,6 +169,8 @@ def load_base_model(config: Config, device: str):
             width=config.model.width,
             guidance_scale=config.model.guidance_scale,
             max_sequence_length=config.model.max_sequence_length,
+            num_frames=config.model.num_frames,  # video families: the run's frames (None: the family's default)
+            train_expert=config.model.train_expert,  # Wan 2.2 A14B: the run's trained expert, the one a checkpoint replaces
         )
     except ModelNotFoundError as exc:
         raise EvalError(f"model.pretrained: {exc}") from None
@@ -171,6 +197,13 @@ def _network(model, checkpoint: TrainedCheckpoint) -> torch.nn.Module:
 
 
 def _check_fits(model, checkpoint: TrainedCheckpoint) -> None:
+    if checkpoint.component != model.network_component:
+        # Wan 2.2 A14B's experts share one architecture: the config check below would pass the other expert's weights.
+        raise EvalError(
+            f"--checkpoint {checkpoint.folder} holds a trained {checkpoint.component}, but the model loaded from the config trains "
+            f"its {model.network_component}: for Wan 2.2's two experts set model.train_expert as the run did (high: transformer, "
+            "low: transformer_2)"
+        )
     network = _network(model, checkpoint)
     try:
         check_network_config(checkpoint, {**network.config, "_class_name": type(network).__name__})
@@ -202,11 +235,12 @@ def prompt_generator(seed: int, prompt_index: int) -> torch.Generator:
 
 @torch.inference_mode()
 def sample_final(
-    model, prompt: str, noise: torch.Tensor, sigmas: torch.Tensor, sampler: str, batch_size: int
+    model, prompt: str, noise: torch.Tensor, sigmas: torch.Tensor, sampler: str, batch_size: int, image: np.ndarray | None = None
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Integrate the flow ODE from ``noise [N, ...]`` over ``sigmas [T+1]``: the final latents ``[N, ...]`` (float32,
-    CPU) and their decoded images ``[N, H, W, 3]`` uint8."""
-    cond = model.encode_prompt(prompt)
+    CPU) and their decoded images ``[N, H, W, 3]`` uint8. ``image``: the prompt's conditioning image ``[H0, W0, 3]``
+    uint8 (editing, image-to-video), encoded with it as the rollout worker does."""
+    cond = model.encode_prompt(prompt, image)
     latents, images = [], []
     for chunk in noise.split(batch_size):
         solver = make_ode_solver(sampler, sigmas)  # stateful (DPM-Solver++ keeps its history): one per loop
@@ -220,17 +254,16 @@ def sample_final(
     return torch.cat(latents), np.concatenate(images)
 
 
-def sample_images(model, prompt: str, noise: torch.Tensor, sigmas: torch.Tensor, sampler: str, batch_size: int) -> np.ndarray:
-    """:func:`sample_final`'s decoded images ``[N, H, W, 3]`` uint8."""
-    return sample_final(model, prompt, noise, sigmas, sampler, batch_size)[1]
-
-
-def score_with(reward: Reward, name: str, images: np.ndarray, prompt: str) -> tuple[np.ndarray, list[str]]:
+def score_with(
+    reward: Reward, name: str, images: np.ndarray, prompt: str, reference: np.ndarray | None = None
+) -> tuple[np.ndarray, list[str]]:
     """``[N]`` raw scores of ``images`` under one reward (NaN where it has none) and the distinct errors it gave.
+    ``reference``: the prompt's conditioning image, for rewards that want it (as in training: raygrpo/reward/base.py).
 
     Never raises: a reward that fails for a whole batch is a missing score for each sample, as in training."""
+    references = None if reference is None else [reference] * len(images)
     try:
-        outcome = reward.score_outcome(images, [prompt] * len(images))
+        outcome = score_outcome_of(reward, images, [prompt] * len(images), references)
     except Exception as exc:  # noqa: BLE001 - see above
         logger.warning("reward %s failed on %r: %s: %s", name, prompt, type(exc).__name__, exc)
         return np.full(len(images), np.nan), [f"{type(exc).__name__}: {exc}"]
@@ -241,9 +274,9 @@ def score_with(reward: Reward, name: str, images: np.ndarray, prompt: str) -> tu
     return np.where(outcome.valid, outcome.values, np.nan).astype(np.float64), errors
 
 
-def score_images(rewards: list[Reward], config: Config, images: np.ndarray, prompt: str) -> np.ndarray:
+def score_images(rewards: list[Reward], config: Config, images: np.ndarray, prompt: str, reference: np.ndarray | None = None) -> np.ndarray:
     """``[K, N]`` raw scores of ``images`` under each configured reward; NaN where a reward has none."""
-    return np.stack([score_with(reward, r.name, images, prompt)[0] for reward, r in zip(rewards, config.rewards)])
+    return np.stack([score_with(reward, r.name, images, prompt, reference)[0] for reward, r in zip(rewards, config.rewards)])
 
 
 def evaluate_model(name: str, model, rewards: list[Reward], config: Config, settings: EvalSettings) -> ModelResult:
@@ -254,8 +287,9 @@ def evaluate_model(name: str, model, rewards: list[Reward], config: Config, sett
     per_prompt, grid = [], []
     for p, prompt in enumerate(settings.prompts):
         noise = model.initial_noise(prompt_generator(settings.seed, p), settings.best_of_n)  # [N, ...]
-        images = sample_images(model, prompt, noise, sigmas, settings.sampler, settings.batch_size)  # [N, H, W, 3]
-        per_prompt.append(score_images(rewards, config, images, prompt))  # [K, N]
+        reference = settings.images[p] if settings.images is not None else None  # [H0, W0, 3] uint8
+        _, images = sample_final(model, prompt, noise, sigmas, settings.sampler, settings.batch_size, reference)  # [N, H, W, 3]
+        per_prompt.append(score_images(rewards, config, images, prompt, reference))  # [K, N]
         if p < settings.grid_prompts:
             grid.append(images)
         logger.info("%s: prompt %d/%d scored", name, p + 1, len(settings.prompts))
@@ -294,7 +328,7 @@ def write_outputs(out: Path, results: list[ModelResult], config: Config, setting
     """``eval.json`` and ``samples.png`` in ``out``; returns the JSON document."""
     document = {
         **meta,
-        "settings": {k: v for k, v in asdict(settings).items() if k != "prompts"},
+        "settings": {f.name: getattr(settings, f.name) for f in fields(settings) if f.name not in ("prompts", "images")},
         "rewards": [{"name": r.name, "kind": r.kind, "weight": r.weight} for r in config.rewards],
         "prompts": settings.prompts,
         "results": {
@@ -358,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="the run's YAML config (its config.yaml, or the preset it was started from)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.guidance_scale=3.5")
     parser.add_argument("--checkpoint", help="a checkpoint folder (e.g. <run>/checkpoint-final); without it only the base model is scored")
-    parser.add_argument("--prompts", help="held-out prompts: a .txt file (one per line) or a .parquet file with a 'prompt' column")
+    parser.add_argument(
+        "--prompts", help="held-out prompts: a .txt file (one per line), a .jsonl or a .parquet file (with an image per prompt for editing)"
+    )
     parser.add_argument("--num-steps", type=int, help="ODE steps (default rollout.num_steps)")
     parser.add_argument("--sampler", choices=ODE_SOLVERS, help="ODE solver (default: the algorithm's when it is an ODE solver, else euler)")
     parser.add_argument("--best-of-n", type=int, default=1, help="samples per prompt; the table adds the mean of each prompt's best")
@@ -373,8 +409,10 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalError("--best-of-n, --batch-size and --num-steps must be at least 1")
         config = load_config(args.config, args.overrides)
         sampler = args.sampler or (config.algorithm.sampler if config.algorithm.sampler in ODE_SOLVERS else "euler")
+        prompts, images = eval_prompts(config, args.prompts)
         settings = EvalSettings(
-            prompts=eval_prompts(config, args.prompts),
+            prompts=prompts,
+            images=images,
             sampler=sampler,
             num_steps=args.num_steps or config.rollout.num_steps,
             shift=config.rollout.shift,

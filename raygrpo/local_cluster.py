@@ -49,7 +49,13 @@ def start_local_cluster(num_cpus: int, env: dict[str, str] | None = None, dashbo
         str(binaries / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
         "--node-ip-address=127.0.0.1", f"--metrics-export-port={metrics_port}", "--disable-usage-stats",
     ]  # fmt: skip
-    command += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"] if dashboard else ["--include-dashboard=false"]
+    # The job agent's HTTP port too: Ray's default (52365) is taken whenever another Ray instance runs on the machine,
+    # and a head whose agent cannot bind answers every `ray job submit` with "No available agent to submit job".
+    command += (
+        ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free_port()}"]
+        if dashboard
+        else ["--include-dashboard=false"]
+    )
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, start_new_session=True)
     cluster = LocalCluster(
         address=f"127.0.0.1:{port}",

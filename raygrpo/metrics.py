@@ -84,7 +84,7 @@ def step_record(outcome: StepOutcome, config: Any) -> dict[str, float]:
     o, names = outcome, [r.name for r in config.rewards]
     weights = np.array([r.weight for r in config.rewards], np.float64)
     rewards = o.batch.rewards  # [N, K]
-    samples = len(o.groups) * config.algorithm.group_size
+    samples = sum(g.evaluated for g in o.groups) * config.algorithm.group_size  # an offline pair may sample none
     record: dict[str, float] = {"step": o.step, "policy_version": o.policy_version, **o.batch.stats}
     record["groups/reissued"], record["groups/rescored"] = float(o.reissued), float(o.rescored)
     reward_seconds = {n: [g.seconds[n] for g in o.groups] for n in names}
@@ -104,7 +104,11 @@ def step_record(outcome: StepOutcome, config: Any) -> dict[str, float]:
     record["staleness/mean"] = float(o.staleness.mean()) if len(o.staleness) else float("nan")
     record["staleness/max"] = float(o.staleness.max()) if len(o.staleness) else float("nan")
     record["queue/groups_in_flight"] = float(o.queue_depth)
-    record["time/rollout_worker_sum"] = float(sum(i.seconds for g in o.groups for i in g.infos))
+    # Busy seconds, not latencies: a continuous-batching worker's groups overlap (contracts.RolloutInfo).
+    record["time/rollout_worker_sum"] = float(sum(i.busy_seconds for g in o.groups for i in g.infos))
+    latencies = [i.seconds for g in o.groups for i in g.infos]
+    record["time/rollout_latency_mean"] = float(np.mean(latencies)) if latencies else float("nan")
+    record["time/rollout_latency_max"] = float(np.max(latencies)) if latencies else float("nan")
     for phase in ("generate", "score_wait", "learner"):
         record[f"time/{phase}"] = o.timer.seconds.get(phase, 0.0)
     # The sync's own work (export + the slowest worker's load); its wall time also counts waiting for

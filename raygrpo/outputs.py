@@ -51,6 +51,7 @@ class RunOutputs:
     def after_step(self, step: int, groups: list[ScoredGroup]) -> None:
         """Keep the groups samples.png shows (first and last step) and write the step's gallery when it has one."""
         last = self.config.train.steps
+        groups = [g for g in groups if g.evaluated]  # an offline pair trained without evaluation samples has no media
         if step in (1, last):
             self.grid[step] = groups[: self.config.train.sample_grid_groups]
         if is_gallery_step(step, self.config.logging.sample_every, last):

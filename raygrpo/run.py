@@ -43,9 +43,11 @@ def preflight(config: Config, check_rewards: bool = True, gpu_memory_bytes: int 
     this memory and fail with its table if a role cannot fit; None (``--skip-plan``) skips it.
     """
     from raygrpo.data.prompts import PromptFileError, load_prompts
-    from raygrpo.models import VIDEO_FAMILIES, ModelNotFoundError, check_pretrained
+    from raygrpo.eval import conditioning_images
+    from raygrpo.models import IMAGE_CONDITIONED_FAMILIES, VIDEO_FAMILIES, ModelNotFoundError, check_pretrained
     from raygrpo.placement import plan_totals, resource_plan
     from raygrpo.reward import VIDEO_HINT, RewardServiceError, accepts_video, check_reward_service, make_reward
+    from raygrpo.reward.registry import wants_references
 
     problems, prompts = [], []
     try:
@@ -67,6 +69,9 @@ def preflight(config: Config, check_rewards: bool = True, gpu_memory_bytes: int 
         if config.model.family in VIDEO_FAMILIES and not accepts_video(reward.kind, reward.params):
             what = f"model.family={config.model.family!r} makes videos and {reward.kind!r} scores images"
             problems.append(f"{where} ({reward.name}): {what}: {VIDEO_HINT}")
+        if config.model.family not in IMAGE_CONDITIONED_FAMILIES and wants_references(reward.kind, reward.params):
+            what = f"{reward.kind!r} compares each output with its conditioning image and model.family={config.model.family!r} has none"
+            problems.append(f"{where} ({reward.name}): {what} (only {sorted(IMAGE_CONDITIONED_FAMILIES)} do; drop send_reference)")
     try:
         prompts = load_prompts(config.data)
         problem = _conditioning_images_problem(config)
@@ -77,6 +82,7 @@ def preflight(config: Config, check_rewards: bool = True, gpu_memory_bytes: int 
     if config.guard is not None:  # its gold rewards are checked above with the trained ones
         try:
             load_prompts(config.guard.data)
+            conditioning_images(config, config.guard.data, "guard")  # editing / image-to-video: an image per prompt
         except PromptFileError as exc:
             problems.append(f"guard.prompt_file: {exc}")
     problem = _unwritable(Path(config.run.output_root))

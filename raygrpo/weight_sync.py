@@ -32,7 +32,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from raygrpo.actor_group import ActorGroup, LocalGroup, get, lost_actor, wait_until_done
+from raygrpo.actor_group import ActorGroup, LocalGroup, get, lost_actor
 from raygrpo.config import Config
 from raygrpo.learner.group import LearnerGroup
 from raygrpo.weights import WeightsMismatchError
@@ -96,8 +96,8 @@ class WeightSync:
             # The old version goes first: the object store then never holds two whole copies of the network.
             self._message = None
             start = time.perf_counter()
+            # Returns once the message is in the object store (LearnerGroup.export_weights waits for the put).
             self._message, self._message_version = self.learner.export_weights(), version
-            wait_until_done([self._message])
             export = time.perf_counter() - start
         workers = list(workers)
         if self.collective:

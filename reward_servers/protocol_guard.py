@@ -26,7 +26,8 @@ what a request can cost *before* the server pays it, and every refusal names the
   item too large on its own fails alone, with the message.
 
 Use :func:`read_score_request` in the ``POST /v1/score`` handler, then :func:`open_items` (in a
-worker thread: it base64-decodes) before decoding anything; :func:`add_server_flags` and
+worker thread: it base64-decodes) before decoding anything, and :func:`open_references` for a reward that
+reads the items' optional ``reference`` images; :func:`add_server_flags` and
 :func:`run` give every server the same command line.
 """
 
@@ -239,7 +240,29 @@ def open_items(items: Sequence[Item], accepted: Sequence[str], limits: Limits) -
             opened[item.id] = open_media(item.media_type, item.data)
         except ValueError as exc:
             opened[item.id] = str(exc)
-    media = {item_id: m for item_id, m in opened.items() if isinstance(m, Media)}
+    _check_pixels({item_id: m for item_id, m in opened.items() if isinstance(m, Media)}, limits, "media")
+    return opened
+
+
+def open_references(items: Sequence[Item], limits: Limits) -> dict[str, Media | str]:
+    """Each item's optional ``reference`` (base64 PNG of the image an edit or image-to-video item was made from) as
+    :class:`Media`, or the error that fails that item alone; items without one are left out. 413 when over the pixel
+    limits, which bound a request's references as they bound its media, on their own. Run it in a worker thread."""
+    opened: dict[str, Media | str] = {}
+    for item in items:
+        reference = getattr(item, "reference", None)
+        if reference is None:
+            continue
+        try:
+            opened[item.id] = open_media("image/png", reference)
+        except ValueError as exc:
+            opened[item.id] = f"reference: {exc}"
+    _check_pixels({item_id: m for item_id, m in opened.items() if isinstance(m, Media)}, limits, "references")
+    return opened
+
+
+def _check_pixels(media: dict[str, Media], limits: Limits, what: str) -> None:
+    """413 when one image (video frame) is over ``max_image_pixels`` or all of ``media`` over ``max_request_pixels``."""
     for item_id, m in media.items():
         if m.width * m.height > limits.max_image_pixels:
             raise HTTPException(
@@ -250,11 +273,10 @@ def open_items(items: Sequence[Item], accepted: Sequence[str], limits: Limits) -
     if total > limits.max_request_pixels:
         largest_id = max(media, key=lambda i: media[i].pixels)
         raise HTTPException(
-            413, f"the media of this request hold {total} pixels (videos: frames x width x height), over this server's "
+            413, f"the {what} of this request hold {total} pixels (videos: frames x width x height), over this server's "
             f"max_request_pixels of {limits.max_request_pixels}; the largest is item {largest_id!r}, "
             f"{media[largest_id].describe()}; send fewer items per request",
         )  # fmt: skip
-    return opened
 
 
 def _png_size(raw: bytes) -> tuple[int, int]:

@@ -26,6 +26,10 @@ What the server guarantees (and clients rely on):
   items than ``max_batch``, a body over ``max_request_bytes``, or media whose headers declare more
   pixels than ``max_image_pixels`` / ``max_request_pixels``, refused before decoding), 422 (fields
   of the wrong type). The limits live in ``protocol_guard.py``, shared with the template server.
+* References: a reward that compares an output with its source (``edit_fidelity``; any reward whose
+  ``wants_references`` is true) gets each item's optional ``reference`` PNG (sent by clients with
+  ``send_reference: true``), decoded under the same limits; an unreadable one fails its item. Other rewards
+  never decode it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from raygrpo.reward import Reward, make_reward
+from raygrpo.reward.base import score_outcome_of
 from raygrpo.reward.http import PROTOCOL, ScoreItem, ScoreRequest, ScoreResult, ServerInfo
 from raygrpo.reward.models.video import FrameAverage
 
@@ -117,7 +122,9 @@ def score_items(
     Media over ``limits`` raise a 413 HTTPException before anything is decoded.
     """
     accepted = media_types if media_types is not None else media_types_for(reward)
-    opened = guard.open_items(items, accepted, limits or guard.Limits())
+    limits = limits or guard.Limits()
+    opened = guard.open_items(items, accepted, limits)
+    references = guard.open_references(items, limits) if reward.wants_references else {}
     results: dict[str, ScoreResult] = {}
     by_shape: dict[tuple[int, ...], list[tuple[ScoreItem, np.ndarray]]] = defaultdict(list)
     for item in items:
@@ -127,26 +134,37 @@ def score_items(
             continue
         try:
             array = media.decode()  # [H, W, 3] or [F, H, W, 3] uint8
+            reference = _decode_reference(references.get(item.id))  # [H0, W0, 3] uint8 or None
         except ValueError as exc:
             results[item.id] = ScoreResult(id=item.id, error=str(exc))
             continue
-        by_shape[array.shape].append((item, array))
+        by_shape[array.shape].append((item, array, reference))
     # raygrpo rewards take one [N, H, W, 3] (or [N, F, H, W, 3]) array, so media of different
     # shapes are scored as separate batches.
     for group in by_shape.values():
-        arrays = np.stack([array for _, array in group])
-        prompts = [item.prompt for item, _ in group]
+        arrays = np.stack([array for _, array, _ in group])
+        prompts = [item.prompt for item, _, _ in group]
         try:
-            outcome = reward.score_outcome(arrays, prompts)
+            outcome = score_outcome_of(reward, arrays, prompts, [reference for _, _, reference in group])
             values, valid, errors = outcome.values, outcome.valid, outcome.errors
         except Exception as exc:  # noqa: BLE001 - a failing reward fails its items, not the server
             values, valid, errors = [None] * len(group), [False] * len(group), [f"reward raised {type(exc).__name__}: {exc}"] * len(group)
-        for (item, _), value, ok, error in zip(group, values, valid, errors):
+        for (item, _, _), value, ok, error in zip(group, values, valid, errors):
             if ok and np.isfinite(value):
                 results[item.id] = ScoreResult(id=item.id, score=float(value))
             else:
                 results[item.id] = ScoreResult(id=item.id, error=error or "non-finite score")
     return [results[item.id] for item in items]
+
+
+def _decode_reference(reference: guard.Media | str | None) -> np.ndarray | None:
+    """The decoded reference, None without one; ValueError (failing the item) when it cannot be used."""
+    if isinstance(reference, str):
+        raise ValueError(reference)
+    try:
+        return None if reference is None else reference.decode()
+    except ValueError as exc:
+        raise ValueError(f"reference: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

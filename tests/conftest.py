@@ -60,6 +60,19 @@ def ray_cluster(model_cache, tmp_path_factory) -> LocalCluster:
         cluster.stop()
 
 
+@pytest.fixture(scope="session")
+def two_ranks(request, tmp_path_factory):
+    """Every 2-rank learner job of the collected tests' modules (their ``rank_jobs()``), run in ONE pair of gloo
+    processes (tests/two_ranks.py): a :class:`tests.two_ranks.TwoRankResults`, rank 0's result per job name."""
+    from .two_ranks import run_two_ranks
+
+    modules = {item.module for item in request.session.items if "two_ranks" in getattr(item, "fixturenames", ())}
+    jobs = {}
+    for module in sorted(modules, key=lambda m: m.__name__):
+        jobs |= module.rank_jobs()
+    return run_two_ranks(jobs, tmp_path_factory.mktemp("two-ranks"))
+
+
 def load_script(path: Path, name: str):
     """A script of the repository (reward_servers/*.py, scripts/*.py, benchmarks/*.py: folders of scripts, not
     packages) loaded as a module named ``name``."""
@@ -70,6 +83,28 @@ def load_script(path: Path, name: str):
     sys.modules[name] = module  # pydantic and dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+def serve_in_thread(app, ready_path: str):
+    """Serve an ASGI ``app`` on a free loopback port in a daemon thread until the generator is closed: yields its base
+    URL once ``GET ready_path`` answers 200 (a module fixture's body: ``yield from serve_in_thread(app, "/v1/models")``)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_healthy(f"{url}{ready_path}")
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def wait_healthy(url: str, timeout_s: float = 10, process=None) -> None:
@@ -105,8 +140,9 @@ def run_main(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     included, in its own format), as ``subprocess.run`` would give them, without a new interpreter importing
     torch, diffusers and transformers again (5-10 s a call on 2 cores).
 
-    For runs that fail in preflight or run in process (``run.in_process=true``); whatever needs a real process
-    (signals, kills, ``RAY_ADDRESS``, exit-time behaviour) stays a subprocess. ``env``: variables set for the
+    For runs that fail in preflight, run in process (``run.in_process=true``) or drive the session cluster
+    (``env={"RAY_ADDRESS": ...}``); a signal can come from another thread of this process. Whatever needs a real
+    process (kills, exit-time behaviour, ``ray job submit``) stays a subprocess. ``env``: variables set for the
     call only. The working folder, signal handlers, torch's thread count and the root logger are restored afterwards."""
     import contextlib
     import io

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from raygrpo.config import ConfigError, load_config
-from raygrpo.contracts import Conditioning, ConditioningBatch, PromptGroup
+from raygrpo.algorithms.advantages import StepBatch
+from raygrpo.config import AutoscaleConfig, ConfigError, load_config
+from raygrpo.contracts import Conditioning, ConditioningBatch, PromptGroup, ScoredGroup, Scores
+from raygrpo.metrics import PhaseTimer, StepOutcome, step_record
+from raygrpo.rollout.autoscale import AutoscalePolicy, PoolSample, worker_slots
 from raygrpo.rollout.continuous import ContinuousRolloutWorker, OdeBatcher, TurnLock, VersionGate, actor_concurrency
 from raygrpo.rollout.worker import RolloutWorker
 from raygrpo.sampling import make_ode_solver, sigma_grid
@@ -80,12 +83,26 @@ def test_members_admitted_at_different_steps_follow_their_own_grid_and_history_e
     assert batcher.rows == 3 * 6 + 4 * 6 + 1 * 4 and batcher.forwards == 12
 
 
+def test_a_step_s_time_goes_to_the_jobs_in_it_by_rows():
+    """Busy seconds, not latencies: two jobs sharing every forward split each step's time 3:2 by their rows, and
+    together they account for no more than the steps took."""
+    batcher = OdeBatcher(RowWiseModel(), "euler", max_batch=5, device="cpu")
+    a, b = batcher.submit(*job_inputs(1.0, 3, 6, "euler", 0)), batcher.submit(*job_inputs(2.0, 2, 6, "euler", 1))
+    stepped = 0.0
+    while not (a.done.is_set() and b.done.is_set()):
+        start = time.perf_counter()
+        batcher.step()
+        stepped += time.perf_counter() - start
+    assert a.busy / b.busy == pytest.approx(3 / 2, rel=1e-9)
+    assert 0 < a.busy + b.busy <= stepped
+
+
 def test_a_failed_forward_fails_the_groups_in_it_and_the_loop_goes_on():
     batcher = OdeBatcher(RowWiseModel(fail_on=2.0), "dpmpp_2m", max_batch=8, device="cpu")
     good = job_inputs(1.0, 2, 3, "dpmpp_2m", 0)
     with pytest.raises(RuntimeError, match="out of memory"):
         batcher.sample(*job_inputs(2.0, 2, 3, "dpmpp_2m", 1))
-    assert torch.equal(batcher.sample(*good), one_group_loop(RowWiseModel(), *good, "dpmpp_2m"))
+    assert torch.equal(batcher.sample(*good).final, one_group_loop(RowWiseModel(), *good, "dpmpp_2m"))
     with pytest.raises(ValueError, match="ODE solvers"):
         OdeBatcher(RowWiseModel(), "dance_sde", max_batch=8, device="cpu")
 
@@ -265,6 +282,57 @@ def test_groups_admitted_mid_flight_match_the_plain_worker(workers, solver):
     for group, job in zip(GROUPS, jobs):
         assert job.done.is_set()
         np.testing.assert_allclose(job.final.numpy(), plain_final(plain, group), rtol=0, atol=BATCH_TOLERANCE)
+
+
+def test_overlapping_groups_report_busy_seconds_within_wall_time_so_a_starved_pool_reads_idle_and_shrinks(workers):
+    """Two continuous workers, two groups each, all four at once: a worker's busy seconds add up to at most its wall
+    time (latencies overlap and add up to more), and a step in which the pool was starved the rest of the time (the
+    learner's turn, strictly on-policy) reads idle, so the autoscale policy shrinks the pool. Latencies used to stand
+    in for busy time: four groups in flight all the time read as 0 idle, and two groups per worker as groups waiting."""
+    pool = [workers["euler"][1], workers["dpmpp_2m"][1]]
+    groups = [dataclasses.replace(g, group_id=20 + k) for k, g in enumerate([*GROUPS, GROUPS[0]][:4])]
+    results: dict[int, tuple] = {}
+    start = time.perf_counter()
+    threads = [_in_thread(lambda g=g, w=pool[k % 2]: results.__setitem__(g.group_id, w.generate(g))) for k, g in enumerate(groups)]
+    for thread in threads:
+        thread.join(60)
+    wall = time.perf_counter() - start
+    infos = {k: [results[g.group_id][2] for g in groups[k::2]] for k in range(2)}
+    for mine in infos.values():
+        busy = sum(i.busy_seconds for i in mine)
+        assert 0.3 * wall < busy <= wall  # working most of the time, never more than all of it
+        assert all(i.busy_seconds < i.seconds for i in mine) and sum(i.seconds for i in mine) > busy
+
+    config = pool[0].config
+    timer = PhaseTimer()
+    timer.start -= 3 * wall  # the step began 2 wall-times earlier: the workers had nothing to do until the groups came
+    scored = [
+        ScoredGroup(g, None, None, [i], {"jpeg": Scores(g.group_id, "jpeg", np.zeros(G, np.float32), np.ones(G, bool))}, {"jpeg": 0.0})
+        for g, i in zip(groups, [infos[0][0], infos[1][0], infos[0][1], infos[1][1]])
+    ]
+    batch = StepBatch([], np.zeros((0, 1), np.float32), {})
+    outcome = StepOutcome(1, 0, scored, batch, np.zeros(0), None, 0.0, len(groups), 0, 0, timer, {"rollout": 2, "reward/jpeg": 1})
+    record = step_record(outcome, config)
+    assert record["time/rollout_worker_sum"] <= 2 * wall < sum(i.seconds for mine in infos.values() for i in mine)
+    assert record["idle/rollout"] >= 0.6 and record["time/rollout_latency_max"] >= record["time/rollout_latency_mean"] > 0
+    record["time/generate"] = wall
+    slots = worker_slots(config)  # micro-batch 8 rows, groups of 4: two groups run at once per worker
+    scale = AutoscaleConfig(min=1, max=3, window=2, grow_wait=0.2, shrink_idle=0.6)
+    history = [PoolSample.of(record, pool_size=2)] * 2
+    assert slots == 2 and AutoscalePolicy(scale, slots).decide(history, 2).target == 1
+    # Read as one group per worker, two of the four "waited" while generation held a third of the step: it would grow.
+    assert AutoscalePolicy(scale).decide(history, 2).target == 3
+
+
+def test_groups_sharing_a_continuous_worker_s_forwards_do_not_read_as_waiting():
+    scale = AutoscaleConfig(min=1, max=4, window=1, grow_wait=0.3)
+    generation_bound = [PoolSample(pool_size=2, queue_depth=4, idle=0.1, wait=0.6)]
+    assert AutoscalePolicy(scale, slots=2).decide(generation_bound, 2).target == 2  # 4 groups, 2 x 2 run at once
+    assert AutoscalePolicy(scale, slots=2).decide([dataclasses.replace(generation_bound[0], queue_depth=5)], 2).target == 3
+    assert AutoscalePolicy(scale, slots=1).decide(generation_bound, 2).target == 3  # the plain worker: 2 waited
+    assert worker_slots(flux_config("euler", *continuous(10))) == 2 and worker_slots(flux_config("euler")) == 1
+    spread = flux_config("euler", *continuous(4), "rollout.spread_groups=true", "rollout.num_workers=2")
+    assert worker_slots(spread) == 2  # parts of 2 members
 
 
 def test_continuous_batching_is_for_ode_rollouts_only():

@@ -37,7 +37,7 @@ def scored(group_id: int, a: list[float], b: list[float], invalid_b: int | None 
         "a": Scores(group_id, "a", np.array(a, np.float32), np.ones(4, bool)),
         "b": Scores(group_id, "b", np.array(b, np.float32), valid_b, errors, **b_fields),
     }
-    return ScoredGroup(group, f"ref{group_id}", None, [RolloutInfo(group_id, 0, 0.0, 0)], scores, {"a": 0.0, "b": 0.0})
+    return ScoredGroup(group, f"ref{group_id}", None, [RolloutInfo(group_id, 0, 0.0, 0, 0.0)], scores, {"a": 0.0, "b": 0.0})
 
 
 def three_groups():
@@ -134,7 +134,7 @@ class EchoWorker:
     def generate(self, group: PromptGroup):
         members = np.arange(group.member_offset, group.member_offset + group.group_size)
         images = np.repeat(members.astype(np.uint8)[:, None, None, None], 3, axis=3)
-        return f"rollout-{group.group_id}-{group.member_offset}", GroupMedia(group, images), RolloutInfo(group.group_id, 0, 0.0, 1)
+        return f"rollout-{group.group_id}-{group.member_offset}", GroupMedia(group, images), RolloutInfo(group.group_id, 0, 0.0, 1, 0.0)
 
 
 class CountingReward:

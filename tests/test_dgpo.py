@@ -25,6 +25,8 @@ from raygrpo.sampling import dpm_flow_sigmas, shift_sigmas
 from raygrpo.weights import load_weights
 
 from .conftest import ROOT
+from .spawned import split_group_gate
+from .two_ranks import RankJob
 
 G = 4
 
@@ -231,23 +233,18 @@ def test_sd3_rolls_out_with_cfg_and_trains_without(monkeypatch):
     assert np.isfinite(metrics.loss) and metrics.samples == G
 
 
-def test_the_gate_of_a_group_split_over_two_ranks_is_the_whole_groups():
+GATE_VALUES = torch.rand(3, 6, generator=torch.Generator().manual_seed(0))  # rows: A, l, l_ref; 6 members
+
+
+def rank_jobs() -> dict[str, RankJob]:
+    """This module's job of the session's 2-rank processes (tests/two_ranks.py): a group's gate split over the ranks."""
+    return {"dgpo.split_group_gate": RankJob(split_group_gate, (GATE_VALUES,))}
+
+
+def test_the_gate_of_a_group_split_over_two_ranks_is_the_whole_groups(two_ranks):
     """Two gloo processes, each with half of a group, gate with exactly the S_g of the whole group."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    from .spawned import split_group_gate
-
-    values = torch.rand(3, 6, generator=torch.Generator().manual_seed(0))  # rows: A, l, l_ref; 6 members
-    whole = float(group_gate_logit(values[0], values[1], values[2], beta=3.0))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(split_group_gate, args=(2, port, values, out), nprocs=2, join=True)
-    assert out[0] == pytest.approx(whole, rel=1e-6) and out[1] == pytest.approx(whole, rel=1e-6)
+    whole = float(group_gate_logit(GATE_VALUES[0], GATE_VALUES[1], GATE_VALUES[2], beta=3.0))
+    assert two_ranks["dgpo.split_group_gate"] == pytest.approx([whole, whole], rel=1e-6)
 
 
 # ----- micro-batches -----

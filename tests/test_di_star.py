@@ -1,6 +1,7 @@
 """Diff-Instruct*: the pseudo-Huber score direction and the generator's divergence gradient (hand-computed values),
 the fake score's DSM loss and its optimizer on a shadow, the differentiable rewards against the pools' numpy ones,
-the config's errors, and a short run of the preset."""
+the config's errors, a short run of the preset (full fine-tuning and LoRA), and an exact resume with the fake score's
+optimizer state in the checkpoint."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from raygrpo.reward import make_reward
 from raygrpo.reward.differentiable import DIFFERENTIABLE_KINDS
 
 from .conftest import ROOT, train_in_process
+from .students import comparable, differences, straight_and_resumed
+from .test_learner_group import make_batch, make_config
 
 PRESET = ROOT / "cluster" / "tiny_di_star.yaml"
 
@@ -90,3 +93,27 @@ def test_the_tiny_preset_runs_two_steps_in_process(tmp_path):
     # The fake score starts as the reference (same guidance) and has taken its first DSM step before the first
     # generator term: the gap between the two scores is already there.
     assert all(r["learner/score_gap"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_a_lora_generator_runs_two_steps_in_process(tmp_path):
+    """LoRA: the reference is the adapter switched off, the fake score a second adapter's values on the same base."""
+    run_dir, rows = train_in_process(PRESET, tmp_path, "train.steps=2", "model.lora={rank: 4, alpha: 8}")
+    assert [r["policy_version"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["learner/fake_dsm"]) and r["learner/score_gap"] > 0 and r["learner/grad_norm"] > 0 for r in rows)
+    final = run_dir / "checkpoint-final"
+    assert (final / "transformer_lora").is_dir() and not (final / "transformer").exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_learner_continues_bit_exactly_with_the_fake_scores_optimizer(tmp_path):
+    """Two updates straight equal one update, save, a new learner loading it, one update: parameters, AdamW state, the
+    fake score's values and its AdamW moments and step count, the counters, the generator and the metrics."""
+    config = make_config("tiny_di_star.yaml")
+    batch = make_batch(config, 4)
+    a, c, metrics_a, metrics_c = straight_and_resumed(config, batch[:2], batch[2:], tmp_path)
+    assert differences(a, c) == []
+    assert comparable(metrics_a) == comparable(metrics_c) and np.isfinite(metrics_c.extras["fake_dsm"])
+    # the moments carried over are real ones: the fake score took one step per update
+    moments = c.algorithm.fake_optimizer.state_dict()
+    assert int(moments["0.step"]) == 2 and any(t.abs().sum() > 0 for k, t in moments.items() if k.endswith(".exp_avg"))

@@ -4,16 +4,18 @@ it, the config's errors, and a short run of the tiny preset."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from raygrpo.algorithms.diffusionnft import adaptive_x0_loss, nft_policy_loss, no_grad_forwards, reward_weight
+from raygrpo.algorithms.diffusionnft import DiffusionNFT, adaptive_x0_loss, nft_policy_loss, no_grad_forwards, reward_weight
 from raygrpo.config import ConfigError, load_config
 from raygrpo.learner.ema import fast_ema_decay, slow_ema_decay
 from raygrpo.learner.learner import Learner
 from raygrpo.learner.shard import RankBatch
+from raygrpo.models import tiny_model_folder
 from raygrpo.rollout.worker import RolloutWorker
 
 from .conftest import ROOT, train_in_process
@@ -92,6 +94,9 @@ def test_ema_schedules():
     [
         (["model.family=sd3", "model.guidance_scale=4.5"], r"CFG-free, but model.guidance_scale=4.5 turns on classifier-free guidance"),
         (["model.family=sd3", "model.guidance_scale=1.0", "model.train_guidance_scale=4.5"], r"model.train_guidance_scale=4.5"),
+        # CFG by variant: the tiny FLUX.2 is [klein] base, whose guidance is classifier-free; Wan text-to-video guides so too.
+        (["model.family=flux2", "model.guidance_scale=4.0"], r"CFG-free, but model.guidance_scale=4 .*model.family='flux2'"),
+        (["model.family=wan_t2v", "model.guidance_scale=5.0"], r"CFG-free, but model.guidance_scale=5 .*model.family='wan_t2v'"),
         (["rollout.num_steps=2", "algorithm.timestep_fraction=0.3"], r"timestep_fraction=0.3 of rollout.num_steps=2 trains no noise level"),
         (["algorithm.optimizer_steps_per_update=3"], r"optimizer_steps_per_update=3 does not divide the 8 samples"),
         (["algorithm.clip_range=0.1"], r"algorithm.clip_range: unknown key"),
@@ -104,9 +109,21 @@ def test_config_errors_name_the_field_and_the_fix(overrides, message):
 
 
 def test_guidance_distilled_families_keep_their_guidance_value():
-    """FLUX embeds its guidance in one forward: not CFG, so 3.5 is allowed; SD3 at 1.0 is CFG-free."""
+    """FLUX embeds its guidance in one forward: not CFG, so 3.5 is allowed; SD3 at 1.0 is CFG-free; so is FLUX.2 [dev]."""
     assert load_config(PRESET).model.guidance_scale == 3.5
     assert load_config(PRESET, ["model.family=sd3", "model.guidance_scale=1.0"]).model.family == "sd3"
+    dev = load_config(PRESET, ["model.family=flux2", f"model.pretrained={tiny_model_folder('flux2_dev')}", "model.guidance_scale=4.0"])
+    assert dev.model.guidance_kind() == "embedded"
+
+
+def test_the_learner_asks_the_adapter_when_the_config_cannot_tell():
+    """A FLUX.2 hub id not downloaded yet: the config cannot read its variant; the loaded adapter knows it."""
+    config = nft_config("model.family=flux2", "model.pretrained=example-org/FLUX.2-klein-base-4B", "model.guidance_scale=4.0")
+    assert config.model.guidance_kind() == "unknown"
+    parameters = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match=r"CFG-free, but model.guidance_scale=4 "):
+        DiffusionNFT(config).setup(SimpleNamespace(guidance="cfg"), parameters, lora=False)  # [klein] base
+    DiffusionNFT(config).setup(SimpleNamespace(guidance="embedded"), parameters, lora=False)  # [dev]: its guidance is an embedding
 
 
 # ----- on the real tiny FLUX -----

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from raygrpo.config import LoraConfig, load_config
-from raygrpo.eval import EvalSettings, main, run_eval
+from raygrpo.eval import EvalError, EvalSettings, load_base_model, load_checkpoint_weights, main, run_eval
+from raygrpo.export import read_checkpoint
 from raygrpo.models import FluxModel, tiny_model_folder
 from raygrpo.models.lora import add_lora
 
@@ -106,3 +107,24 @@ def test_bad_inputs_fail_with_a_clear_message(tmp_path, prompt_file, capsys):
     (recorded / "raygrpo_state.json").write_text(json.dumps({"family": "sd3", "pretrained": "tiny-random"}))
     assert "model.family='sd3'" in error("--checkpoint", str(recorded), "--prompts", str(prompt_file))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_model_is_rebuilt_as_the_run_trained_it(tmp_path):
+    """Wan 2.2 A14B: eval loads the expert the run trained (model.train_expert) at the run's frames; a checkpoint of that
+    expert loads into it, one of the other expert (same architecture) is refused rather than evaluated in its place."""
+    config = load_config(ROOT / "cluster" / "tiny_wan_t2v.yaml", ["model.train_expert=low", "model.num_frames=9"])
+    model = load_base_model(config, "cpu")
+    assert (model.experts.train_expert, model.network_component, model.num_frames) == ("low", "transformer_2", 9)
+
+    trained = tmp_path / "low-expert"
+    model.transformer.save_pretrained(trained / "transformer_2")
+    saved = {name: value.clone() for name, value in model.transformer.state_dict().items()}
+    model.transformer.load_state_dict({name: value + 0.5 for name, value in saved.items()})
+    load_checkpoint_weights(model, read_checkpoint(trained))  # back to the saved weights
+    assert all(torch.equal(value, saved[name]) for name, value in model.transformer.state_dict().items())
+
+    high = tmp_path / "high-expert"
+    model.transformer.save_pretrained(high / "transformer")
+    settings = EvalSettings(prompts=["a cat"], sampler="euler", num_steps=2, shift=3.0)
+    with pytest.raises(EvalError, match=r"holds a trained transformer, .* set model.train_expert"):
+        run_eval(config, settings, str(high), tmp_path / "out", "cpu")

@@ -16,9 +16,10 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
 
+from raygrpo.config import ModelConfig
 from raygrpo.contracts import ConditioningBatch
 from raygrpo.models import Flux2Model, ModelNotFoundError, tiny_model_folder
-from raygrpo.models.flux2 import DEV, KLEIN, KLEIN_BASE
+from raygrpo.models.flux2 import DEV, KLEIN, KLEIN_BASE, pipeline_variant
 
 from .test_adapter_contract import *  # noqa: F403  (the contract's tests and fixtures, run on the cases below)
 from .test_adapter_contract import PROMPT, STEPS, Case, _timestep, _uint8
@@ -100,6 +101,7 @@ def test_step_distilled_klein_ignores_guidance(tmp_path):
     model = Flux2Model.from_pretrained(str(folder), **SIZE)
     learner = Flux2Model.from_pretrained(str(folder), load_text_encoders=False, load_vae=False, **SIZE)
     assert model.variant is KLEIN and learner.text_encoder is None  # no negative prompt to encode
+    assert model.guidance == learner.guidance == "none"
     cond = ConditioningBatch.of(model.encode_prompt(PROMPT), 2)
     x = model.initial_noise(torch.Generator().manual_seed(0), 2)
     sigmas = torch.tensor([0.75, 0.5])
@@ -111,3 +113,17 @@ def test_step_distilled_klein_ignores_guidance(tmp_path):
     assert calls == [2, 2] and torch.equal(guided, plain)
     with torch.no_grad():
         torch.testing.assert_close(learner.velocity(x, sigmas, cond), guided)
+
+
+def test_the_config_reads_the_variant_as_the_adapter_does(tmp_path):
+    """ModelConfig.guidance_kind reads model_index.json before anything loads (the CFG-free algorithms' checks); it must
+    name the guidance of the variant the adapter loads, for each of the three variants and for tiny-random."""
+    distilled = tmp_path / "distilled"
+    distilled.mkdir()
+    index = json.loads((tiny_model_folder("flux2") / "model_index.json").read_text())
+    (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    klein_base, dev = tiny_model_folder("flux2"), tiny_model_folder("flux2_dev")
+    cases = [("tiny-random", klein_base, KLEIN_BASE), (str(klein_base), klein_base, KLEIN_BASE), (str(dev), dev, DEV)]
+    for pretrained, folder, variant in [*cases, (str(distilled), distilled, KLEIN)]:
+        assert pipeline_variant(str(folder)) is variant
+        assert ModelConfig(family="flux2", pretrained=pretrained).guidance_kind() == variant.guidance, pretrained

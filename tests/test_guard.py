@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from raygrpo.actor_group import LocalRef
 from raygrpo.config import ConfigError, GuardConfig, GuardRuleConfig, load_config
@@ -18,6 +19,7 @@ from raygrpo.guard.diversity import diversity, pairwise_distances, pixel_embeddi
 from raygrpo.guard.guard import Guard
 from raygrpo.guard.rules import GuardRound, check_rule, decide
 from raygrpo.guard.sampling import HeldOutSamples
+from raygrpo.learner.learner import Learner
 from raygrpo.reward import make_reward
 
 from .conftest import ROOT
@@ -184,6 +186,40 @@ def test_a_round_logs_a_gallery_and_events_and_its_history_survives_a_resume(tmp
     resumed.load_state_dict(state_after_first)
     assert [r.step for r in resumed.history] == [3] and resumed.history[0].checkpoint is not None
     assert [json.loads(line)["step"] for line in (tmp_path / "guard" / "events.jsonl").read_text().splitlines()] == [3]
+
+
+def tensor_bytes(state: Path) -> int:
+    """Bytes of the tensors a training state's DCP folder holds (its metadata lists each with shape and dtype)."""
+    metadata = dcp.FileSystemReader(str(state / "tensors")).read_metadata().state_dict_metadata
+    return sum(math.prod(m.size) * m.properties.dtype.itemsize for m in metadata.values() if hasattr(m, "size"))
+
+
+def test_one_rollback_state_is_kept_and_with_lora_it_holds_the_adapter_and_its_adamw_moments_only(tmp_path):
+    config = guard_config(tmp_path, "model.lora={rank: 4, alpha: 8}", "model.max_sequence_length=16")
+    learner = Learner(config)
+    guard = Guard(config, tmp_path)
+    noise = np.random.default_rng(0).integers(-64, 64, (4, 4, 8, 8, 3))
+    folders = tmp_path / "guard" / "checkpoints"
+    for k, step in enumerate((3, 6, 9)):  # more contrast every round: every round is the new best
+        media = (128 + noise * (k + 1) / 2).astype(np.uint8)
+        learner.policy_version = step
+        guard.run_round(step, FakeRollout(media), [0], lambda folder: learner.save_state(str(folder), rollback=True))
+        assert [f.name for f in folders.iterdir()] == [f"step-{step:06d}"]  # the previous best went once this one was in
+        assert [r.checkpoint for r in guard.history if r.checkpoint] == [f"guard/checkpoints/step-{step:06d}"]
+    state = folders / "step-000009"
+    adapter = sum(p.numel() * p.element_size() for p in learner.parameters)  # the trainable LoRA tensors only
+    network = sum(p.numel() * p.element_size() for p in learner.model.transformer.parameters())
+    # The adapter, its AdamW exp_avg and exp_avg_sq (plus AdamW's step count per tensor): no base weights, no generators.
+    assert tensor_bytes(state) == 3 * adapter + 4 * len(learner.parameters) and 3 * adapter < network / 5
+    assert sorted(f.name for f in state.iterdir()) == ["learner_state.json", "tensors"]
+    # A rollback restores it: the adapter's weights and the policy version of that round.
+    saved = [p.detach().clone() for p in learner.parameters]
+    with torch.no_grad():
+        for p in learner.parameters:
+            p.add_(1.0)
+    learner.policy_version = 12
+    assert learner.load_state(str(state)) == 9
+    assert all(torch.equal(p, q) for p, q in zip(learner.parameters, saved))
 
 
 # ----- the tiny task, end to end -----

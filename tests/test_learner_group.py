@@ -1,7 +1,7 @@
 """The multi-rank learner: 2 FSDP2 ranks on CPU (gloo) make the update one rank makes on the same batch.
 
-The numeric checks run the ranks as 2 plain torch processes (``mp.spawn``): the same ``Learner``
-class the Ray actors hold, without Ray's CPU scheduling in the way (ENVIRONMENT.md). The
+The numeric checks run the ranks in the session's 2 plain torch processes (tests/two_ranks.py): the same
+``Learner`` class the Ray actors hold, without Ray's CPU scheduling in the way (ENVIRONMENT.md). The
 ``LearnerGroup`` itself, with real Ray actors, is checked in the slow test at the end.
 
 Tolerance: parameters agree to 1e-5 absolute (they are O(0.1-1); one update moves them by up to
@@ -17,24 +17,23 @@ factor M, a gradient not averaged, another rank's noise or timesteps) moves para
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from raygrpo.algorithms.advantages import group_advantages
 from raygrpo.config import ConfigError, load_config
 from raygrpo.contracts import PromptGroup, TrainGroup
-from raygrpo.learner.fsdp import full_state_dict, init_process_group
+from raygrpo.learner.fsdp import full_state_dict
 from raygrpo.learner.learner import Learner
 from raygrpo.learner.shard import RankBatch, split_batch
 from raygrpo.rollout.worker import RolloutWorker
 
 from .conftest import ROOT
+from .students import check_two_updates_on_two_ranks, resume_on_ranks
+from .two_ranks import RankJob
 
 G = 4
 TOLERANCE = 1e-5
@@ -80,34 +79,28 @@ SCENARIOS = {
 }
 
 
-def _ranks_main(rank: int, world: int, port: int, batches: dict, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    init_process_group(rank, world, "127.0.0.1", port, use_cuda=False)
+def _update_on_ranks(rank: int, world: int, folder: Path, name: str, batch: list[TrainGroup]) -> dict | None:
+    """A job of the 2-rank session: one update of scenario ``name`` on this rank's part of ``batch``; rank 0 returns the
+    gathered parameters, the exported weights, the metrics and how many gradient reduce-scatters FSDP made."""
+    preset, overrides, _ = SCENARIOS[name]
+    learner = Learner(make_config(preset, *overrides, f"learner.num_ranks={world}"), rank, world)
+    assert learner.sharded and all(hasattr(p, "to_local") for p in learner.parameters)
+    part = split_batch(batch, world)[rank]
+    reduce_scatter, calls = torch.distributed.reduce_scatter_single, []
+    # Count FSDP's gradient reduce-scatters (it calls torch.distributed.reduce_scatter_single).
+    torch.distributed.reduce_scatter_single = _counting(reduce_scatter, calls)
     try:
-        for name, (preset, overrides, _) in SCENARIOS.items():
-            learner = Learner(make_config(preset, *overrides, f"learner.num_ranks={world}"), rank, world)
-            assert learner.sharded and all(hasattr(p, "to_local") for p in learner.parameters)
-            part = split_batch(batches[name], world)[rank]
-            reduce_scatter, calls = torch.distributed.reduce_scatter_single, []
-            # Count FSDP's gradient reduce-scatters (it calls torch.distributed.reduce_scatter_single).
-            torch.distributed.reduce_scatter_single = _counting(reduce_scatter, calls)
-            try:
-                metrics = learner.update(part)
-            finally:
-                torch.distributed.reduce_scatter_single = reduce_scatter
-            params = full_state_dict(learner.model.transformer, None, None)
-            message = learner.export_weights()
-            if name in ("dgpo", "dgpo_lora"):
-                learner.save(str(Path(out_dir) / f"{name}-saved"))  # gathered, written by rank 0
-            if rank == 0:
-                torch.save(
-                    {"params": params, "message": message, "metrics": metrics, "reduce_scatters": len(calls)}, Path(out_dir) / f"{name}.pt"
-                )
-            else:
-                assert message is None
-        _resume_on_ranks(rank, world, batches["resume"], Path(out_dir))
+        metrics = learner.update(part)
     finally:
-        torch.distributed.destroy_process_group()
+        torch.distributed.reduce_scatter_single = reduce_scatter
+    params = full_state_dict(learner.model.transformer, None, None)
+    message = learner.export_weights()
+    if name in ("dgpo", "dgpo_lora"):
+        learner.save(str(folder / "saved"))  # gathered, written by rank 0
+    if rank != 0:
+        assert message is None
+        return None
+    return {"params": params, "message": message, "metrics": metrics, "reduce_scatters": len(calls)}
 
 
 def _counting(function, calls: list):
@@ -118,58 +111,37 @@ def _counting(function, calls: list):
     return counted
 
 
-def _resume_on_ranks(rank: int, world: int, batch: list[TrainGroup], out_dir: Path) -> None:
-    """A: update(b1), update(b2); B: update(b1), save_state; a new C: load_state, update(b2). A == C on every rank's shards."""
-    config = make_config("tiny_dgpo.yaml", "algorithm.slow_ema_every=1", f"learner.num_ranks={world}")
-
-    def step(learner: Learner, part: list[TrainGroup]) -> None:
-        learner.update(split_batch(part, world)[rank])
-
-    a = Learner(config, rank, world)
-    step(a, batch[:2])
-    step(a, batch[2:])
-    b = Learner(config, rank, world)
-    step(b, batch[:2])
-    b.save_state(str(out_dir / "state"))
-    c = Learner(config, rank, world)
-    assert c.load_state(str(out_dir / "state")) == 1
-    step(c, batch[2:])
-    pairs = list(zip(a.parameters, c.parameters))
-    for name in ("fast_ema", "slow_ema", "frozen"):
-        pairs += list(zip(getattr(a.algorithm, name).values, getattr(c.algorithm, name).values))
-    for pa, pc in zip(a.parameters, c.parameters):
-        pairs += [(a.optimizer.state[pa][k], c.optimizer.state[pc][k]) for k in a.optimizer.state[pa]]
-    equal = all(torch.equal(_local(x), _local(y)) for x, y in pairs)
-    flags = [None] * world
-    torch.distributed.all_gather_object(flags, (equal, len(pairs), a.algorithm.optimizer_steps, c.algorithm.optimizer_steps))
-    if rank == 0:
-        torch.save(flags, out_dir / "resume.pt")
+# Two updates and an exact resume on 2 ranks (tests/students.py), name -> (preset, overrides): the shadows swapped in
+# for no-grad forwards (DGPO's fast-EMA reference and slow EMA, updated every step; DiffusionNFT's old policy) differ
+# from the policy from the second update on, where a stale gathered shard would show.
+TWO_UPDATES = {
+    "dgpo": ("tiny_dgpo.yaml", ["algorithm.slow_ema_every=1"]),
+    "diffusionnft": ("tiny_diffusionnft.yaml", ["rollout.num_steps=4"]),
+}
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def rank_jobs() -> dict[str, RankJob]:
+    """This module's jobs of the session's 2-rank processes (tests/two_ranks.py): one update per scenario, and two
+    updates with an exact resume per :data:`TWO_UPDATES` entry."""
+    jobs = {}
+    for name, (preset, overrides, n) in SCENARIOS.items():
+        jobs[f"learner_group.{name}"] = RankJob(_update_on_ranks, (name, make_batch(make_config(preset, *overrides), n)))
+    for name, (preset, overrides) in TWO_UPDATES.items():
+        batch = make_batch(make_config(preset, *overrides), 4)
+        config = make_config(preset, *overrides, "learner.num_ranks=2")
+        jobs[f"learner_group.{name}_two_updates"] = RankJob(resume_on_ranks, (config, batch[:2], batch[2:]))
+    return jobs
 
 
 @pytest.fixture(scope="module")
-def two_rank_results(tmp_path_factory):
-    """Every scenario's batch, its one-rank Learner after ``update(batch)``, and what the 2-rank run saved."""
-    torch.set_num_threads(1)
-    batches = {name: make_batch(make_config(preset, *overrides), n) for name, (preset, overrides, n) in SCENARIOS.items()}
-    batches["resume"] = make_batch(make_config("tiny_dgpo.yaml"), 4)
-    out = tmp_path_factory.mktemp("two-ranks")
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    mp.spawn(_ranks_main, args=(2, _free_port(), batches, str(out)), nprocs=2, join=True)
-    results = {"out": out}
+def two_rank_results(two_ranks):
+    """Per scenario: its one-rank Learner after ``update(batch)``, its metrics and what rank 0 of the 2-rank run returned."""
+    results = {}
     for name, (preset, overrides, _) in SCENARIOS.items():
+        (batch,) = two_ranks.jobs[f"learner_group.{name}"].args[1:]
         one = Learner(make_config(preset, *overrides))
-        metrics = one.update(RankBatch.whole(batches[name]))
-        results[name] = (one, metrics, torch.load(out / f"{name}.pt", weights_only=False))
+        metrics = one.update(RankBatch.whole(batch))
+        results[name] = (one, metrics, two_ranks[f"learner_group.{name}"])
     return results
 
 
@@ -263,31 +235,39 @@ def test_split_batch_gives_whole_groups_and_pads_the_last_ranks():
     assert parts[2].is_real(0) and not parts[2].is_real(1)
 
 
-def test_training_state_on_two_ranks_resumes_bit_exactly(two_rank_results):
-    """The sharded (DCP) state: parameters, AdamW moments, DGPO's three shadows, on both ranks' shards."""
-    flags = torch.load(two_rank_results["out"] / "resume.pt", weights_only=False)
-    assert [f[0] for f in flags] == [True, True]
-    assert all(f[1] > 0 and f[2] == f[3] == 2 for f in flags)
+@pytest.mark.parametrize("name", list(TWO_UPDATES))
+def test_two_ranks_make_one_ranks_two_updates_and_resume_bit_exactly(two_ranks, name):
+    """Two updates on 2 ranks equal one rank's: the second one runs the policy's forward after a no-grad forward of a
+    swapped-in shadow (FSDP2's kept root gathers once made it use the swapped-out weights, raygrpo/learner/fsdp.py).
+    The sharded (DCP) state resumes bit-exactly: parameters, AdamW moments and the algorithm's shadows, on both ranks'
+    shards."""
+    preset, overrides = TWO_UPDATES[name]
+    two = two_ranks[f"learner_group.{name}_two_updates"]
+    _, b1, b2 = two_ranks.jobs[f"learner_group.{name}_two_updates"].args
+    one, straight = check_two_updates_on_two_ranks(make_config(preset, *overrides), b1, b2, two, TOLERANCE)
+    assert two["optimizer_steps"] == [one.algorithm.optimizer_steps] * 2 == [2, 2] and straight.samples == 2 * G
+    shadows = {"dgpo": ("fast_ema", "slow_ema", "frozen"), "diffusionnft": ("old",)}[name]
+    assert {f"shadow.{s}.0" for s in shadows} <= set(two["compared"])
 
 
-def test_two_ranks_save_what_one_rank_saves_in_diffusers_layouts(two_rank_results, tmp_path):
+def test_two_ranks_save_what_one_rank_saves_in_diffusers_layouts(two_ranks, two_rank_results, tmp_path):
     """Evaluation weights gathered from the shards: the same files one unsharded rank writes, loadable by diffusers."""
     from diffusers import FluxTransformer2DModel
     from safetensors import safe_open
 
-    out = two_rank_results["out"]
+    out = two_ranks.out
     one, _, _ = two_rank_results["dgpo"]
     one.save(str(tmp_path / "one"))
     mine = FluxTransformer2DModel.from_pretrained(tmp_path / "one" / "transformer").state_dict()
-    theirs = FluxTransformer2DModel.from_pretrained(out / "dgpo-saved" / "transformer").state_dict()
+    theirs = FluxTransformer2DModel.from_pretrained(out / "learner_group.dgpo" / "saved" / "transformer").state_dict()
     assert set(mine) == set(theirs) and max(float((mine[k] - theirs[k]).abs().max()) for k in mine) < TOLERANCE
     # The config names the model's class, not the FSDP subclass fully_shard made of it (export loads by that name).
-    saved_config = json.loads((out / "dgpo-saved" / "transformer" / "config.json").read_text())
+    saved_config = json.loads((out / "learner_group.dgpo" / "saved" / "transformer" / "config.json").read_text())
     assert saved_config["_class_name"] == "FluxTransformer2DModel"
     one_lora, _, _ = two_rank_results["dgpo_lora"]
     one_lora.save(str(tmp_path / "one-lora"))
     files = [
-        folder / "transformer_lora" / "pytorch_lora_weights.safetensors" for folder in (tmp_path / "one-lora", out / "dgpo_lora-saved")
+        folder / "transformer_lora" / "pytorch_lora_weights.safetensors" for folder in (tmp_path / "one-lora", out / "learner_group.dgpo_lora" / "saved")
     ]
     with safe_open(files[0], "pt") as a, safe_open(files[1], "pt") as b:
         names = set(a.keys())

@@ -202,3 +202,61 @@ def test_a_process_in_a_process_group_measures_the_learner_in_a_child_process():
     finally:
         torch.distributed.destroy_process_group()
     assert apart.term.peak > 0 and not torch.distributed.is_initialized()
+
+
+# ------------------------------------------------------------------------- RG-LCD and Diff-Instruct*: their whole window
+STUDENT = [*GPU, "algorithm.group_size=2"]  # tiny windows: one group of two members
+
+
+@pytest.fixture(scope="module")
+def tiny_flux():
+    """The tiny FLUX loaded in float32, as the learner holds it: (its network's bytes, its VAE's bytes)."""
+    import torch
+
+    real = load_model("flux", "tiny-random", torch_dtype=torch.float32)
+    size = lambda module: sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])  # noqa: E731
+    return size(real.transformer), size(real.vae)
+
+
+def test_di_star_holds_the_fake_score_and_its_adam_states_beyond_dancegrpo(measured, tiny_flux):
+    """Diff-Instruct*'s rank keeps the fake score (a float32 copy of the trained network) and its AdamW moments, the
+    frozen reference (full fine-tuning) and the pixel reward's float32 VAE: its learner exceeds DanceGRPO's on the
+    same tiny FLUX by at least the fake score and its optimizer state."""
+    from raygrpo.plan.measure import learner_step
+
+    network, vae = tiny_flux
+    config = load_config(ROOT / "cluster" / "tiny_di_star.yaml", STUDENT)
+    di_star = learner_step(config, architecture("flux", "tiny-random"), memory_only=True)
+    assert di_star.shadow_bytes == 2 * network  # the fake score and the frozen reference
+    assert di_star.held_bytes == {"fake score AdamW states": 2 * network, "reward VAE (float32)": vae}
+    dance = measured[1].learner[measured[0].learner.gradient_checkpointing]
+    extra = (di_star.term.peak + di_star.shadow_bytes + sum(di_star.held_bytes.values())) - (dance.term.peak + dance.shadow_bytes)
+    assert extra >= 3 * network  # the fake score's values and its two AdamW moments
+
+
+def test_rg_lcd_counts_its_teacher_target_and_decoder(measured, tiny_flux):
+    """RG-LCD's window runs the teacher and the EMA target without gradients, and the student with them through the
+    VAE decoder of a pixel reward: more gradient FLOPs than two DanceGRPO terms (one member's forward and backward
+    each), and the decoder's float32 weights held."""
+    from raygrpo.plan.measure import learner_step
+
+    network, vae = tiny_flux
+    overrides = [*STUDENT, "algorithm.reward_source=pixel", "rewards.0.kind=contrast"]
+    rg_lcd = learner_step(load_config(ROOT / "cluster" / "tiny_rg_lcd.yaml", overrides), architecture("flux", "tiny-random"))
+    assert rg_lcd.held_bytes == {"reward VAE (float32)": vae}
+    assert rg_lcd.shadow_bytes == 2 * network  # the target EMA and the frozen teacher
+    dance = measured[1].learner[measured[0].learner.gradient_checkpointing]
+    assert 0 < rg_lcd.no_grad_flops < rg_lcd.term.flops
+    assert rg_lcd.term.flops - rg_lcd.no_grad_flops > 2 * dance.term.flops
+
+
+def test_an_algorithm_the_planner_does_not_model_is_refused_by_name(monkeypatch):
+    """An ODE-rollout learner that no branch of the planner models (here RG-LCD with its window measurement switched
+    off) is refused with ArchitectureError naming it, which the run's preflight turns into a start without a plan."""
+    import raygrpo.plan.measure as measure_module
+    from raygrpo.plan import ArchitectureError
+
+    monkeypatch.setattr(measure_module, "is_student", lambda config: False)
+    config = load_config(ROOT / "cluster" / "tiny_rg_lcd.yaml", GPU)
+    with pytest.raises(ArchitectureError, match="does not model the 'rg_lcd' learner"):
+        measure_module.learner_step(config, architecture("flux", "tiny-random"), memory_only=True)

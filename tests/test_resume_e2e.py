@@ -5,7 +5,9 @@ The killed run stops at a fixed point: the controller holds after writing step 3
 hook), one step past the step-2 checkpoint, and is then SIGKILLed; step 3 is discarded and computed
 again. Every per-step metric except wall-clock timings must come out identical, and so must the
 trained weights, bit for bit. Before that, a resume from a checkpoint the learner cannot load must
-fail with one clear line and leave the run folder exactly as it was.
+fail with one clear line and leave the run folder exactly as it was. The killed run and the uninterrupted one
+are processes of their own; the refused, resumed and in-process runs run in the test's process (``run_main``),
+the first two as drivers of the session cluster.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from raygrpo.controller import HOLD_AFTER_STEP_ENV
 
-from .conftest import ROOT
-from .test_run_e2e import printed_run_dir, run_raygrpo
+from .conftest import ROOT, run_main
+from .test_run_e2e import printed_run_dir
 
 STEPS = 6
 ARGS = [
@@ -102,7 +104,7 @@ def _kill_resume_and_compare(ray_cluster, tmp_path, env, straight) -> None:
     saved = {name: (checkpoint / name).read_bytes() for name in ("learner/learner_state.json", "MANIFEST.json")}
     misfit_learner_state(checkpoint)
     before = snapshot(run_dir)
-    refused = run_raygrpo(*ARGS, f"run.output_root={root}", ray_address=ray_cluster.address)
+    refused = run_main(*ARGS, f"run.output_root={root}", env={"RAY_ADDRESS": ray_cluster.address})  # this process, a driver
     assert refused.returncode == 2, refused.stderr[-3000:]
     (line,) = [line for line in refused.stderr.splitlines() if line.startswith("raygrpo: ")]  # Ray's actor logs interleave
     assert line.startswith(f"raygrpo: cannot load the learner state of checkpoint {checkpoint}: TrainingStateError:"), line
@@ -111,7 +113,7 @@ def _kill_resume_and_compare(ray_cluster, tmp_path, env, straight) -> None:
     for name, data in saved.items():
         (checkpoint / name).write_bytes(data)
 
-    resumed = run_raygrpo(*ARGS, f"run.output_root={root}", ray_address=ray_cluster.address)
+    resumed = run_main(*ARGS, f"run.output_root={root}", env={"RAY_ADDRESS": ray_cluster.address})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert printed_run_dir(resumed.stdout) == run_dir, "the same command continues the same run folder"
     assert "resumed from" in resumed.stderr
@@ -142,7 +144,7 @@ def _kill_resume_and_compare(ray_cluster, tmp_path, env, straight) -> None:
     assert not different, f"resumed weights differ from the uninterrupted run in {different[:5]}"
 
     # The same command with every role in this process instead of Ray actors: the same run, number for number.
-    local = run_raygrpo(*ARGS, "run.in_process=true", f"run.output_root={tmp_path / 'in-process'}", ray_address=None)
+    local = run_main(*ARGS, "run.in_process=true", f"run.output_root={tmp_path / 'in-process'}")
     assert local.returncode == 0, local.stderr[-3000:]
     local_dir = printed_run_dir(local.stdout)
     clock = [{k: v for k, v in r.items() if k != "learner/seconds"} for r in comparable_records(local_dir)]

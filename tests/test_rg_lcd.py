@@ -1,5 +1,6 @@
 """RG-LCD: the consistency distance, the teacher's step, the latent reward model's pair loss (hand-computed values)
-and that it learns a pool's ordering, LCM's multistep sampler, the config's errors, and a short run of the preset."""
+and that it learns a pool's ordering, LCM's multistep sampler, the config's errors, a short run of the preset (full
+fine-tuning and LoRA), and an exact resume with the latent reward model in the checkpoint."""
 
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ import torch
 from raygrpo.algorithms.distill import LatentRewardModel, lrm_pair_loss, AuxiliaryOptimizer
 from raygrpo.algorithms.rg_lcd import consistency_distance, teacher_step
 from raygrpo.config import ConfigError, load_config
+from raygrpo.learner.learner import Learner
+from raygrpo.learner.shard import RankBatch
+from raygrpo.learner.state import TrainingStateError
 from raygrpo.sampling import make_ode_solver
 
 from .conftest import ROOT, train_in_process
+from .students import comparable, differences, straight_and_resumed
+from .test_learner_group import make_batch, make_config
 
 PRESET = ROOT / "cluster" / "tiny_rg_lcd.yaml"
 
@@ -103,3 +109,51 @@ def test_the_tiny_preset_runs_two_steps_in_process(tmp_path):
     assert [r["policy_version"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["learner/distill"]) and np.isfinite(r["learner/lrm_loss"]) and r["learner/samples"] == 16 for r in rows)
     assert (run_dir / "checkpoint-final" / "transformer").is_dir()
+
+
+@pytest.mark.slow
+def test_a_lora_student_runs_two_steps_in_process(tmp_path):
+    """LoRA: the student is an adapter on the frozen teacher (the adapter switched off), the target an adapter EMA."""
+    run_dir, rows = train_in_process(PRESET, tmp_path, "train.steps=2", "model.lora={rank: 4, alpha: 8}")
+    assert [r["policy_version"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["learner/distill"]) and np.isfinite(r["learner/lrm_loss"]) and r["learner/grad_norm"] > 0 for r in rows)
+    final = run_dir / "checkpoint-final"
+    assert (final / "transformer_lora").is_dir() and not (final / "transformer").exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_learner_continues_bit_exactly_with_its_latent_reward_model(tmp_path):
+    """Two updates straight equal one update, save, a new learner loading it, one update: parameters, AdamW state, the
+    target EMA, the LRM's weights and AdamW state, the counters, the generator and the second update's metrics."""
+    config = make_config("tiny_rg_lcd.yaml")
+    assert config.algorithm.reward_source == "latent"
+    batch = make_batch(config, 4)
+    a, c, metrics_a, metrics_c = straight_and_resumed(config, batch[:2], batch[2:], tmp_path)
+    assert differences(a, c) == []
+    assert comparable(metrics_a) == comparable(metrics_c) and np.isfinite(metrics_c.extras["lrm_loss"])
+    # The LRM is built at its first use; a resume builds it from the saved sizes before the first update.
+    saved = torch.load(tmp_path / "algorithm.pt", weights_only=True)["reward"]
+    fresh = Learner(config)
+    assert fresh.algorithm.reward.lrm is None
+    fresh.load_state(str(tmp_path))
+    lrm = fresh.algorithm.reward.lrm.state_dict()
+    assert lrm.keys() == saved["lrm"].keys() and all(torch.equal(lrm[k], saved["lrm"][k]) for k in lrm)
+    # and the saved LRM is a trained one (a fresh LRM would not do): its AdamW state has taken lrm_steps steps
+    assert all(int(s["step"]) == config.algorithm.lrm_steps for s in saved["optimizer"]["state"].values())
+    (tmp_path / "algorithm.pt").unlink()
+    with pytest.raises(TrainingStateError, match=r"algorithm.pt is missing: the checkpoint is incomplete"):
+        Learner(config).load_state(str(tmp_path))
+
+
+def test_a_cfg_teacher_on_stable_diffusion_keeps_the_negative_while_the_student_trains_without_cfg():
+    """SD's teacher guides with CFG (the real preset: 8.0) while the student trains at guidance 1: the learner loads no
+    text encoder, so it must keep the empty prompt's encoding for the teacher and still train the policy at 1."""
+    config = make_config(
+        "tiny_rg_lcd.yaml", "model.family=sd", "model.guidance_scale=1.0", "algorithm.teacher_guidance_scale=4.0",
+        "rollout.micro_batch_size=2",
+    )
+    learner = Learner(config)
+    assert learner.model.guidance_scale == 1.0
+    assert learner.model.negative_conditioning.prompt_embeds.shape[0] == 77  # CLIP's fixed length: the empty prompt
+    metrics = learner.update(RankBatch.whole(make_batch(config, 2)))
+    assert math.isfinite(metrics.loss) and metrics.grad_norm > 0

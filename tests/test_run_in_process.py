@@ -9,12 +9,12 @@ and an export that fails marking the run aborted.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
 import socket
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +26,8 @@ from raygrpo.config import load_config
 from raygrpo.controller import HOLD_AFTER_STEP_ENV, Controller
 from raygrpo.errors import RunAborted
 
-from .conftest import ROOT, run_main, wait_healthy
+from .conftest import ROOT, run_main, serve_in_thread
+from .test_http_reward import serve_builtin
 
 IN_PROCESS = "run.in_process=true"
 SMALL = ["algorithm.group_size=4", "algorithm.groups_per_step=2", "algorithm.grad_accum_samples=4", "rollout.num_steps=4"]
@@ -52,33 +53,43 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class RewardServer:
-    """reward_servers/serve_builtin.py in its own process on loopback (a user's reward server)."""
+class SigtermWhenHeld(logging.Handler):
+    """SIGTERM to this process, from another thread (as from outside), once the controller says it holds
+    (HOLD_AFTER_STEP_ENV): the run's own handler takes it in the main thread, with no interpreter started for it."""
 
-    def __init__(self, token: str | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, **({"SERVER_TOKEN": token} if token else {})}
-        command = [sys.executable, "reward_servers/serve_builtin.py", "--kind", "color", "--params", '{"target": "red"}', "--port", str(self.port)]
-        if token:
-            command += ["--token-env", "SERVER_TOKEN"]
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_healthy(f"{self.url}/v1/health", timeout_s=60, process=self.process)
-        except RuntimeError:
-            self.close()
-            raise
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.held, self.done = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._kill, daemon=True)
 
-    def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
+    def emit(self, record: logging.LogRecord) -> None:
+        if "holding here until killed or stopped" in record.getMessage():
+            self.held.set()
+
+    def _kill(self) -> None:
+        if self.held.wait(300) and not self.done.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def __enter__(self):
+        logging.getLogger("raygrpo.controller").addHandler(self)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("raygrpo.controller").removeHandler(self)
+        self.done.set()  # a run that ended without holding: no signal after it
+        self.held.set()
+        self.thread.join()
 
 
 @pytest.fixture
-def red_server():
-    server = RewardServer(token="right-token")
-    yield server
-    server.close()
+def red_server_url():
+    """reward_servers/serve_builtin.py's app (a user's reward server; its command line: tests/test_http_reward.py)
+    on loopback, served from a thread of this process rather than an interpreter of its own."""
+    from raygrpo.reward import make_reward
+
+    app = serve_builtin.create_app(make_reward("color", {"target": "red"}), name="color", token="right-token")
+    yield from serve_in_thread(app, "/v1/health")
 
 
 @pytest.mark.slow
@@ -132,14 +143,14 @@ def test_a_dead_reward_server_stops_the_run_before_it_starts(tmp_path):
     assert not any(tmp_path.iterdir()), "nothing may be written when the run cannot start"
 
 
-def test_a_rejected_token_fails_preflight_and_aborts_a_run_that_skipped_it(tmp_path, red_server):
+def test_a_rejected_token_fails_preflight_and_aborts_a_run_that_skipped_it(tmp_path, red_server_url):
     args = ["cluster/tiny_two_rewards.yaml", IN_PROCESS, *SMALL, "rewards.1.params.token_env=CLIENT_TOKEN",
-            f"rewards.1.params.url={red_server.url}", f"run.output_root={tmp_path}"]  # fmt: skip
+            f"rewards.1.params.url={red_server_url}", f"run.output_root={tmp_path}"]  # fmt: skip
     start = time.monotonic()
     proc = run_main(*args, env={"CLIENT_TOKEN": "wrong-token"})
     elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "401" in proc.stderr and red_server.url in proc.stderr and "reward 'red'" in proc.stderr, proc.stderr[-2000:]
+    assert "401" in proc.stderr and red_server_url in proc.stderr and "reward 'red'" in proc.stderr, proc.stderr[-2000:]
     assert elapsed < 15 and not any(tmp_path.iterdir())
     # Told not to look first, the run meets the 401 on its first scoring: it stops at once, never retrying.
     proc = run_main(*args, "--skip-reward-check", env={"CLIENT_TOKEN": "wrong-token"})
@@ -227,18 +238,11 @@ def test_sigterm_saves_a_resumable_checkpoint_and_the_same_command_finishes_exac
     straight = run_main(*args, f"run.output_root={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr[-3000:]
     out = tmp_path / "stopped"
-    env = {**os.environ, HOLD_AFTER_STEP_ENV: "2"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "raygrpo.run", *args, f"run.output_root={out}"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not (out.is_dir() and any(out.iterdir()) and (run_folder(out) / "metrics.jsonl").is_file()
-               and len(records(run_folder(out))) == 2):  # fmt: skip
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    with SigtermWhenHeld():  # the run holds after step 2 (a test-only hook) until the signal comes
+        proc = run_main(*args, f"run.output_root={out}", env={HOLD_AFTER_STEP_ENV: "2"})
+    stderr = proc.stderr
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert len(records(run_folder(out))) == 2, "stopped while holding after step 2"
     (line,) = raygrpo_lines(stderr)
     run_dir = run_folder(out)
     assert line == f"raygrpo: run stopped by SIGTERM after step 2; the same command resumes from {run_dir / 'checkpoints' / 'step-000002'}"

@@ -16,20 +16,19 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from functools import lru_cache
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from raygrpo.reward import RewardServiceError, check_reward_service, make_reward
 from raygrpo.reward.vlm_judge import VlmJudgeReward, expected_digit, parse_judgement
+
+from .conftest import serve_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_VENV = Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm"))
@@ -94,22 +93,8 @@ def _fake_app() -> tuple[FastAPI, list[dict]]:
 @pytest.fixture(scope="module")
 def fake_server():
     app, seen = _fake_app()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield url, seen
-    server.should_exit = True
-    thread.join(timeout=10)
+    for url in serve_in_thread(app, "/v1/models"):
+        yield url, seen
 
 
 def test_expected_digit_from_logprobs():

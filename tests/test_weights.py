@@ -57,6 +57,22 @@ def test_digest_tells_different_weights_apart_and_ignores_order(verify):
     assert export_weights(module, policy_version=1, verify=verify).checksum != message.checksum
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_sampled_digest_is_the_same_from_numpy_views_and_from_tensor_operations(dtype):
+    """Contiguous CPU tensors are sampled through numpy views, others (a GPU learner's, a strided view) through
+    tensor operations: both must give the same digest, or a sync between them would fail."""
+    torch.manual_seed(0)
+    tensor = torch.randn(7, 3 * SAMPLES + 5).to(dtype)  # not a multiple of the sample count
+    strided = torch.empty(3 * SAMPLES + 5, 7, dtype=dtype).t()  # the same values, a non-contiguous layout
+    strided.copy_(tensor)
+    assert not strided.is_contiguous()
+    for seed in (0, 3):
+        assert digest({"w": tensor}, "sample", seed) == digest({"w": strided}, "sample", seed)
+    changed = tensor.clone()
+    changed.view(-1)[-1] += 1
+    assert digest({"w": changed}, "sample", 0) != digest({"w": tensor}, "sample", 0)
+
+
 def test_the_sampled_digest_sees_the_last_element_and_moves_its_samples_with_the_version():
     """A copy that stopped short always misses the last element; between sample points only the full digest
     sees a change, and the sample positions move with the version so a recurring fault is met later."""

@@ -108,9 +108,14 @@ def build_batch(scored: list[ScoredGroup], config: Config, rng: np.random.Genera
     names = [r.name for r in rewards]
     weights = np.array([r.weight for r in rewards], np.float32)  # [K]
     stats = {f"rewards/{n}/{what}": 0.0 for n in names for what in ("missing", "retries", "errors")} | {"groups/dropped": 0.0}
+    stats["groups/not_evaluated"] = 0.0
     errors: dict[str, dict[str, int]] = {}
     kept: list[tuple[ScoredGroup, np.ndarray]] = []
     for item in scored:
+        if not item.evaluated:  # an offline pair trained without evaluation samples: nothing scored, nothing missing
+            stats["groups/not_evaluated"] += 1
+            kept.append((item, np.zeros((len(names), item.group.group_size), np.float32)))
+            continue
         per_reward = [item.scores[n] for n in names]
         for s in per_reward:
             if s.fatal:
@@ -130,8 +135,9 @@ def build_batch(scored: list[ScoredGroup], config: Config, rng: np.random.Genera
     row_names = ["total"] if config.scoring.combine == "weighted_sum" else names
     stats.update(advantage_statistics([g.advantages for g in groups], [g.members for g in groups], row_names))
     stats["groups/trained"] = float(len(groups))
-    stats["groups/zero_std"] = float(sum(int(np.all(values.std(axis=1) == 0)) for _, values in kept))
-    raw = np.concatenate([values.T for _, values in kept]) if kept else np.zeros((0, len(names)), np.float32)  # [N, K]
+    evaluated = [(item, values) for item, values in kept if item.evaluated]
+    stats["groups/zero_std"] = float(sum(int(np.all(values.std(axis=1) == 0)) for _, values in evaluated))
+    raw = np.concatenate([values.T for _, values in evaluated]) if evaluated else np.zeros((0, len(names)), np.float32)  # [N, K]
     return StepBatch(groups, raw, stats, errors)
 
 

@@ -35,6 +35,14 @@ is: rollout samples the student with the ``consistency`` sampler (``rollout.num_
 :class:`~raygrpo.learner.ema.ParameterShadow` stepped through the live network while it holds no gradient), and
 reaches rewards with gradients through a VAE decoder it loads itself. The advantages feed only the latent reward
 model; the samples are the LCD data (RG-LCD) or unused by the loss (Diff-Instruct*: data-free).
+
+Training state (what a checkpoint restores for an exact resume, raygrpo/learner/state.py): an algorithm's
+:class:`~raygrpo.learner.ema.ParameterShadow` attributes and its int attributes (step counters) are found and saved
+without its help. Anything else it keeps across updates (the latent reward model and its optimizer, the fake score's
+AdamW moments) it hands over through the optional hooks of :class:`StatefulAlgorithm`, as an :class:`AlgorithmState`
+of two parts: ``sharded``, tensors laid out as the trained parameters (DTensor shards under FSDP: each rank saves and
+loads its own shard, with the shadows) and ``replicated``, what every rank holds alike (rank 0 writes it, every rank
+reads it back). An algorithm without the hooks has no such state.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -101,6 +109,10 @@ class WindowGroup:
     rollout: Rollout
     rows: np.ndarray  # [n] int64: positions into ``train.members`` that belong to this window
     draw: Any  # this group's entry of StepDraws.per_group
+    # A copy filling a short rank's slot (raygrpo/learner/shard.py): the learner weighs its loss terms 0, and whatever
+    # else trains on the window (distill.py's latent reward model and fake score) must weigh it 0 too, while still
+    # running its forwards and backwards (FSDP needs the same collectives on every rank).
+    padding: bool = False
 
 
 @dataclass
@@ -144,3 +156,26 @@ class Algorithm(Protocol):
 
     def evaluation_weights(self) -> AbstractContextManager:
         """The weights checkpoints and evaluation use (DGPO: the slow EMA)."""
+
+
+@dataclass
+class AlgorithmState:
+    """An algorithm's training state beyond its shadows and counters (see the module docstring)."""
+
+    # Tensors sharded as the trained parameters (a rank's DTensor shard, a plain tensor on one unsharded rank), the live
+    # ones: they must exist before a load (built in ``setup``, never lazily), which fills them in place.
+    sharded: dict[str, Any]
+    # The same on every rank: tensors, numbers, strings and nested dicts/lists of them (``torch.load(weights_only=True)``
+    # reads it back); may describe what was built lazily (shapes), so that a load can build it first.
+    replicated: dict[str, Any]
+
+
+@runtime_checkable
+class StatefulAlgorithm(Protocol):
+    """The optional training-state hooks of an :class:`Algorithm` (raygrpo/learner/state.py calls them when present)."""
+
+    def state_dict(self) -> AlgorithmState:
+        """The state as it is now; ``sharded`` holds the live tensors."""
+
+    def load_state_dict(self, state: AlgorithmState) -> None:
+        """Restore :meth:`state_dict`'s content (``sharded`` already loaded into the live tensors, or copies of them)."""

@@ -30,9 +30,11 @@ draws per sample) and a term covers the micro-batch at one step. The first ratio
 trained (no ``best_of_n``), groups not spread over workers, ``group_size`` and the per-rank window
 ``grad_accum_samples / num_ranks`` multiples of m (the config checks these). m = 1 is DanceGRPO exactly.
 
-The learner's per-term math (log-density, ratio, surrogate) runs as one autograd node with its
-closed-form gradient (:func:`term_loss`, tested against autograd): on small latents the twenty-odd small
-operations autograd would record per term cost as much as the network's own forward.
+The learner's per-term math (log-density, ratio, surrogate) runs without autograd, its closed-form gradient
+attached through a linear term (:func:`term_loss`, tested against autograd): on small latents the twenty-odd
+small operations autograd would record per term, or a custom ``autograd.Function``'s Python backward, cost as
+much as the network's own forward. The step constants come from a per-grid table built once per run
+(:meth:`DanceGRPO._grid`, ``GridSteps.step_constants``), not indexed per term.
 
 Logged beside the loss, as a diagnostic only (it is no term of the loss and has no gradient):
 ``approx_kl``, the k3 estimator of KL(pi_old || pi_theta) over the trained transitions, with
@@ -112,6 +114,7 @@ class DanceGRPO:
         # Samples per rollout forward: the learner recomputes each micro-batch's log-probs in one forward of the
         # same members, so the first ratio is exactly 1 at any micro-batch (module docstring).
         self.micro_batch = config.rollout.micro_batch_size
+        self._grids: dict[bytes, tuple[torch.Tensor, GridSteps]] = {}  # see _grid
 
     def setup(self, model, parameters: list[torch.nn.Parameter], lora: bool) -> None:
         """No reference model and no EMA: where the tensors go, and the model (which noise levels it trains)."""
@@ -148,8 +151,7 @@ class DanceGRPO:
         device, clip = self.device, self.algo.clip_range
         for wg in window:
             rollout, train = wg.rollout, wg.train
-            sigmas = as_tensor(rollout.sigmas, device)  # [T+1]
-            steps = grid_steps(self.spec.sampler, self.spec.noise_level, sigmas)  # the rollout's steps, computed once
+            sigmas, steps = self._grid(rollout.sigmas)  # [T+1], the rollout's steps
             start = rollout.sde_steps[0]  # trajectory[:, k] is x at grid step start + k (0 without an SDE window)
             weights = torch.tensor(train.reward_weights, device=device)  # [K]; a copy: the array may be a read-only object-store view
             batches = _rollout_batches(wg.rows, self.micro_batch)
@@ -174,6 +176,19 @@ class DanceGRPO:
                         clipped=(ratio - 1).abs() > clip,
                         extras=extras,
                     )
+
+    def _grid(self, sigmas: np.ndarray) -> tuple[torch.Tensor, GridSteps]:
+        """The grid ``sigmas`` ``[T+1]`` on the learner's device and its steps, built once per distinct grid and kept
+        (a run has one grid, or a few: MixGRPO's windows, Wan's experts), so that every term's step constants are a
+        list lookup (``GridSteps.step_constants``) rather than a fresh table per window group."""
+        key = np.ascontiguousarray(sigmas).tobytes()
+        cached = self._grids.get(key)
+        if cached is None:
+            if len(self._grids) >= 64:  # bounded: grids that vary per rollout would otherwise pile up
+                self._grids.clear()
+            grid = as_tensor(sigmas, self.device)
+            cached = self._grids[key] = (grid, grid_steps(self.spec.sampler, self.spec.noise_level, grid))
+        return cached
 
     def step_loss(self, policy, step: TrainedStep) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Extension point (Flow-GRPO adds its KL and GRPO-Guard): ``(loss, ratios [n], statistics)`` of one trained step
@@ -214,12 +229,7 @@ def term_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(L, rho, log rho)`` of ``n`` samples at one step: ``L = sum_{i,k} w_k max(-A_ik rho_i, -A_ik clip(rho_i))``,
     ``rho = exp(log pi(x_next | x, v) - old_log_prob)`` (``x, v, x_next`` ``[n, ...]``, ``old_log_prob`` ``[n]``,
-    ``advantages`` ``[n, K]``, ``weights`` ``[K]``). Differentiable in ``v`` as one autograd node (:class:`_TermLoss`)."""
-    return _TermLoss.apply(v, steps, x, x_next, index, old_log_prob, advantages, weights, clip_range)
-
-
-class _TermLoss(torch.autograd.Function):
-    """:func:`term_loss` as one autograd node, its gradient in closed form.
+    ``advantages`` ``[n, K]``, ``weights`` ``[K]``). Differentiable in ``v``, its gradient in closed form.
 
     The step's log-density and its gradient in v come from ``GridSteps.log_prob_with_gradient`` (bit for bit the
     rollout's log-prob); the surrogate's gradient in log pi is that of autograd's own (sub)gradients of
@@ -227,30 +237,28 @@ class _TermLoss(torch.autograd.Function):
     clamp passes it on)::
 
         d L / d log pi_i = sum_k w_k (-A_ik rho_i) [ -A_ik rho_i >= -A_ik clip(rho_i) ]
-        d L / d v_i      = d L / d log pi_i * d log pi_i / d v_i
+        g_i = d L / d v_i = d L / d log pi_i * d log pi_i / d v_i
 
-    Autograd would record about twenty small operations per term; tests/test_advantages_and_loss.py checks
-    the two gradients agree.
+    All of it runs without autograd; the gradient reaches v through the linear term ``<v, g>`` (gradient g), added
+    as ``L + (<v, g> - <v, g>)``: the value is L exactly and autograd records four operations (autograd itself
+    would record about twenty, a custom ``autograd.Function`` costs a Python call in every backward: on small
+    latents either costs as much as the network's own forward). tests/test_advantages_and_loss.py checks the
+    gradient against autograd's.
     """
-
-    @staticmethod
-    def forward(ctx, v, steps, x, x_next, index, old_log_prob, advantages, weights, clip_range):
+    with torch.no_grad():
         log_prob, d_log_prob = steps.log_prob_with_gradient(x, v, x_next, index)  # [n], [n, ...]
         log_ratio = log_prob - old_log_prob  # [n]
         ratio = torch.exp(log_ratio)  # [n]
         column = ratio[:, None]  # [n, 1]
-        per_reward = clipped_surrogate(column, advantages, clip_range)  # [n, K]
-        unclipped = -advantages * column  # [n, K]: -A rho, also its own derivative in log pi
+        # clipped_surrogate's operations, -A shared by both branches: the same values
+        negative = -advantages  # [n, K]
+        unclipped = negative * column  # [n, K]: -A rho, also its own derivative in log pi
+        per_reward = torch.maximum(unclipped, negative * torch.clamp(column, 1.0 - clip_range, 1.0 + clip_range))  # [n, K]
         slope = (weights * unclipped * (unclipped >= per_reward)).sum(dim=1)  # [n]: d L / d log pi
-        ctx.save_for_backward(d_log_prob * slope.reshape(-1, *([1] * (d_log_prob.ndim - 1))))
-        ctx.v_dtype = v.dtype
-        ctx.mark_non_differentiable(ratio, log_ratio)
-        return (weights * per_reward).sum(), ratio, log_ratio
-
-    @staticmethod
-    def backward(ctx, grad, _ratio, _log_ratio):
-        (d_v,) = ctx.saved_tensors
-        return (grad * d_v).to(ctx.v_dtype), None, None, None, None, None, None, None, None
+        gradient = d_log_prob * slope.reshape(-1, *([1] * (d_log_prob.ndim - 1)))  # [n, ...]: d L / d v
+        loss = (weights * per_reward).sum()
+    linear = (v * gradient.to(v.dtype)).sum()  # d / d v = gradient
+    return loss + (linear - linear.detach()), ratio, log_ratio
 
 
 def _rollout_batches(rows: np.ndarray, micro_batch: int) -> list[np.ndarray]:

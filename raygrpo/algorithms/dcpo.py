@@ -40,6 +40,12 @@ How it sits on the online machinery (the protocol extension, base.py): each prom
 score for the metrics and the gallery; advantages are computed and ignored. Each pair's term is its loss times the
 group's trained-member count, so the learner's division by samples gives the mean over pairs.
 
+Evaluation (:func:`evaluates`): sampling G images per pair costs far more than the loss at real size (2048 pairs a
+step). ``algorithm.eval_groups`` = k lets only the step's first k pairs sample, on every ``eval_every``-th step (and
+steps 1 and last); the other pairs are only encoded (raygrpo/rollout/preference.py), their members are placeholders,
+and the rewards answer them with ``Scores.not_evaluated``: no reward metric, gallery or ``samples/generated`` counts
+them; ``groups/not_evaluated`` says how many there were. The loss is the same whichever pairs are evaluated.
+
 Deviations: no learning-rate warm-up (the learner has none); the VAE latent is sampled with the group's seed (the
 released code samples it unseeded); one optimizer step per training step over ``groups_per_step`` pairs (set it to the
 effective batch; the learner accumulates one backward per pair).
@@ -58,7 +64,17 @@ from raygrpo.algorithms.base import LossTerm, RolloutSpec, StepDraws, WindowGrou
 from raygrpo.algorithms.dgpo import denoising_loss
 from raygrpo.algorithms.forward_process import GroupTensors, base_weights, frozen_snapshot, velocities, velocity
 from raygrpo.config import VP_FAMILIES, Config, DiffusionDPOConfig
-from raygrpo.contracts import ConditioningBatch, Rollout
+from raygrpo.contracts import ConditioningBatch, PromptGroup, Rollout
+
+
+def evaluates(group: PromptGroup, algo: DiffusionDPOConfig, steps: int) -> bool:
+    """Whether the pair of ``group`` also samples evaluation images: on step 1, the last step and every ``eval_every``-th,
+    its first ``eval_groups`` pairs (all when None). The scheduler numbers groups step by step (``group_id = (step - 1)
+    x groups_per_step + k``, restored on resume), so every worker decides the same from the group alone."""
+    step, k = divmod(group.group_id, algo.groups_per_step)
+    step += 1
+    on_step = step in (1, steps) or (step - 1) % algo.eval_every == 0
+    return on_step and (algo.eval_groups is None or k < algo.eval_groups)
 
 
 def rollout_spec(config: Config) -> RolloutSpec:

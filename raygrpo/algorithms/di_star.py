@@ -37,15 +37,25 @@ families): initialised as the reference's one-step prediction; rollout samples i
 Where the extra network lives: the fake score is a second set of the trained parameters' values
 (:class:`~raygrpo.learner.ema.ParameterShadow`: with LoRA a second adapter's values on the same frozen base; for
 full fine-tuning a whole copy), swapped into the network for its forwards; FSDP shards it (and its AdamW moments)
-exactly as the trained parameters, and checkpoints save it with them.
+exactly as the trained parameters, and checkpoints save it and its AdamW state (moments and step count, each rank its
+shard) with them, so a resume continues bit-exactly.
+
+With LoRA the fake score is therefore the frozen reference plus an adapter of ``model.lora``'s rank and targets (its
+own values, starting as the generator's initial adapter, i.e. as the reference), where the paper trains a whole copy
+of the reference network. A deviation, judged acceptable: a full copy would cost the network's size three times over
+(values and two AdamW moments), which LoRA runs exist to avoid, and the generator itself departs from the reference
+only through a low-rank adapter, so its marginal score is expected (not guaranteed) to stay near the reference's
+within a same-rank adapter's reach. The cost is capacity: a fake score that cannot follow the generator stays closer
+to the reference and understates the divergence (tiny preset: ``score_gap`` about 1e-4 after two steps with a rank-4
+adapter, 0.7 with full fine-tuning). A larger ``model.lora`` rank gives both more.
 
 Defaults: the weight w(t) and c are this file's choices (the paper's released settings could not be read); alpha
 (``reward_scale``) 1.0; t in [0.02, 0.98]; one fake step per generator step. The paper trains SD 1.5 / PixArt-alpha
 (v1) and SDXL-DMD2 (v3) generators with PickScore / ImageReward / HPS; here: cluster/sd15_di_star.yaml.
 
 Deviations: the generator's noise comes from the learner's draws (rollout's own samples are for the metrics and the
-gallery only; their advantages are unused); the fake score's AdamW state is not in checkpoints (its values are);
-the paper's CFG-based implicit reward enters only through the reference's guidance; w(t), c as above.
+gallery only; their advantages are unused); with LoRA an adapter-sized fake score (above); the paper's CFG-based
+implicit reward enters only through the reference's guidance; w(t), c as above.
 """
 
 from __future__ import annotations
@@ -56,8 +66,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from raygrpo.algorithms.base import LossTerm, StepDraws, WindowGroup
-from raygrpo.algorithms.distill import RewardGradient, StudentAlgorithm, ShadowOptimizer, column, noised, seeded_normal, student_x0, teacher_velocities, window_groups
+from raygrpo.algorithms.base import AlgorithmState, LossTerm, StepDraws, WindowGroup
+from raygrpo.algorithms.distill import RewardGradient, StudentAlgorithm, ShadowOptimizer, column, fit_weights, noised, seeded_normal, student_x0, teacher_velocities, window_groups
 from raygrpo.algorithms.forward_process import GroupTensors, base_weights, frozen_snapshot
 from raygrpo.config import DiffInstructStarConfig
 from raygrpo.contracts import Rollout
@@ -118,7 +128,8 @@ class DiffInstructStar(StudentAlgorithm):
         fake swapped in once each for every group, then one generator term per group."""
         algo, model, device = self.algo, self.model, self.device
         groups, prompts = window_groups(window, device)
-        lrm_loss = self.reward.fit(groups, algo.lrm_steps)
+        weights = fit_weights(window)  # [groups] padding 0
+        lrm_loss = self.reward.fit(groups, weights, algo.lrm_steps)
         rows = [torch.as_tensor(wg.rows) for wg in window]
         z = [seeded_normal(wg.draw.z_seed, (len(wg.draw.t), *g.x0.shape[1:]), device)[r] for wg, g, r in zip(window, groups, rows)]
         start = [torch.full((len(x),), self.sigma_start, device=device) for x in z]  # [n] each
@@ -127,7 +138,7 @@ class DiffInstructStar(StudentAlgorithm):
         eps = [seeded_normal(wg.draw.eps_seed, (2, len(wg.draw.t), *g.x0.shape[1:]), device)[:, r] for wg, g, r in zip(window, groups, rows)]
         fake_loss = torch.zeros((), device=device)
         for _ in range(algo.fake_steps):
-            fake_loss = self.fake_optimizer.step(lambda: self._fake_loss(window, groups, x0, eps))
+            fake_loss = self.fake_optimizer.step(lambda: self._fake_loss(window, groups, x0, eps, weights))
         t = [torch.as_tensor(wg.draw.t[wg.rows], dtype=torch.float32, device=device) for wg in window]  # [n] each
         x_t = [noised(x, e[0], s) for x, e, s in zip(x0, eps, t)]  # [n, ...] each
         v_ref = teacher_velocities(model, base_weights(model, self.frozen), groups, x_t, t, algo.reference_guidance_scale)
@@ -141,14 +152,29 @@ class DiffInstructStar(StudentAlgorithm):
                 extras["lrm_loss"] = lrm_loss
             yield LossTerm(loss=(divergence - algo.reward_scale * reward).sum(), slot=wg.slot, final=k == len(window) - 1, extras=extras)
 
-    def _fake_loss(self, window: list[WindowGroup], groups: list[GroupTensors], x0: list[torch.Tensor], eps: list[torch.Tensor]) -> torch.Tensor:
-        """The fake score's DSM over the window's generator samples (called with the fake's values swapped in)."""
+    def _fake_loss(
+        self, window: list[WindowGroup], groups: list[GroupTensors], x0: list[torch.Tensor], eps: list[torch.Tensor], weights: list[float]
+    ) -> torch.Tensor:
+        """The fake score's DSM over the window's generator samples, each group's weighted by ``weights`` (distill.py
+        ``fit_weights``: padding 0, its forward and backward still run for FSDP's collectives); called with the fake's
+        values swapped in. On one rank the mean over its real groups."""
         losses = []
         for wg, g, x, e in zip(window, groups, x0, eps):
             t = torch.as_tensor(wg.draw.t_fake[wg.rows], dtype=torch.float32, device=self.device)  # [n]
             v = self.model.velocity(noised(x, e[1], t), t, g.cond)  # [n, ...] with gradients into the fake's values
             losses.append(fake_score_loss(v, e[1], x))
-        return torch.stack(losses).mean()
+        return (torch.stack(losses) * torch.tensor(weights, device=self.device)).sum()
+
+    def state_dict(self) -> AlgorithmState:
+        """The students' state (the LRM of the latent source) and the fake score's AdamW state (sharded: its values are a
+        shadow, saved as every shadow is)."""
+        state = super().state_dict()
+        state.sharded["fake_optimizer"] = self.fake_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: AlgorithmState) -> None:
+        super().load_state_dict(state)
+        self.fake_optimizer.load_state_dict(state.sharded["fake_optimizer"])
 
     def after_optimizer_step(self) -> None:
         self.optimizer_steps += 1

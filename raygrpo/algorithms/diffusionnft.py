@@ -6,10 +6,11 @@ the code is followed, as for DGPO.
 
 Rollout (:func:`rollout_spec`): any deterministic sampler of the "old" policy v_old (the released code: a 10-step
 second-order DPM solver, here ``dpmpp_2m`` or ``euler``), fresh initial noise per sample, CFG-free. Only the final
-latents x0 and the conditioning (once per group) travel: no trajectory, no log-probs. CFG-free per family:
-SD3/SD/Wan sample and train at ``model.guidance_scale`` 1.0 (one conditional forward; the config refuses
-anything else, since the loss's v_old must be the velocity that sampled); FLUX.1-dev and HunyuanVideo are
-guidance-distilled (one forward embedding the guidance value), so they keep their value in both.
+latents x0 and the conditioning (once per group) travel: no trajectory, no log-probs. CFG-free per family and
+variant: SD3/SD/Wan/Qwen-Image and FLUX.2 [klein] base sample and train at ``model.guidance_scale`` 1.0 (one
+conditional forward; the config refuses anything else, since the loss's v_old must be the velocity that sampled,
+and the learner asks the loaded adapter again: ``ModelConfig.guidance_kind``); FLUX.1-dev, HunyuanVideo and FLUX.2
+[dev] are guidance-distilled (one forward embedding the guidance value), so they keep their value in both.
 
 Reward mapping. Advantages are group-normalised as DGPO's (per-prompt mean; std over the step with
 ``global_std``, the released default; population std + 1e-4), A = sum_k w_k A_k, then::
@@ -166,6 +167,8 @@ class DiffusionNFT:
         self.optimizer_steps = 0
 
     def setup(self, model, parameters: list[torch.nn.Parameter], lora: bool) -> None:
+        # The config could not read the variant of a FLUX.2 hub id not downloaded yet; the loaded adapter knows it.
+        self.algo.check_cfg_free(self.config.model, model.guidance)
         self.model, self.device = model, parameters[0].device
         self.old = ParameterShadow(parameters)  # theta_old = theta at the start (released code: copied before epoch 0)
         self.ema = ParameterShadow(parameters)

@@ -23,6 +23,18 @@ The fake score network is a :class:`~raygrpo.learner.ema.ParameterShadow` of the
 sharded exactly as they are (a rank holds its DTensor shard of the values and of their AdamW moments); it is
 trained by swapping its values into the live network, whose FSDP backward reduce-scatters its gradient.
 
+Checkpoints (raygrpo/learner/state.py through :meth:`StudentAlgorithm.state_dict`): the shadows (target EMA, frozen
+start, fake score) and ``optimizer_steps`` as every algorithm's; the fake score's AdamW moments and step count as
+sharded state (each rank its shard, like the shadows: :class:`ShadowOptimizer` creates them at construction so that
+a resume has tensors to load into); the LRM (its sizes, weights and AdamW state) as replicated state, written once by
+rank 0 (every replica is equal) and rebuilt from the saved sizes on every rank of a resume before it is loaded. Nothing
+else persists across updates: every draw comes from the learner's generator, which the checkpoint restores.
+
+LoRA (``model.lora``): the trained parameters are the adapter's, so the teacher / reference is the network with the
+adapter switched off, the target EMA and the fake score are adapter-sized shadows on the same frozen base (the fake
+score is base + an adapter of the same rank, starting as the reference: a deviation from Diff-Instruct*'s full-network
+fake score, see di_star.py).
+
 Rollout samples the student with ``consistency`` (raygrpo/sampling/ode.py: LCM's multistep sampling; one step for a
 one-step generator); the reward pools score those samples for the metrics, the gallery and the LRM's targets.
 """
@@ -33,10 +45,11 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from raygrpo.algorithms.base import RolloutSpec, WindowGroup
+from raygrpo.algorithms.base import AlgorithmState, RolloutSpec, WindowGroup
 from raygrpo.algorithms.forward_process import GroupTensors, group_tensors
 from raygrpo.config import Config
 from raygrpo.learner.ema import ParameterShadow
+from raygrpo.learner.shard import global_sums
 from raygrpo.reward.differentiable import differentiable_reward
 
 PIXEL_FAMILIES = ("flux", "sd3", "sd")  # families whose latents PixelDecoder turns into images
@@ -53,6 +66,7 @@ class StudentAlgorithm:
     loss_terms and after_optimizer_step."""
 
     on_policy_ratio = False
+    reward: RewardGradient  # set by the subclass's setup
 
     def __init__(self, config: Config):
         self.config = config
@@ -68,6 +82,14 @@ class StudentAlgorithm:
 
     def window_samples(self, world_size: int) -> None:
         return None
+
+    def state_dict(self) -> AlgorithmState:
+        """What a checkpoint needs beyond the shadows and ``optimizer_steps``: the reward's LRM (replicated: every rank
+        holds the same); subclasses add their sharded state."""
+        return AlgorithmState(sharded={}, replicated={"reward": self.reward.state_dict()})
+
+    def load_state_dict(self, state: AlgorithmState) -> None:
+        self.reward.load_state_dict(state.replicated["reward"])
 
 
 def column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -100,6 +122,20 @@ def window_groups(window: list[WindowGroup], device: torch.device | str) -> tupl
     groups = [group_tensors(wg, device) for wg in window]
     prompts = [[wg.rollout.group.prompt] * len(wg.rows) for wg in window]
     return groups, prompts
+
+
+def fit_weights(window: list[WindowGroup]) -> list[float]:
+    """Each window group's weight in an auxiliary fit's loss (the LRM's, the fake score's): ``M / N`` for a real group,
+    N the real groups of the window over every rank and M the ranks, 0 for padding (``WindowGroup.padding``).
+
+    The fits' gradients are averaged over the ranks (the LRM's all-reduce, the fake score's FSDP reduce-scatter), so
+    rank r's ``sum_g w_g l_g`` averages to the mean of ``l_g`` over every real group of the step, what one rank holding
+    them all fits; padding, a copy of a real group, adds nothing but still runs every forward and backward (the
+    collectives stay matched). One all-reduce (of N): every rank calls it at the same point of its window."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    ranks = torch.distributed.get_world_size() if distributed else 1
+    (real,) = global_sums([float(sum(not wg.padding for wg in window))], ranks)
+    return [0.0 if wg.padding else ranks / real for wg in window]
 
 
 def seeded_normal(seed: int, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
@@ -150,6 +186,7 @@ class LatentRewardModel(torch.nn.Module):
 
     def __init__(self, features: int, text_features: int, hidden: int = 64):
         super().__init__()
+        self.sizes = {"features": features, "text_features": text_features, "hidden": hidden}  # what a resume rebuilds
         self.tokens = torch.nn.Sequential(torch.nn.Linear(features, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden))
         self.text = torch.nn.Linear(text_features, 2 * hidden)
         self.head = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(2 * hidden, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, 1))
@@ -181,7 +218,8 @@ def lrm_pair_loss(scores: torch.Tensor, advantages: torch.Tensor, temperature: f
 # ----------------------------------------------------------------------------------- optimizers
 class AuxiliaryOptimizer:
     """AdamW on a small network replicated on every learner rank (the LRM): gradients averaged over the ranks
-    (torch.distributed, when a process group is up), clipped to ``max_grad_norm``, then one step."""
+    (torch.distributed, when a process group is up), clipped to ``max_grad_norm``, then one step. Every rank steps
+    together (the all-reduce), a rank whose groups are all padding with its zero-weighted loss."""
 
     def __init__(self, parameters: list[torch.nn.Parameter], lr: float, max_grad_norm: float):
         self.parameters = parameters
@@ -198,6 +236,12 @@ class AuxiliaryOptimizer:
         torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
         self.optimizer.step()
 
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
 
 class ShadowOptimizer:
     """AdamW on a :class:`ParameterShadow`'s values, trained through the live network: ``backward`` under the
@@ -205,6 +249,12 @@ class ShadowOptimizer:
 
     It must run while the live parameters hold no gradient of their own (at the start of a window, before any
     policy term: the learner zeroes gradients before each window), and it leaves them without one.
+
+    Under FSDP the backward reduce-scatters the fake score's gradient over the ranks like any other: gradient sync is on
+    at the start of a window (the learner's previous window ended on its syncing last term, or none ran yet).
+
+    The AdamW state exists from construction (AdamW's own first-step initialisation, done early: step 0, zero
+    moments shaped and sharded as the shadow's values), so that a checkpoint always has it and a resume loads into it.
     """
 
     def __init__(self, shadow: ParameterShadow, lr: float, betas: tuple[float, float], max_grad_norm: float):
@@ -212,7 +262,23 @@ class ShadowOptimizer:
         for value in shadow.values:
             value.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(shadow.values, lr=lr, betas=betas, weight_decay=0.0)
+        for value in shadow.values:
+            # The keys and values torch's AdamW gives a parameter at its first step (not capturable, not fused).
+            self.optimizer.state[value] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(value), "exp_avg_sq": torch.zeros_like(value)}
         self.max_grad_norm = max_grad_norm
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The live AdamW tensors by ``<value index>.<key>`` (DTensor shards under FSDP, the 0-dim step replicated)."""
+        return {f"{i}.{key}": tensor for i, value in enumerate(self.shadow.values) for key, tensor in self.optimizer.state[value].items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        mine = self.state_dict()
+        if mine.keys() != state.keys():
+            raise ValueError(f"the fake score's optimizer state holds {sorted(state)[:4]}..., this one {sorted(mine)[:4]}...: not the same parameters")
+        for key, tensor in mine.items():
+            if state[key] is not tensor:  # a checkpoint load fills the live tensors in place
+                tensor.copy_(state[key])
 
     def step(self, loss_fn) -> torch.Tensor:
         """``loss_fn()`` -> a scalar evaluated inside the swap (gradients on); returns its detached value."""
@@ -250,13 +316,33 @@ class RewardGradient:
 
     def _latent_model(self, x0: torch.Tensor, text: torch.Tensor) -> LatentRewardModel:
         if self.lrm is None:
-            algo = self.config.algorithm
-            features = LatentRewardModel.as_tokens(x0).shape[-1]
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.config.run.seed)  # the same LRM on every rank
-                self.lrm = LatentRewardModel(features, text.shape[-1], algo.lrm_hidden).to(self.device)
-            self.optimizer = AuxiliaryOptimizer(list(self.lrm.parameters()), algo.lrm_lr, self.config.optimizer.max_grad_norm)
+            self._build_lrm(LatentRewardModel.as_tokens(x0).shape[-1], text.shape[-1])
         return self.lrm
+
+    def _build_lrm(self, features: int, text_features: int) -> None:
+        algo = self.config.algorithm
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.run.seed)  # the same LRM on every rank
+            self.lrm = LatentRewardModel(features, text_features, algo.lrm_hidden).to(self.device)
+        self.optimizer = AuxiliaryOptimizer(list(self.lrm.parameters()), algo.lrm_lr, self.config.optimizer.max_grad_norm)
+
+    def state_dict(self) -> dict:
+        """The LRM once built (its sizes, weights, AdamW state); empty before its first use and for the pixel source."""
+        if self.lrm is None:
+            return {}
+        return {"sizes": self.lrm.sizes, "lrm": self.lrm.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Rebuild the LRM from the saved sizes (it is otherwise built at its first use), then load it."""
+        if not state:
+            self.lrm = None
+            return
+        sizes, hidden = state["sizes"], self.config.algorithm.lrm_hidden
+        if sizes["hidden"] != hidden:
+            raise ValueError(f"the saved latent reward model has lrm_hidden={sizes['hidden']}, the config algorithm.lrm_hidden={hidden}: resume with the saved value")
+        self._build_lrm(sizes["features"], sizes["text_features"])
+        self.lrm.load_state_dict(state["lrm"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
     def __call__(self, x0: torch.Tensor, cond, prompts: list[str]) -> torch.Tensor:
         """``[n]`` rewards of clean latents ``x0 [n, ...]`` with gradients through them."""
@@ -264,17 +350,18 @@ class RewardGradient:
             return self.score_pixels(self.decoder.pixels(x0), prompts)
         return self._latent_model(x0, cond.prompt_embeds)(x0, cond.prompt_embeds)
 
-    def fit(self, groups: list[GroupTensors], steps: int) -> torch.Tensor | None:
-        """Latent source: ``steps`` LRM steps on the groups' rollout latents and advantages; returns the last loss."""
-        if self.source == "pixel" or not groups:
+    def fit(self, groups: list[GroupTensors], weights: list[float], steps: int) -> torch.Tensor | None:
+        """Latent source: ``steps`` LRM steps on the groups' rollout latents and advantages, each group's pair loss
+        weighted by ``weights`` (:func:`fit_weights`: padding 0); returns this rank's last weighted loss (on one rank
+        the mean over its real groups). A window's groups all have the same members, so every rank has pairs or
+        none, and every rank takes the same steps."""
+        if self.source == "pixel" or not groups or len(groups[0].x0) < 2:
             return None
         lrm = self._latent_model(groups[0].x0, groups[0].cond.prompt_embeds)
         loss = None
         for _ in range(steps):
-            losses = [lrm_pair_loss(lrm(g.x0, g.cond.prompt_embeds), g.advantages, self.temperature) for g in groups if len(g.x0) > 1]
-            if not losses:
-                return None
-            loss = torch.stack(losses).mean()
+            losses = [lrm_pair_loss(lrm(g.x0, g.cond.prompt_embeds), g.advantages, self.temperature) for g in groups]
+            loss = (torch.stack(losses) * torch.tensor(weights, device=losses[0].device)).sum()  # padding: 0 x its loss
             self.optimizer.step(loss)
         return loss.detach()
 
@@ -287,6 +374,7 @@ __all__ = [
     "ShadowOptimizer",
     "StudentAlgorithm",
     "column",
+    "fit_weights",
     "lrm_pair_loss",
     "noised",
     "rollout_spec",

@@ -40,8 +40,12 @@ Deviations: a fixed teacher guidance (the released student embeds a w ~ U[5, 15]
 student has no w-embedding, as LCM-LoRA); the LRM is a small MLP on latent tokens trained from scratch on the
 pools' group-normalised scores (released: a latent CLIP initialised from the expert, on raw expert logits of the
 student's, the target's and the data's latents); the LRM is fitted before the student's step on this step's
-samples (released: after it); the LRM's weights and AdamW state are not in checkpoints (a resumed run starts a
-fresh LRM); rollout and evaluation use the online student (released: both online and target are saved).
+samples (released: after it); rollout and evaluation use the online student (released: both online and target
+are saved).
+
+Checkpoints hold everything a resume needs to continue bit-exactly: the student and its AdamW state, the target EMA
+(and the frozen teacher of full fine-tuning), the LRM with its AdamW state (distill.py says where each lives on a
+multi-rank learner). LoRA: the student is an adapter on the frozen teacher, the target an EMA of the adapter.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ import numpy as np
 import torch
 
 from raygrpo.algorithms.base import LossTerm, StepDraws, WindowGroup
-from raygrpo.algorithms.distill import RewardGradient, StudentAlgorithm, column, noised, seeded_normal, student_x0, teacher_velocities, window_groups
+from raygrpo.algorithms.distill import RewardGradient, StudentAlgorithm, column, fit_weights, noised, seeded_normal, student_x0, teacher_velocities, window_groups
 from raygrpo.algorithms.forward_process import base_weights, frozen_snapshot
 from raygrpo.config import RGLCDConfig
 from raygrpo.contracts import Rollout
@@ -105,7 +109,8 @@ class RGLCD(StudentAlgorithm):
         group, then one term per group: ``sum_i [d_i - beta R_i]``."""
         algo, model = self.algo, self.model
         groups, prompts = window_groups(window, self.device)
-        lrm_loss = self.reward.fit(groups, algo.lrm_steps)
+        weights = fit_weights(window)  # [groups] padding 0
+        lrm_loss = self.reward.fit(groups, weights, algo.lrm_steps)
         index = [torch.as_tensor(wg.draw.levels[wg.rows], device=self.device) for wg in window]  # [n] each
         start = [self.grid[i] for i in index]  # [n] sigma_{n+k}
         end = [self.grid[i + 1] for i in index]  # [n] sigma_n

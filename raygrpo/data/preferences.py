@@ -20,7 +20,8 @@ From Pick-a-Pic v2: ``prompt = caption``; ``preferred``/``rejected`` = ``jpg_0``
 preferred; ties, 0.5, are dropped, as the Diffusion-DPO release drops them). Pick-Double Caption (DCPO's data set,
 huggingface ``DualCPO/pick-double-caption``) adds the captioner captions of both images and three strengths of
 perturbation; map them onto the fields above. The captions are data: captioning or perturbing happens before training
-(the paper's captioners: LLaVA, Emu2; perturbation: DIPPER). :func:`perturb_prompt` is a toy perturbation for tests.
+(the paper's captioners: LLaVA, Emu2; perturbation: DIPPER), e.g. with ``python -m raygrpo.data.caption`` (a served
+VLM / chat model, raygrpo/data/caption.py). :func:`perturb_prompt` is a toy perturbation for tests.
 
 Which captions a pair trains with (:func:`pair_captions`): Diffusion-DPO the prompt for both images; DCPO-c
 (preferred_caption, rejected_caption); DCPO-p (prompt, perturbed_prompt); DCPO-h (preferred_caption,
@@ -94,18 +95,25 @@ class PreferenceRecord:
 def load_preferences(path: str | Path) -> list[PreferenceRecord]:
     """Every pair of a ``.jsonl`` or ``.parquet`` file, in order (module docstring for the schema)."""
     path = Path(path)
+    return [parse_record(row, where, path) for where, row in preference_rows(path)]
+
+
+def preference_rows(path: str | Path, every_column: bool = False) -> list[tuple[str, dict]]:
+    """``(where, row)`` of every record of a pairs file, in order, as read: the schema's fields, or with
+    ``every_column`` whatever else the rows hold too (raygrpo/data/caption.py writes them back)."""
+    path = Path(path)
     if not path.is_file():
         raise PreferenceFileError(f"data.prompt_file: preference file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = _jsonl_rows(path)
     elif suffix == ".parquet":
-        rows = _parquet_rows(path)
+        rows = _parquet_rows(path, every_column)
     else:
         raise PreferenceFileError(f"data.prompt_file: {str(path)!r}: preference pairs come as .jsonl or .parquet (schema in raygrpo/data/preferences.py)")
     if not rows:
         raise PreferenceFileError(f"data.prompt_file: {str(path)!r} holds no preference pairs")
-    return [_record(row, where, path) for where, row in rows]
+    return rows
 
 
 def pair_captions(record: PreferenceRecord, captions: str | None) -> tuple[str, str]:
@@ -195,20 +203,22 @@ def _jsonl_rows(path: Path) -> list[tuple[str, dict]]:
     return rows
 
 
-def _parquet_rows(path: Path) -> list[tuple[str, dict]]:
+def _parquet_rows(path: Path, every_column: bool = False) -> list[tuple[str, dict]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         names = pq.read_schema(path).names
-        wanted = [c for c in ("prompt", "preferred", "rejected", *CAPTION_FIELDS) if c in names]
+        wanted = names if every_column else [c for c in ("prompt", "preferred", "rejected", *CAPTION_FIELDS) if c in names]
         table = pq.read_table(path, columns=wanted)
     except (pa.ArrowException, OSError) as exc:
         raise PreferenceFileError(f"data.prompt_file: {str(path)!r} cannot be read as Parquet ({exc})") from None
     return [(f"data.prompt_file {str(path)!r} row {i}", row) for i, row in enumerate(table.to_pylist())]
 
 
-def _record(row: dict, where: str, path: Path) -> PreferenceRecord:
+def parse_record(row: dict, where: str, path: Path) -> PreferenceRecord:
+    """One row of :func:`preference_rows` as a record (image paths relative to ``path``'s folder); raises
+    :class:`PreferenceFileError` naming ``where`` and the field."""
     missing = [key for key in ("prompt", "preferred", "rejected") if row.get(key) in (None, "")]
     if missing:
         raise PreferenceFileError(f"{where}: {', '.join(missing)} missing (each pair needs prompt, preferred and rejected)")

@@ -1,4 +1,7 @@
-"""Prompt sources (with their conditioning images, for image-to-video) and the order prompts are visited in.
+"""Prompt sources (with their conditioning images, for image editing and image-to-video) and the order prompts are
+visited in. A prompt's image travels with its group (``PromptGroup.image``): the rollout encodes it with the prompt,
+and rewards that judge an output against its source get it as their reference (raygrpo/reward/base.py); evaluation
+and the guard read theirs from the same kinds of files (raygrpo/eval.py).
 
 Sources, chosen by ``data.prompts`` / the suffix of ``data.prompt_file``:
 
@@ -106,8 +109,8 @@ def load_prompts(data: DataConfig) -> list[str]:
 def load_prompt_images(data: DataConfig) -> PromptImages | None:
     """The conditioning images aligned with :func:`load_prompts` (``images[i]`` for prompt i), or None for a text-only source.
 
-    A source where some records have an image and others do not is an error: image-to-video
-    needs one per prompt. Images are not decoded here; call :meth:`PromptImages.check` for that.
+    A source where some records have an image and others do not is an error: image editing and
+    image-to-video need one per prompt. Images are not decoded here; call :meth:`PromptImages.check` for that.
     """
     if data.prompts is not None:
         return None
@@ -118,7 +121,8 @@ def load_prompt_images(data: DataConfig) -> PromptImages | None:
     if missing:
         raise PromptFileError(
             f"data.prompt_file: {data.prompt_file!r} gives a conditioning image for some prompts but not for "
-            f"{len(missing)} of them (records {missing[:5]}{' ...' if len(missing) > 5 else ''}); image-to-video needs one per prompt"
+            f"{len(missing)} of them (records {missing[:5]}{' ...' if len(missing) > 5 else ''}); "
+            "image editing and image-to-video need one per prompt"
         )
     return PromptImages([source for _, source in records])
 

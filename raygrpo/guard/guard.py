@@ -2,17 +2,22 @@
 
 One round, after step ``t``'s update and weight sync (raygrpo/controller.py calls :meth:`Guard.run_round`):
 
-1. sample the held-out prompts (``guard.prompts``, a set of their own) on the rollout workers, which hold the
-   current policy: deterministic ODE, fixed noise per prompt (raygrpo/guard/sampling.py), so rounds compare;
+1. sample the held-out prompts (``guard.prompts``, a set of their own; for image editing and image-to-video a
+   ``guard.prompt_file`` with an image per prompt, which each round encodes with its prompt) on the rollout workers,
+   which hold the current policy: deterministic ODE, fixed noise per prompt (raygrpo/guard/sampling.py), so rounds
+   compare;
 2. score every sample in this (the driver) process, as raygrpo.eval does (``make_reward``; HTTP and VLM-judge
    rewards call their servers from here): the trained rewards (raw scores, no ``threshold``) and the gold
    rewards (``guard.gold_rewards``, never trained on). Signals: ``reward/<name>`` and ``gold/<name>`` (means
    over the samples with a score), ``reward/total`` (mean of ``sum_k weight_k * score_k``);
 3. measure diversity within prompts and across prompts, of latents and of a downsampled-pixel embedding
    (raygrpo/guard/diversity.py);
-4. when a rule can roll back: save a rollback checkpoint (the learner's whole training state) if this round is
-   the best so far by ``guard.rollback_score``, into ``<run>/guard/checkpoints/step-NNNNNN/``. Kept: the current
-   target and each kept periodic checkpoint's target (so a resumed run can still roll back); others go;
+4. when a rule can roll back: save a rollback checkpoint if this round is the best so far by ``guard.rollback_score``,
+   into ``<run>/guard/checkpoints/step-NNNNNN/``: the learner's rollback state (raygrpo/learner/state.py: the
+   trainable parameters, the adapter only with LoRA, their AdamW moments, the moving shadows, the counters; no
+   generators, no frozen copy). Only one is kept: the new one is written and synced into a hidden folder and renamed
+   into place, and only then does the previous best go. A periodic checkpoint whose best round was replaced since
+   resumes without that target (bit-exact resume reruns the rounds after it, so the same later best is saved again);
 5. apply the rules (raygrpo/guard/rules.py); log each event with its evidence (the log, ``<run>/guard/events.jsonl``,
    the metrics ``guard/...``); write a gallery of held-out samples (``<run>/guard/samples/step-NNNNNN/``, the
    format of raygrpo/gallery.py).
@@ -37,10 +42,10 @@ from typing import Any, Callable
 import numpy as np
 
 from raygrpo.actor_group import get
-from raygrpo.checkpoint import complete_checkpoints, load_controller_state, save_weights
+from raygrpo.checkpoint import save_weights
 from raygrpo.config import Config
 from raygrpo.data.prompts import load_prompts
-from raygrpo.eval import build_rewards, score_with
+from raygrpo.eval import build_rewards, conditioning_images, score_with
 from raygrpo.gallery import GalleryEntry, write_step_gallery
 from raygrpo.guard.diversity import diversity_signals
 from raygrpo.guard.layout import EVENTS, GUARD_DIR
@@ -62,12 +67,14 @@ class Guard:
         self.config, self.settings, self.folder = config, settings, Path(run_dir) / GUARD_DIR
         self.run_dir = Path(run_dir)
         self.prompts = load_prompts(settings.data)
+        images = conditioning_images(config, settings.data, "guard")  # decoded once: held-out sets are small
+        self.images = None if images is None else [images[i] for i in range(len(images))]
         algorithm_sampler = getattr(config.algorithm, "sampler", None)
         sampler = settings.sampler or (algorithm_sampler if algorithm_sampler in ODE_SOLVERS else "euler")
         self.request = HeldOutRequest(
             self.prompts, list(range(len(self.prompts))), settings.samples_per_prompt,
             config.run.seed if settings.seed is None else settings.seed, sampler,
-            settings.num_steps or config.rollout.num_steps, config.rollout.shift, settings.batch_size,
+            settings.num_steps or config.rollout.num_steps, config.rollout.shift, settings.batch_size, self.images,
         )  # fmt: skip
         # (signal name, reward) for every reward the guard scores; the trained ones first, in config order.
         self.rewards = [(f"reward/{r.name}", reward) for r, reward in zip(config.rewards, build_rewards(config))]
@@ -119,7 +126,8 @@ class Guard:
         """``{signal: [P, N]}`` raw scores (NaN: missing) and, for each reward without any score, why."""
         scores, errors = {}, {}
         for name, reward in self.rewards:
-            rows = [score_with(reward, name, images, prompt) for images, prompt in zip(samples.media, self.prompts)]
+            references = self.images or [None] * len(self.prompts)
+            rows = [score_with(reward, name, images, prompt, ref) for images, prompt, ref in zip(samples.media, self.prompts, references)]
             scores[name] = np.stack([values for values, _ in rows])  # [P, N]
             errors[name] = sorted({e for _, errs in rows for e in errs})
         failed = [
@@ -147,24 +155,20 @@ class Guard:
         best = rollback_target(self.history[:-1], self.rollback_signal)
         if value is None or not np.isfinite(value) or (best is not None and value <= best.signals[self.rollback_signal]):
             return
+        # Written into a hidden sibling, synced, renamed into place: the previous best stays until this one is complete.
         folder = save_weights(self.folder / "checkpoints", f"step-{now.step:06d}", write_state, replace=True)
         now.checkpoint = str(folder.relative_to(self.run_dir))
         logger.info("guard: step %d is the best round by %s (%.4g): rollback checkpoint %s", now.step, self.rollback_signal, value, folder)
-        self._prune()
+        self._keep_only(now, folder)
 
-    def _prune(self) -> None:
-        """Remove rollback checkpoints that neither this run's target nor any kept periodic checkpoint's target is."""
-        histories = [self.history]
-        for checkpoint in complete_checkpoints(self.run_dir):
-            state = load_controller_state(checkpoint).extra.get("guard")
-            if state:
-                histories.append([GuardRound(**r) for r in state["history"]])
-        keep = {t.checkpoint for h in histories if (t := rollback_target(h, self.rollback_signal)) is not None}
-        for folder in sorted((self.folder / "checkpoints").glob("step-*")):
-            if str(folder.relative_to(self.run_dir)) not in keep:
-                shutil.rmtree(folder, ignore_errors=True)
+    def _keep_only(self, best: GuardRound, folder: Path) -> None:
+        """Remove every rollback checkpoint but ``folder`` (``best``'s): the previous best, and what a crash while
+        writing one left behind. The rounds that named them are no rollback target any more."""
+        for other in (self.folder / "checkpoints").iterdir():
+            if other != folder:
+                shutil.rmtree(other, ignore_errors=True)
         for r in self.history:
-            if r.checkpoint is not None and r.checkpoint not in keep:
+            if r is not best:
                 r.checkpoint = None
 
     def rolled_back(self) -> None:

@@ -27,6 +27,7 @@ class HeldOutRequest:
     num_steps: int
     shift: float
     batch_size: int
+    images: list[np.ndarray] | None = None  # each prompt's conditioning image [H0, W0, 3] uint8 (editing, i2v); None: text only
 
 
 @dataclass
@@ -43,9 +44,10 @@ def sample_held_out(model, request: HeldOutRequest, policy_version: int) -> Held
     """Sample every prompt of ``request`` with ``model`` (a family adapter holding the current weights)."""
     sigmas = model.sigma_grid(request.sampler, request.num_steps, request.shift).to(model.device)  # [T+1]
     latents, media = [], []
-    for prompt_id, prompt in zip(request.prompt_ids, request.prompts):
+    for i, (prompt_id, prompt) in enumerate(zip(request.prompt_ids, request.prompts)):
         noise = model.initial_noise(prompt_generator(request.seed, prompt_id), request.samples_per_prompt)  # [N, ...]
-        final, images = sample_final(model, prompt, noise, sigmas, request.sampler, request.batch_size)
+        image = request.images[i] if request.images is not None else None
+        final, images = sample_final(model, prompt, noise, sigmas, request.sampler, request.batch_size, image)
         latents.append(final.numpy())  # [N, ...]
         media.append(images)  # [N, H, W, 3]
     return HeldOutSamples(policy_version, np.stack(latents), np.stack(media))
@@ -55,4 +57,10 @@ def split_request(request: HeldOutRequest, parts: int) -> list[HeldOutRequest]:
     """``request`` as up to ``parts`` requests of consecutive prompts (one per rollout worker), none empty."""
     bounds = np.linspace(0, len(request.prompts), min(parts, len(request.prompts)) + 1).round().astype(int)
     parts = zip(bounds[:-1], bounds[1:])
-    return [dataclasses.replace(request, prompts=request.prompts[a:b], prompt_ids=request.prompt_ids[a:b]) for a, b in parts]
+    images = request.images  # each prompt's conditioning image goes with it
+    return [
+        dataclasses.replace(
+            request, prompts=request.prompts[a:b], prompt_ids=request.prompt_ids[a:b], images=None if images is None else images[a:b]
+        )
+        for a, b in parts
+    ]

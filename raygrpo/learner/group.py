@@ -102,9 +102,10 @@ class LearnerGroup:
         """Evaluation weights in diffusers' layout (``transformer/`` or ``transformer_lora/``); returns the folder."""
         return self.ranks.foreach("save", folder)[0]
 
-    def save_state(self, folder: str) -> None:
-        """The full training state for an exact resume (``raygrpo/learner/state.py``); every rank writes its shards."""
-        self.ranks.foreach("save_state", folder)
+    def save_state(self, folder: str, rollback: bool = False) -> None:
+        """The full training state for an exact resume (``raygrpo/learner/state.py``); every rank writes its shards.
+        ``rollback``: only what a guard rollback restores (a rollback state, the same module)."""
+        self.ranks.foreach("save_state", folder, rollback)
 
     def load_state(self, folder: str) -> int:
         """Restore :meth:`save_state`'s folder on every rank; returns (and now holds) the restored policy version."""

@@ -89,6 +89,11 @@ class Learner:
         self.device = device
         self.compute_dtype = torch_dtype(config.model.dtype)
         self.sharded = distributed and (world_size > 1 or self.device.type == "cuda" or self.compute_dtype != torch.float32)
+        # Training may see the policy without CFG (DGPO on SD3) while rollout uses it.
+        train_scale = config.model.train_guidance_scale if config.model.train_guidance_scale is not None else config.model.guidance_scale
+        # A teacher or reference with CFG (RG-LCD, Diff-Instruct*) needs the negative prompt's encoding while the student
+        # trains without it: load at the teacher's scale (the loader keeps the negative) and train at the policy's own.
+        teacher_scale = config.algorithm.teacher_guidance(config.model) or train_scale
         self.model = load_model(
             config.model.family,
             config.model.pretrained,
@@ -100,14 +105,12 @@ class Learner:
             load_vae=False,
             height=config.model.height,
             width=config.model.width,
-            # Training may see the policy without CFG (DGPO on SD3) while rollout uses it.
-            guidance_scale=config.model.train_guidance_scale
-            if config.model.train_guidance_scale is not None
-            else config.model.guidance_scale,
+            guidance_scale=max(train_scale, teacher_scale),
             max_sequence_length=config.model.max_sequence_length,
             num_frames=config.model.num_frames,
             train_expert=config.model.train_expert,  # Wan 2.2 A14B: the expert this side trains / receives
         )
+        self.model.guidance_scale = train_scale
         network = self.model.transformer
         self.synced_names = prepare_network(network, config, shard=self.sharded)
         self.parameter_names = [n for n, p in network.named_parameters() if p.requires_grad]
@@ -148,14 +151,20 @@ class Learner:
         losses = []  # the real terms' losses, detached
         first_window = not tally.grad_norms
         synced = None  # FSDP's gradient sync as last set: toggling it walks every FSDP module, so only on change
+        # M per real term undoes FSDP's average over the ranks; padding weighs 0 (learner/shard.py). Passed to
+        # backward as the loss's gradient: the gradients of ``loss * scale``, without a multiply and its node per term.
+        scales: dict[tuple[bool, torch.dtype], torch.Tensor] = {}
         for term in self.algorithm.loss_terms(self.model, window, draws):
             real = part.is_real(term.slot)
             if self.sharded and synced != (sync := term.final or self.config.learner.reduce_every_backward):
                 # One reduce-scatter per window: only its last backward syncs gradients over the ranks.
                 self.model.transformer.set_requires_gradient_sync(sync)
                 synced = sync
-            # M per real term undoes FSDP's average over the ranks; padding weighs 0 (learner/shard.py).
-            (term.loss * ((self.world_size if real else 0.0) / n_real)).backward()
+            scale = scales.get(key := (real, term.loss.dtype))
+            if scale is None:
+                # a fill on the device, not a host-to-device copy (nothing here waits for the device)
+                scale = scales[key] = torch.full((), (self.world_size if real else 0.0) / n_real, dtype=key[1], device=term.loss.device)
+            term.loss.backward(scale)
             if real:
                 losses.append(term.loss.detach())
                 tally.add(term, first_window)
@@ -175,7 +184,7 @@ class Learner:
             for slot, row in samples[lo : lo + size]:
                 rows_by_slot.setdefault(slot, []).append(row)
             yield [
-                WindowGroup(slot, part.groups[slot], rollouts[slot], np.asarray(rows, np.int64), draws[slot])
+                WindowGroup(slot, part.groups[slot], rollouts[slot], np.asarray(rows, np.int64), draws[slot], padding=not part.is_real(slot))
                 for slot, rows in rows_by_slot.items()
             ]
 
@@ -284,9 +293,10 @@ class Learner:
                 return None
             return self.policy_version, self.weight_group.send(tensors, self.config.rollout.weight_verify, self.policy_version)
 
-    def save_state(self, folder: str) -> None:
-        """The full training state for an exact resume (see :mod:`raygrpo.learner.state`); every rank calls it."""
-        save_training_state(self, Path(folder))
+    def save_state(self, folder: str, rollback: bool = False) -> None:
+        """The full training state for an exact resume (see :mod:`raygrpo.learner.state`); every rank calls it.
+        ``rollback``: only what a guard rollback restores (no generators, no frozen copies)."""
+        save_training_state(self, Path(folder), rollback)
 
     def load_state(self, folder: str) -> int:
         """Restore what :meth:`save_state` wrote; returns the restored policy version."""
@@ -420,7 +430,8 @@ def global_metrics(metrics: LearnerMetrics) -> LearnerMetrics:
     weights = np.asarray([m["samples"] for m in gathered], np.float64)
 
     def mean(key: str, extras: bool = False) -> float:
-        values = np.asarray([(m["extras"] if extras else m)[key] for m in gathered], np.float64)
+        # A rank holding padding alone has no real term, so none of the terms' extras: NaN, left out below.
+        values = np.asarray([m["extras"].get(key, np.nan) if extras else m[key] for m in gathered], np.float64)
         used = (weights > 0) & np.isfinite(values)
         return float(np.average(values[used], weights=weights[used])) if used.any() else float("nan")
 

@@ -3,8 +3,12 @@
 Layout of ``<folder>/`` (every rank writes its part; the caller makes the folder atomic)::
 
     tensors/                 torch.distributed.checkpoint (DCP): the trainable parameters, the
-                             AdamW state, and every shadow of the algorithm (DGPO's fast/slow EMA
-                             and frozen start), sharded as the ranks hold them
+                             AdamW state, every shadow of the algorithm (DGPO's fast/slow EMA
+                             and frozen start) and its sharded state (Diff-Instruct*'s fake score
+                             moments), sharded as the ranks hold them
+    algorithm.pt             the algorithm's replicated state (RG-LCD's latent reward model and its
+                             AdamW state), written by rank 0, read by every rank; only for an
+                             algorithm with state hooks (algorithms/base.py: StatefulAlgorithm)
     rng-rank<r>.pt           rank r's generators: numpy ``rng`` bit-generator state, torch CPU
                              (and CUDA) RNG state
     learner_state.json       policy_version, the algorithm's counters (DGPO: optimizer_steps),
@@ -14,6 +18,18 @@ DCP stores raw tensors, so parameters and moments come back bit-identical; the g
 where they stopped, so the next update draws the same timesteps and noises as an uninterrupted run.
 With LoRA only the adapter's parameters (and their optimizer state) are stored: the frozen base is
 the pretrained model the config names.
+
+A *rollback state* (``save_training_state(..., rollback=True)``, the reward-hacking guard's best round, raygrpo/guard/guard.py)
+holds what a rollback restores to rewind training to that round, no more: the trainable parameters (the adapter
+only with LoRA), their AdamW moments, the shadows that move with training (EMAs, DiffusionNFT's old policy), the
+algorithm's own state and counters, and the policy version. Left out: the shadows that never change
+(:data:`CONSTANT_SHADOWS`: the frozen starting weights, equal at every round, so the learner has them already) and the
+generators (after a rollback the run goes on drawing fresh timesteps and noises; a resume still gets them from the
+periodic checkpoint). AdamW is kept because a rollback without it goes wrong either way: the moments the learner
+holds now were built on the hacked stretch (the first moment points along it, so the next steps head straight back),
+and fresh moments restart Adam's bias correction, whose first steps are about ``lr`` in every coordinate whatever its
+gradient scale (a jolt the run never took at that point). With the best round's moments training continues exactly
+as it would have from that round. :func:`load_training_state` reads either kind (``learner_state.json`` says which).
 """
 
 from __future__ import annotations
@@ -32,6 +48,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from raygrpo.algorithms.base import AlgorithmState, StatefulAlgorithm
 from raygrpo.config import Config
 from raygrpo.learner.ema import ParameterShadow
 
@@ -53,7 +70,10 @@ class Learner(Protocol):
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "learner_state.json"
-_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+ALGORITHM_FILE = "algorithm.pt"
+# strict=False: the state holds the trainable tensors only (with LoRA, not the frozen base), and a strict load into the
+# network would call every frozen tensor missing; a trainable one missing from the files already fails in dcp.load.
+_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 class TrainingStateError(RuntimeError):
@@ -73,9 +93,15 @@ def _quiet_single_process() -> Iterator[None]:
         yield
 
 
-def _shadows(learner: Learner) -> dict[str, ParameterShadow]:
+CONSTANT_SHADOWS = ("frozen",)
+"""Shadows that never change after setup: every algorithm names its frozen starting weights ``frozen``
+(algorithms/forward_process.py: frozen_snapshot). A rollback state leaves them out."""
+
+
+def _shadows(learner: Learner, rollback: bool = False) -> dict[str, ParameterShadow]:
     # Every ParameterShadow the algorithm holds is state (DGPO: fast_ema, slow_ema, frozen); DanceGRPO has none.
-    return {name: value for name, value in vars(learner.algorithm).items() if isinstance(value, ParameterShadow)}
+    shadows = {name: value for name, value in vars(learner.algorithm).items() if isinstance(value, ParameterShadow)}
+    return {name: value for name, value in shadows.items() if not (rollback and name in CONSTANT_SHADOWS)}
 
 
 def _counters(learner: Learner) -> dict[str, int]:
@@ -83,13 +109,21 @@ def _counters(learner: Learner) -> dict[str, int]:
     return {name: value for name, value in vars(learner.algorithm).items() if isinstance(value, int) and not isinstance(value, bool)}
 
 
-def _tensor_state(learner: Learner) -> dict:
-    """The DCP state tree, whose tensors are the live ones (loading fills them in place)."""
+def _algorithm_state(learner: Learner) -> AlgorithmState | None:
+    # The algorithm's own state beyond shadows and counters, when it has any (RG-LCD, Diff-Instruct*).
+    return learner.algorithm.state_dict() if isinstance(learner.algorithm, StatefulAlgorithm) else None
+
+
+def _tensor_state(learner: Learner, extra: AlgorithmState | None, rollback: bool = False) -> dict:
+    """The DCP state tree, whose tensors are the live ones (loading fills them in place); ``rollback``: of a rollback state."""
     model_state, optim_state = get_state_dict(learner.model.transformer, learner.optimizer, options=_OPTIONS)
     shadows = {
-        shadow_name: dict(zip(learner.parameter_names, shadow.values, strict=True)) for shadow_name, shadow in _shadows(learner).items()
+        shadow_name: dict(zip(learner.parameter_names, shadow.values, strict=True)) for shadow_name, shadow in _shadows(learner, rollback).items()
     }
-    return {"model": model_state, "optimizer": optim_state, "shadows": shadows}
+    tree = {"model": model_state, "optimizer": optim_state, "shadows": shadows}
+    if extra is not None and extra.sharded:
+        tree["algorithm"] = extra.sharded
+    return tree
 
 
 def _describe(learner: Learner) -> dict:
@@ -103,16 +137,22 @@ def _describe(learner: Learner) -> dict:
     }
 
 
-def save_training_state(learner: Learner, folder: Path) -> None:
+def save_training_state(learner: Learner, folder: Path, rollback: bool = False) -> None:
+    """The full training state into ``folder``; ``rollback``: only what a rollback restores (module docstring)."""
     folder.mkdir(parents=True, exist_ok=True)
+    extra = _algorithm_state(learner)
     with _quiet_single_process():
-        dcp.save(_tensor_state(learner), checkpoint_id=str(folder / "tensors"), no_dist=not _distributed())
-    rng = {"numpy": learner.rng.bit_generator.state, "torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["torch_cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, folder / f"rng-rank{learner.rank}.pt")
+        dcp.save(_tensor_state(learner, extra, rollback), checkpoint_id=str(folder / "tensors"), no_dist=not _distributed())
+    if extra is not None and learner.rank == 0:
+        # Replicated: every rank holds the same values (the LRM's gradients are averaged over the ranks), one copy.
+        torch.save(extra.replicated, folder / ALGORITHM_FILE)
+    if not rollback:
+        rng = {"numpy": learner.rng.bit_generator.state, "torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["torch_cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, folder / f"rng-rank{learner.rank}.pt")
     if learner.rank == 0:
-        state = {"policy_version": learner.policy_version, "counters": _counters(learner), **_describe(learner)}
+        state = {"policy_version": learner.policy_version, "counters": _counters(learner), "rollback": rollback, **_describe(learner)}
         (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
     logger.info("rank %d saved the training state of policy version %d to %s", learner.rank, learner.policy_version, folder)
 
@@ -129,10 +169,17 @@ def load_training_state(learner: Learner, folder: Path) -> None:
         raise TrainingStateError(
             f"the training state in {folder} does not fit this learner ({detail}); resume with the saved configuration"
         )
+    rollback = bool(saved.get("rollback", False))  # a rollback state has no generators
     rng_file = folder / f"rng-rank{learner.rank}.pt"
-    if not rng_file.is_file():
+    if not rollback and not rng_file.is_file():
         raise TrainingStateError(f"{rng_file} is missing: the checkpoint is incomplete")
-    tensors = _tensor_state(learner)
+    extra = _algorithm_state(learner)
+    algorithm_file = folder / ALGORITHM_FILE
+    if extra is not None and not algorithm_file.is_file():
+        raise TrainingStateError(
+            f"{algorithm_file} is missing: the checkpoint is incomplete, or was written before {learner.config.algorithm.name} saved its own state"
+        )
+    tensors = _tensor_state(learner, extra, rollback)
     try:
         with _quiet_single_process():
             dcp.load(tensors, checkpoint_id=str(folder / "tensors"), no_dist=not _distributed())
@@ -149,11 +196,17 @@ def load_training_state(learner: Learner, folder: Path) -> None:
         options=_OPTIONS,
     )
     # Shadows were loaded in place: their DCP entries are the shadow tensors themselves.
-    rng = torch.load(rng_file, weights_only=True)
-    learner.rng.bit_generator.state = rng["numpy"]
-    torch.set_rng_state(rng["torch_cpu"])
-    if "torch_cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["torch_cuda"])
+    if extra is not None:
+        try:
+            learner.algorithm.load_state_dict(AlgorithmState(tensors.get("algorithm", {}), torch.load(algorithm_file, weights_only=True)))
+        except (KeyError, ValueError, RuntimeError) as exc:  # a missing entry, other sizes (the LRM's), an unreadable file
+            raise TrainingStateError(f"the algorithm state in {algorithm_file} does not load into this learner: {exc!r}") from None
+    if not rollback:
+        rng = torch.load(rng_file, weights_only=True)
+        learner.rng.bit_generator.state = rng["numpy"]
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["torch_cuda"])
     for name, value in saved["counters"].items():
         setattr(learner.algorithm, name, int(value))
     learner.policy_version = int(saved["policy_version"])

@@ -5,8 +5,9 @@ the diffusers specifics behind :class:`ModelAdapter`. Everything the rest of ray
 there, with shapes; nothing else of an adapter is used outside ``raygrpo/models`` (the tests aside).
 The other names here are the few helpers every adapter shares, so that they exist once:
 :func:`quantize_timestep` (sampler and learner must feed the network the very same timestep),
-:func:`check_num_frames`, the uint8 conversions of the pipelines' output paths, and
-:class:`PromptTruncation`.
+:func:`check_num_frames`, the uint8 conversions of the pipelines' output paths,
+:class:`PromptTruncation`, and :class:`CFGNegative` (the adapter base of the families whose CFG has one
+negative prompt for every group).
 
 Extension pattern (a new family)::
 
@@ -32,7 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -162,6 +163,10 @@ class ModelAdapter(ABC):
     - ``family`` (class attribute): the key of the family in ``raygrpo.models.MODEL_FAMILIES``;
     - ``network_component`` (class attribute): the pipeline folder name of the trained network
       (``"transformer"``; ``"unet"`` for Stable Diffusion), under which checkpoints and exports save it;
+    - ``guidance``: how ``guidance_scale`` acts: ``"cfg"`` (classifier-free, an unconditional branch above 1;
+      the negative is :class:`CFGNegative`'s or rides with each group), ``"embedded"`` (guidance-distilled: the
+      value enters the one forward; the default), ``"none"`` (ignored: step-distilled FLUX.2 [klein]). The
+      config's ``ModelConfig.guidance_kind`` says the same before any model loads;
     - ``transformer``: the trained network, a diffusers ``ModelMixin`` (a UNet for Stable Diffusion,
       also reachable as ``unet``). The learner trains it, rollout loads synced weights into it;
     - :attr:`device` / :attr:`dtype`: where the network is and the dtype of its weights;
@@ -177,6 +182,7 @@ class ModelAdapter(ABC):
 
     family: ClassVar[str]
     network_component: ClassVar[str]
+    guidance: Literal["cfg", "embedded", "none"] = "embedded"  # a class attribute, or per instance where the variant decides
     transformer: torch.nn.Module
 
     @classmethod
@@ -268,8 +274,74 @@ class ModelAdapter(ABC):
         """
 
 
+
+# ------------------------------------------------------------------------------- CFG's negative prompt
+class CFGNegative(ModelAdapter):
+    """A :class:`ModelAdapter` whose classifier-free guidance has one negative prompt for every group.
+
+    SD, SD3, FLUX.2 (its [klein] base guides so), Qwen-Image and Wan. The pipelines encode
+    :attr:`negative_prompt` through the same text path as the prompt; the adapter does it once per model
+    (:attr:`negative_conditioning`) and keeps its text fields only (``prompt_embeds``, ``pooled_prompt_embeds``,
+    ``prompt_mask``: an image-to-video family's unconditional branch sees the group's own image). A model
+    without text encoders (the learner's view) is handed an encoding made elsewhere with
+    :meth:`set_negative_conditioning`, or keeps the one its ``from_pretrained`` made before dropping the
+    encoders (:meth:`keep_negative_only`).
+
+    Hooks: :meth:`text_encoders_loaded` (which encoders the family needs); :meth:`encode_negative` (how the
+    negative is encoded; Wan encodes text without an image, and can fetch UMT5 from its source).
+    """
+
+    negative_prompt: ClassVar[str] = ""  # the pipelines' default negative prompt (Qwen-Image: " ")
+    _negative: Conditioning | None = None  # the instance's encoding, once made or set
+
+    def text_encoders_loaded(self) -> bool:
+        """Whether the text encoders :meth:`encode_prompt` runs are loaded (one ``text_encoder`` unless the family says)."""
+        return getattr(self, "text_encoder", None) is not None
+
+    def encode_negative(self) -> Conditioning:
+        """The negative prompt's encoding, made when none is set: :meth:`encode_prompt` of :attr:`negative_prompt`."""
+        if not self.text_encoders_loaded():
+            raise RuntimeError(
+                f"classifier-free guidance (guidance_scale > 1) needs the negative prompt's encoding, and this {type(self).__name__} "
+                "was loaded without its text encoders (load_text_encoders=False, the learner's view): load them, call "
+                "set_negative_conditioning() with an encoding made elsewhere, or pass guidance_scale=1.0"
+            )
+        return self.encode_prompt(self.negative_prompt)
+
+    @property
+    def negative_conditioning(self) -> Conditioning:
+        """CFG's unconditional branch: :attr:`negative_prompt`'s text conditioning, encoded once (float32, mask int64)."""
+        if self._negative is None:
+            self._negative = _text_fields(self.encode_negative())
+        return self._negative
+
+    def set_negative_conditioning(self, conditioning: Conditioning) -> None:
+        """Use ``conditioning`` (e.g. another worker's :attr:`negative_conditioning`) as the CFG negative; its text fields alone count."""
+        self._negative = _text_fields(conditioning)
+
+    def keep_negative_only(self, *components: str) -> None:
+        """Encode the negative now, then drop ``components`` (text encoders loaded for it alone, by a learner with CFG)."""
+        self.set_negative_conditioning(self.negative_conditioning)
+        for name in components:
+            setattr(self, name, None)
+
+
+def _text_fields(conditioning: Conditioning) -> Conditioning:
+    """``conditioning``'s text fields as the negative keeps them: embeddings float32, the mask int64, no image fields."""
+
+    def cast(array: np.ndarray | None, dtype: type) -> np.ndarray | None:
+        return None if array is None else np.asarray(array, dtype)
+
+    return Conditioning(
+        prompt_embeds=cast(conditioning.prompt_embeds, np.float32),
+        pooled_prompt_embeds=cast(conditioning.pooled_prompt_embeds, np.float32),
+        prompt_mask=cast(conditioning.prompt_mask, np.int64),
+    )
+
+
 __all__ = [
     "LOAD_KEYWORDS",
+    "CFGNegative",
     "ModelAdapter",
     "PromptTruncation",
     "TokenLimit",

@@ -22,6 +22,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 from raygrpo.contracts import Conditioning, ConditioningBatch
 from raygrpo.models.base import ModelAdapter, PromptTruncation, TokenLimit, quantize_timestep, to_uint8_images
 from raygrpo.models.hub import DEFAULT_RESOLUTION, TINY_RANDOM, load_component, pretrained_source
+from raygrpo.models.network import network_placement
 
 TINY_RESOLUTION = 64  # the tiny model is for fast CPU runs; 512 px would only cost time
 
@@ -84,6 +85,7 @@ class FluxModel(ModelAdapter):
         self._prompt_cache: dict[str, Conditioning] = {}
         self._truncation = PromptTruncation(logger)
         self._ids_cache: dict[tuple, torch.Tensor] = {}
+        self._guidance_cache: dict[tuple, torch.Tensor] = {}
         self._pipeline: FluxPipeline | None = None
 
     # ----------------------------------------------------------------------------------- loading
@@ -263,14 +265,15 @@ class FluxModel(ModelAdapter):
         if tokens != self.latent_shape[0]:
             expected = self.latent_shape[0]
             raise ValueError(f"latents have {tokens} tokens; {self.height}x{self.width} images have {expected}")
-        device, dtype = self.device, self.dtype
-        sigmas = torch.as_tensor(sigmas, device=device).reshape(-1).expand(batch)
+        device, dtype = network_placement(self.transformer)  # looked up once per call
+        sigmas = torch.as_tensor(sigmas, device=device)
+        if sigmas.shape != (batch,):
+            sigmas = sigmas.reshape(-1).expand(batch)
         timestep = quantize_timestep(sigmas).to(dtype)
         guidance = None
         if self.transformer.config.guidance_embeds:
-            scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
-            guidance = torch.full((batch,), scale, device=device, dtype=dtype)
-        txt_ids, img_ids = self._position_ids(cond.prompt_embeds.shape[1], device, dtype)  # device/dtype looked up once per call
+            guidance = self._guidance(self.guidance_scale if guidance_scale is None else float(guidance_scale), batch, device, dtype)
+        txt_ids, img_ids = self._position_ids(cond.prompt_embeds.shape[1], device, dtype)
         prediction = self.transformer(
             hidden_states=self._network_input(latents.to(device, dtype), cond),
             timestep=timestep,
@@ -280,8 +283,18 @@ class FluxModel(ModelAdapter):
             txt_ids=txt_ids,
             img_ids=img_ids,
             return_dict=False,
-        )[0][:, :tokens]  # the noisy tokens' velocity (appended conditioning tokens, if any, dropped)
+        )[0]
+        if prediction.shape[1] != tokens:
+            prediction = prediction[:, :tokens]  # the noisy tokens' velocity (appended conditioning tokens dropped)
         return prediction.float()
+
+    def _guidance(self, scale: float, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``[batch]`` of the embedded guidance ``scale``, made once per (scale, batch, device, dtype): the transformer
+        only reads it (a learner asks with the same values for every term)."""
+        key = (scale, batch, device, dtype)
+        if key not in self._guidance_cache:
+            self._guidance_cache[key] = torch.full((batch,), scale, device=device, dtype=dtype)
+        return self._guidance_cache[key]
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> np.ndarray:

@@ -52,12 +52,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import AutoTokenizer, Mistral3ForConditionalGeneration, Qwen3ForCausalLM
 
 from raygrpo.contracts import Conditioning, ConditioningBatch
-from raygrpo.models.base import ModelAdapter, PromptTruncation, TokenLimit, classifier_free_guidance, quantize_timestep, to_uint8_images
+from raygrpo.models.base import CFGNegative, PromptTruncation, TokenLimit, classifier_free_guidance, quantize_timestep, to_uint8_images
 from raygrpo.models.hub import DEFAULT_RESOLUTION, TINY_RANDOM, ModelNotFoundError, component_config, load_component, pretrained_source
 
 TINY_RESOLUTION = 64  # the tiny model is for fast CPU runs
 DEFAULT_GUIDANCE = 4.0  # both pipelines' default guidance_scale (ignored by step-distilled klein)
-NEGATIVE_PROMPT = ""  # the klein pipeline's negative prompt, the unconditional branch of CFG
 _SENTINEL = "\x00prompt\x00"  # stands for the prompt when the chat template is rendered for token counting
 
 logger = logging.getLogger(__name__)
@@ -94,7 +93,7 @@ def pipeline_variant(source: str) -> Variant:
     )
 
 
-class Flux2Model(ModelAdapter):
+class Flux2Model(CFGNegative):
     """A FLUX.2 [dev] or [klein] text-to-image model as rollout and learner use it.
 
     Components (diffusers / transformers types):
@@ -133,6 +132,7 @@ class Flux2Model(ModelAdapter):
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.scheduler = scheduler
         self.variant = variant or (DEV if transformer.config.guidance_embeds else KLEIN_BASE)
+        self.guidance = self.variant.guidance  # CFG on [klein] base only
         if vae_scale_factor is None:
             vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.vae_scale_factor = vae_scale_factor
@@ -145,7 +145,6 @@ class Flux2Model(ModelAdapter):
         self.image_processor = Flux2ImageProcessor(vae_scale_factor=vae_scale_factor * 2)
         self._prompt_cache: dict[str, Conditioning] = {}
         self._truncation = PromptTruncation(logger)
-        self._negative: Conditioning | None = None
         self._ids_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pipeline: Flux2Pipeline | Flux2KleinPipeline | None = None
 
@@ -201,8 +200,7 @@ class Flux2Model(ModelAdapter):
             **text_modules,
         )
         if negative_only:
-            model.set_negative_conditioning(model.negative_conditioning)  # encode it now, then free the encoder
-            model.text_encoder = model.tokenizer = model._pipeline = None
+            model.keep_negative_only("text_encoder", "tokenizer", "_pipeline")
         return model
 
     # -------------------------------------------------------------------------------- properties
@@ -268,26 +266,6 @@ class Flux2Model(ModelAdapter):
             messages = [{"role": "user", "content": _SENTINEL}]
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
         return text.replace("{", "{{").replace("}", "}}").replace(_SENTINEL, "{}")
-
-    @property
-    def negative_conditioning(self) -> Conditioning:
-        """The unconditional branch of klein base's CFG: the empty prompt through :meth:`encode_prompt`, encoded once.
-
-        That is the pipeline's own negative (it encodes ``""`` the same way). A model without its text
-        encoder can be handed one with :meth:`set_negative_conditioning`.
-        """
-        if self._negative is None:
-            if self.text_encoder is None:
-                raise RuntimeError(
-                    "classifier-free guidance (guidance_scale > 1 on FLUX.2 [klein] base) needs the empty prompt's embedding, and "
-                    "this Flux2Model has no text encoder: load it with one, call set_negative_conditioning(), or pass guidance_scale=1.0"
-                )
-            self._negative = self.encode_prompt(NEGATIVE_PROMPT)
-        return self._negative
-
-    def set_negative_conditioning(self, conditioning: Conditioning) -> None:
-        """Use ``conditioning`` (e.g. another worker's ``negative_conditioning``) as the CFG negative."""
-        self._negative = Conditioning(prompt_embeds=np.asarray(conditioning.prompt_embeds, np.float32))
 
     # ----------------------------------------------------------------------------------- latents
     def initial_noise(self, generator: torch.Generator | None, num: int) -> torch.Tensor:

@@ -17,3 +17,13 @@ def network_device(network: torch.nn.Module) -> torch.device:
 def network_dtype(network: torch.nn.Module) -> torch.dtype:
     """The dtype of the first floating-point parameter (what inputs are cast to before the forward)."""
     return next(p.dtype for p in network.parameters() if p.is_floating_point())
+
+
+def network_placement(network: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """``(network_device(network), network_dtype(network))`` in one walk over the parameters: a forward asks for
+    both, and each walk costs microseconds (more than a small model's per-call work in a learner's inner loop)."""
+    parameters = network.parameters()
+    first = next(parameters)
+    if first.is_floating_point():
+        return first.device, first.dtype
+    return first.device, next(p.dtype for p in parameters if p.is_floating_point())

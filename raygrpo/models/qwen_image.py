@@ -77,7 +77,15 @@ from torch._subclasses.fake_tensor import is_fake
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from raygrpo.contracts import Conditioning, ConditioningBatch
-from raygrpo.models.base import ModelAdapter, PromptTruncation, TokenLimit, classifier_free_guidance, quantize_timestep, to_uint8_images
+from raygrpo.models.base import (
+    CFGNegative,
+    ModelAdapter,
+    PromptTruncation,
+    TokenLimit,
+    classifier_free_guidance,
+    quantize_timestep,
+    to_uint8_images,
+)
 from raygrpo.models.hub import (
     DEFAULT_RESOLUTION,
     TINY_RANDOM,
@@ -161,6 +169,7 @@ class QwenImageBase(ModelAdapter):
     """
 
     network_component: ClassVar[str] = "transformer"
+    guidance = "cfg"  # true CFG in both families (Qwen-Image-Edit's negative rides with each group)
     pipeline_class: ClassVar[type]
 
     def __init__(
@@ -196,7 +205,6 @@ class QwenImageBase(ModelAdapter):
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
         self._prompt_cache: dict[str, Conditioning] = {}
         self._truncation = PromptTruncation(logger)
-        self._negative: Conditioning | None = None
         self._pipeline: QwenImagePipeline | QwenImageEditPipeline | None = None
 
     # ----------------------------------------------------------------------------------- loading
@@ -223,7 +231,7 @@ class QwenImageBase(ModelAdapter):
         source = pretrained_source(cls.family, name_or_path)
         _check_pipeline(source, cls.family, cls.pipeline_class.__name__)
         # Qwen-Image's one negative for every group is encoded here for a learner (the edit's rides with each group).
-        negative_only = not load_text_encoders and guidance_scale > 1.0 and hasattr(cls, "set_negative_conditioning")
+        negative_only = not load_text_encoders and guidance_scale > 1.0 and issubclass(cls, CFGNegative)
 
         def load(cls_, subfolder: str, **kwargs):
             on = "cpu" if negative_only and subfolder == "text_encoder" else device
@@ -256,8 +264,7 @@ class QwenImageBase(ModelAdapter):
             **text,
         )
         if negative_only:
-            model.set_negative_conditioning(model.negative_conditioning)  # encode it now, then free the encoder
-            model.text_encoder = model.tokenizer = model._pipeline = None
+            model.keep_negative_only("text_encoder", "tokenizer", "_pipeline")
         return model
 
     # -------------------------------------------------------------------------------- properties
@@ -417,7 +424,7 @@ class QwenImageBase(ModelAdapter):
         )
 
 
-class QwenImageModel(QwenImageBase):
+class QwenImageModel(CFGNegative, QwenImageBase):
     """A Qwen-Image text-to-image model as rollout and learner use it (:class:`QwenImageBase`'s components).
 
     With CFG the learner keeps the negative prompt's encoding (:attr:`negative_conditioning`), made once from the
@@ -426,6 +433,7 @@ class QwenImageModel(QwenImageBase):
 
     family: ClassVar[str] = "qwen_image"
     pipeline_class: ClassVar[type] = QwenImagePipeline
+    negative_prompt: ClassVar[str] = NEGATIVE_PROMPT
 
     # ------------------------------------------------------------------------------ conditioning
     def encode_prompt(self, prompt: str, image: np.ndarray | None = None) -> Conditioning:
@@ -450,25 +458,6 @@ class QwenImageModel(QwenImageBase):
         states, mask = _padded(embeds[0], self.max_sequence_length)
         conditioning = self._prompt_cache[prompt] = Conditioning(prompt_embeds=states, prompt_mask=mask)
         return conditioning
-
-    @property
-    def negative_conditioning(self) -> Conditioning:
-        """The unconditional branch of true CFG: :data:`NEGATIVE_PROMPT` through :meth:`encode_prompt`, once.
-
-        A model without its text encoder (the learner) can be handed it with :meth:`set_negative_conditioning`.
-        """
-        if self._negative is None:
-            if self.text_encoder is None:
-                raise RuntimeError(
-                    "true CFG (guidance_scale > 1) needs the negative prompt's encoding, and this QwenImageModel was loaded "
-                    "with load_text_encoders=False: call set_negative_conditioning() or pass guidance_scale=1.0"
-                )
-            self._negative = self.encode_prompt(NEGATIVE_PROMPT)
-        return self._negative
-
-    def set_negative_conditioning(self, conditioning: Conditioning) -> None:
-        """Use ``conditioning`` (e.g. another worker's ``negative_conditioning``) as the CFG negative."""
-        self._negative = conditioning
 
     def _text_batch(self, cond: ConditioningBatch, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``(states [B', L, D], mask [B', L])``: the prompts, behind the negatives when ``guided`` (B' = 2B)."""

@@ -41,19 +41,18 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from raygrpo.contracts import Conditioning, ConditioningBatch
-from raygrpo.models.base import ModelAdapter, PromptTruncation, TokenLimit, classifier_free_guidance, to_uint8_images
+from raygrpo.models.base import CFGNegative, PromptTruncation, TokenLimit, classifier_free_guidance, to_uint8_images
 from raygrpo.models.hub import DEFAULT_RESOLUTION, load_component, pretrained_source
 from raygrpo.sampling.ddim import alpha_bar_to_sigma, sigma_to_alpha_bar
 
 logger = logging.getLogger(__name__)
 
-NEGATIVE_PROMPT = ""  # StableDiffusionPipeline's unconditional branch when no negative prompt is given
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 ODE_GRID_SAMPLERS = ("ode", "euler", "consistency")  # DDIM's timesteps, ending at sigma = 0 (x0 exactly)
 _SNAP = 1e-3  # a timestep this close to an integer is that integer (float32 sigmas of the DDIM grid)
 
 
-class StableDiffusionModel(ModelAdapter):
+class StableDiffusionModel(CFGNegative):
     """A Stable Diffusion 1.x / 2.x text-to-image model as rollout and learner use it (flow coordinates).
 
     Components (diffusers / transformers types):
@@ -73,6 +72,7 @@ class StableDiffusionModel(ModelAdapter):
     """
 
     family = "sd"
+    guidance = "cfg"
     network_component = "unet"  # the pipeline component the trained network is (checkpoints and export name it so)
 
     def __init__(
@@ -117,7 +117,6 @@ class StableDiffusionModel(ModelAdapter):
         self._tables: dict[torch.device, torch.Tensor] = {}  # train_sigmas per device, for timestep_of
         self._prompt_cache: dict[str, Conditioning] = {}
         self._truncation = PromptTruncation(logger)
-        self._negative: Conditioning | None = None
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -172,8 +171,7 @@ class StableDiffusionModel(ModelAdapter):
             **text,
         )
         if text and not load_text_encoders:
-            model.set_negative_conditioning(model.negative_conditioning)  # encode the CFG negative now, then free the encoder
-            model.text_encoder = model.tokenizer = None
+            model.keep_negative_only("text_encoder", "tokenizer")  # CFG's empty prompt (StableDiffusionPipeline's default negative)
         return model
 
     # -------------------------------------------------------------------------------- properties
@@ -194,7 +192,7 @@ class StableDiffusionModel(ModelAdapter):
         cached = self._prompt_cache.get(prompt)
         if cached is not None:
             return cached
-        if self.text_encoder is None or self.tokenizer is None:
+        if not self.text_encoders_loaded():
             raise RuntimeError("this StableDiffusionModel was loaded with load_text_encoders=False and cannot encode prompts")
         self._truncation.check(prompt, [TokenLimit("CLIP", self.tokenizer, self.tokenizer.model_max_length)])
         tokens = self.tokenizer(
@@ -209,21 +207,8 @@ class StableDiffusionModel(ModelAdapter):
         self._prompt_cache[prompt] = conditioning
         return conditioning
 
-    @property
-    def negative_conditioning(self) -> Conditioning:
-        """CFG's unconditional branch: the empty prompt, encoded once (what the pipeline encodes for it)."""
-        if self._negative is None:
-            if self.text_encoder is None:
-                raise RuntimeError(
-                    "classifier-free guidance (guidance_scale > 1) needs the empty prompt's embedding and this model has "
-                    "no text encoder: call set_negative_conditioning() with an encoding made elsewhere, or use guidance_scale=1.0."
-                )
-            self._negative = self.encode_prompt(NEGATIVE_PROMPT)
-        return self._negative
-
-    def set_negative_conditioning(self, conditioning: Conditioning) -> None:
-        """Use ``conditioning`` (e.g. another worker's ``negative_conditioning``) as the CFG negative."""
-        self._negative = conditioning
+    def text_encoders_loaded(self) -> bool:
+        return self.text_encoder is not None and self.tokenizer is not None
 
     # ----------------------------------------------------------------------------------- latents
     def sigma_grid(self, sampler: str, num_steps: int, shift: float) -> torch.Tensor:

@@ -26,15 +26,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from raygrpo.contracts import Conditioning, ConditioningBatch
-from raygrpo.models.base import ModelAdapter, PromptTruncation, TokenLimit, classifier_free_guidance, quantize_timestep, to_uint8_images
+from raygrpo.models.base import CFGNegative, PromptTruncation, TokenLimit, classifier_free_guidance, quantize_timestep, to_uint8_images
 from raygrpo.models.hub import DEFAULT_RESOLUTION, load_component, pretrained_source
 
 logger = logging.getLogger(__name__)
 
-NEGATIVE_PROMPT = ""  # the pipeline's default negative prompt, the unconditional branch of CFG
 
-
-class SD3Model(ModelAdapter):
+class SD3Model(CFGNegative):
     """A Stable Diffusion 3 / 3.5 text-to-image model as rollout and learner use it.
 
     Components (diffusers / transformers types):
@@ -58,6 +56,7 @@ class SD3Model(ModelAdapter):
     """
 
     family = "sd3"
+    guidance = "cfg"
     network_component = "transformer"  # the pipeline component the trained network is (checkpoints and export name it so)
 
     def __init__(
@@ -102,7 +101,6 @@ class SD3Model(ModelAdapter):
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor)
         self._prompt_cache: dict[str, Conditioning] = {}
         self._truncation = PromptTruncation(logger)
-        self._negative: Conditioning | None = None
         self._negative_tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pipeline: StableDiffusion3Pipeline | None = None
 
@@ -173,10 +171,8 @@ class SD3Model(ModelAdapter):
             **text_modules,
         )
         if negative_only:
-            model.set_negative_conditioning(model.negative_conditioning)  # encode it now, then free the encoders
-            for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
-                setattr(model, name, None)
-            model._pipeline = None
+            text = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+            model.keep_negative_only(*text, "_pipeline")
         return model
 
     # -------------------------------------------------------------------------------- properties
@@ -219,7 +215,7 @@ class SD3Model(ModelAdapter):
         cached = self._prompt_cache.get(prompt)
         if cached is not None:
             return cached
-        if self.text_encoder is None or self.text_encoder_2 is None or self.text_encoder_3 is None:
+        if not self.text_encoders_loaded():
             raise RuntimeError("this SD3Model was loaded with load_text_encoders=False and cannot encode prompts")
         # CLIP-L and CLIP-G share one vocabulary: one count stands for both.
         clip = TokenLimit("CLIP", self.tokenizer, self.tokenizer.model_max_length)
@@ -240,28 +236,14 @@ class SD3Model(ModelAdapter):
         self._prompt_cache[prompt] = conditioning
         return conditioning
 
-    @property
-    def negative_conditioning(self) -> Conditioning:
-        """The unconditional branch of CFG: the empty prompt, encoded once (as the pipeline's default negative).
-
-        Encoding an empty prompt through :meth:`encode_prompt` gives exactly what the pipeline's
-        negative path computes (same tokenizers, same layers, no clip skip). A model without text
-        encoders (the learner) can be handed it with :meth:`set_negative_conditioning`.
-        """
-        if self._negative is None:
-            if self.text_encoder is None or self.text_encoder_2 is None or self.text_encoder_3 is None:
-                raise RuntimeError(
-                    "classifier-free guidance (guidance_scale > 1) needs the empty prompt's embedding, and this "
-                    "SD3Model was loaded with load_text_encoders=False. Load it with text encoders, call "
-                    "set_negative_conditioning() with an encoding made elsewhere, or pass guidance_scale=1.0."
-                )
-            self._negative = self.encode_prompt(NEGATIVE_PROMPT)
-        return self._negative
+    # The CFG negative (CFGNegative): the empty prompt through encode_prompt is exactly what the pipeline's negative
+    # path computes (same tokenizers, same layers, no clip skip).
+    def text_encoders_loaded(self) -> bool:
+        return all(encoder is not None for encoder in (self.text_encoder, self.text_encoder_2, self.text_encoder_3))
 
     def set_negative_conditioning(self, conditioning: Conditioning) -> None:
-        """Use ``conditioning`` (e.g. another worker's ``negative_conditioning``) as the CFG negative."""
-        self._negative = conditioning
-        self._negative_tensors.clear()
+        super().set_negative_conditioning(conditioning)
+        self._negative_tensors.clear()  # its device copies are of the old negative
 
     def _negative_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The negative's ``[batch, L, D]`` and ``[batch, D_pool]`` on the transformer's device and dtype."""

@@ -78,7 +78,7 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, CLI
 
 from raygrpo.contracts import Conditioning, ConditioningBatch
 from raygrpo.models.base import (
-    ModelAdapter,
+    CFGNegative,
     PromptTruncation,
     TokenLimit,
     check_num_frames,
@@ -93,7 +93,6 @@ from raygrpo.models.wan_experts import ExpertSwitch, TrainExpert, WanLayout, loa
 DEFAULT_RESOLUTION = 480
 DEFAULT_NUM_FRAMES = 81  # WanImageToVideoPipeline's default (5 s at 16 fps)
 DEFAULT_GUIDANCE = 5.0  # the pipeline's default CFG scale
-NEGATIVE_PROMPT = ""  # the pipeline's default negative prompt
 _IMAGE_CACHE = 32  # encoded conditioning images kept per process (prompts repeat every epoch)
 
 logger = logging.getLogger(__name__)
@@ -119,7 +118,7 @@ WAN_22 = Variant("Wan 2.2 A14B", WanImageToVideoPipeline, WanTransformer3DModel,
 VARIANTS = {"WanImageToVideoPipeline": WAN_21, "SkyReelsV2ImageToVideoPipeline": SKYREELS_V2}
 
 
-class WanI2VModel(ModelAdapter):
+class WanI2VModel(CFGNegative):
     """A Wan 2.1 (or SkyReels-V2) image-to-video model as rollout and learner use it.
 
     Components (diffusers / transformers types; SkyReels-V2's where they differ):
@@ -141,6 +140,7 @@ class WanI2VModel(ModelAdapter):
     """
 
     family = "wan_i2v"
+    guidance = "cfg"
     network_component = "transformer"  # the pipeline component the trained network is (checkpoints and export name it so)
 
     def __init__(
@@ -187,7 +187,6 @@ class WanI2VModel(ModelAdapter):
         self._text_cache: dict[str, np.ndarray] = {}
         self._truncation = PromptTruncation(logger)
         self._image_cache: OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._negative: Conditioning | None = None
         self._pipeline: WanImageToVideoPipeline | SkyReelsV2ImageToVideoPipeline | None = None
 
     # ----------------------------------------------------------------------------------- loading
@@ -336,44 +335,27 @@ class WanI2VModel(ModelAdapter):
         )  # [1, 4 + C, F_lat, h, w]
         return None if image_embeds is None else image_embeds.float().cpu().numpy(), condition[0].float().cpu().numpy()
 
-    @property
-    def negative_conditioning(self) -> Conditioning:
-        """UMT5 states ``prompt_embeds [L, D]`` of the empty negative prompt, the unconditional branch of CFG, encoded once.
+    def encode_negative(self) -> Conditioning:
+        """The empty negative prompt's UMT5 states ``prompt_embeds [L, D]`` (:class:`CFGNegative`'s hook): text alone.
 
-        The image conditioning of the unconditional branch is the group's own (see :meth:`velocity`).
-
-        A model loaded without its text encoder (the learner) loads the tokenizer and UMT5 from
-        its source once, encodes the empty prompt, and frees them again; or it can be handed an
-        encoding made elsewhere with :meth:`set_negative_conditioning`.
+        The image conditioning of the unconditional branch is the group's own (see :meth:`velocity`). A model
+        loaded without its text encoder (the learner) loads the tokenizer and UMT5 from its source once, encodes
+        the empty prompt and frees them again; or it is handed an encoding made elsewhere with
+        :meth:`set_negative_conditioning`.
         """
-        if self._negative is None:
-            if self.text_encoder is not None:
-                embeds = self._encode_text(NEGATIVE_PROMPT)
-            elif self.source is not None:
-                embeds = self._encode_negative_from_source()
-            else:
-                raise RuntimeError(
-                    "classifier-free guidance (guidance_scale > 1) needs the empty prompt's UMT5 states, and this "
-                    "WanI2VModel has no text encoder and no source to load one from: call set_negative_conditioning() "
-                    "or pass guidance_scale=1.0"
-                )
-            self._negative = Conditioning(prompt_embeds=embeds)
-        return self._negative
-
-    def set_negative_conditioning(self, conditioning: Conditioning) -> None:
-        """Use ``conditioning`` (e.g. another worker's ``negative_conditioning``) as the CFG negative; its prompt_embeds alone count."""
-        self._negative = Conditioning(prompt_embeds=np.asarray(conditioning.prompt_embeds, np.float32))
-
-    def _encode_negative_from_source(self) -> np.ndarray:
+        if self.text_encoders_loaded():
+            return Conditioning(prompt_embeds=self._encode_text(self.negative_prompt))
+        if self.source is None:
+            return super().encode_negative()  # no text encoder and nowhere to load one from: refuses, naming the fixes
         tokenizer = load_component(self.source, AutoTokenizer, "tokenizer", "cpu")
         text_encoder = load_component(self.source, UMT5EncoderModel, "text_encoder", "cpu", dtype=self.dtype)
         with torch.inference_mode():
             # SkyReels-V2's encode_prompt is a copy of this one; Wan's pipeline needs no image parts to run it.
             pipeline = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, scheduler=self.scheduler)
             embeds, _ = pipeline.encode_prompt(
-                prompt=NEGATIVE_PROMPT, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length, device="cpu"
+                prompt=self.negative_prompt, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length, device="cpu"
             )
-        return embeds[0].float().numpy()
+        return Conditioning(prompt_embeds=embeds[0].float().numpy())
 
     def trainable_levels(self, sigmas: torch.Tensor) -> torch.Tensor:
         """``[N]`` bool: the trained expert owns each noise level (every level with one transformer)."""
@@ -574,4 +556,4 @@ def vae_compression(vae_config: dict[str, Any]) -> tuple[int, int]:
     return vae_config.get("scale_factor_spatial") or spatial, vae_config.get("scale_factor_temporal") or temporal
 
 
-__all__ = ["NEGATIVE_PROMPT", "SKYREELS_V2", "VARIANTS", "WAN_21", "WAN_22", "Variant", "WanI2VModel", "pipeline_variant", "vae_compression"]
+__all__ = ["SKYREELS_V2", "VARIANTS", "WAN_21", "WAN_22", "Variant", "WanI2VModel", "pipeline_variant", "vae_compression"]

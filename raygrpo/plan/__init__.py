@@ -15,10 +15,14 @@ What the numbers are. Rollout (per worker): every weight it holds (network, enco
 micro-batch, one decode call); the trajectory lives in host memory (rollout/worker.py copies each step
 there). Learner (per rank): FSDPMemTracker's categories at the peak of one loss term's forward and
 backward (sharded and gathered parameters, sharded and unsharded gradients, activations, temporaries),
-plus the AdamW states and the algorithm's parameter shadows (EMAs, frozen copies) that persist across windows. FLOPs per learner step
-count every loss term of the step (DanceGRPO: trained members x trained timesteps; DGPO: its timesteps x
+plus the AdamW states and the algorithm's parameter shadows (EMAs, frozen copies, Diff-Instruct*'s fake score) that persist
+across windows, and a student method's other held parts (the fake score's AdamW states, a pixel reward's float32 VAE). FLOPs
+per learner step count every loss term of the step (DanceGRPO: trained members x trained timesteps; DGPO: its timesteps x
 groups x micro-batches, each with the no-gradient forwards dgpo.py runs, :func:`~raygrpo.algorithms.dgpo.no_grad_forwards`;
-DiffusionNFT: each sample's noise levels x groups x micro-batches, with the old policy's and the reference's forwards);
+DiffusionNFT: each sample's noise levels x groups x micro-batches, with the old policy's and the reference's forwards;
+RG-LCD and Diff-Instruct*: the rank's whole window run through the algorithm's own loss terms, raygrpo/plan/students.py:
+the teacher / reference with its CFG, the EMA target, the fake score's forwards and its DSM step, the latent reward
+model's fit, the student's forward and backward with the reward through the VAE decoder or the latent reward model);
 with gradient checkpointing they include the backward's recompute of every block. Seconds assume the step is
 compute-bound at ``mfu`` of ``gpu_flops``.
 """
@@ -36,6 +40,7 @@ from raygrpo.models import VIDEO_FAMILIES
 from raygrpo.plan.architecture import ArchitectureError, architecture
 from raygrpo.plan.cache import cached_measure
 from raygrpo.plan.measure import LearnerMeasure, Measurements, RolloutMeasure
+from raygrpo.plan.students import is_student
 
 GiB = 2**30
 DEFAULT_GPU_MEMORY = 80 * GiB  # H100 / A100-80GB
@@ -210,12 +215,19 @@ def _learner_row(config: Config, m: LearnerMeasure) -> tuple[RolePlan, int]:
         else:
             extra, levels = diffusionnft.no_grad_forwards(algo) - 1, config.trained_timesteps
         flops = levels * groups * chunks * (m.term.flops + extra * m.no_grad_flops)
+    elif is_student(config):
+        # The measured "term" is the rank's whole window (raygrpo/plan/students.py): the step itself.
+        flops = m.term.flops
     else:
         flops = groups * members * config.trained_timesteps * m.term.flops
-    parts = dict(m.term.breakdown) | {"optimizer states": m.optimizer_bytes, "EMA / frozen copies": m.shadow_bytes}
+    shadows = {"shadows: EMA / frozen / fake score": m.shadow_bytes}
+    parts = dict(m.term.breakdown) | {"optimizer states": m.optimizer_bytes} | shadows | m.held_bytes
     parts = {k: v for k, v in parts.items() if k != "Total"}
-    peak = m.term.peak + m.optimizer_bytes + m.shadow_bytes
+    peak = m.term.peak + m.optimizer_bytes + m.shadow_bytes + sum(m.held_bytes.values())
     note = f"loading moves one FSDP unit of {_gib(m.largest_unit_bytes)} (float32) to the GPU at a time"
+    if is_student(config):
+        share = m.no_grad_flops / max(flops, 1)
+        note += f"; {share:.0%} of the FLOPs in forwards without gradients (teacher / reference, target, fake score)"
     row = RolePlan("learner", ranks, config.learner.num_gpus, parts, peak, flops, note)
     return row, algo.groups_per_step * members
 

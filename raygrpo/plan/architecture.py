@@ -116,6 +116,38 @@ def scaled(arch: Architecture, blocks: dict[str, int]) -> Architecture:
     return Architecture(arch.family, arch.source, {**arch.components, arch.network: config})
 
 
+# Config keys that count repeated layers of the same width, at the top of a component's config or in its nested
+# ``text_config`` / ``vision_config``: transformers' encoders (CLIP and T5 / UMT5 "num_hidden_layers" / "num_layers",
+# Llama, Qwen3, Mistral, Qwen2.5-VL's vision tower "depth") and the diffusers UNet's / 2-D VAEs' resnets per level
+# ("layers_per_block"; a level's first layer changes the width, the ones after it repeat it).
+LAYER_KEYS = ("num_hidden_layers", "num_layers", "depth", "layers_per_block")
+
+
+def shallow(arch: Architecture) -> Architecture:
+    """``arch`` with one repeated layer of each kind in every component, for the dry-run test (``measure(depth="shallow")``).
+
+    The trained network keeps one block of each kind (:func:`scaled`; a UNet, which has no block stack, one resnet
+    and attention layer per level: ``layers_per_block`` 1, up levels 2); every other component one layer per
+    :data:`LAYER_KEYS` count: the text and image encoders (FLUX's T5 has 24 layers and CLIP 12: about a third of a
+    shallow rollout dry run before), a second expert, the VAE's resnets per level. Every width, level, head count,
+    sequence length, resolution and batch size stays the real one, so the same shape, dtype and device errors
+    surface; memory and FLOPs are not the model's (the planner runs ``depth="full"``, never this)."""
+    blocks = arch.blocks()
+    cut = scaled(arch, {k: min(1, n) for k, n in blocks.items()}) if blocks else arch
+    components = {
+        name: config if name == arch.network and blocks else _one_layer_each(config) for name, config in cut.components.items()
+    }  # fmt: skip
+    return Architecture(arch.family, arch.source, components)
+
+
+def _one_layer_each(config: dict[str, Any]) -> dict[str, Any]:
+    out = {k: min(1, v) if k in LAYER_KEYS and isinstance(v, int) else v for k, v in config.items()}
+    for nested in ("text_config", "vision_config"):
+        if isinstance(config.get(nested), dict):
+            out[nested] = _one_layer_each(config[nested])
+    return out
+
+
 def _library_class(name: str) -> type:
     import diffusers
     import transformers

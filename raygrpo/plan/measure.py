@@ -24,9 +24,9 @@ is not the window's last, then the AdamW step (its states stay for the next wind
 Depth. The planner runs every block. Extrapolating from networks of 1-2 blocks was tried and is not
 exact: a learner rank's peak comes in the backward, where FSDP2 holds the previous unit's reduce-scatter
 input and prefetches the next unit's gather while saved activations are freed block by block, so which
-transients meet at the peak changes with the depth. ``depth="shallow"`` (one block of each kind) is for
-the dry-run test: real widths, lengths and batch sizes, so the same shape, dtype and device errors, but
-not the network's numbers.
+transients meet at the peak changes with the depth. ``depth="shallow"`` (one layer of each kind in every
+component: network, encoders, VAE) is for the dry-run test: real widths, lengths and batch sizes, so the
+same shape, dtype and device errors, but not the model's numbers.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ from raygrpo.config import Config, DGPOConfig, DiffusionDPOConfig, DiffusionNFTC
 from raygrpo.contracts import ConditioningBatch
 from raygrpo.learner.ema import ParameterShadow
 from raygrpo.learner.fsdp import transformer_blocks
-from raygrpo.plan.architecture import Architecture, ArchitectureError, scaled
+from raygrpo.plan.architecture import Architecture, ArchitectureError, shallow
+from raygrpo.plan.students import each_forward, fake_window, held_tensors, is_student, stand_in_decoder, train_window, window_groups_of
 from raygrpo.plan.fake import build_components, conditioning, decode_input_shape, encoders, fake_adapter
 from raygrpo.sampling import grid_steps, make_ode_solver
 
@@ -83,11 +84,15 @@ class RolloutMeasure:
 class LearnerMeasure:
     """One learner rank: the peak of one loss term's forward+backward with the optimizer states held."""
 
-    term: Phase  # forward + backward of one loss term (FSDPMemTracker categories at its peak; DGPO: after one reference forward)
+    term: Phase  # forward + backward of one loss term (FSDPMemTracker categories at its peak; DGPO: after one reference forward;
+    # RG-LCD / Diff-Instruct*: the rank's whole window, every term of the step: raygrpo/plan/students.py)
     optimizer_bytes: int  # AdamW states of this rank's shards
-    shadow_bytes: int  # DGPO's EMA / frozen copies of the trainable shards
-    no_grad_flops: int  # DGPO: one no-gradient forward of the term's rows, counted in term.flops too (0 for DanceGRPO)
+    shadow_bytes: int  # the algorithm's ParameterShadows of the trainable shards: EMAs, frozen copies, Diff-Instruct*'s fake score
+    no_grad_flops: int  # DGPO / NFT / DPO: one no-gradient forward of the term's rows; students: all of the window's (teacher,
+    # target, fake score); counted in term.flops too (0 for DanceGRPO)
     largest_unit_bytes: int  # the largest FSDP unit's whole float32 parameters (what loading moves to the GPU at once)
+    held_bytes: dict[str, int] = field(default_factory=dict)  # part -> bytes kept across steps besides shards, AdamW states and
+    # shadows (students: the fake score's AdamW states, the pixel reward's float32 VAE)
 
 
 def _quiet():
@@ -291,11 +296,48 @@ def _learner_step_apart(config: Config, arch: Architecture, **kwargs) -> Learner
         return pool.submit(learner_step, config, arch, **kwargs).result()
 
 
-def learner_step(config: Config, arch: Architecture, track: bool = True, memory_only: bool = False) -> LearnerMeasure:
+def _learner(config: Config, arch: Architecture, track: bool, memory_only: bool = False, whole_step: bool = True) -> LearnerMeasure:
+    """A learner rank's measurement: :func:`learner_step`, or for a student method :func:`student_learner` (without
+    ``whole_step``, the shallow dry run: its one-group window alone)."""
+    if is_student(config) and whole_step:
+        return student_learner(config, arch, track=track, memory_only=memory_only)
+    return _learner_step_apart(config, arch, track=track, memory_only=memory_only)
+
+
+def student_learner(config: Config, arch: Architecture, track: bool = True, memory_only: bool = False) -> LearnerMeasure:
+    """A student method's rank over its whole step of G groups, from windows of one and two groups.
+
+    A window's every group runs the same forwards and backwards, so the step's FLOPs are G times one group's
+    window, exactly. Its memory grows with G where the window holds something of every group at once
+    (Diff-Instruct*'s fake-score DSM keeps every group's graph until its one backward; the teacher's, target's
+    and reference's outputs wait for every group's term; the latent reward model's fit): the peak and each of its
+    categories are extrapolated linearly from the two windows, ``m(G) = m(1) + (G - 1) (m(2) - m(1))``. Exact
+    while the same phase holds the peak at one, two and G groups; where it moves from one phase to another
+    between one group and two, the slope measured is below the growing phase's and the plan low. The step's own
+    G is not run: at real sizes a group costs tens of seconds of CPU (every forward on fake tensors under the
+    memory tracker)."""
+    groups = window_groups_of(config)
+    one = _learner_step_apart(config, arch, track=track, memory_only=memory_only, window_groups=1)
+    if groups == 1:
+        return one
+    two = _learner_step_apart(config, arch, track=track, memory_only=True, window_groups=2).term
+
+    def grow(a: int, b: int) -> int:
+        return max(0, a + (groups - 1) * (b - a))
+
+    parts = {k: grow(one.term.breakdown.get(k, 0), two.breakdown.get(k, 0)) for k in one.term.breakdown | two.breakdown}
+    term = Phase(grow(one.term.peak, two.peak), parts, one.term.flops * groups, grow(one.term.transient, two.transient))
+    return replace(one, term=term, no_grad_flops=one.no_grad_flops * groups)
+
+
+def learner_step(
+    config: Config, arch: Architecture, track: bool = True, memory_only: bool = False, window_groups: int = 1
+) -> LearnerMeasure:
     """One loss term's forward+backward and the optimizer step of one learner rank, sharded as the learner shards.
 
     ``memory_only``: the term's memory alone, without FLOPs and without the optimizer step (``optimizer_bytes``
-    0), for a comparison run whose other numbers are the configured run's."""
+    0), for a comparison run whose other numbers are the configured run's. RG-LCD / Diff-Instruct*: the "term" is
+    a whole window of ``window_groups`` groups (:func:`student_learner` extrapolates to the step's)."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
     from raygrpo.algorithms import make_algorithm
@@ -324,28 +366,56 @@ def learner_step(config: Config, arch: Architecture, track: bool = True, memory_
             # Outside the mode: setup may read the adapter's real scheduler tables (a VP model's grid); copies it makes
             # of the fake parameters are fake all the same (a fake tensor dispatches to its own mode).
             algorithm = make_algorithm(config)
-            algorithm.setup(adapter, parameters, lora=config.model.lora is not None)
+            with stand_in_decoder(arch, fake):  # a pixel reward's VAE decoder, built fake
+                algorithm.setup(adapter, parameters, lora=config.model.lora is not None)
+            # Outside the mode: the draws and the window's arrays are real (raygrpo/plan/students.py).
+            window = fake_window(config, arch, algorithm, adapter, window_groups) if is_student(config) else None
             with fake:
-                shadows = [s for s in vars(algorithm).values() if isinstance(s, ParameterShadow)]  # EMAs, frozen copies
+                shadows = [s for s in vars(algorithm).values() if isinstance(s, ParameterShadow)]  # EMAs, frozen copies, fake score
+                held = {part: _nbytes(tensors) for part, tensors in held_tensors(algorithm).items()} if window else {}
                 term = Phase()
                 network.set_requires_gradient_sync(config.learner.reduce_every_backward)  # a term that is not the window's last
                 tracker = peak_only(FSDPMemTracker)(network, optimizer) if track else None
+                # FSDPMemTracker takes one forward per iteration: DGPO's reference (NFT's old policy) forward comes first.
+                reset = tracker.reset_mod_stats if tracker is not None else lambda: None
                 with _measured(tracker, term, track, flops=not memory_only):
-                    # FSDPMemTracker takes one forward per iteration: DGPO's reference (NFT's old policy) forward comes first.
-                    reset = tracker.reset_mod_stats if tracker is not None else lambda: None
-                    loss, no_grad_flops = _loss_term(config, arch, adapter, sigmas, steps, track and not memory_only, reset)
-                    loss.backward()
+                    if window:  # a student's whole window: every term of its step
+                        no_grad_flops = _student_window(algorithm, adapter, window, reset, track and not memory_only)
+                    else:
+                        loss, no_grad_flops = _loss_term(config, arch, adapter, sigmas, steps, track and not memory_only, reset)
+                        loss.backward()
                 optimizer_bytes = 0 if memory_only else _optimizer_state_bytes(optimizer, parameters)
     finally:
         torch.set_num_threads(threads)
         quiet.__exit__(None, None, None)
-    return LearnerMeasure(
-        term=term,
-        optimizer_bytes=optimizer_bytes,
-        shadow_bytes=sum(_nbytes(s.values) for s in shadows),
-        no_grad_flops=no_grad_flops,
-        largest_unit_bytes=largest,
-    )
+    shadow_bytes = sum(_nbytes(s.values) for s in shadows)
+    return LearnerMeasure(term, optimizer_bytes, shadow_bytes, no_grad_flops, largest_unit_bytes=largest, held_bytes=held)
+
+
+def _student_window(algorithm, adapter, window: tuple, reset, track: bool) -> int:
+    """A student method's window (raygrpo/plan/students.py) inside the learner's measured block: the memory tracker's
+    module statistics reset before each network forward; returns the FLOPs of the forwards without gradients."""
+    no_grad = _NoGradFlops(track)
+    with each_forward(adapter, reset, no_grad), _adapters_stay_put():
+        train_window(algorithm, adapter, *window)
+    return no_grad.flops
+
+
+class _NoGradFlops:
+    """Runs a forward without gradients under a FLOP counter of its own (nested in the step's, which counts it
+    too) and sums what it counted: a student window's teacher / reference, target and fake score forwards."""
+
+    def __init__(self, track: bool):
+        self.track, self.flops = track, 0
+
+    def __call__(self, forward):
+        if not self.track:
+            return forward()
+        counter = flop_counter()
+        with counter:
+            out = forward()
+        self.flops += counter.get_total_flops()
+        return out
 
 
 def _optimizer_state_bytes(optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter]) -> int:
@@ -424,9 +494,9 @@ def _loss_term(config: Config, arch: Architecture, adapter, sigmas, steps, track
         kl = ((v - v_ref) ** 2).flatten(1).mean(dim=1)  # [b]
         term = ((gate * advantages * loss).sum() + algo.kl_beta * kl.sum()) / algo.num_train_timesteps
         return term, counter.get_total_flops() if track else 0
-    if steps is None:  # an ODE rollout the branches above do not model (RG-LCD's and Diff-Instruct*'s students)
+    if steps is None:  # an ODE rollout the branches above do not model: an algorithm the planner does not know yet
         raise ArchitectureError(
-            f"the planner does not model the {algo.name!r} learner yet (its teacher, extra networks and forwards); "
+            f"the planner does not model the {algo.name!r} learner yet (its loss terms, extra networks and forwards); "
             "a run starts without a plan (or pass --skip-plan)"
         )
     x = torch.zeros(1, *adapter.latent_shape)  # [1, ...] x_j of one member
@@ -462,20 +532,21 @@ class Measurements:
 def measure(
     config: Config, arch: Architecture, depth: str = "full", track: bool = True, media: bool = True, compare: bool = True
 ) -> Measurements:
-    """Dry-run ``config`` at its true size: every block (``"full"``, what the planner reports), or one block of
-    each kind (``"shallow"``: the same widths, sequence lengths and batch sizes, so the same shape, dtype and
-    device errors, in a fraction of the time; its memory and FLOPs are not the network's).
+    """Dry-run ``config`` at its true size: every block (``"full"``, what the planner reports), or one layer of
+    each kind in every component (``"shallow"``, :func:`~raygrpo.plan.architecture.shallow`: the same widths,
+    sequence lengths and batch sizes, so the same shape, dtype and device errors, in a fraction of the time; its
+    memory and FLOPs are not the model's).
 
     ``compare`` (full depth): also the learner's peak with gradient checkpointing switched the other way (its
     memory only: the optimizer's states do not depend on it, and the FLOPs reported are the configured run's)."""
+    if depth == "shallow":
+        arch = shallow(arch)
     blocks = arch.blocks()
-    if depth == "shallow" and blocks:
-        arch = scaled(arch, {k: min(1, n) for k, n in blocks.items()})
     rollout = rollout_step(config, arch, track=track, media=media)
     gc = config.learner.gradient_checkpointing
-    learner = {gc: _learner_step_apart(config, arch, track=track)}
+    learner = {gc: _learner(config, arch, track=track, whole_step=depth == "full")}
     if depth == "full" and compare:
-        other = _learner_step_apart(_with_checkpointing(config, not gc), arch, track=track, memory_only=True)
+        other = _learner(_with_checkpointing(config, not gc), arch, track=track, memory_only=True)
         learner[not gc] = replace(other, optimizer_bytes=learner[gc].optimizer_bytes)
     names = _BLOCK_NAMES | ({"num_layers": "double-stream blocks"} if "num_single_layers" in blocks else {})
     what = ", ".join(f"{n} {names.get(k, k)}" for k, n in arch.blocks().items()) or "whole network"

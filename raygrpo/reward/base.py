@@ -5,12 +5,17 @@ Extension pattern: subclass :class:`Reward`, set ``name`` and ``Params``, implem
 override :meth:`Reward.score_outcome` only when single items can fail (or calls are retried), and
 :meth:`Reward.check_service` when the reward depends on a server. Register the class in
 :mod:`raygrpo.reward.registry`.
+
+References (image editing, image-to-video): a reward that judges an output against the image it was made from
+says so with :attr:`Reward.wants_references`; it is then called ``score_outcome(..., references=...)`` with each
+item's conditioning image (the edit's source, the i2v first frame). Every caller goes through
+:func:`score_outcome_of`, so a reward that does not want them never sees the argument.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -77,6 +82,10 @@ class ScoreOutcome:
 # Builds a reward from its kind and params: the registry's make_reward, handed to rewards that wrap others.
 RewardFactory = Callable[[str, Mapping[str, Any]], "Reward"]
 
+# One conditioning image per scored item, [H0, W0, 3] uint8 of any size (None: that item has none). The members of
+# one group share one array object, so a reward may encode it once per group.
+References = Sequence[np.ndarray | None]
+
 
 class Reward(ABC):
     """A reward function over a batch of images and their prompts.
@@ -109,6 +118,16 @@ class Reward(ABC):
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
         """``[N]`` float32 rewards of ``images`` ``[N, H, W, 3]`` uint8; raises for the whole batch."""
 
+    @property
+    def wants_references(self) -> bool:
+        """Whether :meth:`score_outcome` takes ``references=`` (:data:`References`): each item's conditioning image.
+
+        False by default. A reward that compares an output with its source (``edit_fidelity``, an ``http`` or
+        ``vlm_judge`` reward with ``send_reference: true``) returns True and accepts the keyword; it gets None
+        where the run has no conditioning images (text-to-image families).
+        """
+        return False
+
     def score_outcome(self, images: np.ndarray, prompts: list[str], *, policy_version: int = 0) -> ScoreOutcome:
         """Per-item scores with per-item errors, and the call's retries, failures and fatal error.
 
@@ -135,9 +154,13 @@ def score_group(reward: Reward, media: GroupMedia, reward_name: str | None = Non
     ``reward_name`` is the configured name the scores are filed under (default: the reward's kind);
     a fatal error is prefixed with it. Raises what :meth:`Reward.score_outcome` raises.
     """
-    prompts = [media.group.prompt] * len(media.images)
-    outcome = reward.score_outcome(media.images, prompts, policy_version=media.group.policy_version)
     name = reward_name or reward.name
+    if len(media.images) == 0 and media.group.group_size > 0:  # rollout sampled nothing to score (Scores.not_evaluated)
+        return Scores.not_evaluated(media.group.group_id, name, media.group.group_size)
+    prompts = [media.group.prompt] * len(media.images)
+    image = media.group.image  # the group's conditioning image (edit source, i2v first frame), or None
+    references = None if image is None else [image] * len(media.images)
+    outcome = score_outcome_of(reward, media.images, prompts, references, policy_version=media.group.policy_version)
     return Scores(
         group_id=media.group.group_id,
         reward_name=name,
@@ -148,6 +171,18 @@ def score_group(reward: Reward, media: GroupMedia, reward_name: str | None = Non
         failures=outcome.failures,
         fatal=f"reward {name!r}: {outcome.fatal}" if outcome.fatal else None,
     )
+
+
+def score_outcome_of(
+    reward: Reward, images: np.ndarray, prompts: list[str], references: References | None = None, *, policy_version: int = 0
+) -> ScoreOutcome:
+    """``reward.score_outcome(images, prompts)``, with ``references`` (one per item, or None) handed over only when
+    the reward wants them (:attr:`Reward.wants_references`): rewards written before references existed keep working."""
+    if not reward.wants_references:
+        return reward.score_outcome(images, prompts, policy_version=policy_version)
+    if references is not None and len(references) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(references)} references")
+    return reward.score_outcome(images, prompts, policy_version=policy_version, references=references)  # type: ignore[call-arg]
 
 
 def check_batch(images: np.ndarray, prompts: list[str], *, video: bool = False) -> int:

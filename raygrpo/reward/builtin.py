@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
-from raygrpo.reward.base import Reward, RewardParams, ScoreOutcome, check_batch, mark_non_finite
+from raygrpo.reward.base import References, Reward, RewardParams, ScoreOutcome, check_batch, mark_non_finite
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -188,6 +188,58 @@ class Contrast(Reward):
         return luma.std(axis=1).astype(np.float32)
 
 
+class EditFidelity(Reward):
+    """How much of its source an edit kept: ``-mean |x - r| / 255`` over pixels and channels, in [-1, 0].
+
+    ``x`` is the output, ``r`` the item's conditioning image (:attr:`Reward.wants_references`) resized to the
+    output's height and width with Lanczos, the resampling of diffusers' ``VaeImageProcessor`` (its default
+    ``resample="lanczos"``), with which the flux_kontext and qwen_image_edit adapters resize the reference before
+    encoding it. An unchanged copy scores 0. Videos ``[N, F, H, W, 3]`` (wan_i2v) score their first frame, the one
+    image-to-video conditions on. A toy reward of this project (no paper), like :class:`Brightness`: alone its
+    optimum is "change nothing", so it belongs beside a reward for the instruction (a ``vlm_judge`` with
+    ``send_reference: true``), where it penalises edits that repaint what the instruction did not ask for.
+
+    An item without a reference (a text-to-image family; an HTTP client without ``send_reference: true``) fails
+    alone with an error saying so; it never scores 0.
+    """
+
+    name = "edit_fidelity"
+
+    @property
+    def wants_references(self) -> bool:
+        return True
+
+    def score(self, images: np.ndarray, prompts: list[str], *, references: References | None = None) -> np.ndarray:
+        outcome = self.score_outcome(images, prompts, references=references)
+        first = next((e for e in outcome.errors if e is not None), None)
+        if first is not None:
+            raise ValueError(f"reward 'edit_fidelity': {first}")
+        return outcome.values
+
+    def score_outcome(
+        self, images: np.ndarray, prompts: list[str], *, policy_version: int = 0, references: References | None = None
+    ) -> ScoreOutcome:
+        video = isinstance(images, np.ndarray) and images.ndim == 5
+        n = check_batch(images, prompts, video=video)
+        references = [None] * n if references is None else references
+        if len(references) != n:
+            raise ValueError(f"got {n} images but {len(references)} references")
+        outputs = images[:, 0] if video else images  # [N, H, W, 3]
+        values, errors = np.full(n, np.nan, np.float32), [None] * n
+        resized: dict[int, np.ndarray] = {}  # one resize per reference array (a group shares one)
+        for i, (output, reference) in enumerate(zip(outputs, references)):
+            if reference is None:
+                errors[i] = (
+                    "edit_fidelity needs the item's conditioning image: use it with an image-conditioned family "
+                    "(flux_kontext, qwen_image_edit, wan_i2v); an http reward must set send_reference: true"
+                )
+                continue
+            if id(reference) not in resized:
+                resized[id(reference)] = _resized(reference, output.shape[:2])  # [H, W, 3] float64
+            values[i] = -np.abs(output.astype(np.float64) - resized[id(reference)]).mean() / 255.0
+        return mark_non_finite(values, errors)
+
+
 def find_color_name(prompt: str) -> str | None:
     """The earliest colour name of :data:`COLORS` in ``prompt`` (lower case), or None."""
     match = _COLOR_WORD.search(prompt)
@@ -195,7 +247,7 @@ def find_color_name(prompt: str) -> str | None:
 
 
 PIXEL_REWARDS: dict[str, type[Reward]] = {
-    cls.name: cls for cls in (JpegCompressibility, JpegIncompressibility, Brightness, Color, Contrast)
+    cls.name: cls for cls in (JpegCompressibility, JpegIncompressibility, Brightness, Color, Contrast, EditFidelity)
 }
 
 
@@ -208,6 +260,16 @@ def _jpeg_bytes(image: np.ndarray, quality: int) -> int:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="JPEG", quality=quality)
     return buffer.tell()
+
+
+def _resized(reference: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``reference`` ``[H0, W0, 3]`` uint8 as ``[H, W, 3]`` float64 of ``size`` (H, W); Lanczos, as diffusers resizes."""
+    if not isinstance(reference, np.ndarray) or reference.ndim != 3 or reference.shape[-1] != 3 or reference.dtype != np.uint8:
+        desc = f"{reference.dtype} array of shape {reference.shape}" if isinstance(reference, np.ndarray) else type(reference).__name__
+        raise ValueError(f"a reference must be a uint8 array [H, W, 3], got {desc}")
+    if reference.shape[:2] != size:
+        reference = np.asarray(Image.fromarray(reference).resize((size[1], size[0]), Image.Resampling.LANCZOS))
+    return reference.astype(np.float64)
 
 
 def _as_rgb(target: tuple[float, float, float] | str) -> np.ndarray:

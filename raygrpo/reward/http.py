@@ -7,12 +7,17 @@ on any machine, with any model and any dependencies; raygrpo never imports it::
     GET  /v1/info    -> 200 {"name": str, "media_types": [str], "max_batch": int}
     POST /v1/score   (JSON; "Authorization: Bearer <token>" when the server wants one)
          request:  {"protocol": "raygrpo.reward/v1", "request_id": str, "policy_version": int,
-                    "items": [{"id", "prompt", "media_type", "data": base64 PNG/MP4, "metadata"}]}
+                    "items": [{"id", "prompt", "media_type", "data": base64 PNG/MP4, "metadata",
+                               "reference": base64 PNG (optional)}]}
          response: {"request_id": str,
                     "results": [{"id", "score": float | null, "error": str | null, "details": {str: float}}]}
 
-Version 1 is a fixed contract: fields may only be added by a new protocol version, so that servers
-written against it keep working. Only JSON and base64 media cross the wire, never pickle: a reward
+Version 1 is a fixed contract: servers written against it keep working. Its one optional addition,
+``reference`` (the conditioning image of an image-editing or image-to-video item: the edit's source, the
+video's first frame, as a lossless PNG of its original size), is sent only when the reward's config asks for
+it (``send_reference: true``) and the run has such images, and is left out of the JSON otherwise, so a server
+that never heard of it gets byte-for-byte the requests it always got; one that ignores unknown fields (pydantic's
+default, FastAPI's) keeps working even when it is sent. Only JSON and base64 media cross the wire, never pickle: a reward
 server is a separate trust domain, and unpickling its bytes would let it run code in the trainer.
 For the same reason answers are read strictly: a score must be a JSON number (``"0.5"`` and ``true``
 are refused, not coerced), and an answer may not exceed ``max_response_bytes_per_item`` per item.
@@ -41,7 +46,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel, Field, StrictFloat, ValidationError, field_validator
 
-from raygrpo.reward.base import NON_FINITE_ERROR, Reward, RewardParams, RewardServiceError, ScoreOutcome, check_batch
+from raygrpo.reward.base import NON_FINITE_ERROR, References, Reward, RewardParams, RewardServiceError, ScoreOutcome, check_batch
 from raygrpo.reward.media import DEFAULT_FPS, decode_mp4, encode_mp4, encode_png
 from raygrpo.reward.transport import (
     AUTH_STATUS,
@@ -98,6 +103,9 @@ class ScoreItem(BaseModel):
     media_type: MediaType
     data: str  # base64 (standard alphabet, padded) of the PNG or MP4 file's bytes
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # Optional: base64 PNG of the item's conditioning image (edit source / i2v first frame), at its own size. Left
+    # out of the JSON when None: servers that predate it see exactly the requests they always saw.
+    reference: str | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class ScoreRequest(BaseModel):
@@ -171,6 +179,10 @@ class HttpReward(Reward):
     * ``video_fps``: frame rate written into the MP4s (videos only).
     * ``check_health``: ask ``/v1/health`` before the first request, so that a server that is down
       or still loading says so once, clearly, instead of as N failed batches.
+    * ``send_reference``: send each item's conditioning image as ``reference`` (image editing: the source
+      image; image-to-video: the first frame), for servers that judge an edit against its source. Off by
+      default: it costs a PNG per item, and only a server that reads it can use it. Text-to-image runs have no
+      conditioning image and send none either way.
     """
 
     name = "http"
@@ -187,6 +199,7 @@ class HttpReward(Reward):
         media_type: MediaType = "image/png"
         video_fps: int = Field(default=DEFAULT_FPS, ge=1)
         check_health: bool = True
+        send_reference: bool = False
 
         @field_validator("url")
         @classmethod
@@ -239,6 +252,10 @@ class HttpReward(Reward):
     # Public API
     # ----------------------------------------------------------------------------------------
 
+    @property
+    def wants_references(self) -> bool:
+        return self.params.send_reference
+
     def score(
         self,
         images: np.ndarray,
@@ -246,9 +263,10 @@ class HttpReward(Reward):
         *,
         policy_version: int = 0,
         metadata: Sequence[Mapping[str, Any]] | None = None,
+        references: References | None = None,
     ) -> np.ndarray:
         """``[N]`` float32 scores; raises ``RuntimeError`` if any item got none (see :meth:`score_outcome`)."""
-        outcome = self.score_outcome(images, prompts, policy_version=policy_version, metadata=metadata)
+        outcome = self.score_outcome(images, prompts, policy_version=policy_version, metadata=metadata, references=references)
         if not outcome.valid.all():
             bad = int((~outcome.valid).sum())
             first = next(e for e, ok in zip(outcome.errors, outcome.valid) if not ok)
@@ -262,13 +280,15 @@ class HttpReward(Reward):
         *,
         policy_version: int = 0,
         metadata: Sequence[Mapping[str, Any]] | None = None,
+        references: References | None = None,
     ) -> ScoreOutcome:
         """Per-item scores (invalid items hold NaN), retries, failed requests and a fatal error; blocking.
 
         ``policy_version`` and per-item ``metadata`` (JSON-serialisable dicts) are sent to the
-        server as they are. Runs :meth:`ascore_outcome` to completion (see :func:`run_sync`).
+        server as they are; ``references`` (one conditioning image or None per item) as PNG, with
+        ``send_reference`` only. Runs :meth:`ascore_outcome` to completion (see :func:`run_sync`).
         """
-        return run_sync(self.ascore_outcome(images, prompts, policy_version=policy_version, metadata=metadata))
+        return run_sync(self.ascore_outcome(images, prompts, policy_version=policy_version, metadata=metadata, references=references))
 
     async def ascore_outcome(
         self,
@@ -277,6 +297,7 @@ class HttpReward(Reward):
         *,
         policy_version: int = 0,
         metadata: Sequence[Mapping[str, Any]] | None = None,
+        references: References | None = None,
     ) -> ScoreOutcome:
         """The async form of :meth:`score_outcome`.
 
@@ -288,6 +309,8 @@ class HttpReward(Reward):
         n = check_batch(images, prompts, video=self.params.media_type == "video/mp4")
         if metadata is not None and len(metadata) != n:
             raise ValueError(f"got {n} images but {len(metadata)} metadata entries")
+        if references is not None and len(references) != n:
+            raise ValueError(f"got {n} images but {len(references)} references")
         tally = CallTally()
         values = np.full(n, np.nan, dtype=np.float32)
         errors: list[str | None] = [None] * n
@@ -299,8 +322,13 @@ class HttpReward(Reward):
                     return tally.all_invalid(n, exc)
                 semaphore = asyncio.Semaphore(self.params.max_concurrency)
                 batches = [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+                sent = references if self.params.send_reference else None
+                encoded = await asyncio.to_thread(_encode_references, sent)  # once per group, off the loop
                 outcomes = await asyncio.gather(
-                    *(self._score_batch(client, semaphore, tally, images, prompts, metadata, batch, policy_version) for batch in batches)
+                    *(
+                        self._score_batch(client, semaphore, tally, images, prompts, metadata, encoded, batch, policy_version)
+                        for batch in batches
+                    )
                 )
             for outcome in outcomes:
                 for index, (value, error) in outcome.items():
@@ -404,13 +432,14 @@ class HttpReward(Reward):
         images: np.ndarray,
         prompts: list[str],
         metadata: Sequence[Mapping[str, Any]] | None,
+        references: list[str | None] | None,
         indices: range,
         policy_version: int,
     ) -> dict[int, tuple[float, str | None]]:
         # Encoding is CPU work (zlib releases the GIL), done off the event loop so that batches
         # already encoded can be on the wire meanwhile.
         try:
-            items = await asyncio.to_thread(self._encode_items, images, prompts, metadata, indices)
+            items = await asyncio.to_thread(self._encode_items, images, prompts, metadata, references, indices)
         except Exception as exc:  # noqa: BLE001 - e.g. metadata that is not JSON: the items fail, not the worker
             failure = RequestFailed(
                 f"http reward: could not encode items for {self._endpoint('/v1/score')}: {type(exc).__name__}: {exc}", attempts=0
@@ -421,7 +450,12 @@ class HttpReward(Reward):
         return {int(item_id): outcome for item_id, outcome in by_id.items()}
 
     def _encode_items(
-        self, images: np.ndarray, prompts: list[str], metadata: Sequence[Mapping[str, Any]] | None, indices: range
+        self,
+        images: np.ndarray,
+        prompts: list[str],
+        metadata: Sequence[Mapping[str, Any]] | None,
+        references: list[str | None] | None,
+        indices: range,
     ) -> list[ScoreItem]:
         items = []
         for i in indices:
@@ -431,7 +465,9 @@ class HttpReward(Reward):
                 data = base64.b64encode(encode_mp4(images[i], self.params.video_fps)).decode("ascii")
             else:
                 data = encode_png(images[i])
-            items.append(ScoreItem(id=str(i), prompt=prompts[i], media_type=self.params.media_type, data=data, metadata=meta))
+            reference = references[i] if references is not None else None
+            item = ScoreItem(id=str(i), prompt=prompts[i], media_type=self.params.media_type, data=data, metadata=meta, reference=reference)
+            items.append(item)
         return items
 
     async def _send(
@@ -554,6 +590,17 @@ class HttpReward(Reward):
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _encode_references(references: References | None) -> list[str | None] | None:
+    """Base64 PNG of each reference (None stays None), each distinct array encoded once: a group shares one."""
+    if references is None:
+        return None
+    encoded: dict[int, str] = {}
+    for reference in references:
+        if reference is not None and id(reference) not in encoded:
+            encoded[id(reference)] = encode_png(reference)
+    return [None if r is None else encoded[id(r)] for r in references]
 
 
 def _validation_summary(exc: ValidationError) -> str:

@@ -15,7 +15,7 @@ from raygrpo.reward.http import HttpReward
 from raygrpo.reward.models import NEURAL_REWARDS
 from raygrpo.reward.vlm_judge import VlmJudgeReward
 
-__all__ = ["BUILTIN_REWARDS", "VIDEO_HINT", "accepts_video", "check_reward_service", "make_reward"]
+__all__ = ["BUILTIN_REWARDS", "VIDEO_HINT", "accepts_video", "check_reward_service", "make_reward", "wants_references"]
 
 BUILTIN_REWARDS: dict[str, type[Reward]] = {
     **PIXEL_REWARDS,
@@ -36,8 +36,20 @@ def accepts_video(kind: str, params: Mapping[str, Any] | None = None) -> bool:
     """Whether reward ``kind`` scores videos ``[N, F, H, W, 3]`` (the media of the video model families).
 
     Image rewards do not: wrap them in ``frame_average``; remote video rewards take ``http`` with MP4.
+    ``edit_fidelity`` compares a video's first frame with the image-to-video conditioning image.
     """
-    return kind == "frame_average" or (kind == "http" and (params or {}).get("media_type") == "video/mp4")
+    if kind in ("frame_average", "edit_fidelity"):
+        return True
+    return kind == "http" and (params or {}).get("media_type") == "video/mp4"
+
+
+def wants_references(kind: str, params: Mapping[str, Any] | None = None) -> bool:
+    """Whether reward ``kind`` compares outputs with their conditioning image (:attr:`Reward.wants_references`),
+    which only image editing and image-to-video runs have; False for params that do not build (reported elsewhere)."""
+    try:
+        return make_reward(kind, params).wants_references
+    except (ValueError, TypeError):
+        return False
 
 
 def check_reward_service(name: str, kind: str, params: Mapping[str, Any] | None, timeout_s: float = 5.0) -> None:

@@ -12,6 +12,11 @@ group-normalised advantages need within-group differences, and ten levels are co
 logprobs the parsed digit is used. An answer that is not one digit (a server without structured
 outputs, a truncated reply) is a *missing* score that keeps the raw text in its error, never a 0.
 
+Image editing and image-to-video (``send_reference: true``): the chat carries two images, each after a line that
+says which it is ("Image 1, the original:" is the item's conditioning image, "Image 2, the result:" the output),
+then the question, by default :data:`DEFAULT_EDIT_QUESTION` (how well the result follows the instruction while
+keeping the rest of the original). A launched server then accepts two images per prompt.
+
 Two ways to reach a server:
 
 * ``url``: an OpenAI-compatible server that is already running (any machine, any GPU).
@@ -50,7 +55,7 @@ import httpx
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from raygrpo.reward.base import Reward, RewardParams, RewardServiceError, ScoreOutcome, check_batch
+from raygrpo.reward.base import References, Reward, RewardParams, RewardServiceError, ScoreOutcome, check_batch
 from raygrpo.reward.media import encode_png
 from raygrpo.reward.transport import (
     AUTH_STATUS,
@@ -73,6 +78,13 @@ DEFAULT_QUESTION = (
     'Rate from 0 to 9 how well this image matches the prompt "{prompt}" '
     "(0: not at all, 9: perfectly). Answer with one digit."
 )
+
+# With send_reference: image 1 is the conditioning image, image 2 the output (the chat labels them so).
+DEFAULT_EDIT_QUESTION = (
+    'Image 2 is image 1 edited by the instruction "{prompt}". Rate from 0 to 9 how well image 2 follows the '
+    "instruction while keeping the rest of image 1 unchanged (0: not at all, 9: perfectly). Answer with one digit."
+)
+REFERENCE_LABELS = ("Image 1, the original:", "Image 2, the result:")
 
 # The served model id when ``serve`` launches the server and no ``model_name`` is given.
 DEFAULT_SERVED_NAME = "vlm-judge"
@@ -126,7 +138,11 @@ class VlmJudgeReward(Reward):
     * ``url``: base URL of a running OpenAI-compatible server (``http://127.0.0.1:8000``; ``/v1`` optional).
     * ``serve``: :class:`ServeParams`; launch and own a vLLM server.
     * ``question``: the text sent with each image; ``{prompt}`` is replaced by the image's prompt (a
-      question without it asks the same thing of every image).
+      question without it asks the same thing of every image). None: :data:`DEFAULT_QUESTION`, or
+      :data:`DEFAULT_EDIT_QUESTION` with ``send_reference``.
+    * ``send_reference``: show the judge each item's conditioning image (image editing: the source; image-to-video:
+      the first frame) before the output, for a question about the edit. Items without one (text-to-image
+      families) get no score, with an error saying why.
     * ``model_name``: served model id; None: ``serve`` names it ``vlm-judge``, ``url`` asks ``/v1/models``.
     * ``timeout_s``: limit on one attempt of one request. ``max_attempts``: attempts per request.
       ``backoff_s``: first retry delay (doubling, jittered, capped at 30 s; a 429's Retry-After wins).
@@ -139,7 +155,8 @@ class VlmJudgeReward(Reward):
     class Params(RewardParams):
         url: str | None = None
         serve: ServeParams | None = None
-        question: str = DEFAULT_QUESTION
+        question: str | None = None
+        send_reference: bool = False
         model_name: str | None = None
         timeout_s: float = Field(default=60.0, gt=0)
         max_attempts: int = Field(default=3, ge=1)
@@ -207,7 +224,7 @@ class VlmJudgeReward(Reward):
             if self.params.serve is not None and (self._server is None or not self._server.alive()):
                 if self._server is not None:
                     self._server.stop()
-                self._server = _VllmServer.launch(self.params.serve, self._model_id)
+                self._server = _VllmServer.launch(self.params.serve, self._model_id, images_per_prompt=self._images_per_chat)
         return self.base_url  # type: ignore[return-value]
 
     def close(self) -> None:
@@ -217,22 +234,31 @@ class VlmJudgeReward(Reward):
                 self._server.stop()
                 self._server = None
 
-    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+    @property
+    def wants_references(self) -> bool:
+        return self.params.send_reference
+
+    def score(self, images: np.ndarray, prompts: list[str], *, references: References | None = None) -> np.ndarray:
         """``[N]`` float32 in [0, 1]; raises ``RuntimeError`` if any item got no score."""
-        outcome = self.score_outcome(images, prompts)
+        outcome = self.score_outcome(images, prompts, references=references)
         if not outcome.valid.all():
             first = next(e for e, ok in zip(outcome.errors, outcome.valid) if not ok)
             bad = int((~outcome.valid).sum())
             raise RuntimeError(f"reward 'vlm_judge': {bad} of {len(outcome.valid)} items got no score; first: {first}")
         return outcome.values
 
-    def score_outcome(self, images: np.ndarray, prompts: list[str], *, policy_version: int = 0) -> ScoreOutcome:
+    def score_outcome(
+        self, images: np.ndarray, prompts: list[str], *, policy_version: int = 0, references: References | None = None
+    ) -> ScoreOutcome:
         """Per-item scores (invalid items hold NaN), retries, failed requests and a fatal error.
 
         Bad arguments raise ValueError; a server that cannot be started or reached makes every item
         invalid with the reason. One request per image, run to completion (see :func:`run_sync`).
         """
         n = check_batch(images, prompts)
+        references = [None] * n if references is None else references
+        if len(references) != n:
+            raise ValueError(f"got {n} images but {len(references)} references")
         if n == 0:
             return ScoreOutcome(np.zeros(0, np.float32), np.zeros(0, bool), [])
         # Started here, on the caller's thread, not inside the event loop: a launch blocks for tens of seconds.
@@ -241,7 +267,7 @@ class VlmJudgeReward(Reward):
                 self.start()
             except Exception as exc:  # noqa: BLE001 - a judge that cannot start is missing scores, not a dead worker
                 return ScoreOutcome.all_invalid(n, f"vlm_judge: {exc}")
-        return run_sync(self._ascore(images, prompts))
+        return run_sync(self._ascore(images, prompts, references))
 
     def check_service(self, timeout_s: float = 5.0, *, start_server: bool = True) -> None:
         """Raise :class:`RewardServiceError` unless the server is up and serves the judge model.
@@ -263,11 +289,39 @@ class VlmJudgeReward(Reward):
         except RequestFailed as exc:
             raise RewardServiceError(str(exc)) from None
 
+    # The endpoint, for other clients of the same server (raygrpo/data/caption.py asks it for captions): one
+    # client, retry policy and launch code for every request raygrpo sends to a chat model.
+
+    def client(self) -> httpx.AsyncClient:
+        """An HTTP client with this endpoint's timeout, for :meth:`chat` and :meth:`served_model` (one per event loop)."""
+        return httpx.AsyncClient(timeout=httpx.Timeout(self.params.timeout_s), follow_redirects=False)
+
+    async def served_model(self, client: httpx.AsyncClient) -> str:
+        """The model id requests name: ``model_name``, or the first model the server lists (asked once)."""
+        if self._model_id is None:
+            self._model_id = await self._discover_model(client, self._base(), CallTally())
+        return self._model_id
+
+    async def chat(self, client: httpx.AsyncClient, body: dict[str, Any]) -> Any:
+        """POST ``body`` to ``/v1/chat/completions`` with the retries: the answer's JSON, or :class:`RequestFailed`
+        naming the request and what went wrong (``serve`` mode: :meth:`start` first)."""
+        return self._answer(await self._request(client, "POST", f"{self._base()}/v1/chat/completions", json=body))
+
     # ----------------------------------------------------------------------------------------
     # Internals
     # ----------------------------------------------------------------------------------------
 
-    async def _ascore(self, images: np.ndarray, prompts: list[str]) -> ScoreOutcome:
+    def _base(self) -> str:
+        base = self.base_url
+        if base is None:
+            raise RequestFailed("vlm_judge: the server is not started (call start() first)", attempts=0)
+        return base
+
+    @property
+    def _images_per_chat(self) -> int:
+        return 2 if self.params.send_reference else 1
+
+    async def _ascore(self, images: np.ndarray, prompts: list[str], references: References) -> ScoreOutcome:
         n = len(images)
         base = self.base_url
         assert base is not None
@@ -279,7 +333,9 @@ class VlmJudgeReward(Reward):
                 except RequestFailed as exc:
                     return tally.all_invalid(n, exc)
             semaphore = asyncio.Semaphore(self.params.concurrency)
-            outcomes = await asyncio.gather(*(self._score_one(client, semaphore, tally, base, images[i], prompts[i]) for i in range(n)))
+            outcomes = await asyncio.gather(
+                *(self._score_one(client, semaphore, tally, base, images[i], prompts[i], references[i]) for i in range(n))
+            )
         return tally.outcome(np.array([v for v, _ in outcomes], dtype=np.float32), [e for _, e in outcomes])
 
     async def _acheck_service(self, timeout_s: float) -> None:
@@ -315,21 +371,19 @@ class VlmJudgeReward(Reward):
         tally.answered(reply)
         return served
 
-    def build_request(self, image: np.ndarray, prompt: str) -> dict[str, Any]:
-        """The chat-completions body for one image (public so a test or a log can show what is sent)."""
+    def build_request(self, image: np.ndarray, prompt: str, reference: np.ndarray | None = None) -> dict[str, Any]:
+        """The chat-completions body for one image, after its labelled ``reference`` when given (public so a test or
+        a log can show what is sent)."""
+        default = DEFAULT_EDIT_QUESTION if self.params.send_reference else DEFAULT_QUESTION
         # str.replace, not str.format: a question may contain other braces (JSON examples, say).
-        question = self.params.question.replace("{prompt}", prompt)
+        question = (self.params.question or default).replace("{prompt}", prompt)
+        content: list[dict[str, Any]] = [_image_part(image), {"type": "text", "text": question}]
+        if reference is not None:
+            first, second = REFERENCE_LABELS
+            content = [{"type": "text", "text": first}, _image_part(reference), {"type": "text", "text": second}, *content]
         return {
             "model": self._model_id,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encode_png(image)}"}},
-                        {"type": "text", "text": question},
-                    ],
-                }
-            ],
+            "messages": [{"role": "user", "content": content}],
             # One token: the digit. Greedy, so the visible answer is reproducible; the score itself comes from
             # the logprobs, which do not depend on sampling.
             "max_tokens": 1,
@@ -341,11 +395,24 @@ class VlmJudgeReward(Reward):
         }
 
     async def _score_one(
-        self, client: httpx.AsyncClient, semaphore: asyncio.Semaphore, tally: CallTally, base: str, image: np.ndarray, prompt: str
+        self,
+        client: httpx.AsyncClient,
+        semaphore: asyncio.Semaphore,
+        tally: CallTally,
+        base: str,
+        image: np.ndarray,
+        prompt: str,
+        reference: np.ndarray | None,
     ) -> tuple[float, str | None]:
         url = f"{base}/v1/chat/completions"
+        if self.params.send_reference and reference is None:
+            return math.nan, (
+                "vlm_judge: send_reference is set but this item has no conditioning image (only image-conditioned "
+                "families have one: flux_kontext, qwen_image_edit, wan_i2v)"
+            )
         try:
-            body = await asyncio.to_thread(self.build_request, image, prompt)  # PNG encoding off the loop
+            sent = reference if self.params.send_reference else None
+            body = await asyncio.to_thread(self.build_request, image, prompt, sent)  # PNG encoding off the loop
         except Exception as exc:  # noqa: BLE001
             failure = RequestFailed(f"vlm_judge: could not encode the image: {type(exc).__name__}: {exc}", attempts=0)
             tally.failed(failure)
@@ -392,6 +459,11 @@ class VlmJudgeReward(Reward):
 # --------------------------------------------------------------------------------------------
 # Parsing an answer
 # --------------------------------------------------------------------------------------------
+
+
+def _image_part(image: np.ndarray) -> dict[str, Any]:
+    """One image of a chat message: a base64 PNG data URL (OpenAI's ``image_url`` content part)."""
+    return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encode_png(image)}"}}
 
 
 def parse_judgement(answer: Any) -> tuple[float, str | None]:
@@ -462,7 +534,7 @@ class _VllmServer:
         self._finalizer = weakref.finalize(self, _stop_process, process, workdir)
 
     @classmethod
-    def launch(cls, serve: ServeParams, served_name: str | None) -> _VllmServer:
+    def launch(cls, serve: ServeParams, served_name: str | None, *, images_per_prompt: int = 1) -> _VllmServer:
         python = _resolve_python(serve.python)
         port = serve.port or _free_port()
         workdir = Path(tempfile.mkdtemp(prefix="raygrpo-vllm-judge-"))
@@ -473,7 +545,7 @@ class _VllmServer:
             "--host", "127.0.0.1",
             "--port", str(port),
             "--max-model-len", str(serve.max_model_len),
-            "--limit-mm-per-prompt", '{"image": 1}',
+            "--limit-mm-per-prompt", f'{{"image": {images_per_prompt}}}',
             "--disable-log-stats",
         ]  # fmt: skip
         if serve.enforce_eager:

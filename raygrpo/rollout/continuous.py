@@ -41,6 +41,12 @@ change under a group: :class:`VersionGate` lets a weight load start only when no
 back groups that ask for the version being loaded (a threaded actor does not keep the order calls were sent
 in). In process (``run.in_process``) the same worker runs one group at a time: correct, nothing to batch with.
 
+Time accounting (:class:`~raygrpo.contracts.RolloutInfo`). A group's latency (``seconds``) overlaps the other
+groups', so latencies cannot say how busy a worker was (3 groups in flight all the time read as 3 busy workers, and
+``idle/rollout`` as 0). ``busy_seconds`` is the group's own turns plus its share of every step it had rows in (the
+step's wall time times its rows over the step's rows): turns never overlap, so a worker's groups add up to the wall
+seconds it spent working, and ``idle/rollout`` and the autoscale policy (raygrpo/rollout/autoscale.py) read that.
+
 Expected gain. What batching saves is the network's cost per row at ``micro_batch_size`` rows against at
 the rows one group gives (``min(G, micro_batch_size)``); decoding and prompt encoding stay per group. On the
 tiny CPU FLUX a forward is mostly fixed per-call cost (4.0 ms for 4 rows, 4.2 ms for 16: 1.0 against 0.26 ms
@@ -60,7 +66,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -89,6 +95,7 @@ class OdeJob:
     final: torch.Tensor  # [G, ...] float32 on the CPU, filled lane by lane
     admitted: int = 0  # members admitted so far (in member order)
     remaining: int = 0  # members not finished
+    busy: float = 0.0  # seconds of the loop's steps that were this job's: each step's time split over its rows
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -155,9 +162,10 @@ class OdeBatcher:
             self._waiting.append(job)
         return job
 
-    def sample(self, noise: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The final latents ``[G, ...]`` (CPU float32) of ``noise``, sampled among whatever else is in flight; blocks
-        until this job's members are done. Thread-safe; raises the forward's error if the batch it was in failed."""
+    def sample(self, noise: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> OdeJob:
+        """The finished job of ``noise``: its final latents ``job.final [G, ...]`` (CPU float32), sampled among whatever
+        else is in flight, and its share of the loop's time ``job.busy``; blocks until this job's members are done.
+        Thread-safe; raises the forward's error if the batch it was in failed."""
         job = self.submit(noise, sigmas, cond)
         with self._lock:
             if self._thread is None:
@@ -166,7 +174,7 @@ class OdeBatcher:
         job.done.wait()
         if job.error is not None:
             raise job.error
-        return job.final
+        return job
 
     @property
     def in_flight(self) -> int:
@@ -175,7 +183,9 @@ class OdeBatcher:
 
     def step(self) -> list[OdeJob]:
         """One step boundary: admit waiting members into the free rows, one forward over every lane, each lane's
-        solver step. Returns the jobs that finished (their ``done`` is set)."""
+        solver step. Returns the jobs that finished (their ``done`` is set). The step's wall time goes to the jobs in
+        it by rows (``OdeJob.busy``), so the jobs' busy seconds add up to the loop's."""
+        start = time.perf_counter()
         self._admit()
         lanes = self._lanes
         if not lanes:
@@ -204,6 +214,9 @@ class OdeBatcher:
                 finished.append(job)
         if len(running) != len(lanes):
             self._lanes, self._stacked = running, None
+        seconds = time.perf_counter() - start
+        for lane in lanes:
+            lane.job.busy += seconds * lane.size / len(x)
         for job in finished:
             job.done.set()
         return finished
@@ -352,10 +365,22 @@ class ContinuousRolloutWorker(RolloutWorker):
             )
         self.batcher = OdeBatcher(self.model, self.spec.sampler, config.rollout.micro_batch_size, self.device)
         self.gate = VersionGate()
+        self._call = threading.local()  # per generate call (one thread each): its seconds off its turn, its loop share
 
     def generate(self, group: PromptGroup) -> tuple[Rollout, GroupMedia, RolloutInfo]:
+        """The plain worker's ``generate``, its denoising in the batching loop. ``RolloutInfo.seconds``: the call's
+        latency, waits for the gate and for turns included. ``busy_seconds``: the group's own turns (prompt encoding,
+        noise, decoding) plus its rows' share of the loop's steps. Everything on the device runs in turns, one at a
+        time, so the busy seconds of a worker's groups add up to its wall time at most (the held-out samples' turns
+        and the waits between turns are the rest)."""
+        called = time.perf_counter()
         with self.gate.group(group.policy_version, lambda: self.policy_version), self.batcher.turns:
-            return super().generate(group)
+            turn = time.perf_counter()
+            self._call.off_turn = self._call.denoising = 0.0
+            rollout, media, info = super().generate(group)
+            own = time.perf_counter() - turn - self._call.off_turn
+        busy = own + self._call.denoising
+        return rollout, media, replace(info, seconds=time.perf_counter() - called, busy_seconds=busy)
 
     def set_weights(self, message: WeightsMessage) -> SyncReport:
         with self.gate.weights():
@@ -373,11 +398,14 @@ class ContinuousRolloutWorker(RolloutWorker):
         """The plain worker's ODE loop, through the batching loop: no trajectory, no log-probs. Called by ``generate``
         in a turn of ``batcher.turns``, given up while this group's members are denoised."""
         self.batcher.turns.release()
+        released = time.perf_counter()
         try:
-            final = self.batcher.sample(noise, sigmas, cond)
+            job = self.batcher.sample(noise, sigmas, cond)
         finally:
             self.batcher.turns.acquire()
-        return final, None, None
+            self._call.off_turn += time.perf_counter() - released
+        self._call.denoising += job.busy
+        return job.final, None, None
 
 
 def actor_concurrency(config: Config) -> int:

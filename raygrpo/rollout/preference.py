@@ -3,7 +3,8 @@
 :class:`PreferenceRolloutWorker` is a :class:`~raygrpo.rollout.worker.RolloutWorker` that, for each prompt group,
 
 1. samples ``group_size`` evaluation images of the current policy with the algorithm's ODE sampler, as any rollout
-   worker does: the rewards score them, so the reward metrics, galleries and dashboard show how the policy does;
+   worker does: the rewards score them, so the reward metrics, galleries and dashboard show how the policy does.
+   Only the pairs ``algorithm.eval_groups`` / ``eval_every`` pick do (all by default); the others skip this step;
 2. encodes the group's preference pair (record ``prompt_id`` of ``data.prompt_file``): both images through the VAE
    into clean latents in the family's flow coordinates (:func:`image_latents`), both captions through the text
    encoders, and ships them with the group's Rollout (:class:`~raygrpo.data.preferences.PreferenceRollout`).
@@ -15,11 +16,13 @@ pairs are kept (up to ``CACHE_PAIRS``), so a pair seen again in a later epoch is
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
+from raygrpo.algorithms.dcpo import evaluates
 from raygrpo.config import Config
 from raygrpo.contracts import GroupMedia, PromptGroup, RolloutInfo
 from raygrpo.data.preferences import EncodedPair, PreferenceRollout, check_captions, load_preferences, pair_captions
@@ -58,12 +61,28 @@ class PreferenceRolloutWorker(RolloutWorker):
 
     @torch.no_grad()
     def generate(self, group: PromptGroup) -> tuple[PreferenceRollout, GroupMedia, RolloutInfo]:
-        """The evaluation samples of ``group`` and, with them, its encoded preference pair."""
+        """The evaluation samples of ``group`` and, with them, its encoded preference pair; a pair the step does not
+        evaluate (:func:`~raygrpo.algorithms.dcpo.evaluates`) is only encoded."""
+        if not evaluates(group, self.config.algorithm, self.config.train.steps):
+            return self._encoded_only(group)
         rollout, media, info = super().generate(group)
         pair = self._encoded(group)
         fields = {f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout)}
         rollout = PreferenceRollout(**fields, pair=pair)
         return rollout, media, dataclasses.replace(info, rollout_bytes=rollout.nbytes)
+
+    def _encoded_only(self, group: PromptGroup) -> tuple[PreferenceRollout, GroupMedia, RolloutInfo]:
+        """The pair alone: no sampling, no decoding. The group's G members are placeholders (zero latents, which the
+        loss never reads) and its media hold no image, which the rewards answer with ``Scores.not_evaluated``. Stamped
+        with the version the group asks for: nothing in it depends on the policy."""
+        start = time.perf_counter()
+        pair = self._encoded(group)
+        sigmas = self.model.sigma_grid(self.spec.sampler, self.config.rollout.num_steps, self.config.rollout.shift)  # [T+1]
+        placeholders = np.zeros((group.group_size, *pair.latents.shape[1:]), np.float32)  # [G, ...]
+        rollout = PreferenceRollout(group, group.policy_version, pair.preferred, sigmas.cpu().numpy(), placeholders, pair=pair)
+        media = GroupMedia(group=group, images=np.zeros((0, self.model.height, self.model.width, 3), np.uint8))
+        seconds = time.perf_counter() - start
+        return rollout, media, RolloutInfo(group.group_id, group.policy_version, seconds, rollout.nbytes, busy_seconds=seconds)
 
     def _encoded(self, group: PromptGroup) -> EncodedPair:
         if group.prompt_id in self.encoded:

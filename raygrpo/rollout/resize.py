@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from raygrpo.config import Config
-from raygrpo.rollout.autoscale import AutoscalePolicy, PoolSample
+from raygrpo.rollout.autoscale import AutoscalePolicy, PoolSample, worker_slots
 from raygrpo.rollout.control import STATUS_FILE, CommandReader, PoolCommand, token_from_env, write_atomic
 from raygrpo.rollout.scheduler import RolloutScheduler
 
@@ -32,7 +32,7 @@ class PoolResizer:
         self.scale, self.scheduler = config.rollout.autoscale, scheduler
         self.run_dir = Path(run_dir)
         self.commands = CommandReader(self.run_dir, token_from_env(self.scale.token_env) if self.scale else None)
-        self.policy = AutoscalePolicy(self.scale) if self.scale is not None and self.scale.auto else None
+        self.policy = AutoscalePolicy(self.scale, worker_slots(config)) if self.scale is not None and self.scale.auto else None
         self.history: list[PoolSample] = []
         self.joined, self.left = scheduler.joined, scheduler.left
 

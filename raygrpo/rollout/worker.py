@@ -139,7 +139,9 @@ class RolloutWorker:
             log_probs=None if log_probs is None else log_probs.numpy(),
             window=window,
         )
-        info = RolloutInfo(group.group_id, self.policy_version, time.perf_counter() - start, rollout.nbytes)
+        seconds = time.perf_counter() - start
+        # One group per call, one call at a time: the worker was busy with this group for the whole call.
+        info = RolloutInfo(group.group_id, self.policy_version, seconds, rollout.nbytes, busy_seconds=seconds)
         return rollout, GroupMedia(group=group, images=np.ascontiguousarray(images)), info
 
     def _micro_batches(self, noise: torch.Tensor, cond: Conditioning):

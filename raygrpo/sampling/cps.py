@@ -70,6 +70,7 @@ class CpsGridSteps(GridSteps):
     """
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         std = self.coefficients.std
         self.precision, self.log_norm = torch.full_like(std, -1.0), torch.zeros_like(std)
 

@@ -82,6 +82,20 @@ class GridSteps:
     def __post_init__(self) -> None:
         # The log-density's constants per step ([T] each; meaningless where std is 0, and never read there).
         self.precision, self.log_norm = _gaussian_constants(self.coefficients.std)
+        self._constants: dict[int, list[tuple[torch.Tensor, ...]]] = {}  # see step_constants
+
+    def step_constants(self, index: int, elements: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(a, b, precision, log_norm, gradient factor)`` of step ``index`` as 0-dim views, for latents of ``elements``
+        values per sample; the gradient factor is ``precision * (-2 / elements) * b`` (:meth:`log_prob_with_gradient`).
+
+        Built for every step at the first call per ``elements`` (one ``unbind`` each), then a list lookup: the learner
+        asks once per trained transition, where indexing the ``[T]`` tables would be seven small operations."""
+        table = self._constants.get(elements)
+        if table is None:
+            c = self.coefficients
+            factor = self.precision * (-2 / elements) * c.b  # [T]
+            table = self._constants[elements] = list(zip(*(t.unbind() for t in (c.a, c.b, self.precision, self.log_norm, factor))))
+        return table[index]
 
     def transition(self, x: torch.Tensor, v: torch.Tensor, index: int | torch.Tensor) -> Transition:
         """Step ``index`` from ``x`` ``[B, ...]``; ``index`` may be a ``[B]`` tensor (samples at different steps)."""
@@ -109,12 +123,12 @@ class GridSteps:
         """
         if self.deterministic:
             raise ValueError("log_prob needs std > 0: the ODE step (g = 0) is deterministic and has no density")
-        c = self.coefficients
+        a, b, precision, log_norm, factor = self.step_constants(index, math.prod(x.shape[1:]))
         with torch.no_grad():
-            residual = x_next.float() - (c.a[index] * x.float() + c.b[index] * v.float())  # [B, ...]: x_next - mean
+            residual = x_next.float() - (a * x.float() + b * v.float())  # [B, ...]: x_next - mean
             # Transition.log_prob's operations with this step's constants: the same bits.
-            log_prob = residual.square().flatten(1).mean(dim=1) * self.precision[index] - self.log_norm[index]  # [B]
-            return log_prob, residual * (self.precision[index] * (-2 / residual[0].numel()) * c.b[index])
+            log_prob = residual.square().flatten(1).mean(dim=1) * precision - log_norm  # [B]
+            return log_prob, residual * factor
 
 
 def batch_column(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ the reward actor. Pickling drops the loaded networks, so a reward object stays c
 Scores are computed without gradients, in eval mode, ``batch_size`` images at a time, on ``device``
 (any torch device string; a Ray reward actor with ``num_gpus`` sees its GPU as ``cuda``). Images
 are handed to the models' own preprocessing as PIL images, so they are resized and normalised as the
-reference implementations do it.
+reference implementations do it. :meth:`NeuralReward.score_pixels` is the same score as a differentiable function
+of float pixels, the preprocessing redone in torch (``pixels.py``), for the learner (raygrpo/reward/differentiable.py).
 
 open_clip is not used: it imports torchvision at import time, and the torchvision wheels that pip
 finds next to a CPU build of torch 2.13 fail to load (``operator torchvision::nms does not exist``).

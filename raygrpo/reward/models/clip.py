@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from raygrpo.reward.models.loading import (
     OPENCLIP_VIT_H_14,
     NeuralReward,
     NeuralRewardParams,
+    PromptCache,
     check_file_source,
     check_model_source,
     fetch_file,
@@ -28,6 +30,7 @@ from raygrpo.reward.models.loading import (
     read_state_dict,
     to_inference,
 )
+from raygrpo.reward.models.pixels import TorchImageProcessor
 
 
 def clip_processor_class():
@@ -70,24 +73,38 @@ class ClipEncoder:
         # Prompts are cut at CLIP's context length (77), as every reference scorer does; some
         # tokenizers report an unbounded model_max_length, so the position table decides.
         self.max_length = min(int(tokenizer.model_max_length), int(model.config.text_config.max_position_embeddings))
+        self.text_cache = PromptCache()
 
     def images(self, images: np.ndarray) -> torch.Tensor:
+        """Embeddings of uint8 images ``[n, H, W, 3]`` through the processor (PIL): the pools' path."""
         # PIL images, so that the processor cannot mistake the channel axis of small images.
         pil = [Image.fromarray(np.ascontiguousarray(image)) for image in images]
-        pixels = self.image_processor(images=pil, return_tensors="pt")["pixel_values"]
-        pooled = self.model.vision_model(pixel_values=pixels.to(self.device, self.dtype)).pooler_output
+        return self.embed(self.image_processor(images=pil, return_tensors="pt")["pixel_values"])
+
+    def pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Embeddings of ``pixels [n, 3, H, W]`` in [0, 1] with gradients: the processor's steps in torch."""
+        return self.embed(self.torch_processor(pixels))
+
+    @cached_property
+    def torch_processor(self) -> TorchImageProcessor:
+        # Built on first use: a processor without a torch form must not stop the pools' scoring.
+        return TorchImageProcessor.from_processor(self.image_processor)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[n, projection_dim]`` unit embeddings of preprocessed ``pixel_values [n, 3, h, w]``."""
+        pooled = self.model.vision_model(pixel_values=pixel_values.to(self.device, self.dtype)).pooler_output
         return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
 
     def texts(self, prompts: list[str]) -> torch.Tensor:
-        # A group repeats one prompt: encode each distinct prompt once.
-        unique = list(dict.fromkeys(prompts))
+        # A group repeats one prompt, and training repeats the prompt set: each prompt is encoded once.
+        return self.text_cache(prompts, self._encode_texts)
+
+    def _encode_texts(self, prompts: list[str]) -> torch.Tensor:
         # Padding to the full context makes a prompt's embedding independent of its batch mates
         # (CLIP's text tower is causal, so padding after the end-of-text token changes nothing).
-        tokens = self.tokenizer(unique, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
+        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
         out = self.model.text_model(input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device))
-        embeds = F.normalize(self.model.text_projection(out.pooler_output).float(), dim=-1)
-        index = torch.tensor([unique.index(p) for p in prompts], device=embeds.device)
-        return embeds[index]
+        return F.normalize(self.model.text_projection(out.pooler_output).float(), dim=-1)
 
 
 def load_clip_encoder(reward: NeuralReward, model_param: str, model: str, processor_param: str, processor: str) -> ClipEncoder:
@@ -144,7 +161,14 @@ class ClipScore(NeuralReward):
         return load_clip_encoder(self, "model", self.params.model, "processor" if self.params.processor else "model", self._processor())
 
     def _score_batch(self, clip: ClipEncoder, images: np.ndarray, prompts: list[str]) -> torch.Tensor:
-        return self.params.scale * (clip.images(images) * clip.texts(prompts)).sum(-1)
+        return self._score_embeddings(clip, clip.images(images), prompts)
+
+    def _score_pixels(self, clip: ClipEncoder, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self._score_embeddings(clip, clip.pixels(pixels), prompts)
+
+    def _score_embeddings(self, clip: ClipEncoder, image_embeds: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The score of unit image embeddings ``[n, d]``, the one formula of both paths."""
+        return self.params.scale * (image_embeds * clip.texts(prompts)).sum(-1)
 
 
 class PickScore(ClipScore):
@@ -165,8 +189,8 @@ class PickScore(ClipScore):
         processor: str | None = LAION_CLIP_H
         scale: float = 1.0 / 26.0
 
-    def _score_batch(self, clip: ClipEncoder, images: np.ndarray, prompts: list[str]) -> torch.Tensor:
-        cosine = (clip.images(images) * clip.texts(prompts)).sum(-1)
+    def _score_embeddings(self, clip: ClipEncoder, image_embeds: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        cosine = (image_embeds * clip.texts(prompts)).sum(-1)
         return self.params.scale * clip.temperature * cosine
 
 
@@ -255,6 +279,10 @@ class Aesthetic(NeuralReward):
     def _score_batch(self, nets: tuple[ClipEncoder, AestheticHead], images: np.ndarray, prompts: list[str]) -> torch.Tensor:
         clip, head = nets
         return head(clip.images(images)).squeeze(-1)
+
+    def _score_pixels(self, nets: tuple[ClipEncoder, AestheticHead], pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        clip, head = nets
+        return head(clip.pixels(pixels)).squeeze(-1)
 
 
 # --------------------------------------------------------------------------------------------------

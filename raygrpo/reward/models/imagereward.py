@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from raygrpo.reward.models.clip import AestheticHead, clip_processor_class
 from raygrpo.reward.models.loading import (
     NeuralReward,
     NeuralRewardParams,
+    PromptCache,
     check_file_source,
     check_model_source,
     fetch_file,
@@ -26,6 +28,7 @@ from raygrpo.reward.models.loading import (
     read_state_dict,
     to_inference,
 )
+from raygrpo.reward.models.pixels import TorchImageProcessor
 
 # ImageReward v1.0's architecture: BLIP_Pretrain(image_size=224, vit="large") with the med_config.json
 # of the hub repository THUDM/ImageReward (BERT-base, 30524 tokens = bert-base-uncased + [DEC] + [ENC],
@@ -137,15 +140,32 @@ class ImageRewardNets:
         self.vision, self.text, self.head = vision, text, head
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.device, self.dtype = device, dtype
+        self.token_cache = PromptCache()  # [ids | mask] rows of each prompt, tokenised once
 
     def __call__(self, images: np.ndarray, prompts: list[str]) -> torch.Tensor:
+        """Scores of uint8 images ``[n, H, W, 3]`` through the processor (PIL): the pools' path."""
         pil = [Image.fromarray(np.ascontiguousarray(image)) for image in images]
-        pixels = self.image_processor(images=pil, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
-        image_embeds = self.vision(pixel_values=pixels).last_hidden_state
+        return self.score(self.image_processor(images=pil, return_tensors="pt")["pixel_values"], prompts)
+
+    def pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Scores of ``pixels [n, 3, H, W]`` in [0, 1] with gradients: the processor's steps in torch."""
+        return self.score(self.torch_processor(pixels), prompts)
+
+    @cached_property
+    def torch_processor(self) -> TorchImageProcessor:
+        return TorchImageProcessor.from_processor(self.image_processor)
+
+    def _tokenize(self, prompts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=IMAGEREWARD_MAX_LENGTH, return_tensors="pt")
+        return torch.cat([tokens["input_ids"], tokens["attention_mask"]], dim=1)  # [k, 2 * 35]
+
+    def score(self, pixel_values: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """``[n]`` scores of preprocessed ``pixel_values [n, 3, h, w]``, the one formula of both paths."""
+        image_embeds = self.vision(pixel_values=pixel_values.to(self.device, self.dtype)).last_hidden_state
+        ids, mask = self.token_cache(prompts, self._tokenize).to(self.device).chunk(2, dim=1)  # [n, 35] each
         out = self.text(
-            input_ids=tokens["input_ids"].to(self.device),
-            attention_mask=tokens["attention_mask"].to(self.device),
+            input_ids=ids,
+            attention_mask=mask,
             encoder_hidden_states=image_embeds,
             # Every image token is attended to, as ImageReward's image_atts = ones.
             encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device),
@@ -217,6 +237,9 @@ class ImageRewardScore(NeuralReward):
 
     def _score_batch(self, nets: ImageRewardNets, images: np.ndarray, prompts: list[str]) -> torch.Tensor:
         return nets(images, prompts)
+
+    def _score_pixels(self, nets: ImageRewardNets, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return nets.pixels(pixels, prompts)
 
 
 def _clip_style_processor(size: int):

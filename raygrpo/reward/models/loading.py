@@ -16,6 +16,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from raygrpo.reward.base import Reward, RewardParams, check_batch
+from raygrpo.reward.models.pixels import check_pixels
 
 HF_PREFIX = "hf://"  # marks a single weights file inside a hub repository: hf://owner/repo/path/to/file
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -224,6 +225,11 @@ class NeuralReward(Reward):
     def _score_batch(self, nets: Any, images: np.ndarray, prompts: list[str]) -> torch.Tensor:
         """``[n]`` scores of at most ``batch_size`` images."""
 
+    def _score_pixels(self, nets: Any, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """``[n]`` scores of ``pixels [n, 3, H, W]`` in [0, 1], differentiable: the formula of :meth:`_score_batch`
+        with the processor's preprocessing in torch (raygrpo/reward/models/pixels.py)."""
+        raise NotImplementedError(f"reward {self.name!r} has no torch form")
+
     @property
     def device(self) -> torch.device:
         return torch.device(self.params.device)
@@ -252,6 +258,14 @@ class NeuralReward(Reward):
                 parts.append(values.detach().float().cpu().numpy())
         return np.concatenate(parts).astype(np.float32)
 
+    def score_pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """``[n]`` scores of ``pixels [n, 3, H, W]`` in [0, 1] with gradients through the pixels (the learner's torch
+        form: raygrpo/reward/differentiable.py). The networks of :meth:`score` (frozen: eval mode, no parameter
+        gradients, loaded once on ``device`` in ``dtype``); one forward pass for the whole batch, since chunks
+        would not save the activations backward keeps."""
+        check_pixels(self.name, pixels, prompts)
+        return self._score_pixels(self.load(), pixels, list(prompts))
+
     def __getstate__(self) -> dict[str, Any]:
         # Networks are not shipped: the receiver loads its own copy on first use.
         state = self.__dict__.copy()
@@ -262,6 +276,33 @@ class NeuralReward(Reward):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+class PromptCache:
+    """Per-prompt tensors (text embeddings, token ids) computed once and kept: ``cache(prompts, compute)``.
+
+    ``compute(distinct new prompts) -> [k, ...]`` runs without gradients and outside inference mode, so the kept
+    rows serve both the pools' scoring (under ``inference_mode``) and the learner's differentiable one (a tensor
+    made under inference mode cannot be saved for backward). Holds at most ``limit`` prompts, the oldest dropped
+    first: a prompt set larger than that costs recomputation, never unbounded memory.
+    """
+
+    def __init__(self, limit: int = 4096):
+        self.limit = limit
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def __call__(self, prompts: list[str], compute: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
+        """``[len(prompts), ...]``: each prompt's row, in order."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.rows]
+        found = {p: self.rows[p] for p in prompts if p in self.rows}
+        if missing:
+            with torch.inference_mode(False), torch.no_grad():
+                found |= dict(zip(missing, compute(missing)))
+            for prompt in missing:
+                self.rows[prompt] = found[prompt]
+                if len(self.rows) > self.limit:
+                    del self.rows[next(iter(self.rows))]
+        return torch.stack([found[p] for p in prompts])
 
 
 def to_inference(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
