@@ -54,6 +54,7 @@ WHEELS = (
     "annotated-types",
     "typing-inspection",
     "typing_extensions",
+    "kernels",  # transformers >= 5.25 imports it (its hub kernels); the device image predates that
 )
 # Ray's files that no Python-only run loads: the Java workers' jar (32 MB of the 79 MB wheel).
 RAY_DROPPED_PREFIXES = ("ray/jars/",)
