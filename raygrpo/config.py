@@ -602,11 +602,6 @@ class _DistillConfig(_AlgorithmBase):
     lrm_temperature: float = Field(1.0, gt=0)
     """T of the pools' pair preference sigmoid((A_i - A_j) / T) the latent reward model is fitted to."""
 
-    def teacher_guidance(self, model: ModelConfig) -> float:
-        """The teacher's (RG-LCD) or reference's (Diff-Instruct*) guidance; unset in the config: model.guidance_scale."""
-        scale = getattr(self, "teacher_guidance_scale", None) or getattr(self, "reference_guidance_scale", None)
-        return model.guidance_scale if scale is None else scale
-
     def check_run(self, model: ModelConfig) -> None:
         """The student samples and trains without CFG (guidance is the teacher's, distilled into it)."""
         guided, family = model.cfg_scales(), model.family
@@ -632,6 +627,9 @@ class RGLCDConfig(_DistillConfig):
     target_ema_decay: float = Field(0.95, ge=0, lt=1)
     """The target network: an EMA of the student after every optimizer step (released 0.95)."""
 
+    def teacher_guidance(self, model: ModelConfig) -> float:
+        return model.guidance_scale if self.teacher_guidance_scale is None else self.teacher_guidance_scale
+
 
 class DiffInstructStarConfig(_DistillConfig):
     """Diff-Instruct* (raygrpo/algorithms/di_star.py): a one-step generator (rollout.num_steps: 1)."""
@@ -656,6 +654,9 @@ class DiffInstructStarConfig(_DistillConfig):
         if self.t_min >= self.t_max:
             raise ValueError(f"t_min={self.t_min} must be below t_max={self.t_max}")
         return self
+
+    def teacher_guidance(self, model: ModelConfig) -> float:
+        return model.guidance_scale if self.reference_guidance_scale is None else self.reference_guidance_scale
 
 
 ALGORITHM_NAMES = ("dancegrpo", "dgpo", "flow_grpo", "mixgrpo", "diffusionnft", "diffusion_dpo", "dcpo", "rg_lcd", "di_star")
