@@ -2,6 +2,7 @@
 
     python benchmarks/algorithms.py --seeds 0 1 2 --target -3.0            # every algorithm of ALGORITHMS
     python benchmarks/algorithms.py --algorithms dancegrpo dgpo --steps 20
+    python benchmarks/algorithms.py --algorithms dancegrpo dgpo --steps 3 --set run.in_process=true   # no Ray (tests)
 
 Each algorithm runs its tiny preset (the tiny FLUX of cluster/tiny.yaml, the JPEG compressibility reward,
 minus the JPEG size in kB) through the real system, ``python -m raygrpo.run PRESET run.seed=S train.steps=N``,
@@ -17,6 +18,10 @@ neighbour as much as the algorithm (measured: benchmarks/README.md). Each run's 
   the same for all). Reported as the median and the range (min-max) over the seeds that reached it.
 * seconds per step (mean over all steps), bytes per sample that reach the learner
   (``rollout/bytes_per_sample``), first and last reward (means of the first and last ``WINDOW`` steps).
+
+``--set KEY=VALUE`` adds config overrides to every run (checked with the presets). With ``run.in_process=true``
+the runs use no Ray and no cluster starts: the test's smoke run, which needs no actor start-ups; the README's
+figures run on Ray, as a user's runs do.
 
 A preset that is missing, or whose rewards are not exactly the one JPEG reward at weight 1 (so that
 ``reward/total/mean`` is the same quantity for every algorithm), stops the benchmark before anything runs.
@@ -78,15 +83,16 @@ class RunResult:
     run_dir: str
 
 
-def check_presets(names: list[str], root: Path = ROOT) -> dict[str, Config]:
-    """Each name's preset config; SystemExit naming every missing or incomparable preset."""
+def check_presets(names: list[str], root: Path = ROOT, overrides: list[str] = ()) -> dict[str, Config]:
+    """Each name's preset config with ``overrides`` (``--set``); SystemExit naming every missing, invalid or incomparable preset."""
     problems, configs = [], {}
     for name in names:
         preset = ALGORITHMS[name]
         try:
-            config = load_config(root / preset)
+            config = load_config(root / preset, list(overrides))
         except ConfigError as exc:
-            problems.append(f"{name}: {exc}; leave it out with --algorithms (the others: {', '.join(n for n in names if n != name)})")
+            fix = "fix --set, or " if overrides else ""
+            problems.append(f"{name}: {exc}; {fix}leave it out with --algorithms (the others: {', '.join(n for n in names if n != name)})")
             continue
         rewards = [(r.kind, r.weight) for r in config.rewards]
         if rewards != [(REWARD_KIND, 1.0)]:
@@ -105,7 +111,7 @@ def run_once(name: str, preset: str, seed: int, args: argparse.Namespace, env: d
     # No galleries, no TensorBoard: the benchmark times training; PNGs written every 10 steps would land in some steps' times.
     # resume=never: an unfinished run left in --work by an interrupted benchmark is never continued.
     overrides = [f"run.seed={seed}", f"train.steps={args.steps}", f"run.output_root={args.work / name}", "run.resume=never"]
-    overrides += ["logging.sample_every=0", "logging.tensorboard=false"]
+    overrides += ["logging.sample_every=0", "logging.tensorboard=false", *args.set]
     command = [sys.executable, "-m", "raygrpo.run", preset, *overrides]
     started = time.monotonic()
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -188,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parallel", type=int, default=1,
                         help="runs at once (default 1: on a 2-core machine concurrent runs inflate each other's step times)")  # fmt: skip
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one on loopback")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every run (run.in_process=true: no Ray, no cluster)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.parallel < 1 or args.steps < 1:
         parser.error(f"--parallel ({args.parallel}) and --steps ({args.steps}) must be at least 1")
@@ -196,16 +204,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    configs = check_presets(list(dict.fromkeys(args.algorithms)))  # before the cluster starts
+    configs = check_presets(list(dict.fromkeys(args.algorithms)), overrides=args.set)  # before the cluster starts
     presets = {name: ALGORITHMS[name] for name in configs}
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     env["TOKENIZERS_PARALLELISM"] = "false"
     load_before = list(os.getloadavg())
     cluster = None
-    if not args.ray_address:  # logical CPUs for --parallel runs of the largest plan; stops only itself, never other Ray instances
+    on_ray = not all(c.run.in_process for c in configs.values())  # --set run.in_process=true: no Ray, no cluster
+    if on_ray and not args.ray_address:  # logical CPUs for --parallel runs of the largest plan; stops only itself, not other Rays
         cpus = math.ceil(args.parallel * max(plan_totals(resource_plan(c))["CPU"] for c in configs.values()))
         cluster = start_local_cluster(num_cpus=max(cpus, 2), env=env, dashboard=False)
-    env["RAY_ADDRESS"] = args.ray_address or cluster.address
+    if on_ray:
+        env["RAY_ADDRESS"] = args.ray_address or cluster.address
     # Seeds interleaved across algorithms: every algorithm sees the same drift in machine load.
     order = [(name, seed) for seed in args.seeds for name in presets]
     runs: dict[str, list[RunResult]] = {name: [] for name in presets}

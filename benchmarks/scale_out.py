@@ -14,7 +14,8 @@
     algorithm steps. DanceGRPO's baseline has no log-probs and no surrogate clipping (it clips the gradient norm
     before AdamW, as the learner and the released scripts do); DGPO's does DGPO's whole
     math in plain PyTorch (``bare_dgpo_step``: the no-gradient reference/base forwards, gate, clip, KL,
-    gradient clipping, AdamW, EMA updates) with its shadows as separate modules. Each figure's
+    gradient clipping, AdamW, EMA updates) with its shadows as separate modules; like the learner, it draws
+    each step's noise levels and noises and forms x_t and the targets inside the timed step. Each figure's
     ``time_split_s`` says where both sides' seconds go (forwards, backwards, optimizer, the rest).
 (c) end to end: the real Controller on Ray (tiny DanceGRPO preset, 2 rollout workers) at
     ``train.max_staleness`` 0 and 1, samples/s per step (step 1 and the last max_staleness steps skipped),
@@ -298,82 +299,92 @@ def train_batch(config: Config, worker) -> list[TrainGroup]:
 
 @dataclass
 class BareForward:
-    """One forward with gradient of the bare loop: its network inputs, and for DGPO the loss's constants."""
+    """One forward with gradient of the bare loop (DanceGRPO), or one group's constants (DGPO: its forwards' inputs are
+    drawn at every step by ``bare_dgpo_step``)."""
 
-    kwargs: dict  # FluxTransformer2DModel's keyword arguments, on the device
-    target: torch.Tensor | None = None  # DGPO: [G, ...] velocity target eps - x0
+    kwargs: dict  # FluxTransformer2DModel's keyword arguments, on the device (DGPO: without hidden_states and timestep)
+    x0: torch.Tensor | None = None  # DGPO: [G, ...] the group's final latents
     advantages: torch.Tensor | None = None  # DGPO: [G]
 
 
 def bare_forwards(config: Config, batch: list[TrainGroup], device: str, img_ids: torch.Tensor) -> tuple[list[BareForward], int]:
-    """Every forward with gradient the algorithm makes, built once (the baseline times the network, loss and optimizer
-    only), and after how many of them it steps.
+    """What the bare loop feeds its network, built once, and after how many forwards with gradient it steps.
 
-    DanceGRPO: each sample alone at ``trained_timesteps`` of its transitions, a step every
-    ``grad_accum_samples`` samples. DGPO: each whole group at ``num_train_timesteps`` noise levels, one step.
+    DanceGRPO: each sample alone at ``trained_timesteps`` of its transitions (inputs read from the recorded
+    trajectory, nothing to draw), a step every ``grad_accum_samples`` samples. DGPO: one entry per group (its x0,
+    advantages and conditioning; the conditioning is constant, as a hand-written loop would hold it), and
+    ``bare_dgpo_step`` draws each step's noise levels and noises and forms ``x_t`` and the targets, as the learner
+    must (built once here, they would leave the learner's draws unmatched); one optimizer step per update.
     """
     algo, rng, m = config.algorithm, np.random.default_rng(0), config.model
 
-    def inputs(x: np.ndarray, sigma: float, r: Rollout) -> dict:
-        b, text = len(x), torch.as_tensor(r.conditioning.prompt_embeds, device=device)
-        return {
-            "hidden_states": torch.as_tensor(x, device=device), "timestep": torch.full((b,), sigma, device=device),
+    def inputs(r: Rollout, b: int, x: np.ndarray | None = None, sigma: float | None = None) -> dict:
+        text = torch.as_tensor(r.conditioning.prompt_embeds, device=device)
+        kwargs = {
             "guidance": torch.full((b,), m.guidance_scale, device=device), "encoder_hidden_states": text[None].expand(b, -1, -1),
             "pooled_projections": torch.as_tensor(r.conditioning.pooled_prompt_embeds, device=device)[None].expand(b, -1),
             "txt_ids": torch.zeros(text.shape[0], 3, device=device), "img_ids": img_ids,
         }  # fmt: skip
+        if x is not None:
+            kwargs |= {"hidden_states": torch.as_tensor(x, device=device), "timestep": torch.full((b,), sigma, device=device)}
+        return kwargs
 
-    forwards = []
     if algo.name == "dancegrpo":
+        forwards = []
         for group in batch:
             r = group.rollout
             for member in group.members:
                 for j in rng.permutation(len(r.sigmas) - 2)[: config.trained_timesteps]:
-                    forwards.append(BareForward(inputs(r.trajectory[member, j][None], float(r.sigmas[j]), r)))
+                    forwards.append(BareForward(inputs(r, 1, r.trajectory[member, j][None], float(r.sigmas[j]))))
         return forwards, config.trained_timesteps * algo.grad_accum_samples
-    for _ in range(algo.num_train_timesteps):
-        sigma = float(rng.uniform(0.3, 1.0))
-        for group in batch:
-            r, advantages = group.rollout, (group.reward_weights[:, None] * group.advantages).sum(axis=0)
-            x0 = r.final_latents[group.members]
-            noise = np.broadcast_to(rng.standard_normal((1, *x0.shape[1:]), dtype=np.float32), x0.shape)  # one per group
-            target = torch.as_tensor(noise - x0, device=device)
-            x_t = (1 - sigma) * x0 + sigma * noise
-            forwards.append(BareForward(inputs(x_t, sigma, r), target, torch.as_tensor(advantages, device=device)))
-    return forwards, len(forwards)
+    groups = []
+    for group in batch:
+        r, advantages = group.rollout, (group.reward_weights[:, None] * group.advantages).sum(axis=0)
+        x0 = torch.as_tensor(r.final_latents[group.members], device=device)
+        groups.append(BareForward(inputs(r, len(x0)), x0, torch.as_tensor(advantages, device=device)))
+    return groups, algo.num_train_timesteps * len(groups)
 
 
-def bare_dgpo_step(config: Config, networks: dict, adamw: torch.optim.Optimizer, forwards: list[BareForward], step: int) -> None:
+def bare_dgpo_step(
+    config: Config, networks: dict, adamw: torch.optim.Optimizer, groups: list[BareForward], step: int, generator: torch.Generator
+) -> None:
     """DGPO's update in plain PyTorch, the same math as ``raygrpo.algorithms.dgpo`` (whole groups, one optimizer step).
 
     ``networks``: ``policy`` (trained), ``fast`` (fast-EMA copy: the clip's old policy, and the reference with
     ``reference: fast_ema``), ``base`` (frozen copy: the KL's anchor, and the reference with ``reference: frozen``),
-    ``slow`` (slow-EMA copy). Separate modules, where raygrpo swaps shadow values into the one network.
+    ``slow`` (slow-EMA copy). Separate modules, where raygrpo swaps shadow values into the one network. Like the
+    learner it draws every step ``num_train_timesteps`` noise levels (sigma ~ U[0.3, 1], shared by the step's groups)
+    and at each one noise per group (shared by its members), from ``generator``.
     """
     algo = config.algorithm
     policy, fast, base = networks["policy"], networks["fast"], networks["base"]
     reference = fast if algo.reference == "fast_ema" else base
     needs_old = algo.clip_dsm or algo.clip_kl  # the clip's old policy (the fast EMA) is evaluated only for a clip
-    samples = sum(len(f.advantages) for f in forwards) / algo.num_train_timesteps
+    samples = sum(len(g.x0) for g in groups)
     adamw.zero_grad(set_to_none=True)
-    for f in forwards:
-        mse = lambda v: (v.float() - f.target).square().flatten(1).mean(dim=1)  # noqa: E731  [G]
-        with torch.no_grad():
-            v_ref = reference(**f.kwargs, return_dict=False)[0]
-            v_base = v_ref if reference is base or algo.kl_beta == 0 else base(**f.kwargs, return_dict=False)[0]
-            v_old = v_ref if reference is fast or not needs_old else fast(**f.kwargs, return_dict=False)[0]
-        loss_ref, loss_old = mse(v_ref), mse(v_old)
-        v = policy(**f.kwargs, return_dict=False)[0]
-        loss = mse(v)  # [G]
-        adv = f.advantages
-        gate = torch.sigmoid(algo.beta / len(adv) * (adv * (loss.detach() - loss_ref)).sum())
-        ratio = torch.exp(loss_old - loss.detach())
-        clipped = ((adv > 0) & (ratio > 1 + algo.clip_range)) | ((adv < 0) & (ratio < 1 - algo.clip_range))
-        clipped &= needs_old
-        used = torch.where(clipped, loss.detach(), loss) if algo.clip_dsm else loss
-        kl = (v.float() - v_base.float()).square().flatten(1).mean(dim=1)
-        kl = torch.where(clipped, kl.detach(), kl) if algo.clip_kl else kl
-        (((gate * adv * used).sum() + algo.kl_beta * kl.sum()) / (algo.num_train_timesteps * samples)).backward()
+    for sigma in (0.3 + 0.7 * torch.rand(algo.num_train_timesteps, generator=generator)).tolist():
+        for g in groups:
+            noise = torch.randn((1, *g.x0.shape[1:]), generator=generator).to(g.x0.device).expand_as(g.x0)  # one per group
+            target = noise - g.x0  # [G, ...] v* = eps - x0
+            x_t = (1 - sigma) * g.x0 + sigma * noise  # [G, ...]
+            kwargs = g.kwargs | {"hidden_states": x_t, "timestep": torch.full((len(x_t),), sigma, device=x_t.device)}
+            mse = lambda v: (v.float() - target).square().flatten(1).mean(dim=1)  # noqa: E731  [G]
+            with torch.no_grad():
+                v_ref = reference(**kwargs, return_dict=False)[0]
+                v_base = v_ref if reference is base or algo.kl_beta == 0 else base(**kwargs, return_dict=False)[0]
+                v_old = v_ref if reference is fast or not needs_old else fast(**kwargs, return_dict=False)[0]
+            loss_ref, loss_old = mse(v_ref), mse(v_old)
+            v = policy(**kwargs, return_dict=False)[0]
+            loss = mse(v)  # [G]
+            adv = g.advantages
+            gate = torch.sigmoid(algo.beta / len(adv) * (adv * (loss.detach() - loss_ref)).sum())
+            ratio = torch.exp(loss_old - loss.detach())
+            clipped = ((adv > 0) & (ratio > 1 + algo.clip_range)) | ((adv < 0) & (ratio < 1 - algo.clip_range))
+            clipped &= needs_old
+            used = torch.where(clipped, loss.detach(), loss) if algo.clip_dsm else loss
+            kl = (v.float() - v_base.float()).square().flatten(1).mean(dim=1)
+            kl = torch.where(clipped, kl.detach(), kl) if algo.clip_kl else kl
+            (((gate * adv * used).sum() + algo.kl_beta * kl.sum()) / (algo.num_train_timesteps * samples)).backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), config.optimizer.max_grad_norm)
     adamw.step()
     with torch.no_grad():
@@ -471,6 +482,7 @@ def bench_learner(preset: str, args: argparse.Namespace) -> dict:
     _, h, w = learner.model.unpacked_latent_shape
     forwards, step_every = bare_forwards(config, batch, dev, FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, dev, torch.float32))
     dgpo = config.algorithm.name == "dgpo"
+    draws = torch.Generator().manual_seed(0)  # DGPO's noise levels and noises, drawn every step
     # DGPO's shadows as modules of their own (full fine-tuning: the fast EMA, the frozen base, the slow EMA).
     networks = {"policy": network} | {k: copy.deepcopy(network).requires_grad_(False) for k in ("fast", "base", "slow") if dgpo}
     part = RankBatch.whole(batch)
@@ -481,7 +493,7 @@ def bench_learner(preset: str, args: argparse.Namespace) -> dict:
     def baseline(r: int) -> None:
         if dgpo:
             with torch.autocast(dev, dtype=compute, enabled=compute != torch.float32):
-                return bare_dgpo_step(config, networks, adamw, forwards, r + 1)
+                return bare_dgpo_step(config, networks, adamw, forwards, r + 1, draws)
         adamw.zero_grad(set_to_none=True)
         for n, f in enumerate(forwards):
             with torch.autocast(dev, dtype=compute, enabled=compute != torch.float32):
@@ -512,7 +524,8 @@ def bench_learner(preset: str, args: argparse.Namespace) -> dict:
     )
     return figure(
         f"Learner.update ({config.algorithm.name}), one training step", "s/step", seconds[0], seconds[1], baseline_what,
-        samples=samples, forwards_with_grad=len(forwards), batch_per_forward=len(forwards[0].kwargs["hidden_states"]),
+        samples=samples, forwards_with_grad=step_every if dgpo else len(forwards),
+        batch_per_forward=len(forwards[0].x0) if dgpo else len(forwards[0].kwargs["hidden_states"]),
         preset=PRESETS[preset], samples_per_s=samples / statistics.median(seconds[0]),
         baseline_samples_per_s=samples / statistics.median(seconds[1]), time_split_s=split, **cpu_figures(cpu, per_call=False),
     )  # fmt: skip
@@ -654,7 +667,11 @@ def bench_weight_sync(args: argparse.Namespace, *extra: str, workers: int = 2) -
 # ------------------------------------------------------------------------------------------- main
 
 
-def start_ray(address: str | None) -> None:
+def start_ray(address: str | None, prefault: bool = False) -> None:
+    """Join ``address``, or start a local instance. ``prefault``: the local object store touches all its shared memory
+    at start (``RAY_preallocate_plasma_memory``), as a long-running cluster's store is after its first syncs: without
+    it a GB-sized put into memory never touched before page-faults (7-11 s for 1 GiB measured on the loaded 2-core
+    machine, 0.3-0.9 s after), and whichever side of (d) lands on fresh memory first looks slow."""
     import ray
 
     if address:
@@ -662,6 +679,8 @@ def start_ray(address: str | None) -> None:
         return
     # One new local instance for this script ("local"), never a cluster another session started on this machine.
     os.environ.pop("RAY_ADDRESS", None)
+    if prefault:
+        os.environ["RAY_preallocate_plasma_memory"] = "1"  # read by the raylet this ray.init starts
     for attempt in (1, 2):
         try:
             ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
@@ -759,7 +778,7 @@ def main(argv: list[str] | None = None) -> dict:
         if set(args.parts) & {"c", "d"}:
             import ray
 
-            start_ray(args.ray_address)
+            start_ray(args.ray_address, prefault="d" in args.parts and not args.smoke)
             try:
                 if "c" in args.parts:
                     for staleness in (0, 1):

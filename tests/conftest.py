@@ -25,6 +25,9 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.pop("RAY_ADDRESS", None)
 # Ray exports application metrics every 10 s by default; the telemetry test reads them back sooner.
 os.environ["RAY_metrics_report_interval_ms"] = "2000"
+# vLLM on CPU (the judge of tests/test_vlm_judge.py) runs its model worker inside its engine core, not in one more
+# spawned interpreter that imports torch, transformers and vLLM again; only vLLM reads it.
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,25 +55,64 @@ def ray_cluster(model_cache, tmp_path_factory) -> LocalCluster:
     """A real `ray start --head` on loopback, started once and shared by every test that needs Ray.
 
     A process group of its own: teardown stops exactly this cluster's processes (`ray stop` would stop
-    every Ray instance on the machine, including other test sessions' and users')."""
-    cluster = start_local_cluster(num_cpus=4)
+    every Ray instance on the machine, including other test sessions' and users').
+
+    A temp folder of its own (RAY_TMPDIR, short: Ray's socket paths must stay under 108 bytes): a `ray job submit`
+    driver joins the cluster named in `<temp>/ray/ray_current_cluster` (Ray's job supervisor resolves "auto"), which in
+    the shared /tmp/ray is whichever head another session started last."""
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="rg-", dir="/tmp")
+    cluster = start_local_cluster(num_cpus=4, env={**os.environ, "RAY_TMPDIR": temp})
     try:
         yield cluster
     finally:
         cluster.stop()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _vlm_judge_started(request, model_cache):
+    """The real-vLLM judge of tests/test_vlm_judge.py, started in the background with the session when a collected test
+    uses its ``judge`` fixture (else None): its ~35 s start runs beside the tests before that module; closed at the end."""
+    if not any("judge" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield None
+        return
+    from .test_vlm_judge import JudgeLaunch
+
+    launch = JudgeLaunch(model_cache)
+    yield launch
+    launch.close()
+
+
+def _two_rank_modules(session) -> list:
+    """The collected test modules with a test that uses ``two_ranks``, by name."""
+    modules = {item.module for item in session.items if "two_ranks" in getattr(item, "fixturenames", ())}
+    return sorted(modules, key=lambda m: m.__name__)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _two_ranks_started(request, tmp_path_factory, model_cache):
+    """The pair of 2-rank processes, started with the session when a collected test uses ``two_ranks`` (else None):
+    their imports run beside the tests before it (tests/two_ranks.py); cancelled at the end if nothing ran. After
+    ``model_cache``: the children take this process's environment (RAYGRPO_CACHE) when they start."""
+    from .two_ranks import TwoRankPair
+
+    modules = _two_rank_modules(request.session)
+    pair = TwoRankPair([m.__name__ for m in modules], tmp_path_factory.mktemp("two-ranks")) if modules else None
+    yield pair
+    if pair is not None:
+        pair.cancel()
 
 
 @pytest.fixture(scope="session")
-def two_ranks(request, tmp_path_factory):
+def two_ranks(request, _two_ranks_started):
     """Every 2-rank learner job of the collected tests' modules (their ``rank_jobs()``), run in ONE pair of gloo
     processes (tests/two_ranks.py): a :class:`tests.two_ranks.TwoRankResults`, rank 0's result per job name."""
-    from .two_ranks import run_two_ranks
-
-    modules = {item.module for item in request.session.items if "two_ranks" in getattr(item, "fixturenames", ())}
     jobs = {}
-    for module in sorted(modules, key=lambda m: m.__name__):
+    for module in _two_rank_modules(request.session):
         jobs |= module.rank_jobs()
-    return run_two_ranks(jobs, tmp_path_factory.mktemp("two-ranks"))
+    return _two_ranks_started.run(jobs)
 
 
 def load_script(path: Path, name: str):
@@ -114,13 +156,14 @@ def wait_healthy(url: str, timeout_s: float = 10, process=None) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and (process is None or process.poll() is None):
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.02)
+    with httpx.Client(timeout=1) as client:  # one client: each httpx.get builds a TLS context (~60 ms of CPU)
+        while time.monotonic() < deadline and (process is None or process.poll() is None):
+            try:
+                if client.get(url).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.02)
     raise RuntimeError(f"server at {url} did not come up")
 
 

@@ -1,15 +1,18 @@
 """benchmarks/scale_out.py at its smallest sizes: every part runs and writes every figure, finite and positive;
-benchmarks/algorithms.py: its reach/summary arithmetic, its preset checks, and two algorithms end to end."""
+benchmarks/algorithms.py: its reach/summary arithmetic, its preset checks, and two algorithms end to end.
+
+The in-process parts (a, b) run ``main`` in this process (no interpreter, torch and diffusers start-up per
+run); the Ray parts (c, d) run the script as a user does, its ``__main__`` included."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from raygrpo.config import load_config
 
@@ -21,19 +24,43 @@ IN_PROCESS = {"a_rollout_ode_dgpo", "a_rollout_sde_dancegrpo", "b_learner_danceg
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("scale_out", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["scale_out"] = module  # dataclasses look their module up while the class body runs
-    spec.loader.exec_module(module)
-    return module
+    return load_named_script(SCRIPT, "scale_out")
+
+
+def smoke_args(tmp_path, *args: str) -> list[str]:
+    return ["--smoke", "--repeats", "1", "--out", str(tmp_path / "scale_out.json"), "--work", str(tmp_path / "work"), *args]
 
 
 def run_script(tmp_path, *args: str, timeout: int = 300) -> dict:
-    out = tmp_path / "scale_out.json"
-    command = [sys.executable, str(SCRIPT), "--smoke", "--repeats", "1", "--out", str(out), "--work", str(tmp_path / "work"), *args]
-    proc = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, str(SCRIPT), *smoke_args(tmp_path, *args)], check=False, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return json.loads((tmp_path / "scale_out.json").read_text())
+
+
+@pytest.fixture
+def run_main(tmp_path):
+    """``run_main(*args)``: the script's ``main`` with ``--smoke`` in this process, its report read back from ``--out``.
+    Afterwards the process-wide settings it changes are put back (torch threads and RNG, diffusers' and
+    transformers' logging), so later tests see this session as it was."""
+    import diffusers
+    import transformers
+
+    libraries = [diffusers.utils.logging, transformers.utils.logging]
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    bench = load_script()
+
+    def run(*args: str) -> dict:
+        bench.main(smoke_args(tmp_path, *args))
+        return json.loads((tmp_path / "scale_out.json").read_text())
+
+    yield run
+    torch.set_num_threads(threads)
+    torch.set_rng_state(rng)
+    for lib, (verbosity, progress_bar) in zip(libraries, saved):
+        lib.set_verbosity(verbosity)
+        (lib.enable_progress_bar if progress_bar else lib.disable_progress_bar)()
 
 
 def assert_figures(report: dict, expected: set[str]) -> None:
@@ -46,8 +73,8 @@ def assert_figures(report: dict, expected: set[str]) -> None:
     assert report["machine"]["torch"] and report["machine"]["cpu_count"] >= 1
 
 
-def test_in_process_parts_write_every_figure(tmp_path):
-    report = run_script(tmp_path, "--only", "a,b")
+def test_in_process_parts_write_every_figure(run_main):
+    report = run_main("--only", "a,b")
     assert_figures(report, IN_PROCESS)
     figures = report["figures"]
     assert figures["a_rollout_sde_dancegrpo"]["micro_batch"] == 1  # the DanceGRPO preset's batch-invariant sampling
@@ -59,11 +86,11 @@ def test_in_process_parts_write_every_figure(tmp_path):
 
 
 @pytest.mark.slow
-def test_realistic_path_runs_reduced_on_cpu(tmp_path, monkeypatch):
+def test_realistic_path_runs_reduced_on_cpu(tmp_path, monkeypatch, run_main):
     """The --realistic model (FLUX.1 layout: 128-wide heads, 64 input channels, 16 latent channels) at a reduced width."""
     monkeypatch.setenv("RAYGRPO_CACHE", str(tmp_path / "cache"))
     args = ["--realistic", "--only", "a,b", "--width", "128", "--layers", "1,1", "--text-width", "64", "--vae-width", "8"]
-    report = run_script(tmp_path, *args, "--resolution", "64")
+    report = run_main(*args, "--resolution", "64")
     assert_figures(report, IN_PROCESS)
     config = json.loads((tmp_path / "cache" / "bench-flux-w128-d1-s1-t64-v8" / "transformer" / "config.json").read_text())
     assert (config["attention_head_dim"], config["in_channels"], config["axes_dims_rope"]) == (128, 64, [16, 56, 56])
@@ -155,18 +182,22 @@ def test_algorithms_refuses_a_missing_preset_or_another_reward(monkeypatch):
     message = str(exc.value)
     assert "dgpo: config file" in message and "cluster/tiny_missing.yaml" in message and "--algorithms" in message
     assert "dancegrpo: cluster/tiny_two_rewards.yaml scores with [('jpeg_compressibility', 1.0), ('http', 0.5)]" in message
+    with pytest.raises(SystemExit) as exc:  # --set overrides are checked with the presets, before any run
+        bench.check_presets(["flow_grpo"], overrides=["train.stepz=3"])
+    assert "train.stepz: unknown key" in str(exc.value) and "fix --set" in str(exc.value)
     with pytest.raises(SystemExit):
         bench.parse_args(["--algorithms", "dancegrpo", "no_such_algorithm"])
     assert bench.parse_args([]).algorithms == list(bench.ALGORITHMS)  # every algorithm unless told otherwise
 
 
 @pytest.mark.slow
-def test_algorithms_benchmark_runs_two_algorithms_on_one_cluster(tmp_path, ray_cluster):
-    """Two presets, one seed, 3 steps each (one running-mean window), joining the session's cluster; an
-    always-reached target, so every figure to target is present."""
+def test_algorithms_benchmark_runs_two_algorithms_end_to_end(tmp_path):
+    """Two presets, one seed, 3 steps each (one running-mean window), each a real ``python -m raygrpo.run``, in
+    process (``--set run.in_process=true``: no cluster, no actor start-ups; the runs' Ray path is
+    tests/test_run_e2e.py's); an always-reached target, so every figure to target is present."""
     out = tmp_path / "algorithms.json"
     command = [sys.executable, str(ALGORITHMS_SCRIPT), "--algorithms", "dancegrpo", "dgpo", "--seeds", "0", "--steps", "3",
-               "--target", "-100", "--out", str(out), "--work", str(tmp_path / "work"), "--ray-address", ray_cluster.address]  # fmt: skip
+               "--target", "-100", "--out", str(out), "--work", str(tmp_path / "work"), "--set", "run.in_process=true"]  # fmt: skip
     proc = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())

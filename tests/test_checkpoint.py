@@ -6,9 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -213,10 +211,51 @@ def _snapshot(root: Path) -> dict[str, tuple[bytes | None, int]]:
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
 
 
-def _raygrpo_cli(*overrides: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # so it would start a local Ray
-    command = [*prefix, sys.executable, "-m", "raygrpo.run", "cluster/tiny.yaml", *overrides]
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+def _run_main_without_dac_override(*args: str) -> subprocess.CompletedProcess:
+    """``run_main(*args)`` in a child forked from this process that has dropped CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH
+    (root writes through any mode bits with them; without them it obeys the bits like any user), and no RAY_ADDRESS, so
+    the run would start a local Ray. A fork, not a new interpreter: the entry point's imports are already loaded here."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read)
+            _drop_dac_capabilities()
+            os.environ.pop("RAY_ADDRESS", None)
+            proc = run_main(*args)
+            result = {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the test with it
+            result = {"returncode": -1, "stdout": "", "stderr": f"the child failed: {exc!r}"}
+        with os.fdopen(write, "w") as out:
+            json.dump(result, out)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        result = json.load(answer)
+    os.waitpid(pid, 0)
+    return subprocess.CompletedProcess(["raygrpo.run", *args], result["returncode"], result["stdout"], result["stderr"])
+
+
+def _drop_dac_capabilities() -> None:
+    """capset(2) on this (single-threaded, forked) process: clear CAP_DAC_OVERRIDE (1) and CAP_DAC_READ_SEARCH (2) from
+    the effective and permitted sets; os.access as root checks the permitted set. A no-op for a user without them."""
+    import ctypes
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    keep = ~((1 << 1) | (1 << 2)) & 0xFFFFFFFF
+    data[0].effective &= keep
+    data[0].permitted &= keep
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
 
 
 @pytest.mark.parametrize(
@@ -252,18 +291,14 @@ def test_an_output_root_below_a_file_is_refused_naming_the_field(tmp_path):
 
 def test_a_read_only_output_root_is_refused_before_ray_starts(tmp_path):
     """Root writes through any mode bits (CAP_DAC_OVERRIDE); without that capability it obeys them like any user."""
-    prefix = ()
-    if os.geteuid() == 0:
-        if not shutil.which("setpriv"):
-            pytest.skip("running as root and no setpriv (util-linux) to drop CAP_DAC_OVERRIDE")
-        prefix = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--")
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
     try:
-        proc = _raygrpo_cli(f"run.output_root={locked / 'runs'}", prefix=prefix)
+        proc = _run_main_without_dac_override("cluster/tiny.yaml", f"run.output_root={locked / 'runs'}")
     finally:
         locked.chmod(0o755)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"run.output_root: '{locked}' is not writable" in proc.stderr, proc.stderr[-3000:]
+    assert "Ray instance" not in proc.stderr and "Ray cluster" not in proc.stderr, "it must fail before Ray starts"
     assert not (locked / "runs").exists()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from .conftest import run_main
-from .test_run_e2e import printed_run_dir, run_raygrpo
+from .test_run_e2e import printed_run_dir
 
 DGPO = "algorithm={name: dgpo, group_size: 4, groups_per_step: 2, sampler: dpmpp_2m, trunc_steps: 6, num_train_timesteps: 2}"
 
@@ -20,11 +20,12 @@ def _records(stdout: str) -> tuple[list[dict], object]:
 
 @pytest.mark.slow
 def test_dancegrpo_ddim_on_tiny_sd(ray_cluster, tmp_path):
-    """cluster/tiny_sd.yaml for 2 steps: DDIM-eta rollouts with log-probs; the learner's first ratio is exactly 1. 4 DDIM
-    steps instead of the preset's 8 (nothing checked depends on the count; each costs two CFG forwards per member)."""
-    proc = run_raygrpo(
+    """cluster/tiny_sd.yaml for 2 steps on the session's Ray cluster, driven from this process: DDIM-eta rollouts with
+    log-probs; the learner's first ratio is exactly 1. 4 DDIM steps instead of the preset's 8 (nothing checked depends
+    on the count; each costs two CFG forwards per member)."""
+    proc = run_main(
         "cluster/tiny_sd.yaml", "train.steps=2", "algorithm.group_size=4", "rollout.num_steps=4", f"run.output_root={tmp_path}",
-        ray_address=ray_cluster.address,
+        env={"RAY_ADDRESS": ray_cluster.address},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     records, run_dir = _records(proc.stdout)

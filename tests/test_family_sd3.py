@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from .conftest import run_main
-from .test_run_e2e import printed_run_dir, run_raygrpo
+from .test_run_e2e import printed_run_dir
 
 COMMON = [
     "model.family=sd3", "model.guidance_scale=4.5", "model.max_sequence_length=16", "train.steps=2",
@@ -30,12 +30,13 @@ COMMON = [
     ids=["dancegrpo-flow-sde", "dgpo"],
 )  # fmt: skip
 def test_sd3_trains_with_both_algorithms(ray_cluster, tmp_path, algorithm):
-    """Flow-SDE through the session's Ray cluster (2 workers sharing a group); DGPO, whose rollouts ship a subset of that
-    (final latents, the same conditioning), in process (run.in_process=true)."""
+    """Flow-SDE through the session's Ray cluster (2 workers sharing a group), driven from this process (no new
+    interpreter importing torch and diffusers: the actors are what is on Ray); DGPO, whose rollouts ship a subset of
+    that (final latents, the same conditioning), in process (run.in_process=true)."""
     if "dgpo" in algorithm[0]:
         proc = run_main("cluster/tiny.yaml", "run.in_process=true", *COMMON, *algorithm, f"run.output_root={tmp_path}")
     else:
-        proc = run_raygrpo("cluster/tiny.yaml", *COMMON, *algorithm, f"run.output_root={tmp_path}", ray_address=ray_cluster.address)
+        proc = run_main("cluster/tiny.yaml", *COMMON, *algorithm, f"run.output_root={tmp_path}", env={"RAY_ADDRESS": ray_cluster.address})
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = printed_run_dir(proc.stdout)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -19,7 +19,7 @@ from raygrpo.errors import PreflightError
 from raygrpo.run import preflight
 
 from .conftest import ROOT, run_main
-from .test_run_e2e import printed_run_dir, run_raygrpo
+from .test_run_e2e import printed_run_dir
 
 IN_PROCESS = "run.in_process=true"
 DGPO = "algorithm={name: dgpo, group_size: 4, groups_per_step: 2, sampler: dpmpp_2m, trunc_steps: 6, num_train_timesteps: 2}"
@@ -247,10 +247,11 @@ def test_dgpo_on_tiny_hunyuan_video(tmp_path):
 def test_dancegrpo_on_tiny_wan_i2v(ray_cluster, tmp_path):
     """cluster/tiny_wan_i2v.yaml for 2 steps: each group carries its conditioning image; CFG in rollout and training.
     4 denoising steps instead of the preset's 8: what is checked (the conditioning sent once per group, the trajectory's
-    bytes, the first ratio) does not depend on the count, and each step costs a CFG forward per member and a trained one."""
-    proc = run_raygrpo(
+    bytes, the first ratio) does not depend on the count, and each step costs a CFG forward per member and a trained one.
+    The driver is this process (the actors are what is on Ray; a new interpreter would import torch and diffusers again)."""
+    proc = run_main(
         "cluster/tiny_wan_i2v.yaml", "train.steps=2", "algorithm.group_size=4", "algorithm.grad_accum_samples=8", "rollout.num_steps=4",
-        f"run.output_root={tmp_path}", ray_address=ray_cluster.address,
+        f"run.output_root={tmp_path}", env={"RAY_ADDRESS": ray_cluster.address},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     records, run_dir = _records(proc.stdout)

@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from raygrpo.config import RewardConfig
 from raygrpo.contracts import GroupMedia, PromptGroup
 from raygrpo.reward import RewardServiceError, check_reward_service, make_reward
 from raygrpo.reward.http import PROTOCOL, HttpReward, encode_png
+from raygrpo.reward.transport import tls_context
 from raygrpo.reward.worker import RewardWorker
 
 from .conftest import ROOT, load_script, wait_healthy
@@ -227,6 +229,13 @@ def builtin_server():
     server.close()
 
 
+@pytest.fixture(scope="module")
+def web():
+    """One plain httpx client for the tests' own requests: each module-level httpx.get builds a TLS context (~60 ms)."""
+    with httpx.Client(timeout=5, verify=tls_context()) as client:
+        yield client
+
+
 def images_of(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 
@@ -283,15 +292,43 @@ def test_413_for_too_many_items_splits_the_batch(builtin_server):
     assert sorted(len(b["items"]) for b in builtin_server.recorder.bodies("/v1/score")) == [2, 2, 2, 2, 4, 4, 8]
 
 
-def test_request_over_byte_limit_is_413_and_not_retried():
-    server = LiveServer(serve_builtin.create_app(make_reward("brightness", {}), name="small", max_request_bytes=2000))
-    try:
-        outcome = http_reward(server.url, batch_size=2).score_outcome(images_of(2, size=32), ["a", "b"])
-        assert not outcome.valid.any() and np.isnan(outcome.values).all()
-        assert all("413" in e and "/v1/score" in e and "2000 bytes" in e for e in outcome.errors)
-        assert server.recorder.count("/v1/score") == 3  # 2 items -> 413, then each alone -> 413; no retries
-    finally:
-        server.close()
+SMALL_LIMIT = 3000  # request bytes: one 32x32 noise image is about 4.4 kB of JSON, two about 8.7 kB
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    server = LiveServer(serve_builtin.create_app(make_reward("brightness", {}), name="small", max_request_bytes=SMALL_LIMIT))
+    yield server
+    server.close()
+
+
+def test_request_over_byte_limit_is_413_and_not_retried(small_server):
+    small_server.recorder.requests.clear()
+    outcome = http_reward(small_server.url, batch_size=2).score_outcome(images_of(2, size=32), ["a", "b"])
+    assert not outcome.valid.any() and np.isnan(outcome.values).all()
+    assert all("413" in e and "/v1/score" in e and f"{SMALL_LIMIT} bytes" in e and "raise the limit" in e for e in outcome.errors)
+    assert small_server.recorder.count("/v1/score") == 3  # 2 items -> 413, then each alone -> 413; no retries
+    # Every body was within what the server reads and drops after an early 413 (keeping the connection), so the
+    # client always reads the 413; bodies beyond that are the next test's.
+    sizes = [int(r["headers"][b"content-length"]) for r in small_server.recorder.requests if r["path"] == "/v1/score"]
+    assert all(SMALL_LIMIT < size <= serve_builtin.guard.DISCARD_FACTOR * SMALL_LIMIT for size in sizes), sizes
+
+
+def test_request_far_over_byte_limit_fails_with_what_to_do(small_server):
+    # 8 MiB: the server answers 413 and closes the connection mid-upload; httpx's asyncio client then mostly sees a
+    # reset, not the 413 (transport.describe_transport_error). Either way the message must say what to change.
+    small_server.recorder.requests.clear()
+    reward = http_reward(small_server.url, batch_size=1, max_attempts=1)
+    outcome = reward.score_outcome(images_of(1), ["a"], metadata=[{"padding": "x" * (8 << 20)}])
+    (error,) = outcome.errors
+    assert not outcome.valid.any() and outcome.failures == 1 and outcome.fatal is None
+    if "HTTP 413" in error:
+        assert f"{SMALL_LIMIT} bytes" in error and "raise the limit" in error, error
+    else:
+        size = int(re.search(r"the request was (\d+) bytes", error)[1])
+        assert "connection was closed before an answer" in error and size > 8 << 20 and "after 1 attempt" in error, error
+        assert "send smaller requests (smaller media) or raise the server's request size limit" in error, error
+    assert small_server.recorder.count("/v1/score") == 1
 
 
 def test_token_auth(monkeypatch):
@@ -331,19 +368,19 @@ def test_missing_token_env_fails_at_construction(monkeypatch):
         make_reward("http", {"url": "http://127.0.0.1:1", "timeout": 3})
 
 
-def test_builtin_server_rejects_bad_requests_clearly(builtin_server):
+def test_builtin_server_rejects_bad_requests_clearly(builtin_server, web):
     url = f"{builtin_server.url}/v1/score"
     good = {"id": "ok", "prompt": "p", "media_type": "image/png", "data": encode_png(images_of(1)[0])}
 
     def post(payload, **kw):
-        return httpx.post(url, json=payload, timeout=5, **kw)
+        return web.post(url, json=payload, timeout=5, **kw)
 
     base = {"protocol": PROTOCOL, "request_id": "r1", "policy_version": 0}
     r = post({**base, "protocol": "raygrpo.reward/v2", "items": [good]})
     assert r.status_code == 400 and "protocol" in r.json()["detail"]
     r = post({**base, "items": [dict(good, id=str(i)) for i in range(4)]})
     assert r.status_code == 413 and "max_batch of 3" in r.json()["detail"]
-    r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}, timeout=5)
+    r = web.post(url, content=b"{not json", headers={"content-type": "application/json"}, timeout=5)
     assert r.status_code == 400
     r = post({**base, "items": [dict(good, data=123)]})
     assert r.status_code == 422
@@ -368,20 +405,21 @@ def test_builtin_server_rejects_bad_requests_clearly(builtin_server):
     assert r.status_code == 200 and r.json()["results"][0]["score"] is None and "PNG" in r.json()["results"][0]["error"]
 
 
-def test_builtin_server_cli_with_token(monkeypatch):
+def test_builtin_server_cli_with_token(monkeypatch, web):
     port = _free_port()
     env = {**os.environ, "CLI_REWARD_TOKEN": "cli-secret"}
     command = [sys.executable, str(ROOT / "reward_servers" / "serve_builtin.py"), "--kind", "jpeg_compressibility",
                "--params", '{"quality": 90}', "--port", str(port), "--token-env", "CLI_REWARD_TOKEN", "--log-level", "warning"]  # fmt: skip
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}/v1/health", timeout_s=30)
+        # A new Python importing torch: seconds on a quiet machine, tens of them on a loaded one; a crash ends the wait.
+        wait_healthy(f"http://127.0.0.1:{port}/v1/health", timeout_s=90, process=proc)
         monkeypatch.setenv("CLI_REWARD_TOKEN", "cli-secret")
         images = images_of(3, seed=5)
         outcome = http_reward(f"http://127.0.0.1:{port}", token_env="CLI_REWARD_TOKEN").score_outcome(images, ["a"] * 3)
         assert outcome.valid.all()
         np.testing.assert_array_equal(outcome.values, make_reward("jpeg_compressibility", {"quality": 90}).score(images, ["a"] * 3))
-        assert httpx.get(f"http://127.0.0.1:{port}/v1/info").json() == {
+        assert web.get(f"http://127.0.0.1:{port}/v1/info").json() == {
             "name": "jpeg_compressibility", "media_types": ["image/png"], "max_batch": 64,
         }  # fmt: skip
     finally:
@@ -394,7 +432,7 @@ def test_builtin_server_cli_with_token(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_template_server_protocol_and_token(monkeypatch):
+def test_template_server_protocol_and_token(monkeypatch, web):
     server = LiveServer(template_server.create_app(token="tmpl-token", max_batch=2))
     try:
         images = images_of(5, seed=6)
@@ -403,7 +441,7 @@ def test_template_server_protocol_and_token(monkeypatch):
         assert outcome.valid.all()
         np.testing.assert_allclose(outcome.values, make_reward("brightness", {}).score(images, ["x"] * 5), rtol=1e-6)
         assert server.recorder.count("/v1/score") == 3  # max_batch 2 from /v1/info
-        assert httpx.get(f"{server.url}/v1/info").json() == {"name": "template-brightness", "media_types": ["image/png"], "max_batch": 2}
+        assert web.get(f"{server.url}/v1/info").json() == {"name": "template-brightness", "media_types": ["image/png"], "max_batch": 2}
         # Without the token: 401, not retried.
         server.recorder.requests.clear()
         refused = http_reward(server.url).score_outcome(images[:1], ["x"])
@@ -412,13 +450,13 @@ def test_template_server_protocol_and_token(monkeypatch):
         auth = {"Authorization": "Bearer tmpl-token"}
         items = [{"id": "a", "prompt": "p", "media_type": "image/png", "data": encode_png(images[0])},
                  {"id": "b", "prompt": "p", "media_type": "image/png", "data": "bm90IGEgcG5n"}]  # fmt: skip
-        r = httpx.post(f"{server.url}/v1/score", json={"protocol": PROTOCOL, "request_id": "t", "items": items}, headers=auth)
+        r = web.post(f"{server.url}/v1/score", json={"protocol": PROTOCOL, "request_id": "t", "items": items}, headers=auth)
         results = {res["id"]: res for res in r.json()["results"]}
         assert r.status_code == 200 and results["a"]["score"] == pytest.approx(outcome.values[0], rel=1e-6)
         assert results["b"]["score"] is None and "PNG" in results["b"]["error"]
-        r = httpx.post(f"{server.url}/v1/score", json={"protocol": "v0", "request_id": "t", "items": items}, headers=auth)
+        r = web.post(f"{server.url}/v1/score", json={"protocol": "v0", "request_id": "t", "items": items}, headers=auth)
         assert r.status_code == 400
-        r = httpx.post(f"{server.url}/v1/score", json={"protocol": PROTOCOL, "request_id": "t", "items": items * 2}, headers=auth)
+        r = web.post(f"{server.url}/v1/score", json={"protocol": PROTOCOL, "request_id": "t", "items": items * 2}, headers=auth)
         assert r.status_code == 413
     finally:
         server.close()
@@ -711,9 +749,9 @@ def test_service_check_of_a_server_that_never_answers_fails_within_its_budget():
         listener.listen(8)
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         start = time.monotonic()
-        with pytest.raises(RewardServiceError, match="did not answer within 0.5 s"):
-            http_reward(url).check_service(timeout_s=0.5)
-        assert time.monotonic() - start < 2 * 0.5 + 1.0  # two attempts of 0.5 s, with a short wait between
+        with pytest.raises(RewardServiceError, match="did not answer within 0.25 s"):
+            http_reward(url).check_service(timeout_s=0.25)
+        assert time.monotonic() - start < 2 * 0.25 + 1.0  # two attempts of 0.25 s, with a short wait between
 
 
 @pytest.mark.parametrize(

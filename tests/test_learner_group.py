@@ -277,7 +277,8 @@ def test_two_ranks_save_what_one_rank_saves_in_diffusers_layouts(two_ranks, two_
 
 @pytest.mark.slow
 def test_learner_group_of_two_ray_actors(ray_cluster, tmp_path):
-    """The real thing: 2 rank actors in one placement group, gloo rendezvous on loopback, rollouts from the object store."""
+    """The real thing: 2 rank actors in one placement group, gloo rendezvous on loopback, rollouts from the object store.
+    The three actors start first: the batch and the one-rank reference are made here while they import and build."""
     import dataclasses
 
     import ray
@@ -288,13 +289,14 @@ def test_learner_group_of_two_ray_actors(ray_cluster, tmp_path):
     config = make_config("tiny_dgpo.yaml", "learner.num_ranks=2", "learner.num_cpus=1")
     resources = next(role for role in resource_plan(config) if role.role == "learner")
     assert resources.count == 2
-    batch = make_batch(config, 2)
-    one = Learner(make_config("tiny_dgpo.yaml"))
-    one.update(RankBatch.whole(batch))
     ray.init(address=ray_cluster.address, logging_level="WARNING")
     group = None
     try:
         group = LearnerGroup(config, resources)
+        worker = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(config)  # for the collective weight sync below
+        batch = make_batch(config, 2)
+        one = Learner(make_config("tiny_dgpo.yaml"))
+        one.update(RankBatch.whole(batch))
         ray.get(group.ready(), timeout=300)
         metrics = group.update([dataclasses.replace(g, rollout=ray.put(g.rollout)) for g in batch])
         assert metrics.samples == 2 * G and metrics.policy_version == 1
@@ -304,7 +306,6 @@ def test_learner_group_of_two_ray_actors(ray_cluster, tmp_path):
         assert max(float(np.abs(message.arrays[k] - mine.arrays[k]).max()) for k in mine.arrays) < TOLERANCE
         # collective weight sync: rank 0 broadcasts (both ranks gather) into a real rollout worker actor
         host, port = ray.get(group.weight_group_address(loopback=True))
-        worker = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(config)
         ray.get([group.join_weight_group(host, port, 2), worker.join_weight_group.remote(host, port, 1, 2)])
         names = group.weight_names()
         assert names == sorted(mine.arrays)

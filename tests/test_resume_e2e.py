@@ -1,13 +1,16 @@
-"""Exact resume on Ray: 2N steps in one go equal N steps, a kill, and the same command run again (auto-resume);
-and the same run in process (``run.in_process=true``) equals the Ray run, metrics and weights bit for bit.
+"""Exact resume on Ray, after a kill and after `ray job stop`: N steps in one go equal a run killed after step 3,
+resumed as a Ray job (`ray job submit`), stopped there by `ray job stop` after step 3 again, and submitted again with
+the same command to the end (auto-resume each time); and the same run in process (``run.in_process=true``) equals
+the Ray run, metrics and weights bit for bit.
 
 The killed run stops at a fixed point: the controller holds after writing step 3's metrics (a test-only
 hook), one step past the step-2 checkpoint, and is then SIGKILLed; step 3 is discarded and computed
-again. Every per-step metric except wall-clock timings must come out identical, and so must the
-trained weights, bit for bit. Before that, a resume from a checkpoint the learner cannot load must
-fail with one clear line and leave the run folder exactly as it was. The killed run and the uninterrupted one
-are processes of their own; the refused, resumed and in-process runs run in the test's process (``run_main``),
-the first two as drivers of the session cluster.
+again. The first job holds after step 3 too and is stopped (SIGTERM): it saves a checkpoint of step 3 itself
+and says so in one line; the second job continues from that checkpoint. Every per-step metric except wall-clock
+timings must come out identical, and so must the trained weights, bit for bit. Before the jobs, a resume from a
+checkpoint the learner cannot load must fail with one clear line and leave the run folder exactly as it was. The
+killed run is a process of its own; the uninterrupted and refused runs run in the test's process (``run_main``)
+as drivers of the session cluster, the uninterrupted one while the killed one starts beside it.
 """
 
 from __future__ import annotations
@@ -18,24 +21,28 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from ray.job_submission import JobStatus, JobSubmissionClient
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing import event_accumulator
 
 from raygrpo.controller import HOLD_AFTER_STEP_ENV
 
-from .conftest import ROOT, run_main
+from .conftest import ROOT, ray_cli, run_main
 from .test_run_e2e import printed_run_dir
 
-STEPS = 6
+STEPS = 4
 ARGS = [
     "cluster/tiny.yaml", f"train.steps={STEPS}", "train.checkpoint_every=2", "algorithm.group_size=4",
     "algorithm.groups_per_step=2", "algorithm.grad_accum_samples=4", "rollout.num_steps=4",
 ]  # fmt: skip
+STOPPED_JOB = "resume-then-stop"  # the first job's submission id
+ENDED = {JobStatus.STOPPED, JobStatus.SUCCEEDED, JobStatus.FAILED}
 
 
 def trained_weights(run_dir) -> dict[str, torch.Tensor]:
@@ -69,42 +76,78 @@ def misfit_learner_state(checkpoint) -> None:
     (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
 
 
+def job(ray_cluster, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``ray job <args>`` against the session cluster, retried (for up to 90 s) while the head's job agent registers."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    deadline = time.monotonic() + 90
+    while True:
+        proc = subprocess.run([ray_cli(), "job", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+        # Right after start-up (or under load) the head's job agent may not be registered yet; Ray says to retry.
+        # Each try is a `ray` command of some seconds: short pauses between them, a longer budget in all.
+        if "No available agent to submit job" not in proc.stderr or time.monotonic() > deadline:
+            return proc
+        time.sleep(2)
+
+
 @pytest.mark.slow
-def test_a_killed_run_resumes_from_its_checkpoint_and_ends_identical(ray_cluster, tmp_path):
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
-    # The uninterrupted run goes on beside the one to be killed (the cluster fits both): same result, less waiting.
-    command = [sys.executable, "-m", "raygrpo.run", *ARGS, f"run.output_root={tmp_path / 'straight'}"]
-    with open(tmp_path / "straight.out", "w") as out, open(tmp_path / "straight.err", "w") as err:
-        straight = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err)
-    try:
-        _kill_resume_and_compare(ray_cluster, tmp_path, env, straight)
-    finally:
-        straight.kill()
-        straight.wait()
-
-
-def _kill_resume_and_compare(ray_cluster, tmp_path, env, straight) -> None:
+def test_a_killed_run_resumes_as_a_ray_job_that_ray_job_stop_leaves_resumable_and_it_ends_identical(ray_cluster, tmp_path):
     root = tmp_path / "killed"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, HOLD_AFTER_STEP_ENV: "3"}
     command = [sys.executable, "-m", "raygrpo.run", *ARGS, f"run.output_root={root}"]
-    proc = subprocess.Popen(command, cwd=ROOT, env={**env, HOLD_AFTER_STEP_ENV: "3"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # The uninterrupted run, driven from this process while the killed one starts beside it (the cluster fits both).
+        straight = run_main(*ARGS, f"run.output_root={tmp_path / 'straight'}", env={"RAY_ADDRESS": ray_cluster.address})
+        assert straight.returncode == 0, straight.stderr[-3000:]
+        run_dir = _kill_after_step_3(killed, root)
+    finally:
+        killed.kill()
+        killed.wait()
+    _refuse_a_checkpoint_the_learner_cannot_load(ray_cluster, run_dir)
+    _resume_as_a_job_and_stop_it(ray_cluster, run_dir)
+
+    # The same command submitted again (`ray job submit`, waiting for it) continues from the stop's checkpoint to the end.
+    run = ["python", "-m", "raygrpo.run", *ARGS, f"run.output_root={root}"]
+    proc = job(ray_cluster, "submit", "--address", ray_cluster.dashboard, "--working-dir", ".", "--", *run)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "succeeded" in proc.stdout and printed_run_dir(proc.stdout) == run_dir, "the same command continues the same run"
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-000003'}: step 3" in proc.stdout, proc.stdout[-4000:]
+    assert json.loads((run_dir / "run_state.json").read_text())["status"] == "finished"
+    assert (run_dir / "checkpoint-final" / "transformer").is_dir()
+    _compare_with_the_uninterrupted_run(printed_run_dir(straight.stdout), run_dir)
+
+    # The same command with every role in this process instead of Ray actors: the same run, number for number.
+    local = run_main(*ARGS, "run.in_process=true", f"run.output_root={tmp_path / 'in-process'}")
+    assert local.returncode == 0, local.stderr[-3000:]
+    local_dir, straight_dir = printed_run_dir(local.stdout), printed_run_dir(straight.stdout)
+    clock = [{k: v for k, v in r.items() if k != "learner/seconds"} for r in comparable_records(local_dir)]
+    assert clock == [{k: v for k, v in r.items() if k != "learner/seconds"} for r in comparable_records(straight_dir)], "in process differs from Ray"
+    local_weights, expected_weights = trained_weights(local_dir), trained_weights(straight_dir)
+    assert all(torch.equal(local_weights[name], expected_weights[name]) for name in expected_weights)
+
+
+def _kill_after_step_3(proc: subprocess.Popen, root: Path) -> Path:
+    """SIGKILL once step 3 is written (the run holds there): no cleanup, as when a node or the job's driver dies."""
     deadline = time.monotonic() + 300
     while not (runs := list(root.glob("tiny-*"))) or 3 not in steps_written(runs[0]):
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
             pytest.fail("the run ended before step 3" if proc.returncode is not None else "no step 3 within 300 s")
         time.sleep(0.1)
-    proc.kill()  # SIGKILL: no cleanup, as when a node or the job's driver dies
+    proc.kill()
     proc.wait()
     (run_dir,) = runs
     assert steps_written(run_dir) == [1, 2, 3] and [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000002"]
     assert json.loads((run_dir / "run_state.json").read_text())["status"] == "running"
-    checkpoint = run_dir / "checkpoints" / "step-000002"
+    return run_dir
 
-    # A checkpoint the learner cannot load: one line that says what to do, exit 2, nothing on disk changed.
+
+def _refuse_a_checkpoint_the_learner_cannot_load(ray_cluster, run_dir: Path) -> None:
+    """One line that says what to do, exit 2, nothing on disk changed; then the checkpoint is put back as it was."""
+    checkpoint = run_dir / "checkpoints" / "step-000002"
     saved = {name: (checkpoint / name).read_bytes() for name in ("learner/learner_state.json", "MANIFEST.json")}
     misfit_learner_state(checkpoint)
     before = snapshot(run_dir)
-    refused = run_main(*ARGS, f"run.output_root={root}", env={"RAY_ADDRESS": ray_cluster.address})  # this process, a driver
+    refused = run_main(*ARGS, f"run.output_root={run_dir.parent}", env={"RAY_ADDRESS": ray_cluster.address})  # this process, a driver
     assert refused.returncode == 2, refused.stderr[-3000:]
     (line,) = [line for line in refused.stderr.splitlines() if line.startswith("raygrpo: ")]  # Ray's actor logs interleave
     assert line.startswith(f"raygrpo: cannot load the learner state of checkpoint {checkpoint}: TrainingStateError:"), line
@@ -113,17 +156,40 @@ def _kill_resume_and_compare(ray_cluster, tmp_path, env, straight) -> None:
     for name, data in saved.items():
         (checkpoint / name).write_bytes(data)
 
-    resumed = run_main(*ARGS, f"run.output_root={root}", env={"RAY_ADDRESS": ray_cluster.address})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert printed_run_dir(resumed.stdout) == run_dir, "the same command continues the same run folder"
-    assert "resumed from" in resumed.stderr
-    assert [json.loads(line)["step"] for line in (run_dir / "metrics.discarded.jsonl").read_text().splitlines()] == [3]
-    assert json.loads((run_dir / "run_state.json").read_text())["status"] == "finished"
 
-    assert straight.wait(timeout=600) == 0, (tmp_path / "straight.err").read_text()[-3000:]
-    straight_dir = printed_run_dir((tmp_path / "straight.out").read_text())
+def _resume_as_a_job_and_stop_it(ray_cluster, run_dir: Path) -> None:
+    """`ray job submit --working-dir . -- python -m raygrpo.run ...` (the killed run's command) resumes from step 2 and
+    holds after step 3; `ray job stop` (JobSubmissionClient.stop_job, which the CLI calls) sends SIGTERM: a checkpoint
+    of step 3, the run marked aborted, one line."""
+    run = ["python", "-m", "raygrpo.run", *ARGS, f"run.output_root={run_dir.parent}"]
+    # Ray waits up to RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM before a SIGKILL.
+    runtime = json.dumps({"env_vars": {HOLD_AFTER_STEP_ENV: "3", "RAY_JOB_STOP_WAIT_TIME_S": "60"}})
+    submitted = job(ray_cluster, "submit", "--address", ray_cluster.dashboard, "--no-wait", "--submission-id", STOPPED_JOB,
+                    "--runtime-env-json", runtime, "--working-dir", ".", "--", *run)  # fmt: skip
+    assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-4000:]
+    client = JobSubmissionClient(ray_cluster.dashboard)
+    deadline = time.monotonic() + 300
+    while f"{HOLD_AFTER_STEP_ENV}=3: holding here" not in (logs := client.get_job_logs(STOPPED_JOB)):
+        status = client.get_job_status(STOPPED_JOB)
+        assert status not in ENDED and time.monotonic() < deadline, f"job {status}, not holding after step 3:\n{logs[-4000:]}"
+        time.sleep(0.2)
+    assert steps_written(run_dir) == [1, 2, 3] and "resumed from" in logs
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.discarded.jsonl").read_text().splitlines()] == [3]
+    client.stop_job(STOPPED_JOB)
+    while (status := client.get_job_status(STOPPED_JOB)) not in ENDED:
+        assert time.monotonic() < deadline, "the stopped job did not end"
+        time.sleep(0.2)
+    state = json.loads((run_dir / "run_state.json").read_text())
+    assert (state["status"], state["step"], state["checkpoint"]) == ("aborted", 3, "checkpoints/step-000003"), state
+    assert state["reason"].startswith("stopped by SIGTERM")
+    logs = client.get_job_logs(STOPPED_JOB)
+    assert "raygrpo: run stopped by SIGTERM after step 3; the same command resumes from" in logs and "Traceback" not in logs, logs[-4000:]
+
+
+def _compare_with_the_uninterrupted_run(straight_dir: Path, run_dir: Path) -> None:
+    """Every step's metrics (but the clock) and the trained weights, bit for bit; the new metrics in every log format."""
     expected, got = comparable_records(straight_dir), comparable_records(run_dir)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1)) and all(r["groups/trained"] == 2 for r in got)
     new_keys = {"learner/approx_kl", "advantage/jpeg/mean", "advantage/jpeg/std", "advantage/jpeg/min", "advantage/jpeg/max"}
     assert new_keys | {"learner/grad_norm", "reward/jpeg/mean"} <= set(got[0])
     assert new_keys <= set(pq.read_schema(run_dir / "metrics.parquet").names)
@@ -134,7 +200,7 @@ def _kill_resume_and_compare(ray_cluster, tmp_path, env, straight) -> None:
         differs = {k: (want.get(k), have.get(k)) for k in want.keys() | have.keys() if want.get(k) != have.get(k)}
         assert not differs, f"step {want['step']}: the resumed run logged {differs} (uninterrupted, resumed)"
 
-    # samples.png shows steps 1 and 6; the resumed run never saw step 1 and takes it from that step's gallery on disk.
+    # samples.png shows the first and last steps; the resumed run never saw step 1 and takes it from that step's gallery on disk.
     with Image.open(straight_dir / "samples.png") as want, Image.open(run_dir / "samples.png") as have:
         assert want.size == have.size
 
@@ -142,12 +208,3 @@ def _kill_resume_and_compare(ray_cluster, tmp_path, env, straight) -> None:
     assert expected_weights.keys() == got_weights.keys()
     different = [name for name in expected_weights if not torch.equal(expected_weights[name], got_weights[name])]
     assert not different, f"resumed weights differ from the uninterrupted run in {different[:5]}"
-
-    # The same command with every role in this process instead of Ray actors: the same run, number for number.
-    local = run_main(*ARGS, "run.in_process=true", f"run.output_root={tmp_path / 'in-process'}")
-    assert local.returncode == 0, local.stderr[-3000:]
-    local_dir = printed_run_dir(local.stdout)
-    clock = [{k: v for k, v in r.items() if k != "learner/seconds"} for r in comparable_records(local_dir)]
-    assert clock == [{k: v for k, v in r.items() if k != "learner/seconds"} for r in expected], "in process differs from Ray"
-    local_weights = trained_weights(local_dir)
-    assert all(torch.equal(local_weights[name], expected_weights[name]) for name in expected_weights)

@@ -53,32 +53,34 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class SigtermWhenHeld(logging.Handler):
-    """SIGTERM to this process, from another thread (as from outside), once the controller says it holds
-    (HOLD_AFTER_STEP_ENV): the run's own handler takes it in the main thread, with no interpreter started for it."""
+class SigtermWhenLogged(logging.Handler):
+    """SIGTERM to this process, from another thread (as from outside), once a raygrpo logger logs ``message``
+    (the controller holding after a step (HOLD_AFTER_STEP_ENV), the learner group starting): the run's own
+    handler takes it in the main thread, with no interpreter started for it."""
 
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.held, self.done = threading.Event(), threading.Event()
+    def __init__(self, message: str):
+        super().__init__(logging.INFO)
+        self.message = message
+        self.seen, self.done = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._kill, daemon=True)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "holding here until killed or stopped" in record.getMessage():
-            self.held.set()
+        if self.message in record.getMessage():
+            self.seen.set()
 
     def _kill(self) -> None:
-        if self.held.wait(300) and not self.done.is_set():
+        if self.seen.wait(300) and not self.done.is_set():
             os.kill(os.getpid(), signal.SIGTERM)
 
     def __enter__(self):
-        logging.getLogger("raygrpo.controller").addHandler(self)
+        logging.getLogger("raygrpo").addHandler(self)
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        logging.getLogger("raygrpo.controller").removeHandler(self)
-        self.done.set()  # a run that ended without holding: no signal after it
-        self.held.set()
+        logging.getLogger("raygrpo").removeHandler(self)
+        self.done.set()  # a run that ended without logging it: no signal after it
+        self.seen.set()
         self.thread.join()
 
 
@@ -238,7 +240,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_the_same_command_finishes_exac
     straight = run_main(*args, f"run.output_root={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr[-3000:]
     out = tmp_path / "stopped"
-    with SigtermWhenHeld():  # the run holds after step 2 (a test-only hook) until the signal comes
+    with SigtermWhenLogged("holding here until killed or stopped"):  # after step 2 (a test-only hook) until the signal comes
         proc = run_main(*args, f"run.output_root={out}", env={HOLD_AFTER_STEP_ENV: "2"})
     stderr = proc.stderr
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]

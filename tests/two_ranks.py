@@ -6,6 +6,10 @@ modules whose collected tests use it, starts ONE pair of plain torch processes (
 the Ray actors hold, without Ray's CPU scheduling in the way, ENVIRONMENT.md), runs every job in it one after the
 other and hands rank 0's return values back. One pair instead of one per module: each interpreter imports torch,
 diffusers and transformers and joins a process group, ~11 s per pair on 2 idle cores, far more on a loaded machine.
+And the pair starts early: conftest.py's ``_two_ranks_started`` starts it when the session begins, so the children's
+imports (the test modules that hold jobs, and through them raygrpo, diffusers, transformers) run beside the tests
+before the first user, mostly on the core a single-threaded test leaves idle; the jobs follow through a file
+(:meth:`TwoRankPair.run`), built in this process only when a test asks for them.
 
 A job that raises stops the session (``mp.spawn`` ends the other rank, which may wait in a collective); its traceback
 is kept, so the tests reading that job fail with it and tests of jobs that already finished still pass.
@@ -13,7 +17,10 @@ is kept, so the tests reading that job fail with it and tests of jobs that alrea
 
 from __future__ import annotations
 
+import os
+import pickle
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,10 +47,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _session_main(rank: int, world: int, port: int, jobs: dict[str, RankJob], out: str) -> None:
-    from raygrpo.learner.fsdp import init_process_group
+def _session_main(rank: int, world: int, modules: list[str], out: str, parent: int) -> None:
+    import importlib
 
     torch.set_num_threads(1)
+    for name in modules:  # the jobs' code and what it imports, before the jobs exist: the reason to start early
+        importlib.import_module(name)
+    given = _wait_for_jobs(Path(out), parent)
+    if given is None:
+        return
+    port, jobs = given
+    from raygrpo.learner.fsdp import init_process_group
+
     init_process_group(rank, world, "127.0.0.1", port, use_cuda=False)
     try:
         for name, job in jobs.items():
@@ -58,6 +73,21 @@ def _session_main(rank: int, world: int, port: int, jobs: dict[str, RankJob], ou
                 torch.save(result, Path(out) / f"{name}.pt")
     finally:
         torch.distributed.destroy_process_group()
+
+
+_JOBS = "jobs.pkl"
+_CANCELLED = "cancelled"
+
+
+def _wait_for_jobs(out: Path, parent: int) -> tuple[int, dict[str, RankJob]] | None:
+    """The rendezvous port and the jobs once the test process has written them; None when it cancelled the session
+    or is gone (it may end with ``os._exit``, conftest.py's pytest_unconfigure, which leaves no chance to cancel)."""
+    while not (out / _JOBS).is_file():
+        if (out / _CANCELLED).exists() or os.getppid() != parent:
+            return None
+        time.sleep(0.05)
+    with open(out / _JOBS, "rb") as f:
+        return pickle.load(f)
 
 
 class TwoRankResults:
@@ -79,14 +109,52 @@ class TwoRankResults:
         raise AssertionError(f"2-rank job {name!r} did not run: the session stopped before it ({self.stopped})")
 
 
-def run_two_ranks(jobs: dict[str, RankJob], out: Path) -> TwoRankResults:
-    """Every job in one 2-rank gloo session (in ``jobs``' order); the results, or what stopped the session."""
-    import torch.multiprocessing as mp
+class TwoRankPair:
+    """The session's two rank processes, started (spawned) before their jobs exist, then given the jobs once
+    (``run``) or sent home (``cancel``). ``modules``: what the children import while they wait (the modules whose
+    ``rank_jobs()`` make the jobs: unpickling a job imports its module anyway)."""
 
-    stopped = None
-    if jobs:
+    def __init__(self, modules: list[str], out: Path):
+        import torch.multiprocessing as mp
+
+        self.out = out
+        self._done = False
+        self._context = mp.start_processes(
+            _session_main, args=(2, modules, str(out), os.getpid()), nprocs=2, join=False, start_method="spawn"
+        )
+
+    def run(self, jobs: dict[str, RankJob]) -> TwoRankResults:
+        """Every job in the pair's gloo session (in ``jobs``' order); the results, or what stopped the session."""
+        import torch.multiprocessing as mp
+
+        if self._done:
+            raise RuntimeError("the two-rank pair runs its jobs once")
+        self._done = True
+        if not jobs:
+            self._end()
+            return TwoRankResults(jobs, self.out, None)
+        partial = self.out / f"{_JOBS}.partial"
+        with open(partial, "wb") as f:
+            pickle.dump((free_port(), jobs), f)  # the port now, not at the start: free when the ranks meet
+        partial.rename(self.out / _JOBS)  # whole or absent: the children poll for it
+        stopped = None
         try:
-            mp.spawn(_session_main, args=(2, free_port(), jobs, str(out)), nprocs=2, join=True)
+            while not self._context.join():
+                pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:  # the job's traceback is in its .error file
             stopped = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    return TwoRankResults(jobs, out, stopped)
+        return TwoRankResults(jobs, self.out, stopped)
+
+    def cancel(self) -> None:
+        """No jobs after all (their tests were deselected or never reached): the children leave without running any."""
+        if not self._done:
+            self._done = True
+            self._end()
+
+    def _end(self) -> None:
+        (self.out / _CANCELLED).touch()
+        for process in self._context.processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join()

@@ -38,8 +38,9 @@ loss normalisation and the single gradient sync per update (the learner's, on th
 unchanged. The price is one more no-gradient forward of the
 policy per member; a group trained whole (m >= G, or None) takes its l_i from its one forward.
 Each shadow (reference, fast EMA, frozen base) is swapped in once per sigma for all of the rank's
-groups: for full fine-tuning a swap copies every trainable parameter twice, while the outputs it
-yields are latent-sized. Activations are held for one micro-batch (2m rows with CFG in training).
+groups: a swap rebinds every trainable parameter (FSDP: copies each shard in and back,
+raygrpo/learner/ema.py), while the outputs it yields are latent-sized. Activations are held for
+one micro-batch (2m rows with CFG in training).
 
 Timesteps (the "timestep clip"): each update draws M = num_train_timesteps distinct indices from
 {0..trunc_steps} of the rollout grid (the released code's truncated grid: 6 of 10 steps keeps sigma

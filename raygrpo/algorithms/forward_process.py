@@ -4,8 +4,8 @@ noised again as ``x_t = (1 - sigma) x0 + sigma eps``, and compare the policy's v
 * :func:`group_tensors`: one window group's x0, combined advantages ``sum_k w_k A_k`` and conditioning on the
   learner's device;
 * :func:`micro_batches` and :func:`velocities`: member micro-batches, and the velocities of every group under
-  weights swapped in once (a shadow swap copies every trainable parameter twice for full fine-tuning, while
-  what it yields is latent-sized);
+  weights swapped in once (a shadow swap rebinds or, under FSDP, copies every trainable parameter: see
+  raygrpo/learner/ema.py; what it yields is latent-sized);
 * :func:`frozen_snapshot` / :func:`base_weights`: the frozen base as a reference, i.e. the network with its
   LoRA adapter switched off (no second copy), or for full fine-tuning a frozen snapshot of the start.
 """
@@ -49,6 +49,8 @@ def micro_batches(size: int, micro_batch_size: int | None) -> list[slice]:
 def velocity(model, group: GroupTensors, x_t: torch.Tensor, sigmas: torch.Tensor, rows: slice) -> torch.Tensor:
     """The live weights' velocity on rows ``rows`` of a group: ``x_t [n, ...]``, ``sigmas [n]`` -> ``[b, ...]``.
     Gradients flow when the caller enables them."""
+    if rows.start == 0 and rows.stop >= len(x_t):  # the whole group (no micro-batches): no views to make
+        return model.velocity(x_t, sigmas, group.cond)
     return model.velocity(x_t[rows], sigmas[rows], group.cond.rows(rows))
 
 
@@ -63,10 +65,8 @@ def velocities(
     """Per group ``v [n, ...]`` under ``weights`` (swapped in once for every group), without gradients, one
     micro-batch per forward. ``x_t`` and ``sigmas`` are per group ``[n, ...]`` and ``[n]``."""
     with torch.no_grad(), weights:
-        return [
-            torch.cat([velocity(model, g, x, s, rows) for rows in micro_batches(len(g.x0), micro_batch_size)])
-            for g, x, s in zip(groups, x_t, sigmas)
-        ]
+        parts = [[velocity(model, g, x, s, rows) for rows in micro_batches(len(g.x0), micro_batch_size)] for g, x, s in zip(groups, x_t, sigmas)]
+    return [v[0] if len(v) == 1 else torch.cat(v) for v in parts]  # a whole group's one forward needs no concatenated copy
 
 
 def frozen_snapshot(parameters: list[torch.nn.Parameter], lora: bool) -> ParameterShadow | None:

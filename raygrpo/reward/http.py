@@ -57,6 +57,7 @@ from raygrpo.reward.transport import (
     check_base_url,
     request_with_retries,
     run_sync,
+    tls_context,
 )
 
 __all__ = [
@@ -354,7 +355,7 @@ class HttpReward(Reward):
 
     def _client(self, timeout_s: float) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), headers=headers, follow_redirects=False)
+        return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), headers=headers, follow_redirects=False, verify=tls_context())
 
     @property
     def _retries(self) -> Retries:
@@ -484,6 +485,7 @@ class HttpReward(Reward):
                 reply = await request_with_retries(
                     client, "POST", self._endpoint("/v1/score"), label="http reward", retries=self._retries, max_body_bytes=limit,
                     limit_hint=f" ({len(items)} items x params.max_response_bytes_per_item)",
+                    smaller_hint=f" ({len(items)} items in this one: lower params.batch_size)" if len(items) > 1 else " (smaller media)",
                     content=body, headers={"Content-Type": "application/json"},
                 )  # fmt: skip
                 too_large = reply.status == 413 and len(items) > 1
@@ -562,6 +564,10 @@ class HttpReward(Reward):
         if reply.status == 404:
             message = f"http reward {reply.where}: HTTP 404: no such endpoint; is params.url the base URL of a {PROTOCOL} server?"
             raise RequestFailed(message, attempts=reply.attempts)
+        if reply.status == 413:
+            # A batch refused as too large is split before it gets here: this is one item, and smaller requests cannot help.
+            message = f"http reward {reply.where}: HTTP 413: {reply.snippet()}: one item is more than this server accepts"
+            raise RequestFailed(f"{message}; raise the limit it names, or send smaller media", attempts=reply.attempts)
         if reply.status != 200:
             raise RequestFailed(f"http reward {reply.where}: HTTP {reply.status}{reply.tried}: {reply.snippet()}", attempts=reply.attempts)
         try:

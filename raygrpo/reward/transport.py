@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import email.utils
+import functools
 import json
 import logging
 import math
 import random
+import ssl
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -169,6 +171,7 @@ async def request_with_retries(
     retries: Retries,
     max_body_bytes: int,
     limit_hint: str = "",
+    smaller_hint: str = "",
     **kwargs: Any,
 ) -> Reply:
     """The first answer not worth retrying, or the last one, with its body read.
@@ -177,8 +180,10 @@ async def request_with_retries(
     ``Retry-After``, capped); any other status is returned at once. Raises :class:`RequestFailed`
     when the last attempt ended in a transport error or timeout, or at once when a body exceeds
     ``max_body_bytes`` (reading stops there: a server cannot make the trainer buffer gigabytes);
-    ``limit_hint`` ends that message (which setting raises the limit). ``retries.timeout_s`` bounds
-    each attempt from connect to last byte. ``kwargs`` go to ``httpx.AsyncClient.stream`` (``content``, ``json``, ``headers``).
+    ``limit_hint`` ends that message (which setting raises the limit); ``smaller_hint`` names the setting that makes
+    requests smaller, for a connection dropped while a request body was on its way (:func:`describe_transport_error`).
+    ``retries.timeout_s`` bounds each attempt from connect to last byte. ``kwargs`` go to ``httpx.AsyncClient.stream``
+    (``content``, ``json``, ``headers``).
     """
     max_attempts, timeout_s, backoff_s = retries.max_attempts, retries.timeout_s, retries.backoff_s
     for attempt in range(1, max_attempts + 1):
@@ -191,7 +196,7 @@ async def request_with_retries(
             message = f"{label} {method} {url}: the answer exceeds the limit of {max_body_bytes} bytes, reading stopped"
             raise RequestFailed(f"{message}{limit_hint}", attempts=attempt) from None
         except (httpx.TransportError, asyncio.TimeoutError) as exc:
-            problem = describe_transport_error(exc, timeout_s)
+            problem = describe_transport_error(exc, timeout_s, _content_bytes(kwargs.get("content")), smaller_hint)
             if attempt == max_attempts:
                 raise RequestFailed(f"{label} {method} {url} failed after {max_attempts} attempt(s): {problem}", attempts=attempt) from None
             delay = _backoff_delay(attempt, backoff_s)
@@ -212,6 +217,17 @@ async def request_with_retries(
     raise AssertionError("unreachable")  # the loop returns or raises on its last attempt
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """httpx's default certificate check (certifi's CAs, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``), built once per process.
+
+    Pass it as ``verify=`` to every client. httpx builds a context for each client it creates, reading the whole
+    CA bundle (about 60 ms of CPU), even for plain-http URLs, and a reward opens a client per scoring call, so
+    once per group and reward. One context serves any number of clients, loops and threads.
+    """
+    return httpx.create_ssl_context()
+
+
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion from synchronous code.
 
@@ -226,15 +242,40 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coro).result()
 
 
-def describe_transport_error(exc: BaseException, timeout_s: float) -> str:
-    """What went wrong on the wire, in words a user can act on."""
+def describe_transport_error(exc: BaseException, timeout_s: float, sent_bytes: int | None = None, smaller_hint: str = "") -> str:
+    """What went wrong on the wire, in words a user can act on.
+
+    ``sent_bytes``: the size of the request body, if it had one. A connection dropped while such a request was on
+    its way is often a refusal of its size: a server may answer 413 before reading the body and close the
+    connection (``reward_servers/protocol_guard.py`` does for bodies over 4 x its limit). httpx's asyncio client
+    loses that answer: the server's reset fails its upload, and the transport is torn down with the 413 unread
+    (httpx's sync client reads it). So the message says what to try. ``smaller_hint`` names the setting that
+    makes requests smaller.
+    """
     if isinstance(exc, (asyncio.TimeoutError, httpx.TimeoutException)):
         return f"timed out: did not answer within {timeout_s:g} s"
     if isinstance(exc, httpx.ConnectError):
         if _caused_by(exc, ConnectionRefusedError):
             return "cannot connect: nothing is listening there (connection refused); is the server running, on this host and port?"
         return f"cannot connect ({exc}); is the host name right and the server reachable from here?"
-    return f"{type(exc).__name__}: {exc}"
+    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if isinstance(exc, (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)):
+        dropped = f"the connection was closed before an answer could be read ({detail})"
+        if not sent_bytes:
+            return dropped
+        return (
+            f"{dropped}; the request was {sent_bytes} bytes, and a server refusing a body over its size limit may close "
+            f"the connection instead of answering 413: if this persists, send smaller requests{smaller_hint} "
+            "or raise the server's request size limit"
+        )
+    return detail
+
+
+def _content_bytes(content: Any) -> int | None:
+    """Size of a request's ``content`` (bytes or str), None for other bodies or none."""
+    if isinstance(content, str):
+        return len(content.encode())
+    return len(content) if isinstance(content, (bytes, bytearray)) else None
 
 
 class _BodyTooLarge(Exception):
