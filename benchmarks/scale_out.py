@@ -648,7 +648,8 @@ def bench_weight_sync(args: argparse.Namespace, *extra: str, workers: int = 2) -
         ray.get([s.take.remote(ref) for s in sinks])
 
     try:
-        seconds = alternate(system, floor, args.repeats, "cpu", raw)
+        repeats = args.sync_repeats or (args.repeats if args.smoke else 15)
+        seconds = alternate(system, floor, repeats, "cpu", raw)
     finally:
         for actor in [learner, source, *rollout, *sinks]:
             ray.kill(actor)
@@ -660,7 +661,7 @@ def bench_weight_sync(args: argparse.Namespace, *extra: str, workers: int = 2) -
         "each once into a tensor of its shape",
         raw_transfer=raw_median, raw_transfer_values=seconds[2], ratio_vs_raw_transfer=statistics.median(seconds[0]) / raw_median,
         export_s=statistics.median(parts["export"][1:]), slowest_load_s=statistics.median(parts["load"][1:]),
-        verify=args.sync_verify, bytes=nbytes, tensors=tensors, workers=workers, model=config.model.pretrained,
+        verify=args.sync_verify, bytes=nbytes, tensors=tensors, workers=workers, model=config.model.pretrained, repeats=repeats,
     )  # fmt: skip
 
 
@@ -720,6 +721,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=None, help="rollout.micro_batch_size for both presets (default: each preset's)")
     p.add_argument("--e2e-steps", type=int, default=8, help="training steps per end-to-end run (step 1 and the last max_staleness skipped)")
     p.add_argument("--sync-width", type=int, default=512, help="(d): width of the second FLUX timed (512: 145 MB, 1408: 1.09 GB)")
+    p.add_argument(
+        "--sync-repeats", type=int, default=None,
+        help="(d): timed repeats per side (default 15, --repeats with --smoke): a put's time is bimodal on either side "
+        "(0.13 or 0.35 s per GB here), so 5 repeats let the ratio swing 1.0-1.6",
+    )  # fmt: skip
     p.add_argument("--sync-verify", choices=["sample", "full"], default="sample", help="(d): rollout.weight_verify of the timed syncs")
     p.add_argument("--realistic", action="store_true", help="FLUX.1 widths at 512x512, random weights (parts a and b)")
     p.add_argument("--width", type=int, default=Realistic.width, help="--realistic: transformer width (multiple of 128)")

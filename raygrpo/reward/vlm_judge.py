@@ -66,6 +66,7 @@ from raygrpo.reward.transport import (
     check_base_url,
     request_with_retries,
     run_sync,
+    tls_context,
 )
 
 logger = logging.getLogger(__name__)
@@ -294,7 +295,7 @@ class VlmJudgeReward(Reward):
 
     def client(self) -> httpx.AsyncClient:
         """An HTTP client with this endpoint's timeout, for :meth:`chat` and :meth:`served_model` (one per event loop)."""
-        return httpx.AsyncClient(timeout=httpx.Timeout(self.params.timeout_s), follow_redirects=False)
+        return httpx.AsyncClient(timeout=httpx.Timeout(self.params.timeout_s), follow_redirects=False, verify=tls_context())
 
     async def served_model(self, client: httpx.AsyncClient) -> str:
         """The model id requests name: ``model_name``, or the first model the server lists (asked once)."""
@@ -326,7 +327,7 @@ class VlmJudgeReward(Reward):
         base = self.base_url
         assert base is not None
         tally = CallTally()
-        async with httpx.AsyncClient(timeout=httpx.Timeout(self.params.timeout_s), follow_redirects=False) as client:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(self.params.timeout_s), follow_redirects=False, verify=tls_context()) as client:
             if self._model_id is None:
                 try:
                     self._model_id = await self._discover_model(client, base, tally)
@@ -344,7 +345,8 @@ class VlmJudgeReward(Reward):
         retries = Retries.service_check(timeout_s)
         budget = retries.budget_s  # one request's budget for both: a server answering each just in time still fails fast
         try:
-            async with asyncio.timeout(budget), httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), follow_redirects=False) as client:
+            client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), follow_redirects=False, verify=tls_context())
+            async with asyncio.timeout(budget), client:
                 reply = await self._request(client, "GET", f"{base}/health", retries=retries)
                 if reply.status != 404:  # 404: an OpenAI-compatible server without vLLM's /health
                     self._check_status(reply)
