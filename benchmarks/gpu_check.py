@@ -193,7 +193,7 @@ def _rank_child(fn: Callable, rank: int, world: int, port: int, payload: dict, r
 
 def run_ranks(fn: Callable, world: int, payload: dict, limit_s: float, start_method: str, work: Path) -> list[dict]:
     """``fn(rank, world, port, payload)`` in ``world`` processes that rendezvous on a free loopback port; each rank's result."""
-    from raygrpo.weight_broadcast import free_port
+    from raygrpo.net import free_port
 
     port, ctx = free_port("127.0.0.1"), mp.get_context(start_method)
     files = [_result_file(f"{fn.__name__}-rank{r}", work) for r in range(world)]

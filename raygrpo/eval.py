@@ -41,6 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -49,11 +50,15 @@ from raygrpo.config import Config, ConfigError, DataConfig, load_config
 from raygrpo.contracts import ConditioningBatch
 from raygrpo.data.prompts import PromptFileError, PromptImages, load_prompt_images, load_prompts
 from raygrpo.export import LORA_WEIGHT_NAME, ExportError, TrainedCheckpoint, check_network_config, read_checkpoint
-from raygrpo.report import GridRow, sample_grid
-from raygrpo.reward import Reward, make_reward
-from raygrpo.reward.base import score_outcome_of
 from raygrpo.runtime import torch_dtype
 from raygrpo.sampling import ODE_SOLVERS, make_ode_solver
+
+if TYPE_CHECKING:
+    from raygrpo.reward import Reward
+
+# The reward models and the figures (matplotlib) are imported where they are used, not here: a rollout actor imports
+# this module for its held-out samples (raygrpo/guard/sampling.py: sample_final), which score and draw nothing, and the
+# two imports cost it about 0.5 s of CPU at every start.
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +152,8 @@ def conditioning_images(config: Config, source: DataConfig, where: str) -> Promp
 
 
 def build_rewards(config: Config) -> list[Reward]:
+    from raygrpo.reward import make_reward
+
     rewards = []
     for i, reward in enumerate(config.rewards):
         try:
@@ -261,6 +268,8 @@ def score_with(
     ``reference``: the prompt's conditioning image, for rewards that want it (as in training: raygrpo/reward/base.py).
 
     Never raises: a reward that fails for a whole batch is a missing score for each sample, as in training."""
+    from raygrpo.reward.base import score_outcome_of
+
     references = None if reference is None else [reference] * len(images)
     try:
         outcome = score_outcome_of(reward, images, [prompt] * len(images), references)
@@ -326,6 +335,8 @@ def markdown_table(results: list[ModelResult], reward_names: list[str], best_of_
 
 def write_outputs(out: Path, results: list[ModelResult], config: Config, settings: EvalSettings, meta: dict) -> dict:
     """``eval.json`` and ``samples.png`` in ``out``; returns the JSON document."""
+    from raygrpo.report import GridRow, sample_grid
+
     document = {
         **meta,
         "settings": {f.name: getattr(settings, f.name) for f in fields(settings) if f.name not in ("prompts", "images")},

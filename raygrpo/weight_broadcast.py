@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -34,12 +33,6 @@ from raygrpo.weights import Verify, digest, digest_step
 logger = logging.getLogger(__name__)
 
 _PREFIX = "raygrpo-weights"
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class WeightBroadcastGroup:

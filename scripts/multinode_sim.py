@@ -45,7 +45,7 @@ from raygrpo.config import Config, load_config  # noqa: E402
 from raygrpo.controller import Controller  # noqa: E402
 from raygrpo.data.prompts import load_prompts  # noqa: E402
 from raygrpo.errors import RunAborted  # noqa: E402
-from raygrpo.local_cluster import free_port  # noqa: E402
+from raygrpo.net import free_port  # noqa: E402
 from raygrpo.run import make_run_dir  # noqa: E402
 
 logger = logging.getLogger("multinode_sim")
@@ -87,7 +87,7 @@ class SimCluster:
             self.labels: dict[str, str] = {self.cluster.head_node.node_id: "head"}
             self.nodes = {}
             for _ in range(nodes):
-                self.add_node()
+                self.add_node(wait=False)  # registered all at once below: ~1 s less per node than one by one
             self.cluster.wait_for_nodes()
         except BaseException:
             if getattr(self, "cluster", None) is not None:
@@ -95,8 +95,9 @@ class SimCluster:
             self._clean_up()
             raise
 
-    def add_node(self) -> str:
-        node = self.cluster.add_node(num_cpus=self.cpus, num_gpus=self.gpus, **self.common)
+    def add_node(self, wait: bool = True) -> str:
+        """One more node like the others (labelled in the order of these calls); ``wait``: until it has registered."""
+        node = self.cluster.add_node(wait=wait, num_cpus=self.cpus, num_gpus=self.gpus, **self.common)
         label = f"node-{len(self.labels)}"
         self.labels[node.node_id], self.nodes[node.node_id] = label, node
         return label

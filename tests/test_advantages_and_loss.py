@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from raygrpo.algorithms.advantages import advantage_statistics, best_of_n_members, group_advantages
+from raygrpo.algorithms.base import LossTerm
 from raygrpo.algorithms.dancegrpo import clipped_surrogate, term_loss, trained_steps
 from raygrpo.sampling import grid_steps, sigma_schedule
 
@@ -80,8 +81,9 @@ def test_clipped_surrogate_gradient_vanishes_outside_the_band():
 
 
 def test_term_loss_is_the_clipped_surrogate_with_its_autograd_gradient():
-    """The learner's one-node DanceGRPO term: the loss of sum_k w_k clipped_surrogate on the step's log-prob, and
-    autograd's gradient in v, at rho exactly 1 (on-policy: the branches tie), inside the band and outside it."""
+    """The learner's DanceGRPO term: the loss of sum_k w_k clipped_surrogate on the step's log-prob, and autograd's
+    gradient in v (the backward the learner starts at v), at rho exactly 1 (on-policy: the branches tie), inside the
+    band and outside it."""
     eps, gen = 1e-3, torch.Generator().manual_seed(0)
     steps = grid_steps("dance_sde", 0.3, sigma_schedule(6, 3.0))
     x, v = torch.randn(5, 16, 8, generator=gen), torch.randn(5, 16, 8, generator=gen)  # [n, S, D]
@@ -96,8 +98,9 @@ def test_term_loss_is_the_clipped_surrogate_with_its_autograd_gradient():
         expected = (weights * clipped_surrogate(ratio_plain[:, None], advantages, eps)).sum()
         expected.backward()
         fused = v.clone().requires_grad_(True)
-        loss, ratio, log_ratio = term_loss(steps, x, fused, x_next, 2, old, advantages, weights, eps)
-        (loss * 3.0).backward()
+        loss, gradient, ratio, log_ratio = term_loss(steps, x, fused, x_next, 2, old, advantages, weights, eps)
+        LossTerm(loss, slot=0, final=True, output=fused, gradient=gradient).backward(torch.tensor(3.0))
+        assert not (loss.requires_grad or gradient.requires_grad)
         torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(fused.grad, 3.0 * plain.grad, rtol=1e-5, atol=1e-9)
         assert torch.equal(ratio, ratio_plain.detach()) and not (ratio.requires_grad or log_ratio.requires_grad)

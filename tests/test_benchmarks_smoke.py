@@ -1,15 +1,13 @@
 """benchmarks/scale_out.py at its smallest sizes: every part runs and writes every figure, finite and positive;
 benchmarks/algorithms.py: its reach/summary arithmetic, its preset checks, and two algorithms end to end.
 
-The in-process parts (a, b) run ``main`` in this process (no interpreter, torch and diffusers start-up per
-run); the Ray parts (c, d) run the script as a user does, its ``__main__`` included."""
+Every part runs ``main`` in this process (no interpreter, torch and diffusers start-up per run); the Ray parts
+(c, d) with this process as the driver of the session's cluster, as tests/test_scale_out.py drives its controllers."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -29,13 +27,6 @@ def load_script():
 
 def smoke_args(tmp_path, *args: str) -> list[str]:
     return ["--smoke", "--repeats", "1", "--out", str(tmp_path / "scale_out.json"), "--work", str(tmp_path / "work"), *args]
-
-
-def run_script(tmp_path, *args: str, timeout: int = 300) -> dict:
-    proc = subprocess.run([sys.executable, str(SCRIPT), *smoke_args(tmp_path, *args)], check=False, cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((tmp_path / "scale_out.json").read_text())
 
 
 @pytest.fixture
@@ -97,9 +88,10 @@ def test_realistic_path_runs_reduced_on_cpu(tmp_path, monkeypatch, run_main):
 
 
 @pytest.mark.slow
-def test_ray_parts_write_the_staleness_and_weight_sync_figures(tmp_path, ray_cluster):
-    """Parts c and d in one script run (one driver, one set of actor imports)."""
-    report = run_script(tmp_path, "--only", "c,d", "--ray-address", ray_cluster.address)
+def test_ray_parts_write_the_staleness_and_weight_sync_figures(ray_cluster, run_main):
+    """Parts c and d in one ``main`` run, this process the driver of the session's cluster; (d)'s second model is
+    built in the first one's actors."""
+    report = run_main("--only", "c,d", "--ray-address", ray_cluster.address)
     assert_figures(
         report, {"c_end_to_end_staleness0", "c_end_to_end_staleness1", "c_staleness1_vs_staleness0", "d_weight_sync", "d_weight_sync_large"}
     )
@@ -191,17 +183,18 @@ def test_algorithms_refuses_a_missing_preset_or_another_reward(monkeypatch):
 
 
 @pytest.mark.slow
-def test_algorithms_benchmark_runs_two_algorithms_end_to_end(tmp_path):
+def test_algorithms_benchmark_runs_two_algorithms_end_to_end(tmp_path, capsys):
     """Two presets, one seed, 3 steps each (one running-mean window), each a real ``python -m raygrpo.run``, in
     process (``--set run.in_process=true``: no cluster, no actor start-ups; the runs' Ray path is
-    tests/test_run_e2e.py's); an always-reached target, so every figure to target is present."""
+    tests/test_run_e2e.py's), both at once (``--parallel 2``: the two interpreters' start-ups share the 2 cores);
+    an always-reached target, so every figure to target is present. The benchmark's own ``main`` runs here."""
+    bench = load_named_script(ALGORITHMS_SCRIPT, "bench_algorithms")
     out = tmp_path / "algorithms.json"
-    command = [sys.executable, str(ALGORITHMS_SCRIPT), "--algorithms", "dancegrpo", "dgpo", "--seeds", "0", "--steps", "3",
-               "--target", "-100", "--out", str(out), "--work", str(tmp_path / "work"), "--set", "run.in_process=true"]  # fmt: skip
-    proc = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    bench.main(["--algorithms", "dancegrpo", "dgpo", "--seeds", "0", "--steps", "3", "--parallel", "2", "--target", "-100",
+                "--out", str(out), "--work", str(tmp_path / "work"), "--set", "run.in_process=true"])  # fmt: skip
+    stdout = capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert list(report["summary"]) == ["dancegrpo", "dgpo"] and report["table"] in proc.stdout
+    assert list(report["summary"]) == ["dancegrpo", "dgpo"] and report["table"] in stdout
     for name, (run,) in report["runs"].items():
         assert (run["reached"], run["steps_to_target"], run["samples_to_target"]) == (True, 3, 48), name  # 2 groups of 8 a step
         assert 0 < run["seconds_to_target"] < run["wall_seconds"] and run["first_reward"] < 0, name

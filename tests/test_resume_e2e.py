@@ -1,16 +1,18 @@
-"""Exact resume on Ray, after a kill and after `ray job stop`: N steps in one go equal a run killed after step 3,
-resumed as a Ray job (`ray job submit`), stopped there by `ray job stop` after step 3 again, and submitted again with
-the same command to the end (auto-resume each time); and the same run in process (``run.in_process=true``) equals
-the Ray run, metrics and weights bit for bit.
+"""Exact resume on Ray, after a kill and after `ray job stop`, and Ray equal to in process: N steps in one go with
+every role in the driver's process (``run.in_process=true``) equal a run on Ray killed after step 3, resumed as a
+Ray job (`ray job submit`), stopped there by `ray job stop` after step 3 again, and submitted again with the same
+command to the end (auto-resume each time): metrics and weights bit for bit.
 
 The killed run stops at a fixed point: the controller holds after writing step 3's metrics (a test-only
-hook), one step past the step-2 checkpoint, and is then SIGKILLed; step 3 is discarded and computed
-again. The first job holds after step 3 too and is stopped (SIGTERM): it saves a checkpoint of step 3 itself
-and says so in one line; the second job continues from that checkpoint. Every per-step metric except wall-clock
-timings must come out identical, and so must the trained weights, bit for bit. Before the jobs, a resume from a
-checkpoint the learner cannot load must fail with one clear line and leave the run folder exactly as it was. The
-killed run is a process of its own; the uninterrupted and refused runs run in the test's process (``run_main``)
-as drivers of the session cluster, the uninterrupted one while the killed one starts beside it.
+hook), one step past the step-2 checkpoint, and is then SIGKILLed; its steps 1-3 (uninterrupted on Ray, step 3
+after a checkpoint save) must equal the in-process run's. Step 3 is discarded and computed again. The first job
+holds after step 3 too and is stopped (SIGTERM): it saves a checkpoint of step 3 itself and says so in one line;
+the second job continues from that checkpoint. Every per-step metric except wall-clock timings must come out
+identical, and so must the trained weights, bit for bit. Before the jobs, a resume from a checkpoint the learner
+cannot load must fail with one clear line and leave the run folder exactly as it was. The killed run is a process
+of its own; the uninterrupted run runs in the test's process (``run_main``) while the killed one starts beside it,
+the refused one in the test's process too, as a driver of the session cluster. (An uninterrupted tiny run on Ray
+through the CLI to its end: tests/test_family_sd.py.)
 """
 
 from __future__ import annotations
@@ -96,13 +98,15 @@ def test_a_killed_run_resumes_as_a_ray_job_that_ray_job_stop_leaves_resumable_an
     command = [sys.executable, "-m", "raygrpo.run", *ARGS, f"run.output_root={root}"]
     killed = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        # The uninterrupted run, driven from this process while the killed one starts beside it (the cluster fits both).
-        straight = run_main(*ARGS, f"run.output_root={tmp_path / 'straight'}", env={"RAY_ADDRESS": ray_cluster.address})
+        # The uninterrupted run, in this process, while the killed one starts its Ray actors beside it.
+        straight = run_main(*ARGS, "run.in_process=true", f"run.output_root={tmp_path / 'straight'}")
         assert straight.returncode == 0, straight.stderr[-3000:]
         run_dir = _kill_after_step_3(killed, root)
     finally:
         killed.kill()
         killed.wait()
+    straight_dir = printed_run_dir(straight.stdout)
+    assert comparable_records(run_dir) == comparable_records(straight_dir)[:3], "steps 1-3 on Ray differ from in process"
     _refuse_a_checkpoint_the_learner_cannot_load(ray_cluster, run_dir)
     _resume_as_a_job_and_stop_it(ray_cluster, run_dir)
 
@@ -114,16 +118,7 @@ def test_a_killed_run_resumes_as_a_ray_job_that_ray_job_stop_leaves_resumable_an
     assert f"resumed from {run_dir / 'checkpoints' / 'step-000003'}: step 3" in proc.stdout, proc.stdout[-4000:]
     assert json.loads((run_dir / "run_state.json").read_text())["status"] == "finished"
     assert (run_dir / "checkpoint-final" / "transformer").is_dir()
-    _compare_with_the_uninterrupted_run(printed_run_dir(straight.stdout), run_dir)
-
-    # The same command with every role in this process instead of Ray actors: the same run, number for number.
-    local = run_main(*ARGS, "run.in_process=true", f"run.output_root={tmp_path / 'in-process'}")
-    assert local.returncode == 0, local.stderr[-3000:]
-    local_dir, straight_dir = printed_run_dir(local.stdout), printed_run_dir(straight.stdout)
-    clock = [{k: v for k, v in r.items() if k != "learner/seconds"} for r in comparable_records(local_dir)]
-    assert clock == [{k: v for k, v in r.items() if k != "learner/seconds"} for r in comparable_records(straight_dir)], "in process differs from Ray"
-    local_weights, expected_weights = trained_weights(local_dir), trained_weights(straight_dir)
-    assert all(torch.equal(local_weights[name], expected_weights[name]) for name in expected_weights)
+    _compare_with_the_uninterrupted_run(straight_dir, run_dir)
 
 
 def _kill_after_step_3(proc: subprocess.Popen, root: Path) -> Path:
@@ -198,7 +193,7 @@ def _compare_with_the_uninterrupted_run(straight_dir: Path, run_dir: Path) -> No
     assert new_keys <= set(events.Tags()["scalars"])
     for want, have in zip(expected, got):
         differs = {k: (want.get(k), have.get(k)) for k in want.keys() | have.keys() if want.get(k) != have.get(k)}
-        assert not differs, f"step {want['step']}: the resumed run logged {differs} (uninterrupted, resumed)"
+        assert not differs, f"step {want['step']}: the resumed run on Ray logged {differs} (uninterrupted in process, resumed)"
 
     # samples.png shows the first and last steps; the resumed run never saw step 1 and takes it from that step's gallery on disk.
     with Image.open(straight_dir / "samples.png") as want, Image.open(run_dir / "samples.png") as have:
@@ -207,4 +202,4 @@ def _compare_with_the_uninterrupted_run(straight_dir: Path, run_dir: Path) -> No
     expected_weights, got_weights = trained_weights(straight_dir), trained_weights(run_dir)
     assert expected_weights.keys() == got_weights.keys()
     different = [name for name in expected_weights if not torch.equal(expected_weights[name], got_weights[name])]
-    assert not different, f"resumed weights differ from the uninterrupted run in {different[:5]}"
+    assert not different, f"resumed weights on Ray differ from the uninterrupted run in process in {different[:5]}"

@@ -6,7 +6,8 @@ import multiprocessing as mp
 
 import torch
 
-from raygrpo.weight_broadcast import WeightBroadcastGroup, free_port
+from raygrpo.net import free_port
+from raygrpo.weight_broadcast import WeightBroadcastGroup
 
 
 def _network(seed: int, dtype: torch.dtype) -> torch.nn.Module:

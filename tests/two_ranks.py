@@ -71,12 +71,14 @@ def _session_main(rank: int, world: int, modules: list[str], out: str, parent: i
                 raise
             if rank == 0:
                 torch.save(result, Path(out) / f"{name}.pt")
+        (Path(out) / f"{_DONE}.rank{rank}").touch()  # the test process goes on now, not after this interpreter's exit
     finally:
         torch.distributed.destroy_process_group()
 
 
 _JOBS = "jobs.pkl"
 _CANCELLED = "cancelled"
+_DONE = "done"
 
 
 def _wait_for_jobs(out: Path, parent: int) -> tuple[int, dict[str, RankJob]] | None:
@@ -139,17 +141,19 @@ class TwoRankPair:
         partial.rename(self.out / _JOBS)  # whole or absent: the children poll for it
         stopped = None
         try:
-            while not self._context.join():
+            # Until both ranks have finished every job (their interpreters' exit, seconds of torch and gloo teardown on a
+            # loaded machine, is waited for at the session's end: cancel), or one of them stopped.
+            while len(list(self.out.glob(f"{_DONE}.rank*"))) < 2 and not self._context.join(timeout=0.05):
                 pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:  # the job's traceback is in its .error file
             stopped = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         return TwoRankResults(jobs, self.out, stopped)
 
     def cancel(self) -> None:
-        """No jobs after all (their tests were deselected or never reached): the children leave without running any."""
-        if not self._done:
-            self._done = True
-            self._end()
+        """At the session's end: the children leave without running any job if none was given (their tests were
+        deselected or never reached), else they are waited for as they exit."""
+        self._done = True
+        self._end()
 
     def _end(self) -> None:
         (self.out / _CANCELLED).touch()

@@ -7,8 +7,9 @@ An algorithm (one file each: ``dancegrpo.py``, ``dgpo.py``) says
 * the random draws of one update (:meth:`Algorithm.draw`: DanceGRPO's timesteps, DGPO's sigmas and noises),
   made for every group of the step in order so that M learner ranks draw what one rank draws;
 * the loss of one optimizer step's samples as a stream of :class:`LossTerm` (:meth:`Algorithm.loss_terms`),
-  each a differentiable scalar the learner scales and backpropagates at once (so one term's activations
-  are alive at a time);
+  each a scalar the learner scales and backpropagates at once (so one term's activations are alive at a
+  time): a differentiable ``loss``, or its value with its gradient in closed form at a tensor it depends on
+  (``output``, ``gradient``: DanceGRPO's surrogate reaches the network's velocity that way, :meth:`LossTerm.backward`);
 * which weights rollout samples with and which are evaluated/exported (EMA shadows), and what moves
   after each optimizer step.
 
@@ -117,7 +118,17 @@ class WindowGroup:
 
 @dataclass
 class LossTerm:
-    """One backward's worth of loss: a differentiable scalar and what the metrics need of it.
+    """One backward's worth of loss, and what the metrics need of it.
+
+    Its gradient reaches the network one of two ways, both through :meth:`backward` (the learner's one call):
+
+    * ``loss`` is differentiable and ``output`` None: autograd's gradient of ``loss``;
+    * ``output`` (a tensor of the graph, e.g. the network's velocity) with ``gradient`` = d loss / d output, known in
+      closed form: backward starts at ``output`` with it, and ``loss`` is then the value (detached), or differentiable
+      only in what ``gradient`` does not cover (Flow-GRPO's KL to the reference): the gradient is the sum of both.
+
+    The second skips the operations (and their backward nodes) a differentiable value would cost per term: on small
+    latents each small operation is a noticeable share of a forward (DanceGRPO, benchmarks/README.md).
 
     The statistics are detached tensors, read back once per update (a ``float()`` per term would make the
     CPU wait for the device at every backward)."""
@@ -126,8 +137,21 @@ class LossTerm:
     slot: int  # the WindowGroup it belongs to (the learner weights padding groups 0)
     final: bool  # the window's last term: its backward reduce-scatters the gradients
     ratios: torch.Tensor | None = None  # [n] importance ratios of the term's samples (for clip/ratio metrics); None: none
-    clipped: torch.Tensor | None = None  # [n] bool, per sample: its loss lost its gradient to the clip
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # 0-dim algorithm statistics, averaged over real terms
+    # [n] bool, per sample: its loss lost its gradient to the clip; may cover a run of terms ending here (DanceGRPO: its
+    # micro-batch's), the clip fraction being the mean over all of them
+    clipped: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # 0-dim algorithm statistics, averaged over the real terms giving them
+    output: torch.Tensor | None = None  # where backward starts with ``gradient`` (None: from ``loss`` alone)
+    gradient: torch.Tensor | None = None  # d loss / d output, of output's shape and dtype, detached
+
+    def backward(self, scale: torch.Tensor) -> None:
+        """Accumulate the gradients of ``loss * scale`` (``scale`` 0-dim, the loss's dtype and device) into the leaves."""
+        if self.output is None:
+            self.loss.backward(scale)  # the gradients of loss * scale, without a multiply and its node
+        elif self.loss.requires_grad:
+            torch.autograd.backward((self.loss, self.output), (scale, self.gradient * scale))
+        else:
+            self.output.backward(self.gradient * scale)
 
 
 class Algorithm(Protocol):

@@ -30,10 +30,10 @@ draws per sample) and a term covers the micro-batch at one step. The first ratio
 trained (no ``best_of_n``), groups not spread over workers, ``group_size`` and the per-rank window
 ``grad_accum_samples / num_ranks`` multiples of m (the config checks these). m = 1 is DanceGRPO exactly.
 
-The learner's per-term math (log-density, ratio, surrogate) runs without autograd, its closed-form gradient
-attached through a linear term (:func:`term_loss`, tested against autograd): on small latents the twenty-odd
-small operations autograd would record per term, or a custom ``autograd.Function``'s Python backward, cost as
-much as the network's own forward. The step constants come from a per-grid table built once per run
+The learner's per-term math (log-density, ratio, surrogate) runs without autograd, and the backward starts at the
+network's velocity with the closed-form gradient (:func:`term_loss`, tested against autograd; ``LossTerm.output`` and
+``gradient``): on small latents the twenty-odd small operations autograd would record per term, or a custom
+``autograd.Function``'s Python backward, cost as much as the network's own forward. The step constants come from a per-grid table built once per run
 (:meth:`DanceGRPO._grid`, ``GridSteps.step_constants``), not indexed per term.
 
 Logged beside the loss, as a diagnostic only (it is no term of the loss and has no gradient):
@@ -147,34 +147,55 @@ class DanceGRPO:
 
     def loss_terms(self, policy, window: list[WindowGroup], draws: StepDraws) -> Iterator[LossTerm]:
         """One term per (rollout micro-batch, trained step j): ``sum_{i in batch} sum_k w_k L_k,ij / n_steps`` (the module
-        docstring's L), the batch's members in one forward as rollout sampled them."""
+        docstring's L), the batch's members in one forward as rollout sampled them.
+
+        The clip fraction and ``approx_kl`` are computed once per micro-batch, over its terms' ratios, and ride on its
+        last term (``LossTerm.clipped`` then covers the micro-batch's terms): the same clip fraction, and ``approx_kl``
+        a mean over micro-batches of equal size, without seven small operations per term."""
         device, clip = self.device, self.algo.clip_range
         for wg in window:
             rollout, train = wg.rollout, wg.train
             sigmas, steps = self._grid(rollout.sigmas)  # [T+1], the rollout's steps
             start = rollout.sde_steps[0]  # trajectory[:, k] is x at grid step start + k (0 without an SDE window)
             weights = torch.tensor(train.reward_weights, device=device)  # [K]; a copy: the array may be a read-only object-store view
+            # The group's window members at once (a copy each per group, not per micro-batch); micro-batches are row slices.
+            members = train.members[wg.rows]  # [r]
+            trajectory = as_tensor(rollout.trajectory[members], device)  # [r, W+1, ...]: the recorded steps (W = T without a window)
+            old_log_probs = as_tensor(rollout.log_probs[members], device)  # [r, W]
+            advantages = as_tensor(train.advantages[:, members].T, device)  # [r, K]
+            conds: dict[int, ConditioningBatch] = {}  # by micro-batch size: read-only expanded views, shared
             batches = _rollout_batches(wg.rows, self.micro_batch)
+            lo = 0
             for b, rows in enumerate(batches):
-                members = train.members[rows]  # [n]
-                trajectory = as_tensor(rollout.trajectory[members], device)  # [n, W+1, ...]: the recorded steps (W = T without a window)
-                old_log_probs = as_tensor(rollout.log_probs[members], device)  # [n, W]
-                advantages = as_tensor(train.advantages[:, members].T, device)  # [n, K]
-                cond = ConditioningBatch.of(rollout.conditioning, len(members), device)
+                part, lo = slice(lo, lo + len(rows)), lo + len(rows)  # the micro-batch's rows of the tensors above
+                batch_trajectory, batch_old_log_probs, batch_advantages = trajectory[part], old_log_probs[part], advantages[part]
+                cond = conds.get(len(rows))
+                if cond is None:
+                    cond = conds[len(rows)] = ConditioningBatch.of(rollout.conditioning, len(rows), device)
                 trained = wg.draw[rows[0]]  # shared by the micro-batch: positions k among the recorded steps
                 step_weights = weights / len(trained)  # [K]: w_k / n_steps
+                ratios, log_ratios = [], []  # the micro-batch's, for its statistics
                 for s, k in enumerate(trained.tolist()):
                     j = start + k  # the grid step
-                    x, x_next = trajectory[:, k].contiguous(), trajectory[:, k + 1]  # [n, ...] each; x as rollout fed it
-                    step = TrainedStep(steps, sigmas, j, x, x_next, cond, old_log_probs[:, k], advantages, step_weights)
-                    loss, ratio, extras = self.step_loss(policy, step)
+                    x, x_next = batch_trajectory[:, k].contiguous(), batch_trajectory[:, k + 1]  # [n, ...] each; x as rollout fed it
+                    step = TrainedStep(steps, sigmas, j, x, x_next, cond, batch_old_log_probs[:, k], batch_advantages, step_weights)
+                    out = self.step_loss(policy, step)
+                    ratios.append(out.ratio)
+                    log_ratios.append(out.log_ratio)
+                    clipped, extras, last = None, out.extras, s == len(trained) - 1
+                    if last:
+                        clipped = (torch.cat(ratios) - 1).abs() > clip  # [n * n_steps]
+                        log_ratio = torch.cat(log_ratios).double()  # float64: r is near float32's resolution
+                        extras = extras | {"approx_kl": (torch.expm1(log_ratio) - log_ratio).mean()}  # k3, see the module docstring
                     yield LossTerm(
-                        loss=loss,
+                        loss=out.loss,
                         slot=wg.slot,
-                        final=wg is window[-1] and b == len(batches) - 1 and s == len(trained) - 1,
-                        ratios=ratio,
-                        clipped=(ratio - 1).abs() > clip,
+                        final=last and wg is window[-1] and b == len(batches) - 1,
+                        ratios=out.ratio,
+                        clipped=clipped,
                         extras=extras,
+                        output=out.output,
+                        gradient=out.gradient,
                     )
 
     def _grid(self, sigmas: np.ndarray) -> tuple[torch.Tensor, GridSteps]:
@@ -190,15 +211,28 @@ class DanceGRPO:
             cached = self._grids[key] = (grid, grid_steps(self.spec.sampler, self.spec.noise_level, grid))
         return cached
 
-    def step_loss(self, policy, step: TrainedStep) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Extension point (Flow-GRPO adds its KL and GRPO-Guard): ``(loss, ratios [n], statistics)`` of one trained step
-        of a micro-batch; here the clipped surrogate and the k3 ``approx_kl`` of the module docstring."""
-        v = policy.velocity(step.x, step.sigmas[step.index].expand(len(step.x)), step.cond)  # [n, ...]
-        loss, ratio, log_ratio = term_loss(
+    def step_loss(self, policy, step: TrainedStep) -> StepLoss:
+        """Extension point (Flow-GRPO adds its KL and GRPO-Guard): the loss of one trained step of a micro-batch, its
+        ratios and statistics; here the clipped surrogate, its gradient in closed form at v (``loss_terms`` adds the clip
+        fraction and ``approx_kl`` of the log-ratios)."""
+        v = policy.velocity(step.x, step.sigmas[step.index].expand(step.x.shape[0]), step.cond)  # [n, ...]
+        loss, gradient, ratio, log_ratio = term_loss(
             step.steps, step.x, v, step.x_next, step.index, step.old_log_prob, step.advantages, step.weights, self.algo.clip_range
         )
-        log_ratio = log_ratio.double()
-        return loss, ratio, {"approx_kl": (torch.expm1(log_ratio) - log_ratio).mean()}  # k3, see the module docstring
+        return StepLoss(loss, ratio, log_ratio, {}, v, gradient)
+
+
+@dataclass
+class StepLoss:
+    """What :meth:`DanceGRPO.step_loss` gives for one trained step: the :class:`LossTerm`'s loss, output and gradient
+    (``LossTerm`` says how its gradient reaches the network), the ratios and statistics."""
+
+    loss: torch.Tensor  # scalar: L's value; differentiable only in what ``gradient`` does not carry (Flow-GRPO's KL)
+    ratio: torch.Tensor  # [n] the importance ratios (clip and ratio metrics), detached
+    log_ratio: torch.Tensor  # [n] log pi_theta - log pi_old of the plain ratio, detached (approx_kl)
+    extras: dict[str, torch.Tensor]  # 0-dim statistics of this step
+    output: torch.Tensor | None = None  # [n, ...] v, where backward starts with ``gradient``; None: from ``loss`` alone
+    gradient: torch.Tensor | None = None  # [n, ...] d L / d v
 
 
 @dataclass
@@ -226,10 +260,10 @@ def term_loss(
     advantages: torch.Tensor,
     weights: torch.Tensor,
     clip_range: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(L, rho, log rho)`` of ``n`` samples at one step: ``L = sum_{i,k} w_k max(-A_ik rho_i, -A_ik clip(rho_i))``,
-    ``rho = exp(log pi(x_next | x, v) - old_log_prob)`` (``x, v, x_next`` ``[n, ...]``, ``old_log_prob`` ``[n]``,
-    ``advantages`` ``[n, K]``, ``weights`` ``[K]``). Differentiable in ``v``, its gradient in closed form.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(L, d L / d v, rho, log rho)`` of ``n`` samples at one step, all detached: ``L = sum_{i,k} w_k max(-A_ik rho_i,
+    -A_ik clip(rho_i))``, ``rho = exp(log pi(x_next | x, v) - old_log_prob)`` (``x, v, x_next`` ``[n, ...]``,
+    ``old_log_prob`` ``[n]``, ``advantages`` ``[n, K]``, ``weights`` ``[K]``); the gradient ``[n, ...]`` of v's dtype.
 
     The step's log-density and its gradient in v come from ``GridSteps.log_prob_with_gradient`` (bit for bit the
     rollout's log-prob); the surrogate's gradient in log pi is that of autograd's own (sub)gradients of
@@ -239,26 +273,23 @@ def term_loss(
         d L / d log pi_i = sum_k w_k (-A_ik rho_i) [ -A_ik rho_i >= -A_ik clip(rho_i) ]
         g_i = d L / d v_i = d L / d log pi_i * d log pi_i / d v_i
 
-    All of it runs without autograd; the gradient reaches v through the linear term ``<v, g>`` (gradient g), added
-    as ``L + (<v, g> - <v, g>)``: the value is L exactly and autograd records four operations (autograd itself
-    would record about twenty, a custom ``autograd.Function`` costs a Python call in every backward: on small
-    latents either costs as much as the network's own forward). tests/test_advantages_and_loss.py checks the
-    gradient against autograd's.
+    None of it runs through autograd: the learner starts the backward at v with g (``LossTerm.output`` and
+    ``gradient``). Autograd itself would record about twenty small operations per term, a custom
+    ``autograd.Function`` costs a Python call in every backward, and a linear term ``L + (<v, g> - <v, g>)`` (used
+    before) four more operations and their backward nodes: on small latents each costs a noticeable share of the
+    network's own forward. tests/test_advantages_and_loss.py checks L and g against autograd.
     """
-    with torch.no_grad():
-        log_prob, d_log_prob = steps.log_prob_with_gradient(x, v, x_next, index)  # [n], [n, ...]
-        log_ratio = log_prob - old_log_prob  # [n]
-        ratio = torch.exp(log_ratio)  # [n]
-        column = ratio[:, None]  # [n, 1]
-        # clipped_surrogate's operations, -A shared by both branches: the same values
-        negative = -advantages  # [n, K]
-        unclipped = negative * column  # [n, K]: -A rho, also its own derivative in log pi
-        per_reward = torch.maximum(unclipped, negative * torch.clamp(column, 1.0 - clip_range, 1.0 + clip_range))  # [n, K]
-        slope = (weights * unclipped * (unclipped >= per_reward)).sum(dim=1)  # [n]: d L / d log pi
-        gradient = d_log_prob * slope.reshape(-1, *([1] * (d_log_prob.ndim - 1)))  # [n, ...]: d L / d v
-        loss = (weights * per_reward).sum()
-    linear = (v * gradient.to(v.dtype)).sum()  # d / d v = gradient
-    return loss + (linear - linear.detach()), ratio, log_ratio
+    log_prob, d_log_prob = steps.log_prob_with_gradient(x, v, x_next, index)  # [n], [n, ...]; no autograd
+    log_ratio = log_prob - old_log_prob  # [n]
+    ratio = torch.exp(log_ratio)  # [n]
+    column = ratio[:, None]  # [n, 1]
+    # clipped_surrogate's operations, -A shared by both branches: the same values
+    negative = -advantages  # [n, K]
+    unclipped = negative * column  # [n, K]: -A rho, also its own derivative in log pi
+    per_reward = torch.maximum(unclipped, negative * torch.clamp(column, 1.0 - clip_range, 1.0 + clip_range))  # [n, K]
+    slope = (weights * unclipped * (unclipped >= per_reward)).sum(dim=1)  # [n]: d L / d log pi
+    gradient = d_log_prob * slope.reshape(-1, *([1] * (d_log_prob.ndim - 1)))  # [n, ...]: d L / d v
+    return (weights * per_reward).sum(), gradient.to(v.dtype), ratio, log_ratio
 
 
 def _rollout_batches(rows: np.ndarray, micro_batch: int) -> list[np.ndarray]:

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from raygrpo.algorithms.base import RolloutSpec, StepDraws
-from raygrpo.algorithms.dancegrpo import DanceGRPO, TrainedStep, clipped_surrogate, term_loss
+from raygrpo.algorithms.dancegrpo import DanceGRPO, StepLoss, TrainedStep, clipped_surrogate, term_loss
 from raygrpo.algorithms.forward_process import base_weights, frozen_snapshot
 from raygrpo.config import Config, FlowGRPOConfig
 from raygrpo.contracts import PromptGroup, Rollout
@@ -153,7 +153,7 @@ class FlowGRPO(DanceGRPO):
         positions = np.arange(self.algo.trained_step_count(len(example.sigmas) - 1))
         return StepDraws([[positions] * members for _ in range(total_groups)])
 
-    def step_loss(self, policy, step: TrainedStep) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def step_loss(self, policy, step: TrainedStep) -> StepLoss:
         """The surrogate (or GRPO-Guard's) of one trained step plus ``beta / n_steps * sum_i KL_i`` (module docstring)."""
         j, n = step.index, len(step.x)
         sigma = step.sigmas[j].expand(n)  # [n]
@@ -161,21 +161,22 @@ class FlowGRPO(DanceGRPO):
         v_ref = self._velocity(policy, self._reference(), step) if self.algo.beta > 0 else None
         v_old = self._velocity(policy, self.old.swapped(), step) if self.old is not None else None
         v = policy.velocity(step.x, sigma, step.cond)  # [n, ...]
+        output = gradient = None  # GRPO-Guard's loss is differentiable (autograd), the plain surrogate's gradient given at v
         if v_old is None:
-            loss, ratio, log_ratio = term_loss(
+            loss, gradient, ratio, log_ratio = term_loss(
                 step.steps, step.x, v, step.x_next, j, step.old_log_prob, step.advantages, step.weights, self.algo.clip_range
             )
+            output = v
         else:
             loss, ratio, log_ratio = self._guard_loss(step, v, v_old)
-        log_ratio = log_ratio.detach().double()
-        extras = {"approx_kl": (torch.expm1(log_ratio) - log_ratio).mean()}  # k3 of the plain ratio, as DanceGRPO logs
+        extras = {}  # approx_kl: DanceGRPO.loss_terms, from the plain log-ratio
         if v_ref is not None:
             std = kl_std(self.spec.sampler, self.spec.noise_level, step.sigmas)[j]
             kl = kl_to_reference(step.steps.coefficients.b[j], v, v_ref, std)  # [n]
             n_steps = self.algo.trained_step_count(len(step.sigmas) - 1)
             loss = loss + self.algo.beta * kl.sum() / n_steps
             extras["kl"] = kl.detach().mean()
-        return loss, ratio, extras
+        return StepLoss(loss, ratio, log_ratio.detach(), extras, output, gradient)
 
     @staticmethod
     def _velocity(policy, weights: AbstractContextManager, step: TrainedStep) -> torch.Tensor:

@@ -11,23 +11,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import socket
 from datetime import timedelta
 
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 logger = logging.getLogger(__name__)
-
-
-def rendezvous_address(loopback: bool) -> tuple[str, int]:
-    """This node's address for the other ranks (127.0.0.1 on a single machine) and a free port on it."""
-    import ray
-
-    host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return host, sock.getsockname()[1]
 
 
 def init_process_group(rank: int, world_size: int, host: str, port: int, use_cuda: bool, timeout_s: float = 600) -> None:

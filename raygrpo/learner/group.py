@@ -24,9 +24,9 @@ import logging
 from raygrpo.actor_group import ActorGroup, LocalGroup, get
 from raygrpo.config import Config
 from raygrpo.contracts import LearnerMetrics
-from raygrpo.learner.fsdp import rendezvous_address
 from raygrpo.learner.learner import Learner
 from raygrpo.learner.shard import split_batch
+from raygrpo.net import rendezvous_address  # torch-free: the task's worker imports only that module
 from raygrpo.placement import RoleResources
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ One update (:meth:`Learner.update`) on this rank's group slots::
     for window in windows of algorithm.window_samples() samples:    # one optimizer step each
         N = real samples of the window, over every rank
         for term in algorithm.loss_terms(model, window, draws):     # one forward each
-            backward(term.loss * (M if real else 0) / N)            # FSDP syncs on term.final only
+            term.backward((M if real else 0) / N)                   # FSDP syncs on term.final only
         clip the gradient norm; optimizer step; algorithm.after_optimizer_step()
 
 The algorithm computes losses (raygrpo/algorithms/); windows, padding, normalisation, gradient sync and
@@ -52,11 +52,12 @@ from raygrpo.actor_group import get
 from raygrpo.algorithms import LossTerm, StepDraws, WindowGroup, make_algorithm
 from raygrpo.config import Config
 from raygrpo.contracts import LearnerMetrics, Rollout, TrainGroup, WeightsMessage, merge_rollouts
-from raygrpo.learner.fsdp import full_state_dict, gathered_tensors, init_process_group, join_single_rank_group, rendezvous_address, shard_network
+from raygrpo.learner.fsdp import full_state_dict, gathered_tensors, init_process_group, join_single_rank_group, shard_network
 from raygrpo.learner.shard import RankBatch, clip_grad_norm, global_sums, pick
 from raygrpo.learner.state import load_training_state, save_training_state
 from raygrpo.models import load_model
 from raygrpo.models.lora import add_lora
+from raygrpo.net import rendezvous_address
 from raygrpo.runtime import role_device, set_torch_threads, torch_dtype
 from raygrpo.weight_broadcast import WeightBroadcastGroup
 from raygrpo.weights import export_weights
@@ -152,7 +153,7 @@ class Learner:
         first_window = not tally.grad_norms
         synced = None  # FSDP's gradient sync as last set: toggling it walks every FSDP module, so only on change
         # M per real term undoes FSDP's average over the ranks; padding weighs 0 (learner/shard.py). Passed to
-        # backward as the loss's gradient: the gradients of ``loss * scale``, without a multiply and its node per term.
+        # LossTerm.backward: the gradients of ``loss * scale``, without a multiply and its node per term.
         scales: dict[tuple[bool, torch.dtype], torch.Tensor] = {}
         for term in self.algorithm.loss_terms(self.model, window, draws):
             real = part.is_real(term.slot)
@@ -164,9 +165,9 @@ class Learner:
             if scale is None:
                 # a fill on the device, not a host-to-device copy (nothing here waits for the device)
                 scale = scales[key] = torch.full((), (self.world_size if real else 0.0) / n_real, dtype=key[1], device=term.loss.device)
-            term.loss.backward(scale)
+            term.backward(scale)
             if real:
-                losses.append(term.loss.detach())
+                losses.append(term.loss.detach() if term.loss.requires_grad else term.loss)
                 tally.add(term, first_window)
         # float64: the terms' losses carry the advantages' signs and largely cancel
         tally.losses.append(torch.stack(losses).double().sum() / n_real if losses else torch.zeros((), dtype=torch.float64))
@@ -405,7 +406,11 @@ class _Tally:
     def metrics(self, version: int, samples: int, seconds: float, on_policy_ratio: bool, step_extras: dict[str, float]) -> LearnerMetrics:
         def values(tensors: list[torch.Tensor]) -> np.ndarray:
             # float64 before the mean: the ratios' deviations from 1 are near float32's resolution
-            return torch.cat([t.reshape(-1) for t in tensors]).double().cpu().numpy() if tensors else np.full(1, np.nan)
+            if not tensors:
+                return np.full(1, np.nan)
+            # 0-dim statistics (most lists: one per term) stacked without a reshape each
+            flat = torch.stack(tensors) if all(t.ndim == 0 for t in tensors) else torch.cat([t.reshape(-1) for t in tensors])
+            return flat.double().cpu().numpy()
 
         ratios, first = values(self.ratios), values(self.first_ratios)  # NaN: only padding here, or no ratios
         return LearnerMetrics(

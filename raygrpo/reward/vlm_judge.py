@@ -42,7 +42,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -55,6 +54,7 @@ import httpx
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from raygrpo.net import free_port
 from raygrpo.reward.base import References, Reward, RewardParams, RewardServiceError, ScoreOutcome, check_batch
 from raygrpo.reward.media import encode_png
 from raygrpo.reward.transport import (
@@ -538,7 +538,7 @@ class _VllmServer:
     @classmethod
     def launch(cls, serve: ServeParams, served_name: str | None, *, images_per_prompt: int = 1) -> _VllmServer:
         python = _resolve_python(serve.python)
-        port = serve.port or _free_port()
+        port = serve.port or free_port()
         workdir = Path(tempfile.mkdtemp(prefix="raygrpo-vllm-judge-"))
         log_path = workdir / "server.log"
         command = [
@@ -645,8 +645,3 @@ def _resolve_python(python: str) -> str:
         "create the vLLM environment with `make install-vllm` or point serve.python at one"
     )
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
