@@ -726,11 +726,12 @@ def bench_weight_sync(args: argparse.Namespace, actors: SyncActors, *extra: str)
 # ------------------------------------------------------------------------------------------- main
 
 
-def start_ray(address: str | None, prefault: bool = False) -> None:
+def start_ray(address: str | None, prefault: bool = False, store_bytes: int | None = None) -> None:
     """Join ``address``, or start a local instance. ``prefault``: the local object store touches all its shared memory
     at start (``RAY_preallocate_plasma_memory``), as a long-running cluster's store is after its first syncs: without
     it a GB-sized put into memory never touched before page-faults (7-11 s for 1 GiB measured on the loaded 2-core
-    machine, 0.3-0.9 s after), and whichever side of (d) lands on fresh memory first looks slow."""
+    machine, 0.3-0.9 s after), and whichever side of (d) lands on fresh memory first looks slow. ``store_bytes``: the
+    local object store's size (None: Ray's default, 30% of RAM), see :func:`sync_store_bytes`."""
     import ray
     import ray.cloudpickle
 
@@ -747,13 +748,27 @@ def start_ray(address: str | None, prefault: bool = False) -> None:
         os.environ["RAY_preallocate_plasma_memory"] = "1"  # read by the raylet this ray.init starts
     for attempt in (1, 2):
         try:
-            ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+            ray.init(
+                address="local", num_cpus=4, include_dashboard=False, object_store_memory=store_bytes, _node_ip_address="127.0.0.1",
+                logging_level="WARNING",
+            )  # fmt: skip
             return
         except Exception as exc:  # Ray raises a bare Exception when its node is slow to come up (a busy shared machine)
             if attempt == 2:
                 raise
             logger.warning("local Ray did not start (%s); trying once more", exc)
             ray.shutdown()
+
+
+def sync_store_bytes(args: argparse.Namespace) -> int:
+    """(d)'s object store: 4x its large model's message (float32 bytes grow with ``--sync-width`` squared: 145 MB at
+    512), at least 1 GiB. Each put is timed by where it lands: a process writing store pages it has never touched
+    page-faults on every 4 KiB (about 25 ms per 145 MB here), so with Ray's default store (30% of RAM, 7 GB here) each
+    side's put drew fast or slow by chance, repeat by repeat (145 MB: 0.07 or 0.10 s the sync, 0.06 or 0.09 s the
+    floor; ratios of 1.24-1.60 over 3 runs). A store a few messages large is reused by every put after the warm-up, as
+    a training run's store is from one sync to the next (the previous version freed), for both sides alike."""
+    large = 145e6 * (args.sync_width / 512) ** 2
+    return int(max(1 << 30, 4 * large))
 
 
 def machine(device: str) -> dict:
@@ -849,7 +864,8 @@ def main(argv: list[str] | None = None) -> dict:
         if set(args.parts) & {"c", "d"}:
             import ray
 
-            start_ray(args.ray_address, prefault="d" in args.parts and not args.smoke)
+            sync = "d" in args.parts and not args.smoke
+            start_ray(args.ray_address, prefault=sync, store_bytes=sync_store_bytes(args) if sync else None)
             try:
                 if "c" in args.parts:
                     for staleness in (0, 1):
