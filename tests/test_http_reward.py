@@ -34,6 +34,7 @@ from PIL import Image
 
 from raygrpo.config import RewardConfig
 from raygrpo.contracts import GroupMedia, PromptGroup
+from raygrpo.net import free_port
 from raygrpo.reward import RewardServiceError, check_reward_service, make_reward
 from raygrpo.reward.http import PROTOCOL, HttpReward, encode_png
 from raygrpo.reward.transport import tls_context
@@ -107,12 +108,6 @@ class LiveServer:
 def _has_root_health(app) -> bool:
     return any(getattr(route, "path", None) == "/v1/health" for route in app.routes)
 
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chaos_app(state: Counter) -> FastAPI:
@@ -406,7 +401,7 @@ def test_builtin_server_rejects_bad_requests_clearly(builtin_server, web):
 
 
 def test_builtin_server_cli_with_token(monkeypatch, web):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "CLI_REWARD_TOKEN": "cli-secret"}
     command = [sys.executable, str(ROOT / "reward_servers" / "serve_builtin.py"), "--kind", "jpeg_compressibility",
                "--params", '{"quality": 90}', "--port", str(port), "--token-env", "CLI_REWARD_TOKEN", "--log-level", "warning"]  # fmt: skip
@@ -567,7 +562,7 @@ def test_timeout_always(chaos):
 
 
 def test_server_down():
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
     outcome = http_reward(url, max_attempts=3).score_outcome(images_of(2), ["p"] * 2)
     assert not outcome.valid.any() and np.isnan(outcome.values).all()
@@ -678,7 +673,7 @@ def test_retries_and_failures_are_counted(chaos):
 
 
 def test_a_dead_server_counts_retries_and_one_failure():
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     outcome = http_reward(url, max_attempts=3).score_outcome(images_of(2), ["p"] * 2)
     assert (outcome.retries, outcome.failures, outcome.fatal) == (2, 1, None)
     assert "nothing is listening" in outcome.errors[0]
@@ -733,7 +728,7 @@ def test_service_check_passes_for_healthy_servers(chaos, builtin_server):
 
 
 def test_service_check_of_a_dead_server_fails_fast():
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(RewardServiceError, match="reward 'judge'") as info:
         check_reward_service("judge", "http", {"url": url})  # default timeout and attempts of the preflight

@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from PIL import Image
 from raygrpo.config import load_config
 from raygrpo.controller import HOLD_AFTER_STEP_ENV, Controller
 from raygrpo.errors import RunAborted
+from raygrpo.net import free_port
 
 from .conftest import ROOT, run_main, serve_in_thread
 from .test_http_reward import serve_builtin
@@ -45,12 +45,6 @@ def records(run_dir: Path) -> list[dict]:
 def raygrpo_lines(stderr: str) -> list[str]:
     """What the driver printed itself (library warnings, e.g. transformers', come before it)."""
     return [line for line in stderr.splitlines() if line.startswith("raygrpo: ")]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class SigtermWhenLogged(logging.Handler):

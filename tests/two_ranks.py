@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from raygrpo.net import free_port
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,6 @@ class RankJob:
 
     run: Callable[..., Any]
     args: tuple = ()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _session_main(rank: int, world: int, modules: list[str], out: str, parent: int) -> None:

@@ -167,7 +167,7 @@ class Learner:
                 scale = scales[key] = torch.full((), (self.world_size if real else 0.0) / n_real, dtype=key[1], device=term.loss.device)
             term.backward(scale)
             if real:
-                losses.append(term.loss.detach() if term.loss.requires_grad else term.loss)
+                losses.append(term.loss.detach())
                 tally.add(term, first_window)
         # float64: the terms' losses carry the advantages' signs and largely cancel
         tally.losses.append(torch.stack(losses).double().sum() / n_real if losses else torch.zeros((), dtype=torch.float64))

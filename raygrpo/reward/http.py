@@ -54,10 +54,10 @@ from raygrpo.reward.transport import (
     Reply,
     RequestFailed,
     Retries,
+    async_client,
     check_base_url,
     request_with_retries,
     run_sync,
-    tls_context,
 )
 
 __all__ = [
@@ -355,7 +355,7 @@ class HttpReward(Reward):
 
     def _client(self, timeout_s: float) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), headers=headers, follow_redirects=False, verify=tls_context())
+        return async_client(timeout_s, headers)
 
     @property
     def _retries(self) -> Retries:

@@ -221,11 +221,17 @@ async def request_with_retries(
 def tls_context() -> ssl.SSLContext:
     """httpx's default certificate check (certifi's CAs, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``), built once per process.
 
-    Pass it as ``verify=`` to every client. httpx builds a context for each client it creates, reading the whole
+    Every client gets it through :func:`async_client`. httpx builds a context for each client it creates, reading the whole
     CA bundle (about 60 ms of CPU), even for plain-http URLs, and a reward opens a client per scoring call, so
     once per group and reward. One context serves any number of clients, loops and threads.
     """
     return httpx.create_ssl_context()
+
+
+def async_client(timeout_s: float, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
+    """The HTTP client every reward endpoint talks through: ``timeout_s`` per request, no redirects (a token never
+    follows one to another host), the process's one TLS context (:func:`tls_context`)."""
+    return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), headers=headers, follow_redirects=False, verify=tls_context())
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:

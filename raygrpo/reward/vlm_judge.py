@@ -63,10 +63,10 @@ from raygrpo.reward.transport import (
     Reply,
     RequestFailed,
     Retries,
+    async_client,
     check_base_url,
     request_with_retries,
     run_sync,
-    tls_context,
 )
 
 logger = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ class VlmJudgeReward(Reward):
 
     def client(self) -> httpx.AsyncClient:
         """An HTTP client with this endpoint's timeout, for :meth:`chat` and :meth:`served_model` (one per event loop)."""
-        return httpx.AsyncClient(timeout=httpx.Timeout(self.params.timeout_s), follow_redirects=False, verify=tls_context())
+        return async_client(self.params.timeout_s)
 
     async def served_model(self, client: httpx.AsyncClient) -> str:
         """The model id requests name: ``model_name``, or the first model the server lists (asked once)."""
@@ -327,7 +327,7 @@ class VlmJudgeReward(Reward):
         base = self.base_url
         assert base is not None
         tally = CallTally()
-        async with httpx.AsyncClient(timeout=httpx.Timeout(self.params.timeout_s), follow_redirects=False, verify=tls_context()) as client:
+        async with self.client() as client:
             if self._model_id is None:
                 try:
                     self._model_id = await self._discover_model(client, base, tally)
@@ -345,8 +345,7 @@ class VlmJudgeReward(Reward):
         retries = Retries.service_check(timeout_s)
         budget = retries.budget_s  # one request's budget for both: a server answering each just in time still fails fast
         try:
-            client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), follow_redirects=False, verify=tls_context())
-            async with asyncio.timeout(budget), client:
+            async with asyncio.timeout(budget), async_client(timeout_s) as client:
                 reply = await self._request(client, "GET", f"{base}/health", retries=retries)
                 if reply.status != 404:  # 404: an OpenAI-compatible server without vLLM's /health
                     self._check_status(reply)
