@@ -44,10 +44,12 @@ def start_local_cluster(num_cpus: int, env: dict[str, str] | None = None, dashbo
         str(binaries / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
         "--node-ip-address=127.0.0.1", f"--metrics-export-port={metrics_port}", "--disable-usage-stats",
     ]  # fmt: skip
-    # The job agent's HTTP port too: Ray's default (52365) is taken whenever another Ray instance runs on the machine,
-    # and a head whose agent cannot bind answers every `ray job submit` with "No available agent to submit job".
+    # The job agent's HTTP port is 0: the agent binds a port the kernel picks at that moment and registers it. Ray's
+    # default (52365) is taken whenever another Ray instance runs on the machine, and a port picked here beforehand
+    # can be taken by another socket in the seconds before the agent binds it. An agent that cannot bind stays up
+    # without HTTP, and the head then answers every `ray job submit` with "No available agent to submit job".
     command += (
-        ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free_port()}"]
+        ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--dashboard-agent-listen-port=0"]
         if dashboard
         else ["--include-dashboard=false"]
     )
