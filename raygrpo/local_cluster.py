@@ -23,6 +23,7 @@ class LocalCluster:
     dashboard: str  # http address for `ray job submit` ("" without a dashboard)
     metrics: str  # the head's Prometheus endpoint (ray.util.metrics land there)
     process_group: int | None
+    log_dir: Path | None = None  # the head's session logs (dashboard, job agent), when started with a RAY_TMPDIR of its own
 
     def stop(self) -> None:
         if self.process_group is None:
@@ -59,6 +60,7 @@ def start_local_cluster(num_cpus: int, env: dict[str, str] | None = None, dashbo
         dashboard=f"http://127.0.0.1:{dashboard_port}" if dashboard else "",
         metrics=f"http://127.0.0.1:{metrics_port}/metrics",
         process_group=_process_group_of(port),
+        log_dir=Path(env["RAY_TMPDIR"]) / "ray" / "session_latest" / "logs" if "RAY_TMPDIR" in env else None,
     )
     if proc.returncode != 0:
         cluster.stop()

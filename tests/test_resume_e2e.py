@@ -86,8 +86,13 @@ def job(ray_cluster, *args: str, timeout: int = 600) -> subprocess.CompletedProc
         proc = subprocess.run([ray_cli(), "job", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
         # Right after start-up (or under load) the head's job agent may not be registered yet; Ray says to retry.
         # Each try is a `ray` command of some seconds: short pauses between them, a longer budget in all.
-        if "No available agent to submit job" not in proc.stderr or time.monotonic() > deadline:
+        if "No available agent to submit job" not in proc.stderr:
             return proc
+        if time.monotonic() > deadline:
+            # What the head's dashboard and job agent logged, for the assertion message that follows.
+            logs = [ray_cluster.log_dir / name for name in ("dashboard_agent.log", "dashboard_JobHead.log")]
+            tails = "".join(f"\n--- {p.name}:\n" + "\n".join(line[:300] for line in p.read_text().splitlines()[-12:]) for p in logs if p.exists())
+            return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout, proc.stderr + tails)
         time.sleep(2)
 
 
