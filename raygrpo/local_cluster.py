@@ -34,6 +34,16 @@ class LocalCluster:
             pass
         self.process_group = None
 
+    def log_tails(self, *names: str, lines: int = 12) -> str:
+        """The last ``lines`` lines of each of the head's session logs ``names`` (e.g. ``dashboard_agent.log``), each
+        under its name, for an error message; "" where the logs are unknown or missing."""
+        tails = ""
+        for name in names:
+            path = self.log_dir / name if self.log_dir else None
+            if path and path.exists():
+                tails += f"\n--- {name}:\n" + "\n".join(line[:300] for line in path.read_text().splitlines()[-lines:])
+        return tails
+
 
 def start_local_cluster(num_cpus: int, env: dict[str, str] | None = None, dashboard: bool = True) -> LocalCluster:
     """Start a head on 127.0.0.1 (``env`` as the processes' environment); wait until its dashboard answers."""

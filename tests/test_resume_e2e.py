@@ -90,8 +90,7 @@ def job(ray_cluster, *args: str, timeout: int = 600) -> subprocess.CompletedProc
             return proc
         if time.monotonic() > deadline:
             # What the head's dashboard and job agent logged, for the assertion message that follows.
-            logs = [ray_cluster.log_dir / name for name in ("dashboard_agent.log", "dashboard_JobHead.log")]
-            tails = "".join(f"\n--- {p.name}:\n" + "\n".join(line[:300] for line in p.read_text().splitlines()[-12:]) for p in logs if p.exists())
+            tails = ray_cluster.log_tails("dashboard_agent.log", "dashboard_JobHead.log")
             return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout, proc.stderr + tails)
         time.sleep(2)
 
