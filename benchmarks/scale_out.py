@@ -16,7 +16,10 @@
     math in plain PyTorch (``bare_dgpo_step``: the no-gradient reference/base forwards, gate, clip, KL,
     gradient clipping, AdamW, EMA updates) with its shadows as separate modules; like the learner, it draws
     each step's noise levels and noises and forms x_t and the targets inside the timed step. Each figure's
-    ``time_split_s`` says where both sides' seconds go (forwards, backwards, optimizer, the rest).
+    ``time_split_s`` says where both sides' seconds go (forwards, backwards, optimizer, the rest); ``own_work_s``
+    times both sides again with each network's forward replaced by one multiply, so that what each side does besides
+    the network is measured without the network's run-to-run swings (``excess_of_step``: raygrpo's extra, as a
+    share of the baseline's fastest step).
 (c) end to end: the real Controller on Ray (tiny DanceGRPO preset, 2 rollout workers) at
     ``train.max_staleness`` 0 and 1, samples/s per step (step 1 and the last max_staleness steps skipped),
     against the serial sum of the stages read from metrics.jsonl: rollout busy s / workers + reward s /
@@ -450,6 +453,39 @@ def time_split(step: Callable[[], None], networks: list[torch.nn.Module], optimi
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
+OWN_WORK_REPEATS = 25  # steps per side with stand-in networks (milliseconds each): the fastest is kept
+
+
+@contextmanager
+def stand_in_networks(networks: list[torch.nn.Module], device: str) -> Iterator[None]:
+    """While the block runs, each network's forward is one multiply of its ``hidden_states`` by a trained scalar
+    (so a backward still runs): the shapes and the graph's ends are kept, the network's own work is gone."""
+    scale = torch.nn.Parameter(torch.ones((), device=device))
+
+    def stand_in(*args, hidden_states: torch.Tensor, return_dict: bool = True, **kwargs) -> tuple[torch.Tensor]:
+        return (hidden_states * scale,)
+
+    for network in networks:
+        network.forward = stand_in  # an instance attribute, shadowing the class's forward
+    try:
+        yield
+    finally:
+        for network in networks:
+            del network.forward
+
+
+def own_work_seconds(
+    system: Callable[[int], None], baseline: Callable[[int], None], networks: list, device: str, repeats: int = OWN_WORK_REPEATS
+) -> dict:
+    """Seconds per step of each side's work besides the network: both run with :func:`stand_in_networks`, alternating,
+    and the fastest of ``repeats`` per side is kept. The network's forwards and backwards, the same on both
+    sides and most of a step, are what makes the step ratio swing with other load; without them the difference in
+    the sides' own work (adapter, losses, statistics, Python) is measured nearly alone, in absolute seconds."""
+    with stand_in_networks(networks, device):
+        seconds = alternate(system, baseline, repeats, device)
+    return {"raygrpo": min(seconds[0]), "baseline": min(seconds[1])}
+
+
 def shadow_swap_seconds(learner, repeats: int = 20) -> float:
     """One swap of a DGPO shadow into the network and back (median), what ``ParameterShadow.swapped`` costs each time."""
     shadow = getattr(learner.algorithm, "fast_ema", None)
@@ -516,6 +552,15 @@ def bench_learner(preset: str, args: argparse.Namespace) -> dict:
         split = {"raygrpo": time_split(lambda: system(0), [learner.model.transformer], learner.optimizer, dev)}
     split["raygrpo"]["shadow swaps"] = swaps["swaps calls"] / SPLIT_REPEATS * shadow_swap_seconds(learner)  # inside "rest"
     split["baseline"] = time_split(lambda: baseline(args.repeats + 1), [n for n in networks.values()], adamw, dev)
+    own = {}
+    if not learner.sharded:  # a stand-in forward would leave FSDP2's gathered parameters without gradients
+        own = own_work_seconds(
+            lambda r: system(0), lambda r: baseline(args.repeats + 2 + r), [learner.model.transformer, *networks.values()], dev,
+            repeats=2 if args.smoke else OWN_WORK_REPEATS,
+        )  # fmt: skip
+        # The step ratio this difference alone would add: own work above the baseline's, over the baseline's step
+        # (fastest against fastest, as the own work is)
+        own["excess_of_step"] = (own["raygrpo"] - own["baseline"]) / min(seconds[1])
     samples = sum(len(g.members) for g in batch)
     baseline_what = (
         "DGPO in plain PyTorch on copies of the network (policy, fast EMA, frozen base, slow EMA): the same no-gradient "
@@ -528,7 +573,8 @@ def bench_learner(preset: str, args: argparse.Namespace) -> dict:
         samples=samples, forwards_with_grad=step_every if dgpo else len(forwards),
         batch_per_forward=len(forwards[0].x0) if dgpo else len(forwards[0].kwargs["hidden_states"]),
         preset=PRESETS[preset], samples_per_s=samples / statistics.median(seconds[0]),
-        baseline_samples_per_s=samples / statistics.median(seconds[1]), time_split_s=split, **cpu_figures(cpu, per_call=False),
+        baseline_samples_per_s=samples / statistics.median(seconds[1]), time_split_s=split, own_work_s=own,
+        **cpu_figures(cpu, per_call=False),
         # An extra figure, least disturbed by other load on a shared machine: the fastest repeat of each side, in CPU seconds.
         cpu_ratio_min=min(cpu[0]) / min(cpu[1]),
     )  # fmt: skip
@@ -897,8 +943,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _line(f: dict) -> str:
-    cpu = f", CPU-seconds ratio {f['cpu_ratio']:.3f}" if "cpu_ratio" in f else ""
-    return f"{f['value']:.4g} {f['unit']} vs baseline {f['baseline']:.4g} (ratio {f['ratio']:.3f}{cpu})"
+    extra = f", CPU-seconds ratio {f['cpu_ratio']:.3f}" if "cpu_ratio" in f else ""
+    if own := f.get("own_work_s"):
+        extra += (
+            f"; besides the network {own['raygrpo'] * 1e3:.2f} vs {own['baseline'] * 1e3:.2f} ms per step,"
+            f" {own['excess_of_step']:+.3f} of a baseline step"
+        )
+    return f"{f['value']:.4g} {f['unit']} vs baseline {f['baseline']:.4g} (ratio {f['ratio']:.3f}{extra})"
 
 
 def _check(figures: dict) -> None:

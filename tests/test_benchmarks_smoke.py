@@ -74,6 +74,22 @@ def test_in_process_parts_write_every_figure(run_main):
     assert figures["b_learner_dancegrpo"]["batch_per_forward"] == 1
     assert figures["b_learner_dancegrpo"]["forwards_with_grad"] == figures["b_learner_dancegrpo"]["samples"] == 4
     assert figures["b_learner_dgpo"]["forwards_with_grad"] == 2 * 2 and figures["b_learner_dgpo"]["batch_per_forward"] == 2
+    for name in ("b_learner_dancegrpo", "b_learner_dgpo"):  # both sides' work besides the network, timed with stand-ins
+        own = figures[name]["own_work_s"]
+        assert 0 < own["raygrpo"] < figures[name]["value"] and 0 < own["baseline"] < figures[name]["baseline"], (name, own)
+        assert own["excess_of_step"] == pytest.approx((own["raygrpo"] - own["baseline"]) / min(figures[name]["baseline_values"]))
+
+
+def test_stand_in_networks_replace_the_forward_for_the_block_only():
+    bench = load_script()
+    network = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    before = network(x)
+    with bench.stand_in_networks([network], "cpu"):
+        out = network(hidden_states=x, return_dict=False)[0]  # the stand-in: one multiply by a trained scalar of 1
+        assert torch.equal(out, x)
+        out.sum().backward()  # a backward runs through it
+    assert "forward" not in vars(network) and torch.equal(network(x), before)  # the class's forward is back
 
 
 @pytest.mark.slow
