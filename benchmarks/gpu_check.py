@@ -559,6 +559,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.dry_run:
         args.device, args.steps, args.budget_s = "cpu", min(args.steps, 2), min(args.budget_s, 300)
+        # On the CPU, MKL's matrix products may take paths that depend on the operands' memory alignment (seen on an
+        # AVX-512 machine): a sharded learner's gathered parameters then round a last bit differently from rollout's,
+        # and fsdp2's 2-rank run is 1 ulp off. Strict conditional reproducibility makes MKL's results independent of
+        # alignment (read at MKL's first call, in the section processes forked after this).
+        os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     unknown = sorted(set(args.only.split(",")) - set(SECTIONS))
     if unknown:
         p.error(f"--only: unknown sections {unknown}; choose from {','.join(SECTIONS)}")

@@ -82,14 +82,37 @@ def render(name: str, figures: dict) -> str:
     return {"demo": _render_demo, "eval": _render_eval, "algorithms": _render_algorithms, "scale_out": _render_scale_out}[name](figures)
 
 
+def numerics_host() -> dict:
+    """What, besides the code and the versions, decides a CPU run's floating-point results: the CPU and the instruction
+    set torch's kernels (ATen, MKL) dispatch to. AVX-512, AVX2 and older paths round differently; the first step's
+    reward moves in its 4th decimal, and 30 steps of training on top of that end 0.01-0.3 apart (the tiny demo on one
+    AVX-512 machine: -2.7884 with its own kernels, -2.6978 held to AVX2, -2.4780 to the generic ones)."""
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)}
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu": fields.get("model name", platform.processor()),
+        "kernels": torch.backends.cpu.get_cpu_capability(),
+        "flags": sorted(flags & {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "avx_vnni"}),
+        "mkl_cbwr": os.environ.get("MKL_CBWR", ""),
+        "torch": torch.__version__,
+    }
+
+
 def _render_demo(f: dict) -> str:
     d, g = f["demo"]["dancegrpo"], f["demo"]["dgpo"]
+    host = f.get("demo_host")
+    cpu = f" ({host['cpu']}, torch's {host['kernels']} kernels)" if host else ""
     return (
-        f"On the {f['machine']} it takes {d['wall_seconds']:.0f} s, start-up included; the reward (kB of JPEG, negative: images\n"
+        f"On the {f['machine']}{cpu} it takes {d['wall_seconds']:.0f} s, start-up included; the reward (kB of JPEG, negative: images\n"
         f"become smoother) goes from {d['first']:.4f} to {d['last']:.4f} in {d['steps']} steps (best {d['best']:.4f}, at step {d['best_step']}).\n"
         f"It prints the folder it wrote:\n\n```\n{d['printed']}\noutputs: /path/to/raygrpo/outputs/tiny-YYYYmmdd-HHMMSS\n```\n\n"
         f"The same task with DGPO (`cluster/tiny_dgpo.yaml`): {g['wall_seconds']:.0f} s, reward {g['first']:.4f} → {g['last']:.4f}\n"
         f"(best {g['best']:.4f}); {g['bytes_per_sample']:,.0f} bytes per sample reach the learner against DanceGRPO's {d['bytes_per_sample']:,.0f}.\n"
+        f"A CPU with another instruction set rounds differently: the first step's reward agrees to about 1e-3, and the\n"
+        f"training from there follows a slightly different path (`make figures` measures it on yours).\n"
     )
 
 
@@ -139,7 +162,8 @@ def _render_scale_out(f: dict) -> str:
         # CPU seconds of the process (parts a and b, in process): less moved than wall time by other work on the machine
         cpu = f"{fig['cpu_ratio']:.2f} ({min(fig['cpu_ratios']):.2f}–{max(fig['cpu_ratios']):.2f})" if "cpu_ratio" in fig else "–"
         rows.append(f"| {what} | {fig['value']:.4g} | {baseline}: {fig['baseline']:.4g} | {fig['ratio']:.2f}{spread} | {cpu} |")
-    head = f"Measured {f['date']} on the {f['machine']} ({f['scale_out']['wall_seconds']:.0f} s):\n\n"
+    date = f["scale_out"].get("machine", {}).get("date_utc", f["date"])[:10]  # its own run's (`--only demo` keeps it)
+    head = f"Measured {date} on the {f['machine']} ({f['scale_out']['wall_seconds']:.0f} s):\n\n"
     return head + "\n".join(rows) + "\n"
 
 
@@ -167,6 +191,7 @@ def main() -> None:
             work = Path(scratch)
             if args.only in (None, "demo"):
                 figures["demo"] = {name: demo(preset, work, env) for name, preset in (("dancegrpo", "cluster/tiny.yaml"), ("dgpo", "cluster/tiny_dgpo.yaml"))}
+                figures["demo_host"] = numerics_host()  # tests/test_run_in_process.py compares the numbers exactly on such a host
                 figures["eval"] = evaluation(figures["demo"]["dancegrpo"]["run_dir"], work, env)
                 for run in figures["demo"].values():
                     run.pop("run_dir")

@@ -26,7 +26,7 @@ from raygrpo.controller import HOLD_AFTER_STEP_ENV, Controller
 from raygrpo.errors import RunAborted
 from raygrpo.net import free_port
 
-from .conftest import ROOT, run_main, serve_in_thread
+from .conftest import ROOT, load_script, run_main, serve_in_thread
 from .test_http_reward import serve_builtin
 
 IN_PROCESS = "run.in_process=true"
@@ -121,10 +121,17 @@ def test_tiny_presets_learn_in_process_and_write_their_outputs(tmp_path, preset)
     assert export["generation"] == {"height": 64, "width": 64, "num_inference_steps": 8 if preset == "tiny.yaml" else 10,
                                     "guidance_scale": 3.5, "num_frames": None, "shift": 3.0}  # fmt: skip
     assert json.loads((run_dir / "run_state.json").read_text())["status"] == "finished"
-    # What the README quotes (docs/figures.json, `make figures`, measured on Ray: the same numbers) is what it prints now.
-    quoted = json.loads((ROOT / "docs" / "figures.json").read_text())["demo"]["dancegrpo" if preset == "tiny.yaml" else "dgpo"]
+    # What the README quotes (docs/figures.json, `make figures`, measured on Ray: the same numbers) is what it prints now:
+    # exactly on a CPU like the one that measured it; elsewhere other kernels round differently (scripts/figures.py,
+    # numerics_host), so only the first step, before any training, is held to the README (to 1e-3).
+    figures = json.loads((ROOT / "docs" / "figures.json").read_text())
+    quoted = figures["demo"]["dancegrpo" if preset == "tiny.yaml" else "dgpo"]
     printed = re.search(r"first step (\S+) -> last step (\S+)", proc.stdout)
-    assert (float(printed.group(1)), float(printed.group(2))) == pytest.approx((quoted["first"], quoted["last"]), abs=2e-4), quoted["printed"]
+    first, last = float(printed.group(1)), float(printed.group(2))
+    if figures.get("demo_host") == load_script(ROOT / "scripts" / "figures.py", "figures_script").numerics_host():
+        assert (first, last) == pytest.approx((quoted["first"], quoted["last"]), abs=2e-4), quoted["printed"]
+    else:
+        assert first == pytest.approx(quoted["first"], abs=1e-3), quoted["printed"]
 
 
 def test_a_dead_reward_server_stops_the_run_before_it_starts(tmp_path):
