@@ -84,9 +84,11 @@ def render(name: str, figures: dict) -> str:
 
 def numerics_host() -> dict:
     """What, besides the code and the versions, decides a CPU run's floating-point results: the CPU and the instruction
-    set torch's kernels (ATen, MKL) dispatch to. AVX-512, AVX2 and older paths round differently; the first step's
-    reward moves in its 4th decimal, and 30 steps of training on top of that end 0.01-0.3 apart (the tiny demo on one
-    AVX-512 machine: -2.7884 with its own kernels, -2.6978 held to AVX2, -2.4780 to the generic ones)."""
+    set torch's kernels (ATen, MKL) dispatch to. AVX-512, AVX2 and older paths round differently: the first step's
+    reward moves in its 4th decimal, and 30 steps of training on top of that can end 0.3 apart (the tiny DanceGRPO
+    demo on one AVX-512 machine: last step -2.7884 with its own kernels, -2.6978 held to AVX2 with
+    ``ATEN_CPU_CAPABILITY``/``MKL_ENABLE_INSTRUCTIONS``, -2.4780 with ``MKL_CBWR=COMPATIBLE`` and ATen's default
+    kernels; -2.9376 on the machine of 2026-12-03)."""
     import torch
 
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""

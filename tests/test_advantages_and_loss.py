@@ -8,7 +8,7 @@ import torch
 
 from raygrpo.algorithms.advantages import advantage_statistics, best_of_n_members, group_advantages
 from raygrpo.algorithms.base import LossTerm
-from raygrpo.algorithms.dancegrpo import clipped_surrogate, term_loss, trained_steps
+from raygrpo.algorithms.dancegrpo import Surrogate, clipped_surrogate, surrogate_gradient, trained_steps
 from raygrpo.sampling import grid_steps, sigma_schedule
 
 
@@ -80,32 +80,42 @@ def test_clipped_surrogate_gradient_vanishes_outside_the_band():
     assert ratio.grad.tolist() == [0.0, -1.0]
 
 
-def test_term_loss_is_the_clipped_surrogate_with_its_autograd_gradient():
-    """The learner's DanceGRPO term: the loss of sum_k w_k clipped_surrogate on the step's log-prob, and autograd's
-    gradient in v (the backward the learner starts at v), at rho exactly 1 (on-policy: the branches tie), inside the
-    band and outside it."""
+def test_surrogate_gradient_and_value_are_the_clipped_surrogate_and_its_autograd_gradient():
+    """The learner's DanceGRPO term: the gradient in v (the backward the learner starts at v) of sum_k w_k
+    clipped_surrogate on the step's log-prob, as autograd gives it, and the surrogate's value (summed once per
+    micro-batch), at rho exactly 1 (on-policy: the branches tie), inside the band and outside it on both sides, for
+    advantages of either sign, zero, and mixed signs across two rewards."""
     eps, gen = 1e-3, torch.Generator().manual_seed(0)
     steps = grid_steps("dance_sde", 0.3, sigma_schedule(6, 3.0))
     x, v = torch.randn(5, 16, 8, generator=gen), torch.randn(5, 16, 8, generator=gen)  # [n, S, D]
     x_next = steps.transition(x, v, 2).sample(gen)
     advantages = torch.tensor([[1.0, -0.5], [-2.0, 0.3], [0.7, 1.2], [-1.0, -0.4], [0.0, 2.0]])  # [n, K]
     weights = torch.tensor([0.7, 1.4])
+    surrogate = Surrogate.of(advantages, weights, eps)
     on_policy = steps.transition(x, v, 2).log_prob(x_next)  # [n]
-    for shift in ([0.0] * 5, [5e-4, -5e-4, 3e-3, -4e-3, 2e-3]):
+    seen_vanishing = 0
+    for shift in ([0.0] * 5, [5e-4, -5e-4, 3e-3, -4e-3, 2e-3], [-3e-3, 4e-3, -2e-3, 5e-3, -6e-3]):
         old = on_policy - torch.tensor(shift)
         plain = v.clone().requires_grad_(True)
         ratio_plain = torch.exp(steps.transition(x, plain, 2).log_prob(x_next) - old)
         expected = (weights * clipped_surrogate(ratio_plain[:, None], advantages, eps)).sum()
         expected.backward()
         fused = v.clone().requires_grad_(True)
-        loss, gradient, ratio, log_ratio = term_loss(steps, x, fused, x_next, 2, old, advantages, weights, eps)
-        LossTerm(loss, slot=0, final=True, output=fused, gradient=gradient).backward(torch.tensor(3.0))
-        assert not (loss.requires_grad or gradient.requires_grad)
-        torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=1e-7)
+        gradient, ratio, log_ratio = surrogate_gradient(steps, x, fused, x_next, 2, old, surrogate)
+        LossTerm(torch.zeros(()), slot=0, final=True, output=fused, gradient=gradient).backward(torch.tensor(3.0))
+        assert not gradient.requires_grad
+        torch.testing.assert_close(surrogate.value(ratio), expected.detach(), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(fused.grad, 3.0 * plain.grad, rtol=1e-5, atol=1e-9)
         assert torch.equal(ratio, ratio_plain.detach()) and not (ratio.requires_grad or log_ratio.requires_grad)
-    clipped = (ratio - 1).abs() > eps
-    assert clipped.any() and (plain.grad.flatten(1)[clipped] == 0).all(), "outside the band a one-sided sample has no gradient"
+        # past the band on its advantages' side a sample has no gradient (pessimistic clip)
+        vanishing = ((advantages >= 0).all(1) & (ratio > 1 + eps)) | ((advantages <= 0).all(1) & (ratio < 1 - eps))
+        assert (plain.grad.flatten(1)[vanishing] == 0).all() and (fused.grad.flatten(1)[vanishing] == 0).all()
+        seen_vanishing += int(vanishing.sum())
+    assert (ratio > 1 + eps).any() and (ratio < 1 - eps).any(), "the last shifts leave the band on both sides"
+    assert seen_vanishing >= 2, "some shift puts a one-sided sample past its clip"
+    # the value of several steps' ratios at once (a micro-batch's, stacked) is the sum of each step's
+    stacked = torch.stack([torch.ones(5), ratio, 1 + 2 * (ratio - 1)])  # [3, n]
+    torch.testing.assert_close(surrogate.value(stacked), sum(surrogate.value(r) for r in stacked), rtol=1e-6, atol=1e-7)
 
 
 def test_advantage_statistics_cover_only_the_trained_members():

@@ -30,11 +30,14 @@ draws per sample) and a term covers the micro-batch at one step. The first ratio
 trained (no ``best_of_n``), groups not spread over workers, ``group_size`` and the per-rank window
 ``grad_accum_samples / num_ranks`` multiples of m (the config checks these). m = 1 is DanceGRPO exactly.
 
-The learner's per-term math (log-density, ratio, surrogate) runs without autograd, and the backward starts at the
-network's velocity with the closed-form gradient (:func:`term_loss`, tested against autograd; ``LossTerm.output`` and
-``gradient``): on small latents the twenty-odd small operations autograd would record per term, or a custom
-``autograd.Function``'s Python backward, cost as much as the network's own forward. The step constants come from a per-grid table built once per run
-(:meth:`DanceGRPO._grid`, ``GridSteps.step_constants``), not indexed per term.
+The learner's per-term math (log-density, ratio, the surrogate's slope) runs without autograd, and the backward starts
+at the network's velocity with the closed-form gradient (:func:`surrogate_gradient`, tested against autograd;
+``LossTerm.output`` and ``gradient``): on small latents the twenty-odd small operations autograd would record per term,
+or a custom ``autograd.Function``'s Python backward, cost as much as the network's own forward. For the same reason a
+group's advantages are folded into two per-member weights once (:class:`Surrogate`), and the surrogate's value,
+which no backward needs, is summed once per window group over its terms' ratios and carried by its last term. The step
+constants come from a per-grid table built once per run (:meth:`DanceGRPO._grid`, ``GridSteps.step_constants``), not
+indexed per term.
 
 Logged beside the loss, as a diagnostic only (it is no term of the loss and has no gradient):
 ``approx_kl``, the k3 estimator of KL(pi_old || pi_theta) over the trained transitions, with
@@ -119,6 +122,7 @@ class DanceGRPO:
     def setup(self, model, parameters: list[torch.nn.Parameter], lora: bool) -> None:
         """No reference model and no EMA: where the tensors go, and the model (which noise levels it trains)."""
         self.model, self.device = model, parameters[0].device
+        self._zero = torch.zeros((), device=self.device)  # the loss of a term whose value its window group's last carries
 
     def window_samples(self, world_size: int) -> int:
         # Each rank accumulates its 1/M share of a window; the M shares together are one window.
@@ -149,9 +153,11 @@ class DanceGRPO:
         """One term per (rollout micro-batch, trained step j): ``sum_{i in batch} sum_k w_k L_k,ij / n_steps`` (the module
         docstring's L), the batch's members in one forward as rollout sampled them.
 
-        The clip fraction and ``approx_kl`` are computed once per micro-batch, over its terms' ratios, and ride on its
-        last term (``LossTerm.clipped`` then covers the micro-batch's terms): the same clip fraction, and ``approx_kl``
-        a mean over micro-batches of equal size, without seven small operations per term."""
+        What no backward needs is computed once per window group, over all its terms' ratios, and rides on its last
+        term: the surrogate's value (:meth:`Surrogate.value`; the earlier terms' ``loss`` is 0 unless ``step_loss`` adds
+        to it), the clip fraction (``LossTerm.clipped`` then covers the group's terms) and ``approx_kl`` (the update's
+        figure is then a mean over window groups, equal in size unless a window boundary cuts a group). The window's
+        summed loss is the same; each term carries only its gradient, a few small operations."""
         device, clip = self.device, self.algo.clip_range
         for wg in window:
             rollout, train = wg.rollout, wg.train
@@ -164,6 +170,9 @@ class DanceGRPO:
             old_log_probs = as_tensor(rollout.log_probs[members], device)  # [r, W]
             advantages = as_tensor(train.advantages[:, members].T, device)  # [r, K]
             conds: dict[int, ConditioningBatch] = {}  # by micro-batch size: read-only expanded views, shared
+            # by the number of trained steps n (one per group in practice): (w_k / n, the group's surrogate)
+            folded: dict[int, tuple[torch.Tensor, Surrogate]] = {}
+            ratios, log_ratios, uppers, lowers = [], [], [], []  # every term's of the group, for its last
             batches = _rollout_batches(wg.rows, self.micro_batch)
             lo = 0
             for b, rows in enumerate(batches):
@@ -173,24 +182,36 @@ class DanceGRPO:
                 if cond is None:
                     cond = conds[len(rows)] = ConditioningBatch.of(rollout.conditioning, len(rows), device)
                 trained = wg.draw[rows[0]]  # shared by the micro-batch: positions k among the recorded steps
-                step_weights = weights / len(trained)  # [K]: w_k / n_steps
-                ratios, log_ratios = [], []  # the micro-batch's, for its statistics
+                if len(trained) not in folded:
+                    step_weights = weights / len(trained)  # [K]: w_k / n_steps
+                    folded[len(trained)] = step_weights, Surrogate.of(advantages, step_weights, clip)
+                step_weights, surrogate = folded[len(trained)]
+                surrogate = surrogate.rows(part)
                 for s, k in enumerate(trained.tolist()):
                     j = start + k  # the grid step
                     x, x_next = batch_trajectory[:, k].contiguous(), batch_trajectory[:, k + 1]  # [n, ...] each; x as rollout fed it
-                    step = TrainedStep(steps, sigmas, j, x, x_next, cond, batch_old_log_probs[:, k], batch_advantages, step_weights)
+                    step = TrainedStep(
+                        steps, sigmas, j, x, x_next, cond, batch_old_log_probs[:, k], batch_advantages, step_weights, surrogate
+                    )
                     out = self.step_loss(policy, step)
                     ratios.append(out.ratio)
                     log_ratios.append(out.log_ratio)
-                    clipped, extras, last = None, out.extras, s == len(trained) - 1
+                    uppers.append(surrogate.upper)
+                    lowers.append(surrogate.lower)
+                    loss, clipped, extras = out.loss, None, out.extras
+                    last = b == len(batches) - 1 and s == len(trained) - 1  # the group's last term
                     if last:
-                        clipped = (torch.cat(ratios) - 1).abs() > clip  # [n * n_steps]
+                        ratio = torch.cat(ratios)  # [terms * n]
+                        if not out.surrogate_in_loss:
+                            value = Surrogate(torch.cat(uppers), torch.cat(lowers), clip).value(ratio)
+                            loss = value if loss is None else loss + value
+                        clipped = (ratio - 1).abs() > clip
                         log_ratio = torch.cat(log_ratios).double()  # float64: r is near float32's resolution
                         extras = extras | {"approx_kl": (torch.expm1(log_ratio) - log_ratio).mean()}  # k3, see the module docstring
                     yield LossTerm(
-                        loss=out.loss,
+                        loss=self._zero if loss is None else loss,
                         slot=wg.slot,
-                        final=last and wg is window[-1] and b == len(batches) - 1,
+                        final=last and wg is window[-1],
                         ratios=out.ratio,
                         clipped=clipped,
                         extras=extras,
@@ -212,14 +233,12 @@ class DanceGRPO:
         return cached
 
     def step_loss(self, policy, step: TrainedStep) -> StepLoss:
-        """Extension point (Flow-GRPO adds its KL and GRPO-Guard): the loss of one trained step of a micro-batch, its
-        ratios and statistics; here the clipped surrogate, its gradient in closed form at v (``loss_terms`` adds the clip
-        fraction and ``approx_kl`` of the log-ratios)."""
+        """Extension point (Flow-GRPO adds its KL and GRPO-Guard): one trained step of a micro-batch, its surrogate's
+        gradient in closed form at v, its ratios and statistics (``loss_terms`` adds the surrogate's value, the clip
+        fraction and ``approx_kl`` once per window group)."""
         v = policy.velocity(step.x, step.sigmas[step.index].expand(step.x.shape[0]), step.cond)  # [n, ...]
-        loss, gradient, ratio, log_ratio = term_loss(
-            step.steps, step.x, v, step.x_next, step.index, step.old_log_prob, step.advantages, step.weights, self.algo.clip_range
-        )
-        return StepLoss(loss, ratio, log_ratio, {}, v, gradient)
+        gradient, ratio, log_ratio = surrogate_gradient(step.steps, step.x, v, step.x_next, step.index, step.old_log_prob, step.surrogate)
+        return StepLoss(None, ratio, log_ratio, {}, v, gradient)
 
 
 @dataclass
@@ -227,12 +246,16 @@ class StepLoss:
     """What :meth:`DanceGRPO.step_loss` gives for one trained step: the :class:`LossTerm`'s loss, output and gradient
     (``LossTerm`` says how its gradient reaches the network), the ratios and statistics."""
 
-    loss: torch.Tensor  # scalar: L's value; differentiable only in what ``gradient`` does not carry (Flow-GRPO's KL)
+    # scalar: what L has of this step besides the plain surrogate's value (Flow-GRPO's KL, differentiable), None: nothing
+    loss: torch.Tensor | None
     ratio: torch.Tensor  # [n] the importance ratios (clip and ratio metrics), detached
     log_ratio: torch.Tensor  # [n] log pi_theta - log pi_old of the plain ratio, detached (approx_kl)
     extras: dict[str, torch.Tensor]  # 0-dim statistics of this step
     output: torch.Tensor | None = None  # [n, ...] v, where backward starts with ``gradient``; None: from ``loss`` alone
     gradient: torch.Tensor | None = None  # [n, ...] d L / d v
+    # ``loss`` holds the clipped surrogate itself (GRPO-Guard's, of rho_hat); False: ``loss_terms`` adds the plain
+    # surrogate's value of ``ratio``, once per window group
+    surrogate_in_loss: bool = False
 
 
 @dataclass
@@ -248,48 +271,75 @@ class TrainedStep:
     old_log_prob: torch.Tensor  # [n] log pi_old(x_{j+1} | x_j), recorded by rollout
     advantages: torch.Tensor  # [n, K]
     weights: torch.Tensor  # [K] w_k / n_steps
+    surrogate: Surrogate  # the micro-batch's advantages and weights, folded
 
 
-def term_loss(
+@dataclass
+class Surrogate:
+    """The clipped surrogate of a micro-batch's n members at any of its trained steps, the K rewards folded into two
+    weights per member. Each reward's branch is decided by its advantage's sign (A > 0: ``-A min(rho, 1 + eps)``;
+    A < 0: ``-A max(rho, 1 - eps)``; A = 0: 0), so with eps the clip range::
+
+        sum_k w_k max(-A_ik rho_i, -A_ik clip(rho_i, 1 - eps, 1 + eps)) = upper_i min(rho_i, 1 + eps) + lower_i max(rho_i, 1 - eps)
+        upper_i = -sum_k w_k max(A_ik, 0),        lower_i = -sum_k w_k min(A_ik, 0)
+
+    and its derivative in log rho_i is autograd's of :func:`clipped_surrogate` (where the branches tie, inside the band
+    and at its edges, each gets half and clamp passes its half on, so the unclipped branch keeps the whole)::
+
+        d / d log rho_i = rho_i (upper_i [rho_i <= 1 + eps] + lower_i [rho_i >= 1 - eps])
+
+    Per term that is six operations on ``[n]`` where the ``[n, K]`` form took twelve; the value, which no backward
+    needs, is summed once per window group (tests/test_advantages_and_loss.py checks both against autograd)."""
+
+    upper: torch.Tensor  # [n] <= 0
+    lower: torch.Tensor  # [n] >= 0
+    clip_range: float
+
+    @classmethod
+    def of(cls, advantages: torch.Tensor, weights: torch.Tensor, clip_range: float) -> Surrogate:
+        """From ``advantages`` ``[n, K]`` and the rewards' ``weights`` ``[K]`` (DanceGRPO: ``w_k / n_steps``)."""
+        return cls(-(weights * advantages.clamp(min=0)).sum(dim=1), -(weights * advantages.clamp(max=0)).sum(dim=1), clip_range)
+
+    def rows(self, part: slice) -> Surrogate:
+        """The surrogate of the members ``part`` (a micro-batch of a group's)."""
+        return Surrogate(self.upper[part], self.lower[part], self.clip_range)
+
+    def value(self, ratios: torch.Tensor) -> torch.Tensor:
+        """The surrogate summed over ``ratios`` ``[..., n]`` (each member's ratios at one or more steps), a scalar."""
+        return (self.upper * ratios.clamp(max=1 + self.clip_range) + self.lower * ratios.clamp(min=1 - self.clip_range)).sum()
+
+    def slope(self, ratio: torch.Tensor) -> torch.Tensor:
+        """``[n]`` the derivative of the surrogate in ``log rho``, at the ratios ``ratio`` ``[n]``."""
+        return ratio * (self.upper * (ratio <= 1 + self.clip_range) + self.lower * (ratio >= 1 - self.clip_range))
+
+
+def surrogate_gradient(
     steps: GridSteps,
     x: torch.Tensor,
     v: torch.Tensor,
     x_next: torch.Tensor,
     index: int,
     old_log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    weights: torch.Tensor,
-    clip_range: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(L, d L / d v, rho, log rho)`` of ``n`` samples at one step, all detached: ``L = sum_{i,k} w_k max(-A_ik rho_i,
-    -A_ik clip(rho_i))``, ``rho = exp(log pi(x_next | x, v) - old_log_prob)`` (``x, v, x_next`` ``[n, ...]``,
-    ``old_log_prob`` ``[n]``, ``advantages`` ``[n, K]``, ``weights`` ``[K]``); the gradient ``[n, ...]`` of v's dtype.
+    surrogate: Surrogate,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d L / d v, rho, log rho)`` of ``n`` samples at one step, all detached, ``L`` the ``surrogate`` of
+    ``rho = exp(log pi(x_next | x, v) - old_log_prob)`` (``x, v, x_next`` ``[n, ...]``, ``old_log_prob`` ``[n]``); the
+    gradient ``[n, ...]`` of v's dtype::
+
+        g_i = d L / d v_i = d L / d log pi_i * d log pi_i / d v_i        (d L / d log pi_i: Surrogate.slope)
 
     The step's log-density and its gradient in v come from ``GridSteps.log_prob_with_gradient`` (bit for bit the
-    rollout's log-prob); the surrogate's gradient in log pi is that of autograd's own (sub)gradients of
-    ``maximum`` and ``clamp`` (where the branches tie, inside the band and at its edges, each gets half and
-    clamp passes it on)::
-
-        d L / d log pi_i = sum_k w_k (-A_ik rho_i) [ -A_ik rho_i >= -A_ik clip(rho_i) ]
-        g_i = d L / d v_i = d L / d log pi_i * d log pi_i / d v_i
-
-    None of it runs through autograd: the learner starts the backward at v with g (``LossTerm.output`` and
-    ``gradient``). Autograd itself would record about twenty small operations per term, a custom
-    ``autograd.Function`` costs a Python call in every backward, and a linear term ``L + (<v, g> - <v, g>)`` (used
+    rollout's log-prob). None of it runs through autograd: the learner starts the backward at v with g
+    (``LossTerm.output`` and ``gradient``). Autograd itself would record about twenty small operations per term, a
+    custom ``autograd.Function`` costs a Python call in every backward, and a linear term ``L + (<v, g> - <v, g>)`` (used
     before) four more operations and their backward nodes: on small latents each costs a noticeable share of the
-    network's own forward. tests/test_advantages_and_loss.py checks L and g against autograd.
+    network's own forward. tests/test_advantages_and_loss.py checks g against autograd.
     """
     log_prob, d_log_prob = steps.log_prob_with_gradient(x, v, x_next, index)  # [n], [n, ...]; no autograd
     log_ratio = log_prob - old_log_prob  # [n]
     ratio = torch.exp(log_ratio)  # [n]
-    column = ratio[:, None]  # [n, 1]
-    # clipped_surrogate's operations, -A shared by both branches: the same values
-    negative = -advantages  # [n, K]
-    unclipped = negative * column  # [n, K]: -A rho, also its own derivative in log pi
-    per_reward = torch.maximum(unclipped, negative * torch.clamp(column, 1.0 - clip_range, 1.0 + clip_range))  # [n, K]
-    slope = (weights * unclipped * (unclipped >= per_reward)).sum(dim=1)  # [n]: d L / d log pi
-    gradient = d_log_prob * slope.reshape(-1, *([1] * (d_log_prob.ndim - 1)))  # [n, ...]: d L / d v
-    return (weights * per_reward).sum(), gradient.to(v.dtype), ratio, log_ratio
+    gradient = d_log_prob * surrogate.slope(ratio).reshape(-1, *([1] * (d_log_prob.ndim - 1)))  # [n, ...]: d L / d v
+    return gradient.to(v.dtype), ratio, log_ratio
 
 
 def _rollout_batches(rows: np.ndarray, micro_batch: int) -> list[np.ndarray]:

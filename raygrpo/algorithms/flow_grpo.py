@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from raygrpo.algorithms.base import RolloutSpec, StepDraws
-from raygrpo.algorithms.dancegrpo import DanceGRPO, StepLoss, TrainedStep, clipped_surrogate, term_loss
+from raygrpo.algorithms.dancegrpo import DanceGRPO, StepLoss, TrainedStep, clipped_surrogate, surrogate_gradient
 from raygrpo.algorithms.forward_process import base_weights, frozen_snapshot
 from raygrpo.config import Config, FlowGRPOConfig
 from raygrpo.contracts import PromptGroup, Rollout
@@ -161,11 +161,11 @@ class FlowGRPO(DanceGRPO):
         v_ref = self._velocity(policy, self._reference(), step) if self.algo.beta > 0 else None
         v_old = self._velocity(policy, self.old.swapped(), step) if self.old is not None else None
         v = policy.velocity(step.x, sigma, step.cond)  # [n, ...]
-        output = gradient = None  # GRPO-Guard's loss is differentiable (autograd), the plain surrogate's gradient given at v
+        # GRPO-Guard's loss is differentiable (autograd); the plain surrogate's gradient is given at v, its value summed
+        # by DanceGRPO.loss_terms once per window group
+        loss = output = gradient = None
         if v_old is None:
-            loss, gradient, ratio, log_ratio = term_loss(
-                step.steps, step.x, v, step.x_next, j, step.old_log_prob, step.advantages, step.weights, self.algo.clip_range
-            )
+            gradient, ratio, log_ratio = surrogate_gradient(step.steps, step.x, v, step.x_next, j, step.old_log_prob, step.surrogate)
             output = v
         else:
             loss, ratio, log_ratio = self._guard_loss(step, v, v_old)
@@ -174,9 +174,10 @@ class FlowGRPO(DanceGRPO):
             std = kl_std(self.spec.sampler, self.spec.noise_level, step.sigmas)[j]
             kl = kl_to_reference(step.steps.coefficients.b[j], v, v_ref, std)  # [n]
             n_steps = self.algo.trained_step_count(len(step.sigmas) - 1)
-            loss = loss + self.algo.beta * kl.sum() / n_steps
+            kl_loss = self.algo.beta * kl.sum() / n_steps
+            loss = kl_loss if loss is None else loss + kl_loss
             extras["kl"] = kl.detach().mean()
-        return StepLoss(loss, ratio, log_ratio.detach(), extras, output, gradient)
+        return StepLoss(loss, ratio, log_ratio.detach(), extras, output, gradient, surrogate_in_loss=v_old is not None)
 
     @staticmethod
     def _velocity(policy, weights: AbstractContextManager, step: TrainedStep) -> torch.Tensor:

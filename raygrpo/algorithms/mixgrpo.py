@@ -22,7 +22,7 @@ version (``rollout/scheduler.py`` stamps the version the learner held when it su
 follows the version that sampled the group: it lags the training step by up to k steps, and the groups of one step
 may sit in two windows (each group's window is recorded with it, so the learner trains the steps it sampled).
 
-Loss. DanceGRPO's per-step clipped surrogate (``dancegrpo.term_loss``, reference doc dancegrpo-flowgrpo.md §6.1) on
+Loss. DanceGRPO's per-step clipped surrogate (``dancegrpo.Surrogate``, reference doc dancegrpo-flowgrpo.md §6.1) on
 every window step of every sample, in order (the released trainer loops ``for t in W(l)``), each term divided by w::
 
     rho_ij = exp( log pi_theta(x_{j+1} | x_j) - log pi_old(x_{j+1} | x_j) ),          j in W(l)

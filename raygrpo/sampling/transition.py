@@ -118,7 +118,7 @@ class GridSteps:
 
             d log pi_i / d v = b (x_next - mean)_i / (n std^2)
 
-        The learner backpropagates through it by hand (DanceGRPO's ``term_loss``): autograd would record about a
+        The learner backpropagates through it by hand (DanceGRPO's ``surrogate_gradient``): autograd would record about a
         dozen small operations per trained transition, which on small latents cost as much as the network's own.
         """
         if self.deterministic:
