@@ -133,7 +133,9 @@ class LossTerm:
     The statistics are detached tensors, read back once per update (a ``float()`` per term would make the
     CPU wait for the device at every backward)."""
 
-    loss: torch.Tensor  # scalar: sum over the samples it covers of their per-sample loss share (see the module docstring)
+    # scalar: sum over the samples it covers of their per-sample loss share (see the module docstring); only the window's
+    # sum counts, so a run of terms may carry its value on its last (DanceGRPO: a window group's surrogate value)
+    loss: torch.Tensor
     slot: int  # the WindowGroup it belongs to (the learner weights padding groups 0)
     final: bool  # the window's last term: its backward reduce-scatters the gradients
     ratios: torch.Tensor | None = None  # [n] importance ratios of the term's samples (for clip/ratio metrics); None: none
