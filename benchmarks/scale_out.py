@@ -227,12 +227,20 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def figure(what: str, unit: str, values: list[float], baseline: list[float], baseline_what: str, **details) -> dict:
+def figure(
+    what: str, unit: str, values: list[float], baseline: list[float], baseline_what: str, paired: bool = True, **details
+) -> dict:
+    """``ratio``: the medians' ratio. ``paired`` (the two lists' entries measured side by side: a repeat's two sides back
+    to back, or one step's rate and its stages): also ``paired_ratio``, the median of the entries' own ratios, which a
+    host whose speed drifts from repeat to repeat (a shared VM: up to 40% here) moves far less than the medians."""
     value, base = statistics.median(values), statistics.median(baseline)
-    return {
+    out = {
         "what": what, "unit": unit, "value": value, "baseline": base, "ratio": value / base, "baseline_what": baseline_what,
-        "values": values, "baseline_values": baseline, **details,
+        "values": values, "baseline_values": baseline,
     }  # fmt: skip
+    if paired:
+        out["paired_ratio"] = statistics.median(v / b for v, b in zip(values, baseline, strict=True))
+    return out | details
 
 
 def cpu_figures(cpu: list[list[float]], per_call: bool) -> dict:
@@ -919,8 +927,8 @@ def main(argv: list[str] | None = None) -> dict:
                         logger.info("c staleness %d: %s", staleness, _line(figures[f"c_end_to_end_staleness{staleness}"]))
                     # Overlapped stages share the CPU cores, so their busy seconds (the serial baseline) inflate: compare the runs too.
                     on, off = figures["c_end_to_end_staleness1"], figures["c_end_to_end_staleness0"]
-                    figures["c_staleness1_vs_staleness0"] = figure(
-                        on["what"], "samples/s", on["values"], off["values"], off["what"], steps_measured=on["steps_measured"]
+                    figures["c_staleness1_vs_staleness0"] = figure(  # two runs: their steps are no pairs
+                        on["what"], "samples/s", on["values"], off["values"], off["what"], paired=False, steps_measured=on["steps_measured"]
                     )
                 if "d" in args.parts:
                     actors = SyncActors()  # one set of actors: the second model is built in the first one's processes
@@ -943,7 +951,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _line(f: dict) -> str:
-    extra = f", CPU-seconds ratio {f['cpu_ratio']:.3f}" if "cpu_ratio" in f else ""
+    extra = f", per-repeat median {f['paired_ratio']:.3f}" if "paired_ratio" in f else ""
+    extra += f", CPU-seconds ratio {f['cpu_ratio']:.3f}" if "cpu_ratio" in f else ""
     if own := f.get("own_work_s"):
         extra += (
             f"; besides the network {own['raygrpo'] * 1e3:.2f} vs {own['baseline'] * 1e3:.2f} ms per step,"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -60,6 +61,11 @@ def assert_figures(report: dict, expected: set[str]) -> None:
         for key in ("value", "baseline", "ratio"):
             assert math.isfinite(fig[key]) and fig[key] > 0, (name, key, fig[key])
         assert fig["ratio"] == pytest.approx(fig["value"] / fig["baseline"]), name
+        if name != "c_staleness1_vs_staleness0":  # two runs' steps, not pairs
+            pairs = [v / b for v, b in zip(fig["values"], fig["baseline_values"])]
+            assert fig["paired_ratio"] == pytest.approx(statistics.median(pairs)), name
+        else:
+            assert "paired_ratio" not in fig
         assert fig["unit"] and fig["baseline_what"], name
     assert report["machine"]["torch"] and report["machine"]["cpu_count"] >= 1
 
