@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray socket on 127.0.0.1
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the cluster started here is local to this script
@@ -437,28 +438,33 @@ def _timed(obj: object, name: str, totals: dict[str, float], key: str) -> Iterat
             delattr(obj, name)  # the instance attribute that shadowed its class's method
 
 
-SPLIT_REPEATS = 3  # updates timed piece by piece per side, after the alternating repeats
+SPLIT_REPEATS = 7  # updates per side timed piece by piece, alternating, after the alternating repeats
 
 
-def time_split(step: Callable[[], None], networks: list[torch.nn.Module], optimizer, device: str, repeats: int = SPLIT_REPEATS) -> dict:
-    """Where one step's seconds go, medians of ``repeats``: the networks' forwards, every backward (the network's
-    and the loss's), the optimizer steps, and the rest (loss math, model adapter, tensors in and out, Python)."""
-    runs = []
-    for _ in range(repeats):
-        totals = dict.fromkeys(["forward", "backward", "optimizer"], 0.0)
-        with ExitStack() as stack:
-            for network in networks:
-                stack.enter_context(_timed(network, "forward", totals, "forward"))
-            stack.enter_context(_timed(torch.Tensor, "backward", totals, "backward"))
-            stack.enter_context(_timed(optimizer, "step", totals, "optimizer"))
-            sync(device)
-            start = time.perf_counter()
-            step()
-            sync(device)
-        totals["total"] = time.perf_counter() - start
-        totals["rest"] = totals["total"] - totals["forward"] - totals["backward"] - totals["optimizer"]
-        runs.append(totals)
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+def time_split(sides: dict[str, tuple[Callable[[], None], list[torch.nn.Module], Any]], device: str, repeats: int = SPLIT_REPEATS) -> dict:
+    """Where one step's seconds go, per side (``name: (step, its networks, its optimizer)``), medians of ``repeats``: the
+    networks' forwards, every backward (the network's and the loss's), the optimizer steps, and the rest (loss math,
+    model adapter, tensors in and out, Python). The sides alternate, the first one changing every repeat, so that both
+    see the same load and the same caches left by the other."""
+    runs: dict[str, list[dict]] = {name: [] for name in sides}
+    order = list(sides)
+    for r in range(repeats):
+        for name in order if r % 2 == 0 else order[::-1]:
+            step, networks, optimizer = sides[name]
+            totals = dict.fromkeys(["forward", "backward", "optimizer"], 0.0)
+            with ExitStack() as stack:
+                for network in networks:
+                    stack.enter_context(_timed(network, "forward", totals, "forward"))
+                stack.enter_context(_timed(torch.Tensor, "backward", totals, "backward"))
+                stack.enter_context(_timed(optimizer, "step", totals, "optimizer"))
+                sync(device)
+                start = time.perf_counter()
+                step()
+                sync(device)
+            totals["total"] = time.perf_counter() - start
+            totals["rest"] = totals["total"] - totals["forward"] - totals["backward"] - totals["optimizer"]
+            runs[name].append(totals)
+    return {name: {key: statistics.median(run[key] for run in side) for key in side[0]} for name, side in runs.items()}
 
 
 OWN_WORK_REPEATS = 25  # steps per side with stand-in networks (milliseconds each): the fastest is kept
@@ -488,7 +494,9 @@ def own_work_seconds(
     """Seconds per step of each side's work besides the network: both run with :func:`stand_in_networks`, alternating,
     and the fastest of ``repeats`` per side is kept. The network's forwards and backwards, the same on both
     sides and most of a step, are what makes the step ratio swing with other load; without them the difference in
-    the sides' own work (adapter, losses, statistics, Python) is measured nearly alone, in absolute seconds."""
+    the sides' own work (adapter, losses, statistics, Python) is measured nearly alone, in absolute seconds. A lower
+    bound: between real network calls, which leave the caches to the network, the same work ran about twice as long
+    on the tiny FLUX (``time_split_s``'s rest, alternating)."""
     with stand_in_networks(networks, device):
         seconds = alternate(system, baseline, repeats, device)
     return {"raygrpo": min(seconds[0]), "baseline": min(seconds[1])}
@@ -556,10 +564,14 @@ def bench_learner(preset: str, args: argparse.Namespace) -> dict:
     from raygrpo.learner.ema import ParameterShadow
 
     swaps = {"swaps": 0.0}
-    with _timed(ParameterShadow, "swapped", swaps, "swaps"):
-        split = {"raygrpo": time_split(lambda: system(0), [learner.model.transformer], learner.optimizer, dev)}
-    split["raygrpo"]["shadow swaps"] = swaps["swaps calls"] / SPLIT_REPEATS * shadow_swap_seconds(learner)  # inside "rest"
-    split["baseline"] = time_split(lambda: baseline(args.repeats + 1), [n for n in networks.values()], adamw, dev)
+    sides = {
+        "raygrpo": (lambda: system(0), [learner.model.transformer], learner.optimizer),
+        "baseline": (lambda: baseline(args.repeats + 1), list(networks.values()), adamw),
+    }
+    split_repeats = 2 if args.smoke else SPLIT_REPEATS
+    with _timed(ParameterShadow, "swapped", swaps, "swaps"):  # only raygrpo swaps shadows (the baseline has copies)
+        split = time_split(sides, dev, split_repeats)
+    split["raygrpo"]["shadow swaps"] = swaps["swaps calls"] / split_repeats * shadow_swap_seconds(learner)  # inside "rest"
     own = {}
     if not learner.sharded:  # a stand-in forward would leave FSDP2's gathered parameters without gradients
         own = own_work_seconds(

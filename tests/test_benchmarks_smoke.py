@@ -84,6 +84,9 @@ def test_in_process_parts_write_every_figure(run_main):
         own = figures[name]["own_work_s"]
         assert 0 < own["raygrpo"] < figures[name]["value"] and 0 < own["baseline"] < figures[name]["baseline"], (name, own)
         assert own["excess_of_step"] == pytest.approx((own["raygrpo"] - own["baseline"]) / min(figures[name]["baseline_values"]))
+        for side, split in figures[name]["time_split_s"].items():  # both sides timed piece by piece, alternating
+            assert split["forward calls"] >= figures[name]["forwards_with_grad"] and split["optimizer calls"] >= 1, (name, side, split)
+            assert 0 < split["forward"] + split["backward"] + split["optimizer"] < split["total"], (name, side, split)
 
 
 def test_stand_in_networks_replace_the_forward_for_the_block_only():
