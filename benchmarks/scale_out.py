@@ -233,7 +233,7 @@ def figure(
 ) -> dict:
     """``ratio``: the medians' ratio. ``paired`` (the two lists' entries measured side by side: a repeat's two sides back
     to back, or one step's rate and its stages): also ``paired_ratio``, the median of the entries' own ratios, which a
-    host whose speed drifts from repeat to repeat (a shared VM: up to 40% here) moves far less than the medians."""
+    host whose speed drifts from repeat to repeat (a shared VM: up to 40% here) moves less than the medians."""
     value, base = statistics.median(values), statistics.median(baseline)
     out = {
         "what": what, "unit": unit, "value": value, "baseline": base, "ratio": value / base, "baseline_what": baseline_what,

@@ -276,9 +276,10 @@ class TrainedStep:
 
 @dataclass
 class Surrogate:
-    """The clipped surrogate of a micro-batch's n members at any of its trained steps, the K rewards folded into two
-    weights per member. Each reward's branch is decided by its advantage's sign (A > 0: ``-A min(rho, 1 + eps)``;
-    A < 0: ``-A max(rho, 1 - eps)``; A = 0: 0), so with eps the clip range::
+    """The clipped surrogate of n members (a window group's, or a micro-batch of them: :meth:`rows`) at any of their
+    trained steps, the K rewards folded into two weights per member. Each reward's branch is decided by its
+    advantage's sign (A > 0: ``-A min(rho, 1 + eps)``; A < 0: ``-A max(rho, 1 - eps)``; A = 0: 0), so with eps the
+    clip range::
 
         sum_k w_k max(-A_ik rho_i, -A_ik clip(rho_i, 1 - eps, 1 + eps)) = upper_i min(rho_i, 1 + eps) + lower_i max(rho_i, 1 - eps)
         upper_i = -sum_k w_k max(A_ik, 0),        lower_i = -sum_k w_k min(A_ik, 0)
