@@ -82,8 +82,8 @@ def test_clipped_surrogate_gradient_vanishes_outside_the_band():
 
 def test_surrogate_gradient_and_value_are_the_clipped_surrogate_and_its_autograd_gradient():
     """The learner's DanceGRPO term: the gradient in v (the backward the learner starts at v) of sum_k w_k
-    clipped_surrogate on the step's log-prob, as autograd gives it, and the surrogate's value (summed once per
-    micro-batch), at rho exactly 1 (on-policy: the branches tie), inside the band and outside it on both sides, for
+    clipped_surrogate on the step's log-prob, as autograd gives it, and the surrogate's value (summed once per window
+    group), at rho exactly 1 (on-policy: the branches tie), inside the band and outside it on both sides, for
     advantages of either sign, zero, and mixed signs across two rewards."""
     eps, gen = 1e-3, torch.Generator().manual_seed(0)
     steps = grid_steps("dance_sde", 0.3, sigma_schedule(6, 3.0))
@@ -113,7 +113,7 @@ def test_surrogate_gradient_and_value_are_the_clipped_surrogate_and_its_autograd
         seen_vanishing += int(vanishing.sum())
     assert (ratio > 1 + eps).any() and (ratio < 1 - eps).any(), "the last shifts leave the band on both sides"
     assert seen_vanishing >= 2, "some shift puts a one-sided sample past its clip"
-    # the value of several steps' ratios at once (a micro-batch's, stacked) is the sum of each step's
+    # the value of several steps' ratios at once (a window group's terms, stacked) is the sum of each step's
     stacked = torch.stack([torch.ones(5), ratio, 1 + 2 * (ratio - 1)])  # [3, n]
     torch.testing.assert_close(surrogate.value(stacked), sum(surrogate.value(r) for r in stacked), rtol=1e-6, atol=1e-7)
 
