@@ -3,6 +3,7 @@
     .venv/bin/python scripts/figures.py                 # demo runs, eval, both benchmarks (~13 min on 2 quiet cores)
     .venv/bin/python scripts/figures.py --only demo     # just the demo runs and the eval table (~2 min)
     .venv/bin/python scripts/figures.py --only algorithms   # just benchmarks/algorithms.py's table (~12-16 min)
+    .venv/bin/python scripts/figures.py --only scale_out    # just benchmarks/scale_out.py's table (~1-3 min)
 
 Runs the commands a user runs (``python -m raygrpo.run`` on a local Ray instance, ``python -m raygrpo.eval``,
 ``benchmarks/*.py``) in a scratch folder, writes what they printed and measured to ``docs/figures.json``,
@@ -180,7 +181,9 @@ def rewrite_readme(figures: dict, readme: Path = README) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["demo", "benchmarks", "algorithms"], help="regenerate only these figures (the others stay as they are)")
+    parser.add_argument(
+        "--only", choices=["demo", "benchmarks", "algorithms", "scale_out"], help="regenerate only these figures (the others stay as they are)"
+    )
     parser.add_argument("--render", action="store_true", help="only rewrite the README blocks from docs/figures.json")
     args = parser.parse_args()
     figures = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
@@ -202,7 +205,7 @@ def main() -> None:
                 figures["algorithms"] = benchmark("benchmarks/algorithms.py", work, env, "--work", str(work / "algorithms"), *ALGORITHMS_ARGS)
                 for run in (r for runs in figures["algorithms"]["runs"].values() for r in runs):
                     run.pop("run_dir", None)
-            if args.only in (None, "benchmarks"):
+            if args.only in (None, "benchmarks", "scale_out"):
                 figures["scale_out"] = benchmark("benchmarks/scale_out.py", work, env, "--work", str(work / "scale"))
         FIGURES.parent.mkdir(exist_ok=True)
         FIGURES.write_text(json.dumps(figures, indent=1) + "\n")
