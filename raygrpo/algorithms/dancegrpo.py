@@ -36,8 +36,8 @@ at the network's velocity with the closed-form gradient (:func:`surrogate_gradie
 or a custom ``autograd.Function``'s Python backward, cost as much as the network's own forward. For the same reason a
 group's advantages are folded into two per-member weights once (:class:`Surrogate`), and the surrogate's value,
 which no backward needs, is summed once per window group over its terms' ratios and carried by its last term. The step
-constants come from a per-grid table built once per run (:meth:`DanceGRPO._grid`, ``GridSteps.step_constants``), not
-indexed per term.
+constants and noise levels come from per-grid tables built once per run (:meth:`DanceGRPO._grid`,
+``GridSteps.step_constants``), and a micro-batch's recorded steps from one ``unbind``, not indexed per term.
 
 Logged beside the loss, as a diagnostic only (it is no term of the loss and has no gradient):
 ``approx_kl``, the k3 estimator of KL(pi_old || pi_theta) over the trained transitions, with
@@ -64,7 +64,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -117,7 +117,7 @@ class DanceGRPO:
         # Samples per rollout forward: the learner recomputes each micro-batch's log-probs in one forward of the
         # same members, so the first ratio is exactly 1 at any micro-batch (module docstring).
         self.micro_batch = config.rollout.micro_batch_size
-        self._grids: dict[bytes, tuple[torch.Tensor, GridSteps]] = {}  # see _grid
+        self._grids: dict[bytes, _Grid] = {}  # see _grid
 
     def setup(self, model, parameters: list[torch.nn.Parameter], lora: bool) -> None:
         """No reference model and no EMA: where the tensors go, and the model (which noise levels it trains)."""
@@ -161,7 +161,7 @@ class DanceGRPO:
         device, clip = self.device, self.algo.clip_range
         for wg in window:
             rollout, train = wg.rollout, wg.train
-            sigmas, steps = self._grid(rollout.sigmas)  # [T+1], the rollout's steps
+            grid = self._grid(rollout.sigmas)
             start = rollout.sde_steps[0]  # trajectory[:, k] is x at grid step start + k (0 without an SDE window)
             weights = torch.tensor(train.reward_weights, device=device)  # [K]; a copy: the array may be a read-only object-store view
             # The group's window members at once (a copy each per group, not per micro-batch); micro-batches are row slices.
@@ -177,10 +177,13 @@ class DanceGRPO:
             lo = 0
             for b, rows in enumerate(batches):
                 part, lo = slice(lo, lo + len(rows)), lo + len(rows)  # the micro-batch's rows of the tensors above
-                batch_trajectory, batch_old_log_probs, batch_advantages = trajectory[part], old_log_probs[part], advantages[part]
-                cond = conds.get(len(rows))
+                n = len(rows)
+                # Every recorded step of the micro-batch as views, one unbind each: per term, three selects would cost more.
+                xs, batch_old_log_probs = trajectory[part].unbind(1), old_log_probs[part].unbind(1)  # W+1 of [n, ...], W of [n]
+                batch_advantages = advantages[part]
+                cond = conds.get(n)
                 if cond is None:
-                    cond = conds[len(rows)] = ConditioningBatch.of(rollout.conditioning, len(rows), device)
+                    cond = conds[n] = ConditioningBatch.of(rollout.conditioning, n, device)
                 trained = wg.draw[rows[0]]  # shared by the micro-batch: positions k among the recorded steps
                 if len(trained) not in folded:
                     step_weights = weights / len(trained)  # [K]: w_k / n_steps
@@ -189,10 +192,10 @@ class DanceGRPO:
                 surrogate = surrogate.rows(part)
                 for s, k in enumerate(trained.tolist()):
                     j = start + k  # the grid step
-                    x, x_next = batch_trajectory[:, k].contiguous(), batch_trajectory[:, k + 1]  # [n, ...] each; x as rollout fed it
                     step = TrainedStep(
-                        steps, sigmas, j, x, x_next, cond, batch_old_log_probs[:, k], batch_advantages, step_weights, surrogate
-                    )
+                        grid.steps, grid.sigmas, j, grid.level(j, n), xs[k].contiguous(), xs[k + 1], cond, batch_old_log_probs[k],
+                        batch_advantages, step_weights, surrogate,
+                    )  # fmt: skip
                     out = self.step_loss(policy, step)
                     ratios.append(out.ratio)
                     log_ratios.append(out.log_ratio)
@@ -219,24 +222,24 @@ class DanceGRPO:
                         gradient=out.gradient,
                     )
 
-    def _grid(self, sigmas: np.ndarray) -> tuple[torch.Tensor, GridSteps]:
-        """The grid ``sigmas`` ``[T+1]`` on the learner's device and its steps, built once per distinct grid and kept
-        (a run has one grid, or a few: MixGRPO's windows, Wan's experts), so that every term's step constants are a
-        list lookup (``GridSteps.step_constants``) rather than a fresh table per window group."""
+    def _grid(self, sigmas: np.ndarray) -> _Grid:
+        """The grid ``sigmas`` ``[T+1]`` on the learner's device, its steps and noise levels, built once per distinct
+        grid and kept (a run has one grid, or a few: MixGRPO's windows, Wan's experts), so that every term's step
+        constants and level are lookups (``GridSteps.step_constants``, :meth:`_Grid.level`), not fresh tensors."""
         key = np.ascontiguousarray(sigmas).tobytes()
         cached = self._grids.get(key)
         if cached is None:
             if len(self._grids) >= 64:  # bounded: grids that vary per rollout would otherwise pile up
                 self._grids.clear()
             grid = as_tensor(sigmas, self.device)
-            cached = self._grids[key] = (grid, grid_steps(self.spec.sampler, self.spec.noise_level, grid))
+            cached = self._grids[key] = _Grid(grid, grid_steps(self.spec.sampler, self.spec.noise_level, grid))
         return cached
 
     def step_loss(self, policy, step: TrainedStep) -> StepLoss:
         """Extension point (Flow-GRPO adds its KL and GRPO-Guard): one trained step of a micro-batch, its surrogate's
         gradient in closed form at v, its ratios and statistics (``loss_terms`` adds the surrogate's value, the clip
         fraction and ``approx_kl`` once per window group)."""
-        v = policy.velocity(step.x, step.sigmas[step.index].expand(step.x.shape[0]), step.cond)  # [n, ...]
+        v = policy.velocity(step.x, step.sigma, step.cond)  # [n, ...]
         gradient, ratio, log_ratio = surrogate_gradient(step.steps, step.x, v, step.x_next, step.index, step.old_log_prob, step.surrogate)
         return StepLoss(None, ratio, log_ratio, {}, v, gradient)
 
@@ -265,6 +268,7 @@ class TrainedStep:
     steps: GridSteps  # the rollout's steps (coefficients of every step of its grid)
     sigmas: torch.Tensor  # [T+1] the rollout's grid
     index: int  # j, the grid step
+    sigma: torch.Tensor  # [n] sigma_j, each member's noise level (read-only: shared by every term at step j)
     x: torch.Tensor  # [n, ...] x_j as rollout fed it
     x_next: torch.Tensor  # [n, ...] the recorded x_{j+1}
     cond: ConditioningBatch  # expanded to n
@@ -272,6 +276,22 @@ class TrainedStep:
     advantages: torch.Tensor  # [n, K]
     weights: torch.Tensor  # [K] w_k / n_steps
     surrogate: Surrogate  # the micro-batch's advantages and weights, folded
+
+
+@dataclass
+class _Grid:
+    """One sigma grid on the learner's device (:meth:`DanceGRPO._grid`), with what every term at one of its steps reads."""
+
+    sigmas: torch.Tensor  # [T+1]
+    steps: GridSteps
+    levels: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # see level
+
+    def level(self, index: int, n: int) -> torch.Tensor:
+        """``[n]`` sigma_index for n members, made once (an expanded view): per term, a select and an expand."""
+        level = self.levels.get((index, n))
+        if level is None:
+            level = self.levels[(index, n)] = self.sigmas[index].expand(n)
+        return level
 
 
 @dataclass

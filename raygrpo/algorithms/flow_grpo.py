@@ -155,12 +155,11 @@ class FlowGRPO(DanceGRPO):
 
     def step_loss(self, policy, step: TrainedStep) -> StepLoss:
         """The surrogate (or GRPO-Guard's) of one trained step plus ``beta / n_steps * sum_i KL_i`` (module docstring)."""
-        j, n = step.index, len(step.x)
-        sigma = step.sigmas[j].expand(n)  # [n]
+        j = step.index
         # The shadows first: swapping weights in place after the policy's forward would corrupt its saved tensors.
         v_ref = self._velocity(policy, self._reference(), step) if self.algo.beta > 0 else None
         v_old = self._velocity(policy, self.old.swapped(), step) if self.old is not None else None
-        v = policy.velocity(step.x, sigma, step.cond)  # [n, ...]
+        v = policy.velocity(step.x, step.sigma, step.cond)  # [n, ...]
         # GRPO-Guard's loss is differentiable (autograd); the plain surrogate's gradient is given at v, its value summed
         # by DanceGRPO.loss_terms once per window group
         loss = output = gradient = None
@@ -183,7 +182,7 @@ class FlowGRPO(DanceGRPO):
     def _velocity(policy, weights: AbstractContextManager, step: TrainedStep) -> torch.Tensor:
         """``[n, ...]`` the velocity under ``weights`` swapped in, without gradients."""
         with torch.no_grad(), weights:
-            return policy.velocity(step.x, step.sigmas[step.index].expand(len(step.x)), step.cond)
+            return policy.velocity(step.x, step.sigma, step.cond)
 
     def _guard_loss(self, step: TrainedStep, v: torch.Tensor, v_old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(delta_j sum_{i,k} w_k max(-A rho_hat, -A clip(rho_hat)), rho_hat [n], log rho [n])`` with autograd."""

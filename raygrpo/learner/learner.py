@@ -167,7 +167,8 @@ class Learner:
                 scale = scales[key] = torch.full((), (self.world_size if real else 0.0) / n_real, dtype=key[1], device=term.loss.device)
             term.backward(scale)
             if real:
-                losses.append(term.loss.detach())
+                # DanceGRPO's terms mostly share one constant loss (their window group's last carries its value): no detach
+                losses.append(term.loss.detach() if term.loss.requires_grad else term.loss)
                 tally.add(term, first_window)
         # float64: the terms' losses carry the advantages' signs and largely cancel
         tally.losses.append(torch.stack(losses).double().sum() / n_real if losses else torch.zeros((), dtype=torch.float64))
@@ -408,8 +409,11 @@ class _Tally:
             # float64 before the mean: the ratios' deviations from 1 are near float32's resolution
             if not tensors:
                 return np.full(1, np.nan)
-            # 0-dim statistics (most lists: one per term) stacked without a reshape each
-            flat = torch.stack(tensors) if all(t.ndim == 0 for t in tensors) else torch.cat([t.reshape(-1) for t in tensors])
+            # 0-dim statistics (most lists: one per term) stacked, and [n] ones (ratios) joined, without a reshape each
+            if all(t.ndim == 0 for t in tensors):
+                flat = torch.stack(tensors)
+            else:
+                flat = torch.cat([t if t.ndim == 1 else t.reshape(-1) for t in tensors])
             return flat.double().cpu().numpy()
 
         ratios, first = values(self.ratios), values(self.first_ratios)  # NaN: only padding here, or no ratios
