@@ -3,6 +3,8 @@
     python benchmarks/scale_out.py                        # all four parts, tiny FLUX on CPU, 3-7 minutes on 2 cores
     python benchmarks/scale_out.py --only a,b --repeats 7
     python benchmarks/scale_out.py --realistic --device cuda --only a,b     # FLUX.1 widths at 512x512 (untested on GPU)
+    python benchmarks/scale_out.py --realistic --width 256 --layers 1,1 --text-width 256 --vae-width 32 --resolution 256 \
+        --only b --presets dancegrpo                                        # a mid-size learner step on CPU (about 20 min)
 
 (a) rollout: ``RolloutWorker.generate`` in process, images/s, against a bare ``FluxPipeline`` loop on
     the same folder, steps, group size and micro-batch (the pipeline gets the prompt embeddings once,
@@ -859,6 +861,9 @@ def machine(device: str) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", default="a,b,c,d", help="comma-separated parts to run (a rollout, b learner, c end to end, d weight sync)")
+    p.add_argument(
+        "--presets", default="dancegrpo,dgpo", help="comma-separated presets parts a and b measure (a realistic size takes minutes per preset)"
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per side after one warm-up (median reported)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the in-process parts (a, b), both sides")
@@ -888,6 +893,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
         p.error(f"--only: unknown parts {unknown}; choose from {','.join(PARTS)}")
+    args.presets = [preset.strip() for preset in args.presets.split(",") if preset.strip()]
+    if not args.presets or set(args.presets) - set(PRESETS):
+        p.error(f"--presets {','.join(args.presets)}: choose one or more of {','.join(PRESETS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
     if args.realistic and set(args.parts) & {"c", "d"}:
@@ -920,10 +928,14 @@ def main(argv: list[str] | None = None) -> dict:
         figures = report["figures"]
         if "a" in args.parts:
             for preset, name in (("dgpo", "a_rollout_ode_dgpo"), ("dancegrpo", "a_rollout_sde_dancegrpo")):
+                if preset not in args.presets:
+                    continue
                 figures[name] = bench_rollout(preset, args)
                 logger.info("%s: %s", name, _line(figures[name]))
         if "b" in args.parts:
             for preset in ("dancegrpo", "dgpo"):
+                if preset not in args.presets:
+                    continue
                 release_memory()  # the previous part's models and optimizer states (tens of GB at realistic size)
                 figures[f"b_learner_{preset}"] = bench_learner(preset, args)
                 logger.info("b_learner_%s: %s", preset, _line(figures[f"b_learner_{preset}"]))

@@ -103,11 +103,12 @@ def test_stand_in_networks_replace_the_forward_for_the_block_only():
 
 @pytest.mark.slow
 def test_realistic_path_runs_reduced_on_cpu(tmp_path, monkeypatch, run_main):
-    """The --realistic model (FLUX.1 layout: 128-wide heads, 64 input channels, 16 latent channels) at a reduced width."""
+    """The --realistic model (FLUX.1 layout: 128-wide heads, 64 input channels, 16 latent channels) at a reduced width,
+    DanceGRPO's preset only (``--presets``: DGPO's parts are the tiny run's code at other sizes)."""
     monkeypatch.setenv("RAYGRPO_CACHE", str(tmp_path / "cache"))
-    args = ["--realistic", "--only", "a,b", "--width", "128", "--layers", "1,1", "--text-width", "64", "--vae-width", "8"]
-    report = run_main(*args, "--resolution", "64")
-    assert_figures(report, IN_PROCESS)
+    args = ["--realistic", "--only", "a,b", "--presets", "dancegrpo", "--width", "128", "--layers", "1,1", "--text-width", "64"]
+    report = run_main(*args, "--vae-width", "8", "--resolution", "64")
+    assert_figures(report, {"a_rollout_sde_dancegrpo", "b_learner_dancegrpo"})
     config = json.loads((tmp_path / "cache" / "bench-flux-w128-d1-s1-t64-v8" / "transformer" / "config.json").read_text())
     assert (config["attention_head_dim"], config["in_channels"], config["axes_dims_rope"]) == (128, 64, [16, 56, 56])
 
@@ -141,6 +142,9 @@ def test_serial_sum_and_option_errors():
         bench.parse_args(["--only", "a,x"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--realistic", "--only", "a,c"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--presets", "dancegrpo,flow_grpo"])  # parts a and b know two presets
+    assert bench.parse_args([]).presets == ["dancegrpo", "dgpo"]
     args = bench.parse_args(["--only", "b", "--layers", "3,5", "--width", "1024"])
     assert args.parts == ["b"] and (args.size.double_blocks, args.size.single_blocks, args.size.width) == (3, 5, 1024)
     assert bench.Realistic().pooled_width == 768  # FLUX.1's CLIP-L width from T5-XXL's 4096
