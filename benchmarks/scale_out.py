@@ -4,7 +4,7 @@
     python benchmarks/scale_out.py --only a,b --repeats 7
     python benchmarks/scale_out.py --realistic --device cuda --only a,b     # FLUX.1 widths at 512x512 (untested on GPU)
     python benchmarks/scale_out.py --realistic --width 256 --layers 1,1 --text-width 256 --vae-width 32 --resolution 256 \
-        --only b --presets dancegrpo                                        # a mid-size learner step on CPU (about 20 min)
+        --only b --presets dancegrpo                                        # a mid-size learner step on CPU (12-13 min on 2 cores)
 
 (a) rollout: ``RolloutWorker.generate`` in process, images/s, against a bare ``FluxPipeline`` loop on
     the same folder, steps, group size and micro-batch (the pipeline gets the prompt embeddings once,
