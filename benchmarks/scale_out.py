@@ -862,7 +862,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", default="a,b,c,d", help="comma-separated parts to run (a rollout, b learner, c end to end, d weight sync)")
     p.add_argument(
-        "--presets", default="dancegrpo,dgpo", help="presets parts a and b measure, comma-separated (at a realistic size each takes minutes)"
+        "--presets", default="dancegrpo,dgpo", help="presets parts a and b measure, comma-separated"
     )
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per side after one warm-up (median reported)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
